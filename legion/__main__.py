@@ -1,0 +1,5 @@
+import sys
+
+from legion.cli import main
+
+sys.exit(main())

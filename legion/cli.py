@@ -1,0 +1,88 @@
+"""`legion <command>`: one entry point for every recipe.
+
+Each command lives in its own module that exposes
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int | None      # exit code (None = 0)
+
+Modules are imported only when their command runs, so `legion --help` is instant and a
+broken optional dependency of one command never breaks the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command -> (module, one-line help). Keep in the order a user meets them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("legion.demo", "run the whole pipeline on toy data and write an HTML report"),
+    "make-toy-data": ("legion.data.toy", "generate ToyScars (SynthScars layout + real/fake split)"),
+    "make-tiny": ("legion.model.builders", "write a tiny random LEGION checkpoint directory"),
+    "inspect": ("legion.model.inspect", "parameter counts and state-dict keys of a preset or checkpoint"),
+    "data": ("legion.data.check", "check a SynthScars-layout dataset before training"),
+    "train": ("legion.train.loc_exp", "localization + explanation training (DeepSpeed + LoRA)"),
+    "merge": ("legion.merge", "step1: ZeRO checkpoint -> fp32 safetensors; step2: merge LoRA -> HF dir"),
+    "infer": ("legion.infer", "explain and segment artifacts in a folder of images"),
+    "eval": ("legion.eval.cli", "localization / explanation / detection metrics from saved predictions"),
+    "cls-train": ("legion.train.cls", "train the real/fake detector head"),
+    "cls-eval": ("legion.eval.detection_run", "evaluate the real/fake detector on UniversalFakeDetect"),
+    "regenerate": ("legion.controller.regenerate", "LEGION-guided prompt revision + regeneration"),
+    "inpaint": ("legion.controller.inpaint", "LEGION-guided mask inpainting"),
+}
+
+
+def _setup_environment() -> None:
+    # DeepSpeed on a machine without a GPU: use the CPU accelerator instead of probing for CUDA/MPI.
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    parser = argparse.ArgumentParser(
+        prog="legion",
+        description="LEGION: ground and explain artifacts in synthetic images.",
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun `legion <command> --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="command")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_level_parser()
+    if not argv or argv[0] not in COMMANDS:
+        args = top.parse_args(argv[:1])
+        if args.version:
+            from legion import __version__
+
+            print(__version__)
+            return 0
+        top.print_help()
+        return 0 if not argv else 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_ = COMMANDS[name]
+    _setup_environment()
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"legion {name}", description=(module.__doc__ or help_).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    code = module.run(args)
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
