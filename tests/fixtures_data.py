@@ -1,0 +1,1 @@
+"""Data fixtures (ToyScars, SynthScars sample). Owned by the data work."""

@@ -1,0 +1,1 @@
+"""Model fixtures (tiny checkpoints). Owned by the model/builders work."""
