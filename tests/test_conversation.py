@@ -15,4 +15,4 @@ def test_parse_answer_keeps_unknown_angle_text():
             f"{tag_phrase('eyes')}:Uneven.</s>")
     explanation, phrases = parse_answer(text)
     assert phrases == ["Man's ear.", "eyes"]
-    assert explanation == "Upon examining. Man's ear.:The ear <b> is off.eyes:Uneven."
+    assert explanation == "Upon examining. Man's ear.:The ear <b> is off. eyes:Uneven."
