@@ -1,0 +1,269 @@
+"""Ground truth and predictions for evaluation: one `GroundTruthItem` per evaluated image.
+
+Ground truth is kept as COCO RLE (or polygons rasterized to RLE on demand), never as dense
+arrays, so that a 1,000-image test set needs no more memory than its annotation file.
+
+Matching (spec synthscars.md §8): an image's ground truth is found by **exact file name**;
+a prediction's ``image`` (path relative to the inference image dir) matches a ground-truth
+name exactly, or else by its base name when that base name is unique.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from legion.utils.rle import mask_to_rle, rle_size, rle_union
+
+DATASETS = ("synthscars", "loki", "richhf")
+
+
+@dataclass
+class GroundTruthItem:
+    """Ground truth of one image.
+
+    name: the image's file name (the key predictions are matched on).
+    size: ``(H, W)`` of the stored image, or None when unknown (then taken from the prediction).
+    union_rle: the whole-image artifact mask as RLE, if already known (LOKI boxes, RichHF heatmaps).
+    phrase_polygons: per artifact (ref), its list of flat polygons ``[x1, y1, x2, y2, ...]``
+        in pixels of the stored image (SynthScars); the union mask is rasterized from these.
+    reference_text: the reference explanation (SynthScars caption, LOKI global description).
+    content_type / artifact_category: optional breakdown labels (a category may be a list:
+        an image then counts in every category it carries).
+    """
+
+    name: str
+    size: tuple[int, int] | None = None
+    union_rle: dict | None = None
+    phrase_polygons: list[list[list[float]]] | None = None
+    reference_text: str | None = None
+    content_type: str | None = None
+    artifact_category: str | list[str] | None = None
+    _phrase_rles: list[dict] | None = field(default=None, repr=False)
+
+    def resolved_size(self, fallback: tuple[int, int] | None = None) -> tuple[int, int]:
+        if self.size is not None:
+            return self.size
+        if self.union_rle is not None:
+            return rle_size(self.union_rle)
+        if fallback is None:
+            raise ValueError(f"{self.name}: image size unknown (image file not found and no prediction)")
+        return fallback
+
+    def phrase_rles(self, size: tuple[int, int]) -> list[dict] | None:
+        """One RLE per artifact (None when the dataset has no per-phrase masks)."""
+        if self.phrase_polygons is None:
+            return None
+        if self._phrase_rles is None or (self._phrase_rles and rle_size(self._phrase_rles[0]) != tuple(size)):
+            self._phrase_rles = [polygons_to_rle(p, *size) for p in self.phrase_polygons]
+        return self._phrase_rles
+
+    def mask_rle(self, size: tuple[int, int]) -> dict:
+        """The union GT mask at ``size = (H, W)`` as RLE."""
+        if self.union_rle is not None:
+            if rle_size(self.union_rle) != tuple(size):
+                raise ValueError(f"{self.name}: ground-truth mask size {rle_size(self.union_rle)} != image size {tuple(size)}")
+            return self.union_rle
+        phrases = self.phrase_rles(size) or []
+        return rle_union(phrases, size=size)
+
+
+def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
+    """Union of flat polygons as RLE with pycocotools' rasterizer (clipped to the image).
+
+    Polygons with fewer than 3 vertices have no area and are skipped (pycocotools would read a
+    4-number list as a box); a trailing odd coordinate is dropped.
+    """
+    usable = []
+    for poly in polygons:
+        coords = [float(v) for v in poly]
+        coords = coords[: len(coords) // 2 * 2]
+        if len(coords) >= 6:
+            usable.append(coords)
+    if not usable or height == 0 or width == 0:
+        return mask_to_rle(np.zeros((height, width), dtype=np.uint8))
+    rles = coco_mask.frPyObjects(usable, height, width)
+    merged = coco_mask.merge(rles, intersect=0) if len(rles) > 1 else rles[0]
+    return {"size": [int(height), int(width)], "counts": merged["counts"].decode("ascii")}
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(H, W)`` of a stored image from its header (no decoding, EXIF orientation ignored)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+        return int(h), int(w)
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- SynthScars
+
+def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str | os.PathLike | None = None,
+                    allow_absolute: bool = False) -> dict[str, GroundTruthItem]:
+    """SynthScars ground truth: ``gt`` = dataset root (``<root>/<split>/annotations/<split>.json``)
+    or an annotation JSON file. All records whose ``img_file_name`` has the same file name are
+    unioned (the same image may carry several ids). Image sizes come from the image headers
+    under ``image_dir`` (default ``<root>/<split>/images`` or ``<json dir>/../images``)."""
+    from legion.data import synthscars as ss
+
+    gt = Path(gt)
+    if gt.is_dir():
+        ann_path = Path(ss.find_annotation_file(gt, split))
+        root = gt
+    elif gt.is_file():
+        ann_path, root = gt, None
+    else:
+        raise FileNotFoundError(f"--gt {gt}: neither a SynthScars root nor an annotation file")
+    records, _report = ss.load_annotations(ann_path)
+    if image_dir is None:
+        image_dir = (root / split / "images") if root is not None else ann_path.parent.parent / "images"
+    image_dir = Path(image_dir)
+
+    items: dict[str, GroundTruthItem] = {}
+    for rec in records:
+        name = os.path.basename(str(rec.img_file_name).replace("\\", "/"))
+        if not name or name in (".", ".."):
+            warnings.warn(f"SynthScars record {rec.id}: unusable img_file_name {rec.img_file_name!r}; skipped")
+            continue
+        item = items.get(name)
+        if item is None:
+            path = _safe_image_path(image_dir, name)
+            size = image_size(path) if path is not None else None
+            item = items[name] = GroundTruthItem(name=name, size=size, phrase_polygons=[],
+                                                 reference_text=_normalise_space(rec.caption),
+                                                 content_type=getattr(rec, "content_type", None),
+                                                 artifact_category=getattr(rec, "artifact_category", None))
+        item.phrase_polygons.extend([list(map(list, ref.polygons)) for ref in rec.refs])
+    return items
+
+
+def _safe_image_path(image_dir: Path, name: str) -> Path | None:
+    """``image_dir/name`` when it stays inside ``image_dir`` (annotation names are untrusted)."""
+    base = image_dir.resolve()
+    path = (base / name).resolve()
+    if base not in path.parents:
+        return None
+    return path if path.is_file() else None
+
+
+def _normalise_space(text: str | None) -> str | None:
+    return None if text is None else " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------- LOKI / RichHF
+
+def load_benchmark(gt: str | os.PathLike, dataset: str, image_dir: str | os.PathLike | None = None) -> dict[str, GroundTruthItem]:
+    """LOKI / RichHF-18K ground truth through the data team's ``legion.data.benchmarks``.
+
+    Each benchmark item must give a file name, a binary mask (or its RLE) at the image's stored
+    size and, for LOKI, the global explanation text.
+    """
+    from legion.data import benchmarks
+
+    loader = {"loki": "load_loki", "richhf": "load_richhf"}[dataset]
+    if not hasattr(benchmarks, loader):
+        raise RuntimeError(f"legion.data.benchmarks has no {loader}(); cannot read {dataset} ground truth")
+    kwargs = {} if image_dir is None else {"image_dir": image_dir}
+    items: dict[str, GroundTruthItem] = {}
+    for bench in getattr(benchmarks, loader)(gt, **kwargs):
+        name = os.path.basename(str(_field(bench, "image", "image_path", "name", "path")))
+        mask = _field(bench, "mask", "gt_mask", default=None)
+        rle = _field(bench, "mask_rle", "rle", default=None)
+        if rle is None and mask is not None:
+            rle = mask_to_rle(np.asarray(mask))
+        if rle is None:
+            raise ValueError(f"{dataset} item {name}: no mask")
+        text = _field(bench, "explanation", "reference_text", "desc", default=None)
+        if name in items:  # same file twice: union, like SynthScars
+            rle = rle_union([items[name].union_rle, rle])
+        items[name] = GroundTruthItem(name=name, union_rle=rle, reference_text=_normalise_space(text),
+                                      content_type=_field(bench, "content_type", default=None),
+                                      artifact_category=_field(bench, "artifact_category", default=None))
+    return items
+
+
+def _field(obj, *names, default=KeyError):
+    for n in names:
+        if isinstance(obj, dict) and n in obj:
+            return obj[n]
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    if default is KeyError:
+        raise KeyError(f"none of the fields {names} in {type(obj).__name__}")
+    return default
+
+
+def load_ground_truth(gt: str | os.PathLike, dataset: str, split: str = "test",
+                      image_dir: str | os.PathLike | None = None) -> dict[str, GroundTruthItem]:
+    """Dispatch on ``dataset`` (synthscars | loki | richhf) -> ``{file name: GroundTruthItem}``."""
+    if dataset == "synthscars":
+        return load_synthscars(gt, split=split, image_dir=image_dir)
+    if dataset in ("loki", "richhf"):
+        return load_benchmark(gt, dataset, image_dir=image_dir)
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------- predictions
+
+def read_predictions(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``predictions.jsonl`` file (docs/ARCHITECTURE.md). Blank lines are skipped;
+    a malformed line raises with its line number."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
+            if not isinstance(rec, dict) or "image" not in rec:
+                raise ValueError(f"{path}:{lineno}: a prediction record needs an 'image' field")
+            records.append(rec)
+    return records
+
+
+@dataclass
+class Matching:
+    """Predictions paired with ground-truth names."""
+
+    by_name: dict[str, dict]          # GT name -> prediction record
+    missing: list[str]                # GT names without a prediction (scored as empty)
+    extra: list[str]                  # prediction images with no ground truth (not scored)
+    duplicates: list[str]             # GT names predicted more than once (the last one is kept)
+
+
+def match_predictions(predictions: Iterable[dict], names: Iterable[str]) -> Matching:
+    names = list(names)
+    name_set = set(names)
+    by_base: dict[str, list[str]] = {}
+    for n in names:
+        by_base.setdefault(os.path.basename(n), []).append(n)
+    by_name: dict[str, dict] = {}
+    extra, duplicates = [], []
+    for rec in predictions:
+        image = str(rec["image"]).replace("\\", "/")
+        if image in name_set:
+            key = image
+        else:
+            candidates = by_base.get(os.path.basename(image), [])
+            key = candidates[0] if len(candidates) == 1 else None
+        if key is None:
+            extra.append(image)
+            continue
+        if key in by_name:
+            duplicates.append(key)
+        by_name[key] = rec
+    missing = [n for n in names if n not in by_name]
+    return Matching(by_name=by_name, missing=missing, extra=extra, duplicates=duplicates)
