@@ -1,0 +1,423 @@
+"""LegionForCausalLM: LLaMA + CLIP tower + projector + SAM + the `[SEG]` head (spec/model.md §4-§9).
+
+Data flow of one training batch:
+
+    input_ids [B, L] (one -200 image placeholder each) ──embed──┐
+    clip_pixel_values ─► CLIP (frozen) ─► mm_projector (frozen) ─┴► expanded sequence [B, T, D]
+        ─► LLaMA ─► final-layer states [B, T, D] ─► lm_head ─► CE
+                                         └─► state at q-1 of each [SEG] at q ─► text_hidden_fcs [N, 256]
+    sam_pixel_values ─► SAM image encoder (frozen) ─► mask decoder(+[SEG] prompt) ─► masks at (H, W)
+        ─► BCE + Dice against gt_masks
+
+The expansion keeps an explicit map text index -> expanded index, so `[SEG]` states are found
+from the real number of image embeddings (no hard-coded 575), with any padding, several `[SEG]`
+per sample or none. Generation uses a KV cache and records, at the step that samples `[SEG]`,
+the last position's final-layer state: the same state a teacher-forced forward puts at q-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaForCausalLM, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+from transformers.utils import ModelOutput
+
+from legion.model.configuration import LegionConfig
+from legion.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from legion.model.grounding import build_sam, predict_masks, sam_image_embeddings
+from legion.model.losses import causal_lm_loss, mask_losses
+from legion.model.region import RegionEncoder
+from legion.model.vision import CLIPVisionTower, build_mm_projector
+
+# Modules that never receive LoRA (reference rule; they also hold q_proj/v_proj Linears).
+LORA_EXCLUDED_MODULES = ("grounding_encoder", "vision_tower", "mm_projector", "text_hidden_fcs")
+VISION_TOWER_PREFIX = "vision_tower."
+
+
+# --- outputs ---------------------------------------------------------------------------------
+@dataclass
+class LegionOutput(ModelOutput):
+    """Training/teacher-forced forward output.
+
+    loss: w_ce*CE + w_bce*BCE + w_dice*Dice; bce_loss / dice_loss are the weighted terms and
+    mask_loss their sum; ce_loss is unweighted (its weight is 1 in every LEGION recipe).
+    pred_masks: per sample mask logits [N_i, H_i, W_i] at the original image size.
+    seg_embeddings: per sample final-layer states [N_i, hidden] selected for the `[SEG]` tokens.
+    """
+
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    bce_loss: torch.Tensor | None = None
+    dice_loss: torch.Tensor | None = None
+    mask_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    seg_embeddings: list[torch.Tensor] | None = None
+
+
+@dataclass
+class GroundedGeneration:
+    """One sample of `generate_grounded`.
+
+    token_ids: the new tokens, without the final eos; finished: True when eos was sampled
+    (False: stopped at max_new_tokens); text: decoded token_ids when a tokenizer was passed;
+    seg_embeddings [N, hidden]: final-layer state that predicted each `[SEG]`;
+    mask_logits [N, H, W]: one mask per `[SEG]` at the original image size (N may be 0).
+    """
+
+    token_ids: list[int]
+    text: str | None
+    seg_embeddings: torch.Tensor
+    mask_logits: torch.Tensor
+    finished: bool = True
+
+
+@dataclass
+class MultimodalInputs:
+    """The expanded, padded sequence.
+
+    inputs_embeds [B, T, D]; attention_mask [B, T] (long, 1 = token); position_ids [B, T];
+    labels [B, T] or None; position_map [B, L]: expanded index of every text token (-1 where the
+    text attention mask is 0; the image placeholder maps to its first image embedding).
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None
+    position_map: torch.Tensor
+
+
+# --- sequence construction --------------------------------------------------------------------
+def build_multimodal_inputs(text_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                            image_features: torch.Tensor, labels: torch.Tensor | None = None,
+                            padding_side: str = "right") -> MultimodalInputs:
+    """Replace each sample's IMAGE_TOKEN_INDEX by its image embeddings and re-pad the batch.
+
+    text_embeds [B, L, D] (embeddings of input_ids, any vector where the id is -200);
+    input_ids / attention_mask / labels [B, L]: tokens where attention_mask is 1 are kept in order
+    (any padding side); image_features [B, N_img, D]; padding_side of the result: "right" for
+    training, "left" for batched generation. Padded positions get zero embeddings and label -100.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    bsz, text_len = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.bool()
+    n_img = image_features.shape[1]
+    device = text_embeds.device
+
+    rows, row_labels, row_maps = [], [], []
+    for b in range(bsz):
+        keep = attention_mask[b].nonzero(as_tuple=True)[0]  # text indices of real tokens, in order
+        ids = input_ids[b, keep]
+        image_at = (ids == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)[0]
+        if len(image_at) > 1:
+            raise ValueError(f"sample {b} has {len(image_at)} image placeholders; LEGION uses exactly one")
+        emb = text_embeds[b, keep]
+        expanded_index = torch.arange(len(keep), device=device)
+        if len(image_at) == 1:
+            p = int(image_at[0])
+            feats = image_features[b].to(emb.dtype)
+            emb = torch.cat([emb[:p], feats, emb[p + 1:]], 0)
+            expanded_index = torch.where(expanded_index > p, expanded_index + n_img - 1, expanded_index)
+            if labels is not None:
+                lab = labels[b, keep]
+                lab = torch.cat([lab[:p], lab.new_full((n_img,), IGNORE_INDEX), lab[p + 1:]], 0)
+        else:
+            # keeps the projector in the graph for samples without an image (reference behaviour)
+            emb = emb + 0.0 * image_features[b].sum().to(emb.dtype)
+            if labels is not None:
+                lab = labels[b, keep]
+        rows.append(emb)
+        row_maps.append((keep, expanded_index))
+        if labels is not None:
+            row_labels.append(lab)
+
+    total = max(r.shape[0] for r in rows)
+    dim = text_embeds.shape[-1]
+    embeds = text_embeds.new_zeros(bsz, total, dim)
+    mask = torch.zeros(bsz, total, dtype=torch.long, device=device)
+    out_labels = torch.full((bsz, total), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
+    position_map = torch.full((bsz, text_len), -1, dtype=torch.long, device=device)
+    for b, emb in enumerate(rows):
+        n = emb.shape[0]
+        start = 0 if padding_side == "right" else total - n
+        embeds[b, start:start + n] = emb
+        mask[b, start:start + n] = 1
+        if out_labels is not None:
+            out_labels[b, start:start + n] = row_labels[b]
+        keep, expanded_index = row_maps[b]
+        position_map[b, keep] = expanded_index + start
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    return MultimodalInputs(embeds, mask, position_ids, out_labels, position_map)
+
+
+def seg_state_positions(input_ids: torch.Tensor, position_map: torch.Tensor, seg_token_id: int) -> list[torch.Tensor]:
+    """Per sample, the expanded positions q-1 whose states stand for the `[SEG]` tokens at q, in order."""
+    positions = []
+    for b in range(input_ids.shape[0]):
+        is_seg = (input_ids[b] == seg_token_id) & (position_map[b] >= 0)
+        q = position_map[b, is_seg.nonzero(as_tuple=True)[0]]
+        first = position_map[b][position_map[b] >= 0].min() if bool((position_map[b] >= 0).any()) else 0
+        if bool((q - 1 < first).any()):
+            raise ValueError(f"sample {b}: a [SEG] token is the first token, no state precedes it")
+        positions.append(q - 1)
+    return positions
+
+
+def select_seg_states(hidden: torch.Tensor, positions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """hidden [B, T, D] -> per sample [N_i, D] at the given positions."""
+    return [hidden[b, pos] for b, pos in enumerate(positions)]
+
+
+def lora_target_module_names(model: nn.Module) -> list[str]:
+    """Full names of the q_proj / v_proj Linears that get LoRA (the reference rule, spec §10.2)."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if not any(t in name for t in ("q_proj", "v_proj")):
+            continue
+        if any(excluded in name for excluded in LORA_EXCLUDED_MODULES):
+            continue
+        names.append(name)
+    return names
+
+
+# --- the model ---------------------------------------------------------------------------------
+class LegionModel(LlamaModel):
+    """LLaMA decoder plus LEGION's vision, grounding and region modules (GLaMM key layout)."""
+
+    config_class = LegionConfig
+
+    def __init__(self, config: LegionConfig):
+        super().__init__(config)
+        self.vision_tower = CLIPVisionTower(config.vision_config, config.mm_vision_select_layer,
+                                            config.mm_vision_select_feature)
+        self.mm_projector = build_mm_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
+        self.region_encoder = RegionEncoder.from_config(config)
+        self.grounding_encoder = build_sam(config.sam_config)
+        self.text_hidden_fcs = nn.ModuleList([nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(inplace=True),
+            nn.Linear(config.hidden_size, config.out_dim), nn.Dropout(0.0),
+        )])
+        # Frozen in every LEGION stage (spec §10.1); the trainable set is the recipe's business.
+        self.mm_projector.requires_grad_(False)
+        self.grounding_encoder.image_encoder.requires_grad_(False)
+        self.grounding_encoder.prompt_encoder.requires_grad_(False)
+        # CLIP weights live in their own directory, never in our checkpoints.
+        self._register_state_dict_hook(_drop_vision_tower_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_vision_tower_keys)
+
+    def encode_images(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> projected CLIP patch features [B, N_img, hidden]."""
+        feats = self.vision_tower(clip_pixel_values)
+        proj_dtype = next(self.mm_projector.parameters()).dtype
+        needs_grad = any(p.requires_grad for p in self.mm_projector.parameters())
+        with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()):
+            return self.mm_projector(feats.to(proj_dtype))
+
+    def sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, P, P] -> SAM image embeddings [B, C, P/16, P/16] (frozen, no grad)."""
+        return sam_image_embeddings(self.grounding_encoder, sam_pixel_values)
+
+    def project_seg_states(self, states: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, out_dim] SAM prompts."""
+        fcs = self.text_hidden_fcs[0]
+        return fcs(states.to(fcs[0].weight.dtype))
+
+
+def _drop_vision_tower_keys(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + VISION_TOWER_PREFIX)]:
+        del state_dict[key]
+
+
+def _ignore_missing_vision_tower_keys(module, incompatible_keys):
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if VISION_TOWER_PREFIX not in k]
+
+
+class LegionForCausalLM(LlamaForCausalLM):
+    """LEGION's loc/exp model. State-dict keys follow GLaMM's table (spec/model.md §13.2)."""
+
+    config_class = LegionConfig
+    _keys_to_ignore_on_load_missing = [r"vision_tower\."]
+    _keys_to_ignore_on_save = [r"vision_tower\."]
+
+    def __init__(self, config: LegionConfig):
+        # Skip LlamaForCausalLM.__init__: it would build (and initialize) a plain LlamaModel first.
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = LegionModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.ce_loss_weight, self.bce_loss_weight, self.dice_loss_weight = 1.0, 0.4, 0.2
+        self.post_init()
+
+    # --- helpers ----------------------------------------------------------------------------
+    @property
+    def seg_token_idx(self) -> int:
+        idx = self.config.seg_token_idx
+        if idx is None:
+            raise ValueError("config.seg_token_idx is not set; look it up with convert_tokens_to_ids('[SEG]')")
+        return int(idx)
+
+    def set_loss_weights(self, ce: float = 1.0, bce: float = 0.4, dice: float = 0.2) -> None:
+        self.ce_loss_weight, self.bce_loss_weight, self.dice_loss_weight = float(ce), float(bce), float(dice)
+
+    def encode_images(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(clip_pixel_values)
+
+    def sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.sam_image_embeddings(sam_pixel_values)
+
+    def prepare_multimodal_inputs(self, input_ids, attention_mask, clip_pixel_values, labels=None,
+                                  padding_side: str = "right") -> MultimodalInputs:
+        image_features = self.encode_images(clip_pixel_values)
+        text_embeds = self.model.embed_tokens(input_ids.clamp(min=0))
+        return build_multimodal_inputs(text_embeds, input_ids, attention_mask, image_features, labels, padding_side)
+
+    def _masks_for(self, seg_states: list[torch.Tensor], sam_pixel_values, sam_resized_sizes,
+                   original_sizes) -> list[torch.Tensor]:
+        image_embeddings = self.sam_image_embeddings(sam_pixel_values)
+        masks = []
+        for b, states in enumerate(seg_states):
+            prompts = self.model.project_seg_states(states)
+            masks.append(predict_masks(self.model.grounding_encoder, image_embeddings[b:b + 1], prompts,
+                                       tuple(sam_resized_sizes[b]), tuple(original_sizes[b])))
+        return masks
+
+    # --- training / teacher-forced forward -----------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, clip_pixel_values=None,
+                sam_pixel_values=None, sam_resized_sizes=None, original_sizes=None, gt_masks=None, **kwargs):
+        """Multimodal forward; without `clip_pixel_values` it is the plain LLaMA causal-LM forward.
+
+        input_ids / attention_mask / labels [B, L] (one -200 per sample); clip_pixel_values
+        [B, 3, S, S]; sam_pixel_values [B, 3, P, P]; sam_resized_sizes / original_sizes: per
+        sample (h, w); gt_masks: per sample {0,1} [N_i, H_i, W_i], one per `[SEG]` in order.
+        """
+        if clip_pixel_values is None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+        mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, labels)
+        out = self.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
+                         position_ids=mm.position_ids, use_cache=False)
+        hidden = out.last_hidden_state  # final layer, after the RMSNorm
+        logits = self.lm_head(hidden)
+        positions = seg_state_positions(input_ids, mm.position_map, self.seg_token_idx)
+        seg_states = select_seg_states(hidden, positions)
+
+        ce = causal_lm_loss(logits, mm.labels) if labels is not None else None
+        pred_masks = None
+        if sam_pixel_values is not None:
+            if gt_masks is not None:
+                original_sizes = [tuple(g.shape[-2:]) for g in gt_masks]  # masks live at the GT resolution
+            if original_sizes is None or sam_resized_sizes is None:
+                raise ValueError("sam_pixel_values needs sam_resized_sizes and original_sizes (or gt_masks)")
+            pred_masks = self._masks_for(seg_states, sam_pixel_values, sam_resized_sizes, original_sizes)
+
+        bce = dice = None
+        if gt_masks is not None:
+            if pred_masks is None:
+                raise ValueError("gt_masks given without sam_pixel_values")
+            for b, (pred, gt) in enumerate(zip(pred_masks, gt_masks)):
+                if pred.shape[0] != gt.shape[0]:
+                    raise ValueError(f"sample {b}: {pred.shape[0]} [SEG] tokens but {gt.shape[0]} ground-truth "
+                                     "masks (truncated sequence?)")
+            bce, dice = mask_losses(pred_masks, gt_masks)
+            bce, dice = self.bce_loss_weight * bce, self.dice_loss_weight * dice
+
+        terms = []
+        if ce is not None:
+            terms.append(self.ce_loss_weight * ce)
+        if bce is not None:
+            terms += [bce, dice]
+        loss = sum(terms) if terms else None
+        return LegionOutput(loss=loss, ce_loss=ce, bce_loss=bce, dice_loss=dice,
+                            mask_loss=None if bce is None else bce + dice, logits=logits,
+                            pred_masks=pred_masks, seg_embeddings=seg_states)
+
+    # --- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_grounded(self, input_ids, attention_mask, clip_pixel_values, sam_pixel_values, sam_resized_sizes,
+                          original_sizes, max_new_tokens: int = 512, use_cache: bool = True,
+                          eos_token_id: int | None = None, tokenizer=None) -> list[GroundedGeneration]:
+        """Batched greedy decoding, then one mask per generated `[SEG]`.
+
+        Prompts may be padded on either side (attention_mask says which tokens are real); they are
+        re-padded on the left. use_cache=True: KV cache, the `[SEG]` state is the last position's
+        final-layer state at the step that samples `[SEG]`. use_cache=False: the reference's slow
+        method, re-running CLIP and the whole sequence at every step (for benchmarks).
+        """
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        seg = self.seg_token_idx
+        bsz = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        tokens: list[list[int]] = [[] for _ in range(bsz)]
+        seg_states: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
+        finished = [False] * bsz
+
+        def take(step_logits_state: torch.Tensor) -> torch.Tensor:
+            """Greedy pick from the last states [B, D]; record tokens and [SEG] states."""
+            next_tokens = self.lm_head(step_logits_state).argmax(-1)
+            for b in range(bsz):
+                if finished[b]:
+                    continue
+                tok = int(next_tokens[b])
+                if tok == eos:
+                    finished[b] = True
+                    continue
+                tokens[b].append(tok)
+                if tok == seg:
+                    seg_states[b].append(step_logits_state[b].clone())
+            return next_tokens
+
+        if use_cache:
+            mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
+            cache = DynamicCache(config=self.config)
+            mask, positions = mm.attention_mask, mm.position_ids
+            out = self.model(inputs_embeds=mm.inputs_embeds, attention_mask=mask, position_ids=positions,
+                             cache=cache, use_cache=True)
+            for step in range(max_new_tokens):
+                next_tokens = take(out.last_hidden_state[:, -1])
+                if all(finished) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones(bsz, 1)], 1)
+                positions = positions[:, -1:] + 1
+                out = self.model(inputs_embeds=self.model.embed_tokens(next_tokens[:, None]), attention_mask=mask,
+                                 position_ids=positions, cache=out.cache, use_cache=True)
+        else:
+            prompts = [input_ids[b, attention_mask[b].bool()] for b in range(bsz)]
+            for step in range(max_new_tokens):
+                ids, mask = _left_pad([torch.cat([p, p.new_tensor(t)]) for p, t in zip(prompts, tokens)])
+                mm = self.prepare_multimodal_inputs(ids, mask, clip_pixel_values, padding_side="left")
+                out = self.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
+                                 position_ids=mm.position_ids, use_cache=False)
+                take(out.last_hidden_state[:, -1])
+                if all(finished):
+                    break
+
+        hidden = self.config.hidden_size
+        states = [torch.stack(s) if s else self.lm_head.weight.new_zeros(0, hidden) for s in seg_states]
+        masks = self._masks_for(states, sam_pixel_values, sam_resized_sizes, original_sizes)
+        return [GroundedGeneration(
+            token_ids=tokens[b],
+            text=tokenizer.decode(tokens[b], skip_special_tokens=False) if tokenizer is not None else None,
+            seg_embeddings=states[b], mask_logits=masks[b], finished=finished[b],
+        ) for b in range(bsz)]
+
+
+def _left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors -> (ids [B, T], attention_mask [B, T])."""
+    total = max(len(s) for s in seqs)
+    ids = seqs[0].new_full((len(seqs), total), pad_id)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, total - len(s):] = s
+        mask[b, total - len(s):] = 1
+    return ids, mask
