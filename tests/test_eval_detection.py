@@ -1,6 +1,5 @@
 """Detection metrics (paper Table 5 protocol + AP with fake as the positive class)."""
 
-import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 

@@ -76,21 +76,29 @@ class GroundTruthItem:
 
 
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
-    """Union of flat polygons as RLE with pycocotools' rasterizer (clipped to the image).
+    """Union of flat polygons as RLE, pixel-identical to the training rasterizer
+    ``legion.data.synthscars.rasterize_polygons`` (pycocotools, clipped to the image).
 
-    Polygons with fewer than 3 vertices have no area and are skipped (pycocotools would read a
-    4-number list as a box); a trailing odd coordinate is dropped.
+    Polygons inside the top-left quadrant (the usual case) are rasterized straight to RLE; one
+    reaching negative coordinates goes through the training rasterizer, which shifts it onto a
+    larger canvas because pycocotools rounds negative coordinates toward zero. Polygons with fewer
+    than 3 vertices have no area and are skipped (pycocotools would read 4 numbers as a box).
     """
-    usable = []
+    direct, shifted = [], []
     for poly in polygons:
         coords = [float(v) for v in poly]
         coords = coords[: len(coords) // 2 * 2]
-        if len(coords) >= 6:
-            usable.append(coords)
-    if not usable or height == 0 or width == 0:
+        if len(coords) < 6:
+            continue
+        (direct if min(coords) >= 0 else shifted).append(coords)
+    if height == 0 or width == 0 or not (direct or shifted):
         return mask_to_rle(np.zeros((height, width), dtype=np.uint8))
-    rles = coco_mask.frPyObjects(usable, height, width)
-    merged = coco_mask.merge(rles, intersect=0) if len(rles) > 1 else rles[0]
+    parts = list(coco_mask.frPyObjects(direct, height, width)) if direct else []
+    if shifted:
+        from legion.data.synthscars import rasterize_polygons
+
+        parts.append(coco_mask.encode(np.asfortranarray(rasterize_polygons(shifted, height, width))))
+    merged = coco_mask.merge(parts, intersect=0) if len(parts) > 1 else parts[0]
     return {"size": [int(height), int(width)], "counts": merged["counts"].decode("ascii")}
 
 
@@ -141,10 +149,20 @@ def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str |
             size = image_size(path) if path is not None else None
             item = items[name] = GroundTruthItem(name=name, size=size, phrase_polygons=[],
                                                  reference_text=_normalise_space(rec.caption),
-                                                 content_type=getattr(rec, "content_type", None),
-                                                 artifact_category=getattr(rec, "artifact_category", None))
+                                                 content_type=getattr(rec, "content_type", None))
         item.phrase_polygons.extend([list(map(list, ref.polygons)) for ref in rec.refs])
+        # categories: the record's and its refs' (ToyScars carries them; the SynthScars release does not)
+        found = {c for c in [getattr(rec, "artifact_category", None)]
+                 + [getattr(ref, "artifact_category", None) for ref in rec.refs] if c}
+        if found:
+            item.artifact_category = sorted(found | set(_labels_of(item.artifact_category)))
     return items
+
+
+def _labels_of(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _safe_image_path(image_dir: Path, name: str) -> Path | None:

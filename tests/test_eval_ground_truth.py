@@ -1,0 +1,93 @@
+"""Ground truth for evaluation: SynthScars files -> per-image items; RLE rasterization = training's."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from legion.data.synthscars import rasterize_polygons
+from legion.eval.ground_truth import GroundTruthItem, load_ground_truth, match_predictions, polygons_to_rle
+from legion.utils.rle import rle_to_mask
+
+PREFIX = "Upon examining the image. I have found: "
+MARKER = "\nTo elaborate, I have found the following artifacts. "
+
+
+def test_polygons_to_rle_equals_training_rasterizer():
+    rng = np.random.default_rng(0)
+    h, w = 37, 53
+    for trial in range(40):
+        polys = []
+        for _ in range(rng.integers(1, 4)):
+            n = rng.integers(3, 9)
+            lo = -15 if trial % 3 == 0 else 0          # some polygons leave the image on the top/left
+            xy = np.stack([rng.uniform(lo, w + 10, n), rng.uniform(lo, h + 10, n)], 1)
+            polys.append(xy.ravel().tolist())
+        np.testing.assert_array_equal(rle_to_mask(polygons_to_rle(polys, h, w)), rasterize_polygons(polys, h, w))
+
+
+def _write_synthscars(root, records, sizes):
+    (root / "test" / "annotations").mkdir(parents=True)
+    (root / "test" / "images").mkdir(parents=True)
+    for name, (h, w) in sizes.items():
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(root / "test" / "images" / name)
+    (root / "test" / "annotations" / "test.json").write_text(json.dumps(records))
+
+
+def _record(rid, name, refs):
+    caption = PREFIX + "Summary." + MARKER + "".join(f"{s}:{e}" for s, e, _ in refs)
+    return {rid: {"img_file_name": name, "caption": caption,
+                  "refs": [{"sentence": s, "explanation": e, "bbox": None, "segmentation": p} for s, e, p in refs]}}
+
+
+def test_load_synthscars_unions_records_of_the_same_file(tmp_path):
+    box = lambda x0, y0, x1, y1: [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    records = [
+        _record("1", "a.png", [("left ear", "is bent.", box(0, 0, 10, 10))]),
+        _record("2", "/cluster/path/a.png", [("hand", "has six fingers.", box(20, 20, 30, 30))]),  # same file
+        _record("3", "b.png", []),                                                                   # no artifacts
+    ]
+    _write_synthscars(tmp_path, records, {"a.png": (40, 50), "b.png": (8, 9)})
+    gt = load_ground_truth(tmp_path, "synthscars", split="test")
+    assert sorted(gt) == ["a.png", "b.png"]
+    a = gt["a.png"]
+    assert a.size == (40, 50) and len(a.phrase_polygons) == 2
+    mask = rle_to_mask(a.mask_rle(a.size))
+    expected = rasterize_polygons(box(0, 0, 10, 10) + box(20, 20, 30, 30), 40, 50)
+    np.testing.assert_array_equal(mask, expected)
+    assert a.reference_text.startswith("Upon examining the image. I have found: Summary. To elaborate")  # whitespace normalised
+    assert rle_to_mask(gt["b.png"].mask_rle((8, 9))).sum() == 0
+    # annotation file given directly: the images folder next to annotations/ is found
+    gt2 = load_ground_truth(tmp_path / "test" / "annotations" / "test.json", "synthscars")
+    assert gt2["a.png"].size == (40, 50)
+
+
+def test_escaping_names_get_no_size_and_missing_images_fall_back(tmp_path):
+    records = [_record("1", "../../etc/passwd.png", []), _record("2", "gone.png", [])]
+    _write_synthscars(tmp_path, records, {})
+    gt = load_ground_truth(tmp_path, "synthscars")
+    assert gt["passwd.png"].size is None and gt["gone.png"].size is None
+    assert gt["gone.png"].resolved_size(fallback=(5, 6)) == (5, 6)
+    with pytest.raises(ValueError, match="size unknown"):
+        gt["gone.png"].resolved_size()
+
+
+def test_shared_sample_annotation_loads(synthscars_sample_path, tmp_path):
+    gt = load_ground_truth(synthscars_sample_path, "synthscars", image_dir=tmp_path)
+    assert len(gt) > 50
+    item = next(iter(gt.values()))
+    assert item.reference_text.startswith(PREFIX.strip()) and item.phrase_polygons is not None
+
+
+def test_match_predictions_exact_then_unique_basename():
+    m = match_predictions([{"image": "x/a.png"}, {"image": "a.png"}, {"image": "q/b.png"}, {"image": "c.png"}],
+                          ["a.png", "b.png", "d/b.png", "e.png"])
+    assert set(m.by_name) == {"a.png"} and m.duplicates == ["a.png"]
+    assert "q/b.png" in m.extra and "c.png" in m.extra          # b.png is ambiguous, c.png unknown
+    assert m.missing == ["b.png", "d/b.png", "e.png"]
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_ground_truth(".", "coco")
