@@ -153,19 +153,23 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     has_fast, has_sp = (path / "tokenizer.json").is_file(), (path / "tokenizer.model").is_file()
     if not (has_fast or has_sp):
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-    except (ValueError, KeyError, OSError) as err:
-        if not has_sp:
-            raise
-        # tokenizer_config.json written by an old transformers may name no usable class.
+    tokenizer_class = _tokenizer_class(path)
+    if tokenizer_class in (None, "LlamaTokenizer", "LlamaTokenizerFast"):
+        # LLaMA family (ours and GLaMM's): no need to consult config.json (model_type llava/legion)
         tokenizer = LlamaTokenizer.from_pretrained(str(path), local_files_only=True)
-        if tokenizer is None:
-            raise err
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     added = path / "added_tokens.json"
     if added.is_file():
         _check_added_tokens(tokenizer, json.loads(added.read_text()), added)
     return finalize_tokenizer(tokenizer)
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    config_file = path / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    return json.loads(config_file.read_text()).get("tokenizer_class")
 
 
 def _check_added_tokens(tokenizer, expected: dict[str, int], source: Path) -> None:
