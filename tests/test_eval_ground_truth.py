@@ -91,3 +91,29 @@ def test_match_predictions_exact_then_unique_basename():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         load_ground_truth(".", "coco")
+
+
+def test_toyscars_perfect_predictions_score_100_with_breakdowns(toy_data_dir):
+    """ToyScars carries content types and artifact categories: perfect predictions built from its
+    own polygons score 100 everywhere, and both breakdowns appear."""
+    from legion.data.synthscars import find_annotation_file, load_annotations
+    from legion.eval.explanation import evaluate_explanations
+    from legion.eval.localization import evaluate_localization
+    from legion.utils.rle import mask_to_rle
+
+    gt = load_ground_truth(toy_data_dir, "synthscars", split="test")
+    records, _ = load_annotations(find_annotation_file(toy_data_dir, "test"))
+    assert len(gt) == len({r.img_file_name for r in records}) > 0
+    preds = []
+    for name, item in gt.items():
+        h, w = item.size
+        masks = [mask_to_rle(rasterize_polygons(p, h, w)) for p in item.phrase_polygons]
+        preds.append({"image": name, "verdict": "fake", "masks": masks, "union_mask": item.mask_rle((h, w)),
+                      "explanation": item.reference_text})
+    m = evaluate_localization(preds, gt, mask_pairing="ordered").metrics
+    assert m["overall"]["f1"] == pytest.approx(100.0) and m["overall"]["miou"] == pytest.approx(100.0, abs=1e-4)
+    assert m["overall"]["giou"] == pytest.approx(100.0, abs=1e-3)
+    assert m["by_content_type"] and m["by_artifact_category"]
+    assert sum(v["num_images"] for v in m["by_content_type"].values()) == len(gt)
+    e = evaluate_explanations(preds, gt).metrics
+    assert e["overall"]["rouge_l"] == pytest.approx(100.0)
