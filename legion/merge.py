@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -302,47 +301,42 @@ def merge_lora_state_dict(state: Mapping[str, torch.Tensor], lora_alpha: float, 
     return plain, report
 
 
-def _copy_or_link_vision_tower(base: Path, out: Path) -> None:
-    """Give OUT_DIR the same CLIP folder as the base (copied: merged dirs must be self-contained)."""
-    src = base / "vision_tower"
-    if src.is_dir() and not (out / "vision_tower").exists():
-        shutil.copytree(src, out / "vision_tower")
-
-
 def step2(base_dir: str | os.PathLike, weights: str | os.PathLike, out_dir: str | os.PathLike,
           lora_alpha: float = 16.0, lora_r: int | None = None, adapter: str | None = None,
-          use_rslora: bool = False, dtype: str = "auto", vision_tower: str | None = None) -> dict:
-    """Base model + trained weights (with LoRA) -> merged HF directory. Returns a report dict.
+          use_rslora: bool = False, dtype: str = "float32", vision_tower: str | None = None) -> dict:
+    """Base model + trained weights (with LoRA) -> merged model directory. Returns a report dict.
 
     Loads the base with the builders (config, tokenizer, SAM, CLIP), replaces its weights by the
     merged trained ones (embedding rows resized to the trained vocabulary when it differs), and
-    saves model + tokenizer (+ the CLIP folder) to `out_dir`. Every base key must be covered by
-    the trained weights or reported as missing; unexpected keys are an error.
+    writes our checkpoint format (`builders.save_model`: config.json, model.safetensors, tokenizer,
+    `vision_tower/` CLIP folder) so `load_model(out_dir)` works offline. Trained keys the base does
+    not have are an error; base keys the weights lack keep their base values and are reported.
+    dtype "bfloat16"/"float16": the reference's policy (SAM + text_hidden_fcs stay fp32).
     """
-    from legion.model.builders import load_model
+    from legion.model.builders import apply_dtype_policy, load_model, save_model
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     state, lora = merge_lora_state_dict(load_safetensors(weights), lora_alpha, lora_r, adapter, use_rslora)
-    model, tokenizer, _ = load_model(base_dir, dtype=torch.float32, device="cpu", vision_tower=vision_tower)
+    model, tokenizer, _ = load_model(base_dir, dtype=torch.float32, device="cpu", vision_tower=vision_tower,
+                                     verbose=False)
     embed = state.get("model.embed_tokens.weight")
     if embed is not None and embed.shape[0] != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(embed.shape[0])
-    expected = {k for k in model.state_dict() if not any(p.search(k) for p in DROP_KEY_PATTERNS)}
-    unexpected = sorted(set(state) - expected)
+    expected = model.state_dict()  # CLIP keys are never part of it
+    unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise MergeError(f"{len(unexpected)} weights do not belong to the base model, e.g. {unexpected[:5]}")
-    missing = sorted(expected - set(state))
-    result = model.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    if dtype != "auto":
-        model.to(getattr(torch, dtype))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    _copy_or_link_vision_tower(base_dir, out_dir)
-    report = {"base": str(base_dir), "weights": str(weights), "out": str(out_dir), "merged_modules": len(
-        lora.merged_modules), "lora_rank": lora.rank, "lora_scale": lora.scale, "dropped_keys": len(
-        lora.dropped_keys), "missing_keys_kept_from_base": missing}
+        raise MergeError(f"{len(unexpected)} trained weights do not belong to the base model, e.g. {unexpected[:5]}")
+    shapes = [f"{k}: weights {list(v.shape)} vs base {list(expected[k].shape)}" for k, v in state.items()
+              if tuple(v.shape) != tuple(expected[k].shape)]
+    if shapes:
+        raise MergeError("shape mismatch: " + "; ".join(shapes[:5]))
+    missing = sorted(set(expected) - set(state))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
+    apply_dtype_policy(model, getattr(torch, dtype), keep_fp32_modules=True)
+    save_model(model, tokenizer, out_dir)
+    report = {"base": str(base_dir), "weights": str(weights), "out": str(out_dir),
+              "merged_modules": len(lora.merged_modules), "lora_rank": lora.rank, "lora_scale": lora.scale,
+              "dropped_keys": len(lora.dropped_keys), "dtype": dtype, "missing_keys_kept_from_base": missing}
     (out_dir / "merge_report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -366,8 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p2.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (reference: 16; scale = alpha/r)")
     p2.add_argument("--use-rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     p2.add_argument("--adapter", default=None, help="adapter name when the weights hold several")
-    p2.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="dtype of the saved model (auto: keep the loaded dtypes, fp32)")
+    p2.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the saved model; bf16/fp16 keep SAM and text_hidden_fcs in fp32 (reference)")
     p2.add_argument("--vision-tower", default=None, help="CLIP folder if the base has none")
 
 

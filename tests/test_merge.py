@@ -199,3 +199,63 @@ def test_load_safetensors_errors(tmp_path):
         merge.load_safetensors(tmp_path / "w.bin")
     save_file({"a": torch.ones(2)}, str(tmp_path / "x.safetensors"))
     assert torch.equal(merge.load_safetensors(tmp_path / "x.safetensors")["a"], torch.ones(2))
+
+
+# --- step 2 on the tiny LEGION model ----------------------------------------------------------
+def _lora_trained_legion(model, seed=1):
+    """LoRA injected in place on the reference's targets (no `base_model.model.` prefix), with
+    random A/B and a changed lm_head, as a finished training run would leave it."""
+    from legion.model.legion import lora_target_module_names
+
+    targets = lora_target_module_names(model)
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0, 0.3)
+        model.lm_head.weight.add_(0.01 * torch.randn_like(model.lm_head.weight))
+    return model.eval(), targets
+
+
+def _multimodal_logits(model, tokenizer):
+    from legion.model import conversation as conv
+
+    torch.manual_seed(0)
+    ids = conv.encode_prompt(tokenizer)[None]
+    size = model.config.vision_config["image_size"]
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), clip_pixel_values=torch.randn(1, 3, size, size)).logits
+
+
+def test_step2_merged_legion_matches_unmerged_lora(tiny_model, tiny_model_dir, tmp_path):
+    from legion.model.builders import load_model
+
+    model, tokenizer = tiny_model
+    before = _multimodal_logits(model, tokenizer)
+    model, targets = _lora_trained_legion(model)
+    want = _multimodal_logits(model, tokenizer)
+    assert (want - before).abs().max() > 1e-2
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert not any(k.startswith("base_model.") for k in trained)
+    assert any(k.endswith("q_proj.base_layer.weight") for k in trained)
+    save_file(trained, str(tmp_path / "w.safetensors"))
+
+    from legion.cli import main
+
+    assert main(["merge", "step2", "--base", str(tiny_model_dir), "--weights", str(tmp_path / "w.safetensors"),
+                 "--out", str(tmp_path / "merged"), "--lora-r", "8", "--lora-alpha", "16"]) == 0
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["merged_modules"] == len(targets) and report["lora_scale"] == 2.0
+    assert report["missing_keys_kept_from_base"] == []
+    merged, tok2, load_report = load_model(tmp_path / "merged", verbose=False)
+    assert load_report.ok and (tmp_path / "merged" / "vision_tower" / "config.json").is_file()
+    assert not any("lora" in k or "base_layer" in k for k in merged.state_dict())
+    torch.testing.assert_close(_multimodal_logits(merged.eval(), tok2), want, atol=1e-4, rtol=0)
+
+
+def test_step2_rejects_foreign_weights(tiny_model_dir, tmp_path):
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3), "not.a.key": torch.zeros(1)},
+              str(tmp_path / "w.safetensors"))
+    with pytest.raises(MergeError, match="do not belong to the base model"):
+        merge.step2(tiny_model_dir, tmp_path / "w.safetensors", tmp_path / "out")
