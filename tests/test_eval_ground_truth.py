@@ -117,3 +117,26 @@ def test_toyscars_perfect_predictions_score_100_with_breakdowns(toy_data_dir):
     assert sum(v["num_images"] for v in m["by_content_type"].values()) == len(gt)
     e = evaluate_explanations(preds, gt).metrics
     assert e["overall"]["rouge_l"] == pytest.approx(100.0)
+
+
+def test_reference_layout_predictions(tmp_path):
+    from legion.eval.ground_truth import read_predictions
+    from legion.eval.localization import evaluate_localization
+    from legion.utils.rle import mask_to_rle
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:8, 3:9] = 255
+    d = tmp_path / "out" / "a.png"
+    d.mkdir(parents=True)
+    Image.fromarray(mask, mode="L").save(d / "mask.png")
+    (d / "explanation.json").write_text(json.dumps({"imgs/a.png": "The ear is bent."}))
+    (tmp_path / "out" / "b.png").mkdir()
+    (tmp_path / "out" / "b.png" / "explanation.json").write_text(json.dumps({"imgs/b.png": ""}))
+    recs = {r["image"]: r for r in read_predictions(tmp_path / "out")}
+    assert recs["a.png"]["explanation"] == "The ear is bent." and recs["b.png"]["masks"] == []
+    gt = {"a.png": GroundTruthItem("a.png", union_rle=mask_to_rle(mask > 0)),
+          "b.png": GroundTruthItem("b.png", union_rle=mask_to_rle(np.zeros((5, 5))))}
+    m = evaluate_localization(list(recs.values()), gt).metrics["overall"]
+    assert m["f1"] == pytest.approx(100.0) and m["num_missing"] == 0
+    with pytest.raises(ValueError, match="reference layout"):
+        read_predictions(tmp_path / "out" / "b.png")

@@ -88,7 +88,8 @@ def _doc(name: str) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pred", required=True, help="predictions.jsonl written by `legion infer`")
+    p.add_argument("--pred", required=True, help="predictions.jsonl written by `legion infer`, or a folder in the "
+                   "reference layout (<image name>/mask.png + explanation.json)")
     p.add_argument("--gt", required=True, help="dataset root or annotation file (SynthScars: root with "
                    "<split>/annotations/<split>.json, or the JSON itself)")
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="ground-truth format")
@@ -109,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
 def _load_inputs(args):
     from legion.eval.ground_truth import load_ground_truth, read_predictions
 
-    if not Path(args.pred).is_file():
-        raise FileNotFoundError(f"--pred {args.pred}: no such file")
+    if not Path(args.pred).exists():
+        raise FileNotFoundError(f"--pred {args.pred}: no such file or folder")
     predictions = read_predictions(args.pred)
     ground_truth = load_ground_truth(args.gt, args.dataset, split=args.split, image_dir=args.images)
     if not ground_truth:

@@ -234,8 +234,13 @@ def load_ground_truth(gt: str | os.PathLike, dataset: str, split: str = "test",
 # --------------------------------------------------------------------------- predictions
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
-    """Records of a ``predictions.jsonl`` file (docs/ARCHITECTURE.md). Blank lines are skipped;
-    a malformed line raises with its line number."""
+    """Prediction records from a ``predictions.jsonl`` file (docs/ARCHITECTURE.md), or from a
+    folder in the reference layout (``<dir>/<image file name>/mask.png`` + ``explanation.json``).
+
+    JSONL: blank lines are skipped; a malformed line raises with its line number."""
+    path = Path(path)
+    if path.is_dir():
+        return read_reference_layout(path)
     records = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -249,6 +254,34 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
             if not isinstance(rec, dict) or "image" not in rec:
                 raise ValueError(f"{path}:{lineno}: a prediction record needs an 'image' field")
             records.append(rec)
+    return records
+
+
+def read_reference_layout(folder: str | os.PathLike) -> list[dict]:
+    """Records from the reference ``infer.py`` output: one sub-folder per image named after the
+    image file, holding ``mask.png`` (union mask, 0/255) and ``explanation.json``
+    (``{"<image path>": "<explanation>"}``). Per-phrase masks are not in that layout."""
+    from PIL import Image
+
+    records = []
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        mask_path, exp_path = sub / "mask.png", sub / "explanation.json"
+        if not mask_path.is_file() and not exp_path.is_file():
+            continue
+        rec: dict = {"image": sub.name, "verdict": "fake", "explanation": "", "phrases": []}
+        if exp_path.is_file():
+            with open(exp_path, encoding="utf-8") as fh:
+                texts = json.load(fh)
+            rec["explanation"] = next(iter(texts.values()), "") if isinstance(texts, dict) else str(texts)
+        if mask_path.is_file():
+            with Image.open(mask_path) as im:
+                mask = np.asarray(im.convert("L")) > 0
+            rec.update(width=int(mask.shape[1]), height=int(mask.shape[0]), union_mask=mask_to_rle(mask))
+        else:
+            rec["masks"] = []
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{folder}: no <image>/mask.png or explanation.json sub-folders (reference layout)")
     return records
 
 
