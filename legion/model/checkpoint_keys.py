@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-# Whole-prefix renames, tried in order (older names -> ours).
+# Whole-prefix renames, applied in order, each at most once (older names -> ours).
 PREFIX_RENAMES: list[tuple[str, str]] = [
     ("base_model.model.", ""),                       # peft-wrapped model saved as a whole
     ("model.visual_model.", "model.grounding_encoder."),  # LISA's name for SAM
@@ -43,10 +43,9 @@ CLIP_PREFIX = "model.vision_tower.vision_tower."  # + CLIPVisionModel keys (visi
 
 def remap_key(key: str) -> str:
     """A checkpoint key in our (GLaMM) spelling."""
-    for old, new in PREFIX_RENAMES:
+    for old, new in PREFIX_RENAMES:  # peft's prefix first, then the LISA-era module names
         if key.startswith(old):
             key = new + key[len(old):]
-            break
     for old, new in INFIX_RENAMES:
         key = key.replace(old, new)
     return key
