@@ -49,6 +49,14 @@ def test_noise_is_seeded_per_key_and_scaled_in_0_255_units(image):
     diff = parse_perturbation("noise:5")(flat, key="k").astype(float) - 128
     assert diff.std() == pytest.approx(5.0, rel=0.05) and abs(diff.mean()) < 0.1
     assert parse_perturbation("noise:0")(image, key="k").tolist() == image.tolist()
+    # without a key: seeded by the pixels, so independent of call order (and of data-loader workers)
+    other = image.copy()
+    other[0, 0, 0] ^= 1
+    fresh = parse_perturbation("noise:5", seed=3)
+    first, _, again = fresh(image), fresh(other), fresh(image)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, parse_perturbation("noise:5", seed=3)(image))
+    assert not np.array_equal(first[1:] - image[1:].astype(np.int16), fresh(other)[1:] - other[1:].astype(np.int16))
     clipped = parse_perturbation("noise:50")(np.full((50, 50, 3), 250, np.uint8), key="k")
     assert clipped.dtype == np.uint8 and clipped.max() == 255
     assert parse_perturbation("noise:5", seed=3).describe() == {"kind": "noise", "sigma_0_255": 5.0, "mean": 0.0, "seed": 3}

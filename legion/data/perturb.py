@@ -13,16 +13,16 @@ Spec strings (``parse_perturbation``):
                         e.g. [1 4 6 4 1]/16 for K = 5, else σ = 0.3 * ((K - 1) / 2 - 1) + 0.8)
     none / ""           no perturbation
 
-Noise seeding: ``perturb(image, key="name.png")`` draws from a generator seeded by
-(seed, crc32(key)), so an image gets the same noise whatever order images come in; without a
-key, calls draw from one generator seeded once by ``seed``.
+Noise seeding: each call draws from a generator seeded by (seed, crc32(key)) with
+``perturb(image, key="name.png")``, or by (seed, crc32(pixels)) without a key. An image therefore
+gets the same noise whatever the order of images, the number of data-loader workers or the run.
 """
 
 from __future__ import annotations
 
 import io
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,10 +42,6 @@ class Perturbation:
     value: float = 0.0          # quality / sigma (0-255) / kernel size
     sigma: float = 0.0          # blur only: the Gaussian σ actually used
     seed: int = 0
-    _rng: np.random.Generator = field(default=None, init=False, repr=False)
-
-    def __post_init__(self):
-        self._rng = np.random.default_rng(self.seed)
 
     def describe(self) -> dict:
         """Parameters to record next to results."""
@@ -77,7 +73,8 @@ class Perturbation:
         if self.kind == "jpeg":
             return _jpeg(image, int(self.value))
         if self.kind == "noise":
-            rng = self._rng if key is None else np.random.default_rng([self.seed, zlib.crc32(key.encode("utf-8"))])
+            digest = zlib.crc32(np.ascontiguousarray(image).data) if key is None else zlib.crc32(key.encode("utf-8"))
+            rng = np.random.default_rng([self.seed, digest])
             noisy = image.astype(np.float32) + rng.normal(0.0, self.value, image.shape).astype(np.float32)
             return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
         import cv2
