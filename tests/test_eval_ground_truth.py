@@ -140,3 +140,44 @@ def test_reference_layout_predictions(tmp_path):
     assert m["f1"] == pytest.approx(100.0) and m["num_missing"] == 0
     with pytest.raises(ValueError, match="reference layout"):
         read_predictions(tmp_path / "out" / "b.png")
+
+
+def test_loki_ground_truth_boxes_and_reference_text(tmp_path):
+    from legion.data.benchmarks import loki_box_mask
+
+    items = [
+        {"image_path": "loki/imgs/x.jpg", "problems": {"regional": [{"region": [2, 3, 10.7, 5.2], "desc": "d"}],
+                                                         "global": [{"desc": "The  hand is wrong."}]}},
+        {"image_path": "other/x.jpg", "problems": {"regional": [{"region": [20, 20, 100, 100]}]}},   # same file
+        {"image_path": "loki/imgs/y.jpg", "problems": {"regional": [], "global": [{"desc": "fine"}]}},
+    ]
+    ann = tmp_path / "loki.json"
+    ann.write_text(json.dumps(items), encoding="utf-16")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(imgs / "x.jpg")
+    gt = load_ground_truth(ann, "loki", image_dir=imgs)
+    assert sorted(gt) == ["x.jpg", "y.jpg"]
+    x = gt["x.jpg"]
+    assert x.size == (30, 40) and x.reference_text == "The hand is wrong."
+    expected = loki_box_mask([[2, 3, 10.7, 5.2], [20, 20, 100, 100]], 30, 40)
+    np.testing.assert_array_equal(rle_to_mask(x.mask_rle(x.size)), expected)
+    assert expected[3:9, 2:13].all() and expected.sum() == 6 * 11 + 10 * 20      # inclusive corners, clipped
+    y = gt["y.jpg"]
+    assert y.size is None and rle_to_mask(y.mask_rle(y.resolved_size((7, 9)))).sum() == 0
+
+
+def test_richhf_ground_truth_from_heatmaps(tmp_path):
+    raw, heat = tmp_path / "richhf" / "raw_imgs", tmp_path / "richhf" / "heatmaps"
+    raw.mkdir(parents=True)
+    heat.mkdir(parents=True)
+    hm = np.zeros((16, 24), np.uint8)
+    hm[4:8, 5:10] = 1          # any value > 0 is artifact
+    hm[0, 0] = 200
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(raw / name)
+    Image.fromarray(hm, mode="L").save(heat / "a.png")
+    with pytest.warns(UserWarning, match="no heatmap"):
+        gt = load_ground_truth(raw, "richhf")
+    assert list(gt) == ["a.png"]
+    np.testing.assert_array_equal(rle_to_mask(gt["a.png"].union_rle), (hm > 0).astype(np.uint8))

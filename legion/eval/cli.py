@@ -90,11 +90,15 @@ def _doc(name: str) -> str:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred", required=True, help="predictions.jsonl written by `legion infer`, or a folder in the "
                    "reference layout (<image name>/mask.png + explanation.json)")
-    p.add_argument("--gt", required=True, help="dataset root or annotation file (SynthScars: root with "
-                   "<split>/annotations/<split>.json, or the JSON itself)")
+    p.add_argument("--gt", required=True, help="ground truth: synthscars = dataset root (<split>/annotations/"
+                   "<split>.json) or the annotation JSON; loki = its UTF-16 annotation JSON; richhf = the raw_imgs "
+                   "image folder (heatmaps in the sibling heatmaps/ folder)")
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="ground-truth format")
     p.add_argument("--split", default="test", help="SynthScars split (default test)")
-    p.add_argument("--images", default=None, help="image folder, to read image sizes (default: <root>/<split>/images)")
+    p.add_argument("--images", default=None, help="image folder, to read image sizes (SynthScars default: "
+                   "<root>/<split>/images; LOKI: by file name in this folder, else sizes come from the predictions)")
+    p.add_argument("--loki-skip-degenerate", action="store_true",
+                   help="LOKI: skip boxes with x2 <= x1 or y2 <= y1 (ArtiAgent) instead of drawing them (reference)")
     p.add_argument("--out", required=True, help="output directory")
 
 
@@ -113,7 +117,8 @@ def _load_inputs(args):
     if not Path(args.pred).exists():
         raise FileNotFoundError(f"--pred {args.pred}: no such file or folder")
     predictions = read_predictions(args.pred)
-    ground_truth = load_ground_truth(args.gt, args.dataset, split=args.split, image_dir=args.images)
+    ground_truth = load_ground_truth(args.gt, args.dataset, split=args.split, image_dir=args.images,
+                                     loki_skip_degenerate=args.loki_skip_degenerate)
     if not ground_truth:
         raise ValueError(f"--gt {args.gt}: no ground-truth images found")
     return predictions, ground_truth

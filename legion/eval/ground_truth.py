@@ -34,6 +34,7 @@ class GroundTruthItem:
     union_rle: the whole-image artifact mask as RLE, if already known (LOKI boxes, RichHF heatmaps).
     phrase_polygons: per artifact (ref), its list of flat polygons ``[x1, y1, x2, y2, ...]``
         in pixels of the stored image (SynthScars); the union mask is rasterized from these.
+    boxes: LOKI ``[x, y, w, h]`` regions; the union mask is drawn from these once the size is known.
     reference_text: the reference explanation (SynthScars caption, LOKI global description).
     content_type / artifact_category: optional breakdown labels (a category may be a list:
         an image then counts in every category it carries).
@@ -46,6 +47,8 @@ class GroundTruthItem:
     reference_text: str | None = None
     content_type: str | None = None
     artifact_category: str | list[str] | None = None
+    boxes: list[list[float]] | None = None   # LOKI [x, y, w, h] regions, drawn at the image size
+    boxes_skip_degenerate: bool = False
     _phrase_rles: list[dict] | None = field(default=None, repr=False)
 
     def resolved_size(self, fallback: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -71,6 +74,10 @@ class GroundTruthItem:
             if rle_size(self.union_rle) != tuple(size):
                 raise ValueError(f"{self.name}: ground-truth mask size {rle_size(self.union_rle)} != image size {tuple(size)}")
             return self.union_rle
+        if self.boxes is not None:
+            from legion.data.benchmarks import loki_box_mask
+
+            return mask_to_rle(loki_box_mask(self.boxes, size[0], size[1], self.boxes_skip_degenerate))
         phrases = self.phrase_rles(size) or []
         return rle_union(phrases, size=size)
 
@@ -180,54 +187,64 @@ def _normalise_space(text: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- LOKI / RichHF
 
-def load_benchmark(gt: str | os.PathLike, dataset: str, image_dir: str | os.PathLike | None = None) -> dict[str, GroundTruthItem]:
-    """LOKI / RichHF-18K ground truth through the data team's ``legion.data.benchmarks``.
-
-    Each benchmark item must give a file name, a binary mask (or its RLE) at the image's stored
-    size and, for LOKI, the global explanation text.
-    """
+def load_loki(gt: str | os.PathLike, image_dir: str | os.PathLike | None = None,
+              skip_degenerate: bool = False) -> dict[str, GroundTruthItem]:
+    """LOKI ground truth from its UTF-16 annotation list (``legion.data.benchmarks``): the union
+    of the item's ``[x, y, w, h]`` boxes drawn as the reference does (inclusive, truncated,
+    clipped); reference text = ``problems.global[0].desc``. Image sizes come from the image
+    headers under ``image_dir`` (by file name), or else from the predictions."""
     from legion.data import benchmarks
 
-    loader = {"loki": "load_loki", "richhf": "load_richhf"}[dataset]
-    if not hasattr(benchmarks, loader):
-        raise RuntimeError(f"legion.data.benchmarks has no {loader}(); cannot read {dataset} ground truth")
-    kwargs = {} if image_dir is None else {"image_dir": image_dir}
+    gt = Path(gt)
+    if not gt.is_file():
+        raise FileNotFoundError(f"--gt {gt}: LOKI needs its annotation JSON file")
     items: dict[str, GroundTruthItem] = {}
-    for bench in getattr(benchmarks, loader)(gt, **kwargs):
-        name = os.path.basename(str(_field(bench, "image", "image_path", "name", "path")))
-        mask = _field(bench, "mask", "gt_mask", default=None)
-        rle = _field(bench, "mask_rle", "rle", default=None)
-        if rle is None and mask is not None:
-            rle = mask_to_rle(np.asarray(mask))
-        if rle is None:
-            raise ValueError(f"{dataset} item {name}: no mask")
-        text = _field(bench, "explanation", "reference_text", "desc", default=None)
-        if name in items:  # same file twice: union, like SynthScars
-            rle = rle_union([items[name].union_rle, rle])
-        items[name] = GroundTruthItem(name=name, union_rle=rle, reference_text=_normalise_space(text),
-                                      content_type=_field(bench, "content_type", default=None),
-                                      artifact_category=_field(bench, "artifact_category", default=None))
+    for entry in benchmarks.load_loki(gt):
+        name = entry.file_name
+        item = items.get(name)
+        if item is None:
+            path = _safe_image_path(Path(image_dir), name) if image_dir is not None else None
+            item = items[name] = GroundTruthItem(name=name, size=image_size(path) if path else None,
+                                                 boxes=[], boxes_skip_degenerate=skip_degenerate)
+        item.boxes.extend(entry.regions)
+        if not item.reference_text and entry.global_desc:
+            item.reference_text = _normalise_space(entry.global_desc)
     return items
 
 
-def _field(obj, *names, default=KeyError):
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    if default is KeyError:
-        raise KeyError(f"none of the fields {names} in {type(obj).__name__}")
-    return default
+def load_richhf(gt: str | os.PathLike, threshold: float = 0.0) -> dict[str, GroundTruthItem]:
+    """RichHF-18K ground truth: ``gt`` = the ``raw_imgs`` image folder; each image's heatmap
+    (``raw_imgs`` -> ``heatmaps``) > ``threshold`` at the image's own size. Images without a
+    heatmap are not ground truth (warned)."""
+    from legion.data import benchmarks
+
+    gt = Path(gt)
+    if not gt.is_dir():
+        raise FileNotFoundError(f"--gt {gt}: RichHF-18K needs the raw_imgs image folder")
+    entries, no_heatmap = benchmarks.list_richhf_items(gt)
+    if no_heatmap:
+        warnings.warn(f"{len(no_heatmap)} RichHF images have no heatmap and are not evaluated (e.g. {no_heatmap[0].name})")
+    items: dict[str, GroundTruthItem] = {}
+    for entry in entries:
+        size = image_size(entry.image_path)
+        if size is None:
+            raise ValueError(f"{entry.image_path}: unreadable image")
+        mask = benchmarks.richhf_mask(entry.heatmap_path, threshold=threshold, expected_size=size)
+        items[entry.image_path.name] = GroundTruthItem(name=entry.image_path.name, size=size, union_rle=mask_to_rle(mask))
+    return items
 
 
 def load_ground_truth(gt: str | os.PathLike, dataset: str, split: str = "test",
-                      image_dir: str | os.PathLike | None = None) -> dict[str, GroundTruthItem]:
-    """Dispatch on ``dataset`` (synthscars | loki | richhf) -> ``{file name: GroundTruthItem}``."""
+                      image_dir: str | os.PathLike | None = None,
+                      loki_skip_degenerate: bool = False) -> dict[str, GroundTruthItem]:
+    """Dispatch on ``dataset`` -> ``{file name: GroundTruthItem}``. ``gt`` is: synthscars = dataset
+    root or annotation JSON; loki = the UTF-16 annotation JSON; richhf = the ``raw_imgs`` folder."""
     if dataset == "synthscars":
         return load_synthscars(gt, split=split, image_dir=image_dir)
-    if dataset in ("loki", "richhf"):
-        return load_benchmark(gt, dataset, image_dir=image_dir)
+    if dataset == "loki":
+        return load_loki(gt, image_dir=image_dir, skip_degenerate=loki_skip_degenerate)
+    if dataset == "richhf":
+        return load_richhf(gt)
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
