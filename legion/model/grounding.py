@@ -8,6 +8,7 @@ build those two tensors here instead of patching the package.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -61,6 +62,21 @@ def sam_image_embeddings(sam: Sam, pixel_values: torch.Tensor) -> torch.Tensor:
         return torch.cat([enc(img[None].to(dtype)) for img in pixel_values], dim=0)
 
 
+def dense_positional_encoding(prompt_encoder: PromptEncoder) -> torch.Tensor:
+    """`prompt_encoder.get_dense_pe()` computed in fp32 whatever the module dtype -> [1, C, h, w].
+
+    (The package multiplies an fp32 grid by the Gaussian matrix, which fails once SAM is in bf16.)
+    """
+    gaussian = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.float()  # [2, C/2]
+    h, w = prompt_encoder.image_embedding_size
+    ys = (torch.arange(h, device=gaussian.device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=gaussian.device, dtype=torch.float32) + 0.5) / w
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([grid_x, grid_y], dim=-1)  # [h, w, 2], x first, in [0, 1]
+    angles = 2 * math.pi * ((2 * coords - 1) @ gaussian)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).permute(2, 0, 1)[None]
+
+
 def decode_masks(sam: Sam, image_embedding: torch.Tensor, seg_prompts: torch.Tensor) -> torch.Tensor:
     """Low-resolution mask logits for the `[SEG]` prompts of one image.
 
@@ -72,7 +88,7 @@ def decode_masks(sam: Sam, image_embedding: torch.Tensor, seg_prompts: torch.Ten
     sparse = seg_prompts.to(dtype)[:, None, :]  # [N, 1, C]: the [SEG] embedding is the only sparse token
     h, w = sam.prompt_encoder.image_embedding_size
     dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w).to(dtype)
-    image_pe = sam.prompt_encoder.get_dense_pe().to(dtype)
+    image_pe = dense_positional_encoding(sam.prompt_encoder).to(dtype)
     low_res, _iou = sam.mask_decoder(
         image_embeddings=image_embedding.to(dtype), image_pe=image_pe, sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense, multimask_output=False,

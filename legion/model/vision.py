@@ -15,8 +15,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 class CLIPVisionTower(nn.Module):
     """Frozen CLIP ViT; returns the patch features of one hidden layer.
 
-    Key layout matches GLaMM: `vision_tower.vision_model.*` (the module itself is stored as
-    `model.vision_tower`, so full keys read `model.vision_tower.vision_tower.vision_model.*`).
+    Stored as `model.vision_tower`, holding the HF model as `.vision_tower` (GLaMM's layout; with
+    transformers 5 the HF module tree has no `vision_model` level). Never saved: load CLIP with
+    `CLIPVisionModel.from_pretrained(local_dir)` into `.vision_tower`.
 
     Args:
         vision_config: kwargs of `transformers.CLIPVisionConfig` (`LegionConfig.vision_config`).
