@@ -220,6 +220,10 @@ def test_tiny_model_fixture_loads_like_a_real_checkpoint(tiny_model):
     assert model.config.seg_token_idx == tokenizer.convert_tokens_to_ids(conv.SEG)
     assert model.config.vocab_size == len(tokenizer)
     assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    # loading keeps the model's own frozen/trainable flags
+    assert not any(p.requires_grad for p in model.model.mm_projector.parameters())
+    assert not any(p.requires_grad for p in model.model.grounding_encoder.image_encoder.parameters())
+    assert model.lm_head.weight.requires_grad and model.model.text_hidden_fcs[0][0].weight.requires_grad
     clip = torch.randn(2, 3, 64, 64)
     assert model.encode_images(clip).shape == (2, model.config.num_image_tokens, model.config.hidden_size)
     emb = model.sam_image_embeddings(torch.randn(1, 3, 128, 128))

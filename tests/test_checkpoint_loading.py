@@ -218,3 +218,32 @@ def test_missing_weights_and_dirs_fail_clearly(tiny_model_dir, tmp_path):
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights"):
         load_model(ckpt, verbose=False)
+
+
+def test_config_without_vocab_size_takes_it_from_the_weights(glamm_checkpoint, tmp_path):
+    ckpt, clip_dir, _ = glamm_checkpoint
+    copy = tmp_path / "novocab"
+    shutil.copytree(ckpt, copy)
+    config = json.loads((copy / "config.json").read_text())
+    del config["vocab_size"]  # not visible on the GranD-Pretrained model page (spec §13.3)
+    (copy / "config.json").write_text(json.dumps(config))
+    model, _, report = load_model(copy, vision_tower=clip_dir, verbose=False)
+    assert report.ok and model.config.vocab_size == 32007 and model.lm_head.weight.shape[0] == 32007
+
+
+def test_sharded_safetensors_with_index(tiny_model_dir, tmp_path):
+    ckpt = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, ckpt)
+    state = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors").unlink()
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, str(ckpt / name))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}))
+    model, _, report = load_model(ckpt, verbose=False)
+    assert report.ok and len(report.weight_files) == 2
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in keys)
