@@ -6,7 +6,8 @@
   legion eval compare runs/x runs/y --with-paper [--format md|csv|json] [--out table.md]
 
 Each evaluation writes DIR/metrics.json (values 0-100, `overall` plus breakdowns, the protocol
-choices), DIR/per_image.jsonl, DIR/table.{md,csv,json} and, for localization, PNG plots.
+choices), DIR/per_image.jsonl (per-image counts and values on a 0-1 scale),
+DIR/table.{md,csv,json} and, for localization, PNG plots.
 Images without a prediction are scored as empty predictions and counted in num_missing.
 """
 

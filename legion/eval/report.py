@@ -270,7 +270,7 @@ def plot_category_bars(metrics: dict, out_png: str | os.PathLike,
     ax.set_ylim(0, 100)
     ax.set_ylabel("score (0-100)")
     ax.set_title(f"{metrics.get('dataset') or ''} localization by category".strip())
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=120)
