@@ -247,3 +247,28 @@ def test_sharded_safetensors_with_index(tiny_model_dir, tmp_path):
     assert report.ok and len(report.weight_files) == 2
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in keys)
+
+
+GCG_EXTRA_FIELDS = {  # written by GLaMM's classes (GLaMM-GCG / -RefSeg, spec §13.3)
+    "architectures": ["GLaMMForCausalLM"], "freeze_mlp_adapter": True, "image_aspect": "square",
+    "image_grid_points": None, "mm_use_image_start_end": True, "mm_vision_module": CLIP_HUB_NAME,
+    "num_reg_features": 4, "select_feature_type": "patch", "with_region": True, "vision_module": CLIP_HUB_NAME,
+    "use_image_patch_token": False, "tune_mlp_adapter": False,
+    "_name_or_path": "./trained_checkpoints/exp1_grand_pretrain_v15_gs4488_ckpt_25000_hf",
+}
+LEGION_LE_EXTRA_FIELDS = {**GCG_EXTRA_FIELDS, "architectures": ["LegionForCausalLM"], "use_cache": False}
+
+
+@pytest.mark.parametrize("extra", [GCG_EXTRA_FIELDS, LEGION_LE_EXTRA_FIELDS], ids=["glamm_gcg", "legion_le"])
+def test_other_config_flavours_load(glamm_checkpoint, tmp_path, extra):
+    ckpt, clip_dir, source = glamm_checkpoint
+    flavour = tmp_path / "flavour"
+    flavour.mkdir()
+    for f in ckpt.iterdir():  # share the weights and tokenizer, rewrite only config.json
+        if f.name != "config.json":
+            (flavour / f.name).symlink_to(f)
+    config = {**json.loads((ckpt / "config.json").read_text()), **extra}
+    (flavour / "config.json").write_text(json.dumps(config))
+    model, _, report = load_model(flavour, vision_tower=clip_dir, verbose=False)
+    assert report.ok and model.config.seg_token_idx == 32004 and model.config.mm_use_im_start_end
+    assert torch.equal(model.lm_head.weight, source.lm_head.weight.to(torch.bfloat16).float())
