@@ -14,6 +14,32 @@ from legion.eval.ground_truth import GroundTruthItem
 ])
 def test_rouge_worked_examples(reference, prediction, expected):
     assert rouge_l(reference, prediction) == pytest.approx(expected, abs=1e-6)
+    assert rouge_l(reference, prediction, exact=True) == pytest.approx(expected, abs=1e-6)
+
+
+def test_fast_rouge_equals_rouge_score_exactly(synthscars_sample_path):
+    """The bit-parallel LCS path gives rouge-score's numbers bit for bit (real captions, shuffled
+    pairs, truncations, punctuation / unicode / repeated-word texts)."""
+    import json
+    import random
+
+    captions = [next(iter(r.values()))["caption"] for r in json.loads(synthscars_sample_path.read_text())]
+    rng = random.Random(0)
+    pairs = [(c, captions[rng.randrange(len(captions))]) for c in captions[:40]]
+    pairs += [(c, " ".join(c.split()[: rng.randrange(1, 40)])) for c in captions[40:70]]
+    words = ["the", "cat", "cats", "sitting", "sits", "ear", "ears", "is", "a", "man's", "hand", "running", "ÉTÉ", "—", "x2"]
+    pairs += [(" ".join(rng.choices(words, k=rng.randrange(1, 30))), " ".join(rng.choices(words, k=rng.randrange(1, 30))))
+              for _ in range(100)]
+    pairs += [("!!! ...", "the cat"), ("a a a a", "a"), ("Ünïcode only", "unicode")]
+    for ref, pred in pairs:
+        for stem in (True, False):
+            assert rouge_l(ref, pred, use_stemmer=stem) == rouge_l(ref, pred, use_stemmer=stem, exact=True), (ref, pred)
+
+
+def test_lcs_length_small_cases():
+    from legion.eval.explanation import lcs_length
+    assert lcs_length("abcbdab", "bdcaba") == 4
+    assert lcs_length("aaaa", "aa") == 2 and lcs_length("", "abc") == 0 and lcs_length("abc", "xyz") == 0
 
 
 def test_rouge_without_stemming_and_argument_order():

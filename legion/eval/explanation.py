@@ -44,11 +44,61 @@ def _rouge_scorer(use_stemmer: bool = True):
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
 
 
-def rouge_l(reference: str, prediction: str, use_stemmer: bool = True) -> float:
-    """ROUGE-L F-measure in [0, 1]; 0 when either text is empty."""
+class _CachedPorterStemmer:
+    """The stemmer rouge-score's DefaultTokenizer uses (nltk PorterStemmer, default mode), memoised:
+    stemming is half of rouge-score's run time and captions repeat the same words."""
+
+    def __init__(self):
+        from nltk.stem import porter
+
+        self.stem = lru_cache(maxsize=None)(porter.PorterStemmer().stem)
+
+
+@lru_cache(maxsize=1)
+def _stemmer() -> _CachedPorterStemmer:
+    return _CachedPorterStemmer()
+
+
+@lru_cache(maxsize=8192)
+def rouge_tokens(text: str, use_stemmer: bool = True) -> tuple[str, ...]:
+    """rouge-score's tokenization: lowercase, non-[a-z0-9] -> space, split, Porter stem (> 3 chars)."""
+    from rouge_score import tokenize
+
+    return tuple(tokenize.tokenize(text, _stemmer() if use_stemmer else None))
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token sequences, bit-parallel
+    (Hyyrö 2004: one big-integer step per token of ``b``; same value as rouge-score's DP table)."""
+    if not a or not b:
+        return 0
+    match: dict[str, int] = {}
+    for i, token in enumerate(a):
+        match[token] = match.get(token, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for token in b:
+        u = v & match.get(token, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+def rouge_l(reference: str, prediction: str, use_stemmer: bool = True, exact: bool = False) -> float:
+    """ROUGE-L F-measure in [0, 1] as ``RougeScorer(['rougeL'], use_stemmer).score(reference,
+    prediction)['rougeL'].fmeasure``; 0 when either text is empty.
+
+    By default computed with rouge-score's own tokenizer and a bit-parallel LCS (the same numbers,
+    ~50x faster on caption-length texts; tests check equality); ``exact=True`` calls rouge-score."""
     if not reference or not reference.strip() or not prediction or not prediction.strip():
         return 0.0
-    return float(_rouge_scorer(use_stemmer).score(reference, prediction)["rougeL"].fmeasure)
+    if exact:
+        return float(_rouge_scorer(use_stemmer).score(reference, prediction)["rougeL"].fmeasure)
+    target, pred = rouge_tokens(reference, use_stemmer), rouge_tokens(prediction, use_stemmer)
+    if not target or not pred:
+        return 0.0
+    lcs = lcs_length(target, pred)
+    precision, recall = lcs / len(pred), lcs / len(target)
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
 def default_css_model_path() -> str:
