@@ -525,10 +525,18 @@ class SynthScarsDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict | SkippedSample:
         item = self.items[index]
         try:
-            image = read_image(item.image_path, self.max_pixels)
+            return self._load(item)
         except ImageReadError as err:
             log.warning("record %s: image unusable, sample skipped: %s", item.record.id, err)
             return SkippedSample(item.record.id, str(item.image_path), err.reason)
+        except (AssertionError, KeyboardInterrupt):
+            raise  # broken invariants and Ctrl-C must stop the run
+        except Exception as err:  # noqa: BLE001 - one bad sample must not end a long run
+            log.exception("record %s: sample skipped after an unexpected error", item.record.id)
+            return SkippedSample(item.record.id, str(item.image_path), f"error:{type(err).__name__}")
+
+    def _load(self, item: _Item) -> dict | SkippedSample:
+        image = read_image(item.image_path, self.max_pixels)
         height, width = image.shape[:2]
         if max(polygons_outside(r.polygons, height, width) for r in item.refs) > 0:
             return SkippedSample(item.record.id, str(item.image_path), "polygon_outside_image")

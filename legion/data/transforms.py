@@ -47,10 +47,9 @@ def clip_preprocess(image: np.ndarray, size: int = 336, mean=CLIP_MEAN, std=CLIP
         dst_top, dst_left = max(-top, 0), max(-left, 0)
         h, w = min(crop, new_h - src_top), min(crop, new_w - src_left)
         cropped[dst_top: dst_top + h, dst_left: dst_left + w] = resized[src_top: src_top + h, src_left: src_left + w]
-    pixels = torch.from_numpy(np.array(cropped)).permute(2, 0, 1).float() / 255.0
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (pixels - mean_t) / std_t
+    pixels = torch.from_numpy(np.array(cropped)).permute(2, 0, 1).float().div_(255.0)
+    pixels.sub_(torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
+    return pixels.div_(torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
 
 
 def resize_longest_side_size(height: int, width: int, longest_side: int) -> tuple[int, int]:
@@ -74,8 +73,10 @@ def sam_preprocess(image: np.ndarray, longest_side: int = 1024, pad_to: int = 10
         resized = image
     else:
         resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
-    pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float()
-    pixels = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    # In place on the padded buffer (no temporaries): same arithmetic as (x - mean) / std.
     out = torch.zeros(3, pad_to, pad_to, dtype=torch.float32)
-    out[:, :new_h, :new_w] = pixels
+    window = out[:, :new_h, :new_w]
+    window.copy_(torch.from_numpy(np.array(resized)).permute(2, 0, 1))
+    window.sub_(torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
+    window.div_(torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
     return out, (new_h, new_w)
