@@ -103,6 +103,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baseline-images", type=int, default=100, help="images the naive baseline runs on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here "
+                        "(e.g. benchmarks/results/bench_eval.json)")
     parser.add_argument("--rouge-pairs", type=int, default=1000, help="also time ROUGE-L on this many pairs (0: skip)")
     args = parser.parse_args()
 
@@ -138,12 +140,20 @@ def main() -> int:
                 return 1
         print(f"check: fast == naive on {n_base} images (mIoU {so['miou']:.4f}, F1 {so['f1']:.4f})")
         print(f"speed-up vs naive: {base_est / fast_s:.1f}x; target < 30 s: {'PASS' if fast_s < 30 else 'FAIL'}")
+    results = {"images": args.images, "size": args.size, "workers": args.workers, "cpus": os.cpu_count(),
+               "load_average_1min": os.getloadavg()[0], "fast_s": round(fast_s, 3),
+               "naive_s_per_image": round(base_s / n_base, 4), "naive_images": n_base,
+               "naive_estimated_s": round(base_est, 1), "speedup": round(base_est / fast_s, 1)}
     if args.rouge_pairs:
-        bench_rouge(args.rouge_pairs, args.seed)
+        results["rouge"] = bench_rouge(args.rouge_pairs, args.seed)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
-def bench_rouge(n: int, seed: int) -> None:
+def bench_rouge(n: int, seed: int) -> dict:
     """ROUGE-L of n caption-length pairs: our path vs calling rouge-score (on n // 10 pairs)."""
     import random
 
@@ -165,6 +175,8 @@ def bench_rouge(n: int, seed: int) -> None:
     same = fast[:m] == exact
     print(f"rouge-L: {fast_s:.2f} s for {n} pairs; rouge-score {exact_s:.2f} s for {m} -> {exact_s / m * n:.1f} s "
           f"estimated ({exact_s / m * n / fast_s:.0f}x); identical: {same}")
+    return {"pairs": n, "fast_s": round(fast_s, 3), "rouge_score_estimated_s": round(exact_s / m * n, 2),
+            "identical": same}
 
 
 if __name__ == "__main__":
