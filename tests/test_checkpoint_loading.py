@@ -272,3 +272,12 @@ def test_other_config_flavours_load(glamm_checkpoint, tmp_path, extra):
     model, _, report = load_model(flavour, vision_tower=clip_dir, verbose=False)
     assert report.ok and model.config.seg_token_idx == 32004 and model.config.mm_use_im_start_end
     assert torch.equal(model.lm_head.weight, source.lm_head.weight.to(torch.bfloat16).float())
+
+
+def test_inspect_stored_keys_of_bin_shards(glamm_checkpoint):
+    from legion.model.inspect import stored_key_lines
+
+    ckpt, _, source = glamm_checkpoint
+    stored = dict(line.split("\t") for line in stored_key_lines(ckpt))
+    expected = {k: str(list(v.shape)) for k, v in source.state_dict().items()}
+    assert {k: v for k, v in stored.items() if "inv_freq" not in k} == expected

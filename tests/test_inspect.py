@@ -59,3 +59,11 @@ def test_inspect_table_output(tiny_model_dir, capsys):
     assert "model.grounding_encoder.mask_decoder" in out and "trainable" in out and "64 image tokens" in out
     assert main(["inspect", "no_such_preset_or_dir"]) == 2
     assert "neither a preset" in capsys.readouterr().out
+
+
+def test_inspect_stored_keys_equal_config_keys(tiny_model_dir, capsys):
+    assert main(["inspect", str(tiny_model_dir), "--keys", "--stored"]) == 0
+    stored = _parse(capsys.readouterr().out.strip().splitlines())
+    assert main(["inspect", str(tiny_model_dir), "--keys"]) == 0
+    assert stored == _parse(capsys.readouterr().out.strip().splitlines())
+    assert main(["inspect", "tiny", "--stored"]) == 2

@@ -3,6 +3,8 @@
     legion inspect legion_7b            # per-module counts, trainable/frozen under the default training rule
     legion inspect tiny --keys          # every checkpoint key and shape: "key<TAB>[d0, d1, ...]"
     legion inspect path/to/checkpoint   # sizes from its config.json (ours, GLaMM's or LEGION's)
+    legion inspect path/to/checkpoint --keys --stored   # keys actually stored in its weight files,
+                                                        # renamed to ours (diff against a preset's)
 
 The model is built on the meta device from the config only, so the 7B model is listed in seconds.
 CLIP keys are not listed with --keys: no LEGION/GLaMM checkpoint contains them (spec/model.md §4.1).
@@ -87,15 +89,49 @@ def key_lines(model: nn.Module) -> list[str]:
     return [f"{key}\t[{', '.join(str(d) for d in tensor.shape)}]" for key, tensor in model.state_dict().items()]
 
 
+def stored_key_lines(checkpoint_dir: str | Path) -> list[str]:
+    """`key<TAB>[shape]` of the tensors in a checkpoint's weight files, keys in our spelling (remapped)."""
+    import torch
+
+    from legion.model.builders import find_weight_files
+    from legion.model.checkpoint_keys import remap_key
+
+    lines = []
+    for f in find_weight_files(Path(checkpoint_dir)):
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt") as fh:
+                shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        else:
+            state = torch.load(str(f), map_location="meta", weights_only=True)
+            shapes = {k: list(v.shape) for k, v in state.items()}
+        lines += [f"{remap_key(k)}\t[{', '.join(str(d) for d in shape)}]" for k, shape in shapes.items()]
+    return lines
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="PRESET_OR_DIR",
                         help="a preset (tiny, legion_7b) or a checkpoint directory with config.json")
     parser.add_argument("--keys", action="store_true",
                         help="print every state-dict key and shape, one per line: key<TAB>[d0, d1, ...]")
+    parser.add_argument("--stored", action="store_true",
+                        help="with --keys and a directory: list the tensors stored in its weight files "
+                             "(renamed to our key names) instead of those its config.json implies")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank for the trainable count (default 8)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.stored:
+        if not (args.keys and Path(args.target).is_dir()):
+            print("error: --stored needs --keys and a checkpoint directory")
+            return 2
+        try:
+            print("\n".join(stored_key_lines(args.target)))
+        except FileNotFoundError as err:
+            print(f"error: {err}")
+            return 2
+        return 0
     try:
         model = build_meta_model(args.target)
     except (ValueError, FileNotFoundError) as err:
