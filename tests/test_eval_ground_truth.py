@@ -109,8 +109,9 @@ def test_toyscars_perfect_predictions_score_100_with_breakdowns(toy_data_dir):
         h, w = item.size
         masks = [mask_to_rle(rasterize_polygons(p, h, w)) for p in item.phrase_polygons]
         preds.append({"image": name, "verdict": "fake", "masks": masks, "union_mask": item.mask_rle((h, w)),
-                      "explanation": item.reference_text})
-    m = evaluate_localization(preds, gt, mask_pairing="ordered").metrics
+                      "phrases": list(item.phrase_texts), "explanation": item.reference_text})
+    m = evaluate_localization(preds, gt).metrics
+    assert m["protocol"]["images_scored_per_mask"] == sum(bool(i.phrase_texts) for i in gt.values()) > 0
     assert m["overall"]["f1"] == pytest.approx(100.0) and m["overall"]["miou"] == pytest.approx(100.0, abs=1e-4)
     assert m["overall"]["giou"] == pytest.approx(100.0, abs=1e-3)
     assert m["by_content_type"] and m["by_artifact_category"]

@@ -144,18 +144,32 @@ def test_breakdowns_by_content_type_and_category():
     assert m["by_artifact_category"]["Physics"]["num_images"] == 1
 
 
-def test_ordered_pairing_uses_per_phrase_ground_truth():
-    # two GT artifacts given as polygons; predictions hit the first exactly and miss the second
+def test_mask_pairing_per_phrase_ground_truth():
+    # two GT artifacts given as polygons; the prediction hits "left ear" exactly and misses "tail"
     polys = [[[0, 0, 50, 0, 50, 10, 0, 10]], [[60, 60, 80, 60, 80, 80, 60, 80]]]
-    item = GroundTruthItem("p.png", size=(100, 100), phrase_polygons=polys)
+    item = GroundTruthItem("p.png", size=(100, 100), phrase_polygons=polys, phrase_texts=["Left ear", "tail"])
     g0 = polygons_to_rle(polys[0], 100, 100)
-    pred = {"image": "p.png", "verdict": "fake", "masks": [g0, mask_to_rle(EMPTY)]}
-    ordered = evaluate_localization([pred], {"p.png": item}, mask_pairing="ordered").metrics
-    union = evaluate_localization([pred], {"p.png": item}, mask_pairing="union").metrics
-    assert ordered["protocol"]["images_scored_per_mask"] == 1 and ordered["overall"]["num_masks"] == 2
-    assert ordered["overall"]["giou"] == pytest.approx(50.0, abs=1e-3)   # mean(1, 0)
-    assert union["overall"]["num_masks"] == 1
-    assert union["overall"]["giou"] < 100 and union["overall"]["giou"] > 0
+    miss = mask_to_rle(rows(90, 100))
+    in_order = {"image": "p.png", "verdict": "fake", "phrases": ["left  EAR", "tail"], "masks": [g0, miss]}
+    swapped = {"image": "p.png", "verdict": "fake", "phrases": ["tail", "left ear"], "masks": [miss, g0]}
+    free_text = {"image": "p.png", "verdict": "fake", "phrases": ["the ear", "tail"], "masks": [g0, miss]}
+
+    def run(pred, pairing):
+        return evaluate_localization([pred], {"p.png": item}, mask_pairing=pairing).metrics
+
+    for pred in (in_order, swapped):      # auto pairs by phrase text, whatever the order
+        m = run(pred, "auto")
+        assert m["protocol"]["images_scored_per_mask"] == 1 and m["overall"]["num_masks"] == 2
+        assert m["overall"]["giou"] == pytest.approx(50.0, abs=1e-3)      # mean(1, 0)
+        assert m["overall"]["ciou"] == pytest.approx(100 * 500 / (500 + 400 + 1000), abs=1e-6)
+    # ordered pairs by position: the swapped prediction then scores 0 on both masks
+    assert run(swapped, "ordered")["overall"]["giou"] == pytest.approx(0.0)
+    # phrases that are not GT sentences: auto falls back to the union
+    for m in (run(free_text, "auto"), run(in_order, "union")):
+        assert m["protocol"]["images_scored_per_mask"] == 0 and m["overall"]["num_masks"] == 1
+        assert 0 < m["overall"]["giou"] < 100
+    with pytest.raises(ValueError, match="mask_pairing"):
+        run(in_order, "hungarian")
 
 
 def test_polygons_to_rle_clips_and_skips_degenerate():

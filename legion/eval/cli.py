@@ -36,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="foreground IoU / F1 of an image whose prediction and GT are both empty: artiagent = "
                           "IoU 1, F1 0 (default); one; zero; skip = leave such images out of the fg means. "
                           "The LEGION mIoU/F1 are unaffected. Recorded in metrics.json.")
-    loc.add_argument("--mask-pairing", default="union", choices=["union", "ordered"],
-                     help="gIoU/cIoU unit: union = one mask per image (default); ordered = predicted mask k vs "
-                          "GT artifact k when the counts agree (teacher-forced predictions)")
+    loc.add_argument("--mask-pairing", default="auto", choices=["auto", "ordered", "union"],
+                     help="gIoU/cIoU unit: auto (default) = per mask where an image's predicted phrases are its GT "
+                          "ref sentences (paired by phrase), else the image's union; ordered = predicted mask k vs "
+                          "GT artifact k when the counts agree; union = one mask per image. Recorded in metrics.json.")
     loc.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                      help="processes for scoring (default: min(2, CPUs))")
     loc.add_argument("--table-metrics", default="miou,f1",

@@ -47,6 +47,7 @@ class GroundTruthItem:
     reference_text: str | None = None
     content_type: str | None = None
     artifact_category: str | list[str] | None = None
+    phrase_texts: list[str] | None = None    # SynthScars ref sentences, parallel to phrase_polygons
     boxes: list[list[float]] | None = None   # LOKI [x, y, w, h] regions, drawn at the image size
     boxes_skip_degenerate: bool = False
     _phrase_rles: list[dict] | None = field(default=None, repr=False)
@@ -154,10 +155,11 @@ def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str |
         if item is None:
             path = _safe_image_path(image_dir, name)
             size = image_size(path) if path is not None else None
-            item = items[name] = GroundTruthItem(name=name, size=size, phrase_polygons=[],
+            item = items[name] = GroundTruthItem(name=name, size=size, phrase_polygons=[], phrase_texts=[],
                                                  reference_text=_normalise_space(rec.caption),
                                                  content_type=getattr(rec, "content_type", None))
         item.phrase_polygons.extend([list(map(list, ref.polygons)) for ref in rec.refs])
+        item.phrase_texts.extend([ref.sentence for ref in rec.refs])
         # categories: the record's and its refs' (ToyScars carries them; the SynthScars release does not)
         found = {c for c in [getattr(rec, "artifact_category", None)]
                  + [getattr(ref, "artifact_category", None) for ref in rec.refs] if c}

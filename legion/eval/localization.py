@@ -12,11 +12,15 @@ Protocols (all reported ×100):
     and cumulative over the dataset (``global_fg_iou``, ``global_fg_f1``). What an image with
     both masks empty scores is an explicit convention (``FG_BOTH_EMPTY``), recorded in the output.
   * gIoU / cIoU (LISA / GLaMM): IoU_m = I_m / (U_m + 1e-5), 1.0 when U_m = 0; gIoU = mean over
-    masks, cIoU = ΣI / ΣU. A "mask" is, by default, an image's predicted union vs its GT union
-    (``mask_pairing="union"``: free-running predictions have no link between predicted and GT
-    phrases). ``mask_pairing="ordered"`` pairs predicted mask k with GT artifact k when both
-    lists have the same length (teacher-forced predictions), and falls back to the union otherwise;
-    the number of images scored each way is recorded.
+    masks, cIoU = ΣI / ΣU. LISA scores each predicted mask against *its own* GT mask, which needs
+    to know which GT artifact a predicted mask is for. ``mask_pairing`` says how:
+      - "auto" (default): per mask when the image's predicted phrases are exactly its GT ref
+        sentences (case/space-insensitive, e.g. teacher-forced predictions), paired by phrase;
+        otherwise the image's predicted union vs its GT union (free-running output has no link
+        between predicted and GT phrases);
+      - "ordered": predicted mask k vs GT artifact k when the counts agree, else the union;
+      - "union": always one union mask per image.
+    The number of images scored per mask is recorded (``images_scored_per_mask``).
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ def _json_float(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def score_image(gt: GroundTruthItem, record: Mapping | None, mask_pairing: str = "union") -> ImageScore:
+def score_image(gt: GroundTruthItem, record: Mapping | None, mask_pairing: str = "auto") -> ImageScore:
     """Counts of one image from RLEs (no dense decoding)."""
     fallback = None
     if record is not None and record.get("height") and record.get("width"):
@@ -187,20 +191,51 @@ def score_image(gt: GroundTruthItem, record: Mapping | None, mask_pairing: str =
                        error=record is not None and record.get("verdict") == "error",
                        mask_pairs=[(tp, tp + fp + fn)],
                        content_type=gt.content_type, artifact_category=gt.artifact_category)
-    if mask_pairing == "ordered" and pred is not None:
-        pred_masks = record.get("masks") or []
-        gt_masks = gt.phrase_rles(size)
-        if gt_masks is not None and len(pred_masks) == len(gt_masks) > 0:
+    if mask_pairing not in MASK_PAIRINGS:
+        raise ValueError(f"mask_pairing must be one of {MASK_PAIRINGS}, got {mask_pairing!r}")
+    if mask_pairing != "union" and pred is not None:
+        order = _pair_order(gt, record, mask_pairing)
+        if order is not None:
+            pred_masks, gt_masks = record["masks"], gt.phrase_rles(size)
             pairs = []
-            for pm, gm in zip(pred_masks, gt_masks):
+            for k, j in enumerate(order):
+                pm, gm = pred_masks[k], gt_masks[j]
                 if rle_size(pm) != tuple(size):
                     raise ValueError(f"{gt.name}: predicted mask size {list(rle_size(pm))} != image size {list(size)}")
                 inter = rle_intersection_area(pm, gm)
                 pairs.append((inter, rle_area(pm) + rle_area(gm) - inter))
-            score.mask_pairs, score.pairing = pairs, "ordered"
-    elif mask_pairing not in ("union", "ordered"):
-        raise ValueError(f"mask_pairing must be 'union' or 'ordered', got {mask_pairing!r}")
+            score.mask_pairs, score.pairing = pairs, "per_mask"
     return score
+
+
+MASK_PAIRINGS = ("auto", "ordered", "union")
+
+
+def _norm_phrase(text) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def _pair_order(gt: GroundTruthItem, record: Mapping, mask_pairing: str) -> list[int] | None:
+    """For predicted mask k, the index of its GT artifact; None = score the image as a union."""
+    pred_masks = record.get("masks") or []
+    n = len(pred_masks)
+    if gt.phrase_polygons is None or n == 0 or n != len(gt.phrase_polygons):
+        return None
+    if mask_pairing == "ordered":
+        return list(range(n))
+    phrases, sentences = record.get("phrases") or [], gt.phrase_texts or []
+    if len(phrases) != n or len(sentences) != n:
+        return None
+    free: dict[str, list[int]] = {}
+    for j, sentence in enumerate(sentences):
+        free.setdefault(_norm_phrase(sentence), []).append(j)
+    order = []
+    for phrase in phrases:
+        slots = free.get(_norm_phrase(phrase))
+        if not slots:
+            return None
+        order.append(slots.pop(0))
+    return order
 
 
 def _score_star(args):
@@ -271,7 +306,7 @@ class LocalizationResult:
 
 
 def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[str, GroundTruthItem],
-                          both_empty: str = "artiagent", mask_pairing: str = "union", workers: int = 1,
+                          both_empty: str = "artiagent", mask_pairing: str = "auto", workers: int = 1,
                           dataset: str | None = None, progress: bool = False) -> LocalizationResult:
     """Score ``predictions`` (prediction records) against ``ground_truth`` ({name: item}).
 
@@ -291,10 +326,12 @@ def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[
             "fg_both_empty_values": {"fg_iou": _json_float(FG_BOTH_EMPTY[both_empty][0]),
                                      "fg_f1": _json_float(FG_BOTH_EMPTY[both_empty][1])},
             "legion": "per-image mean of mIoU=(IoU_bg+IoU_fg)/2 (+1e-6) and pixel F1 (both empty = 1)",
-            "giou_ciou_unit": ("per mask (predicted k vs GT artifact k when counts agree, else image union)"
-                               if mask_pairing == "ordered" else "per image union mask"),
+            "giou_ciou_unit": {
+                "auto": "per mask where predicted phrases = GT ref sentences (paired by phrase), else per image union",
+                "ordered": "per mask (predicted k vs GT artifact k) where the counts agree, else per image union",
+                "union": "per image union mask"}[mask_pairing],
             "mask_pairing": mask_pairing,
-            "images_scored_per_mask": sum(s.pairing == "ordered" for s in scores),
+            "images_scored_per_mask": sum(s.pairing == "per_mask" for s in scores),
             "scale": "0-100",
         },
         "overall": summarize(scores, both_empty),
