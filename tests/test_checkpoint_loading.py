@@ -188,17 +188,20 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tiny_model_dir, tmp_path):
 def test_missing_and_unexpected_keys_are_reported(tiny_model_dir, tmp_path, capsys):
     def edit(state):
         del state["model.layers.0.mlp.up_proj.weight"]
+        del state["model.layers.1.input_layernorm.weight"]
         state["model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(8, 64)  # unmerged LoRA
         return state
 
     ckpt = _copy_with_state(tiny_model_dir, tmp_path / "edited", edit)
-    with pytest.raises(CheckpointError, match="1 missing and 1 unexpected"):
+    with pytest.raises(CheckpointError, match="2 missing and 1 unexpected"):
         load_model(ckpt)
     printed = capsys.readouterr().out
     assert "model.layers.0.mlp.up_proj.weight" in printed and "lora_A" in printed
     model, _, report = load_model(ckpt, strict=False, verbose=False)
-    assert report.missing == ["model.layers.0.mlp.up_proj.weight"]
+    assert report.missing == ["model.layers.0.mlp.up_proj.weight", "model.layers.1.input_layernorm.weight"]
     assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(model.model.layers[1].input_layernorm.weight, torch.ones(64))  # fresh init, not zeros
+    assert model.model.layers[0].mlp.up_proj.weight.abs().sum() > 0
 
 
 def test_missing_region_encoder_is_benign(tiny_model_dir, tmp_path):

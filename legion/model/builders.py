@@ -393,7 +393,9 @@ def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
 
 @torch.no_grad()
 def _materialize_meta(model: nn.Module) -> None:
-    """Give parameters nobody loaded real storage: module init where it exists, else zeros."""
+    """Give parameters nobody loaded real storage and a fresh init: the module's own
+    `reset_parameters` where it has one, else the HF init (RMSNorm -> ones), else zeros (SAM's init
+    of its position embeddings)."""
     for module in model.modules():
         meta = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
         if not meta:
@@ -403,6 +405,8 @@ def _materialize_meta(model: nn.Module) -> None:
             setattr(module, name, nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=p.requires_grad))
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
+        else:
+            model._init_weights(module)
 
 
 # --- CLI: legion make-tiny -------------------------------------------------------------------
