@@ -1,0 +1,543 @@
+"""Localization + explanation training (LEGION loc/exp stage): DeepSpeed + LoRA, resumable.
+
+    legion train --config configs/tiny/train_loc_exp.yaml [key=value ...]
+    deepspeed --num_gpus 8 --module legion.cli train --config configs/legion_7b/train_loc_exp.yaml
+    torchrun --nproc_per_node 2 -m legion.cli train --config configs/tiny/train_loc_exp.yaml
+
+One code path for 1 CPU process, several CPU processes (gloo) and N GPUs / nodes (nccl): plain
+`python` sets the torch.distributed environment itself when no launcher did.
+
+The config gives the GLOBAL batch; the recipe derives micro-batch x gradient accumulation from the
+world size. Epochs are real passes over the training records (minus a held-out validation slice);
+the LR schedule is sized from the steps actually run unless `schedule.total_steps` says otherwise
+(the reference-faithful preset: max_steps 703, total_steps 2109; spec/reference_pitfalls.md A1-A3).
+
+Outputs in `output_dir`: config.yaml (resolved), ds_config.json, run_info.json, log.jsonl,
+checkpoints/ (DeepSpeed tags + `latest`), and with `export.merged_model` a merged HF model
+directory `final_model/` that `legion infer` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from legion.config import ConfigError, describe_schema, load_config, save_resolved_config, to_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------------------- schema
+@dataclass
+class ModelSection:
+    path: Optional[str] = field(default=None, metadata={"help": "checkpoint dir (GLaMM-GranD-Pretrained or legion make-tiny)"})
+    vision_tower: Optional[str] = field(default=None, metadata={"help": "local CLIP dir (default: from config.json)"})
+    sam_checkpoint: Optional[str] = field(default=None, metadata={"help": "SAM weights for keys the checkpoint lacks"})
+    precision: str = field(default="bf16", metadata={"help": "bf16 | fp32 (model dtype and DeepSpeed bf16)"})
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+
+
+@dataclass
+class TrainableSection:
+    # reference rule (spec/model.md §10.1) minus the unused region encoder
+    name_contains: list = field(default_factory=lambda: ["lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs"])
+
+
+@dataclass
+class LossSection:
+    ce_weight: float = 1.0
+    bce_weight: float = 0.4
+    dice_weight: float = 0.2
+
+
+@dataclass
+class DataSection:
+    root: Optional[str] = field(default=None, metadata={"help": "SynthScars-layout root (train/images, train/annotations)"})
+    split: str = "train"
+    annotation_path: Optional[str] = None
+    sam_input_size: int = 512
+    max_length: int = 1536
+    num_workers: int = 2
+    val_size: int = field(default=200, metadata={"help": "records held out from train for validation (0 = none)"})
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    warmup_min_lr: float = 0.0
+
+
+@dataclass
+class ScheduleSection:
+    global_batch_size: int = field(default=16, metadata={"help": "samples per optimizer step, all ranks together"})
+    micro_batch_size: Optional[int] = field(default=None, metadata={"help": "per device (default: global/world)"})
+    epochs: int = 1
+    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many steps (default: epochs)"})
+    total_steps: Optional[int] = field(default=None, metadata={"help": "LR schedule length (default: steps run)"})
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 200
+    keep_last: int = 2
+    resume: str = field(default="auto", metadata={"help": "auto | none | <checkpoint tag>"})
+    exclude_frozen: bool = False
+
+
+@dataclass
+class ValidationSection:
+    every_steps: int = 100
+    batch_size: int = 1
+
+
+@dataclass
+class LoggingSection:
+    every_steps: int = 1
+    tensorboard: bool = False
+    wandb_project: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class DeepSpeedSection:
+    config_file: str = field(default="configs/deepspeed/zero2_bf16.json",
+                             metadata={"help": "ZeRO settings; batch, optimizer, schedule are filled in here"})
+
+
+@dataclass
+class CacheSection:
+    enabled: bool = field(default=False, metadata={"help": "cache frozen CLIP/SAM outputs on disk"})
+    dir: Optional[str] = field(default=None, metadata={"help": "default: <output_dir>/encoder_cache"})
+
+
+@dataclass
+class ExportSection:
+    merged_model: bool = field(default=True, metadata={"help": "write <output_dir>/final_model (LoRA merged)"})
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/loc_exp"
+    seed: int = 42
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    trainable: TrainableSection = field(default_factory=TrainableSection)
+    loss: LossSection = field(default_factory=LossSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    encoder_cache: CacheSection = field(default_factory=CacheSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+
+# ------------------------------------------------------------------------------ distributed setup
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Launchers set RANK/WORLD_SIZE/...; plain python gets a 1-process group."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # no launcher: DeepSpeed would otherwise try MPI discovery
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+# ---------------------------------------------------------------------------------- batch sizes
+@dataclass
+class BatchPlan:
+    world_size: int
+    global_batch: int
+    per_device: int
+    micro_batch: int
+    grad_accum: int
+
+
+def plan_batches(global_batch: int, world_size: int, micro_batch: int | None = None) -> BatchPlan:
+    """global = world x micro x accumulation; errors say which number to change."""
+    if global_batch % world_size:
+        raise ConfigError(f"schedule.global_batch_size={global_batch} is not divisible by the world size "
+                          f"{world_size}; use a multiple of {world_size}")
+    per_device = global_batch // world_size
+    micro = micro_batch or per_device
+    if per_device % micro:
+        raise ConfigError(f"schedule.micro_batch_size={micro} does not divide the per-device batch {per_device} "
+                          f"(= global {global_batch} / {world_size} ranks)")
+    return BatchPlan(world_size, global_batch, per_device, micro, per_device // micro)
+
+
+def steps_per_epoch(num_records: int, plan: BatchPlan) -> int:
+    """Optimizer steps per pass; every rank runs the same number (the smallest share decides;
+    at most global_batch - 1 records of an epoch are left out, a different set each epoch)."""
+    return (num_records // plan.world_size) // plan.per_device
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, schedule_total_steps: int) -> dict:
+    path = Path(cfg.deepspeed.config_file)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file not found: {cfg.deepspeed.config_file}")
+    ds = json.loads(path.read_text())
+    ds.update({
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 10 ** 9,  # our logger prints
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": schedule_total_steps, "warmup_min_lr": cfg.optim.warmup_min_lr,
+            "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": cfg.optim.warmup_steps, "warmup_type": "linear"}},
+    })
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.precision == "bf16"}
+    ds.pop("fp16", None)
+    ds.pop("optimizer", None)  # a torch AdamW is passed in (no DeepSpeed op to compile)
+    return ds
+
+
+# ------------------------------------------------------------------------------------ the model
+def prepare_model(cfg: TrainConfig, device: torch.device):
+    """Load, set loss weights, inject LoRA in place, choose trainable parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from legion.model.builders import load_model
+    from legion.model.legion import lora_target_module_names
+
+    if cfg.model.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"model.precision must be bf16 or fp32, got {cfg.model.precision!r}")
+    dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
+    model, tokenizer, _ = load_model(cfg.model.path, dtype=dtype, device="cpu", sam_checkpoint=cfg.model.sam_checkpoint,
+                                     vision_tower=cfg.model.vision_tower, verbose=int(os.environ.get("RANK", 0)) == 0)
+    model.set_loss_weights(cfg.loss.ce_weight, cfg.loss.bce_weight, cfg.loss.dice_weight)
+    model.config.use_cache = False
+    targets = lora_target_module_names(model)
+    # In place (no PeftModel wrapper): state-dict keys stay ours plus `.base_layer.` / `.lora_A.default.`.
+    inject_adapter_in_model(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                       bias="none", target_modules=targets), model)
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name or any(key in name for key in cfg.trainable.name_contains)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device), tokenizer, targets
+
+
+# ------------------------------------------------------------------------------------- the data
+def build_datasets(cfg: TrainConfig, tokenizer, model_config):
+    from legion.data.synthscars import SynthScarsDataset, find_annotation_file, load_annotations
+
+    path = Path(cfg.data.annotation_path) if cfg.data.annotation_path else find_annotation_file(cfg.data.root,
+                                                                                                cfg.data.split)
+    records, _ = load_annotations(path)
+    # Held-out validation slice of train (never the test set): a seeded shuffle of the records.
+    order = np.random.default_rng(cfg.seed).permutation(len(records))
+    val_size = min(cfg.data.val_size, len(records) // 2)
+    val_records = [records[i] for i in sorted(order[:val_size])]
+    train_records = [records[i] for i in sorted(order[val_size:])]
+    common = dict(tokenizer=tokenizer, clip_size=model_config.vision_config["image_size"],
+                  sam_input_size=cfg.data.sam_input_size, sam_pad_to=model_config.sam_config["image_size"],
+                  max_length=cfg.data.max_length)
+    train = SynthScarsDataset(cfg.data.root, cfg.data.split, records=train_records, **common)
+    val = SynthScarsDataset(cfg.data.root, cfg.data.split, records=val_records, **common) if val_records else None
+    return train, val, common
+
+
+def make_loader(dataset, sampler, batch_size: int, num_workers: int, pad_id: int, seed: int):
+    from legion.data.synthscars import collate
+
+    # Own generator: creating a loader must not consume the global RNG (exact resume).
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       collate_fn=partial(collate, pad_id=pad_id),
+                                       generator=torch.Generator().manual_seed(seed),
+                                       persistent_workers=False, drop_last=False)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            moved[key] = value.to(device, non_blocking=True)
+        elif key == "gt_masks":
+            moved[key] = [m.to(device, non_blocking=True) for m in value]
+        else:
+            moved[key] = value
+    return moved
+
+
+LOSS_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
+
+
+def loss_terms(out) -> dict[str, float]:
+    def val(x):
+        return 0.0 if x is None else float(x.detach().float())
+    return {"loss": val(out.loss), "ce_loss": val(out.ce_loss), "mask_bce_loss": val(out.bce_loss),
+            "mask_dice_loss": val(out.dice_loss), "mask_loss": val(out.mask_loss)}
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------------ validation
+@torch.no_grad()
+def validate(engine, loader, device, cached) -> dict[str, float]:
+    """Loss in eval mode + teacher-forced mask gIoU (mean per-mask IoU) and cIoU (sum I / sum U)."""
+    from legion.eval.localization import lisa_mask_iou
+
+    engine.eval()
+    sums = np.zeros(len(LOSS_KEYS))
+    batches, iou_sum, masks, inter_total, union_total = 0, 0.0, 0, 0.0, 0.0
+    for batch in loader:
+        if batch is None:
+            continue
+        with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
+            out = engine(**to_device(batch, device))
+        sums += np.array([loss_terms(out)[k] for k in LOSS_KEYS])
+        batches += 1
+        for pred, gt in zip(out.pred_masks, batch["gt_masks"]):
+            pred_bin = (pred.float() > 0).cpu()
+            gt_bin = gt > 0.5
+            inter = (pred_bin & gt_bin).flatten(1).sum(1).double().numpy()
+            union = (pred_bin | gt_bin).flatten(1).sum(1).double().numpy()
+            iou_sum += float(lisa_mask_iou(inter, union).sum())
+            masks += len(inter)
+            inter_total, union_total = inter_total + inter.sum(), union_total + union.sum()
+    engine.train()
+    totals = all_reduce_sum([*sums, batches, iou_sum, masks, inter_total, union_total], device)
+    n_batches, iou_sum, masks, inter_total, union_total = totals[len(LOSS_KEYS):]
+    result = {f"val_{k}": v / max(n_batches, 1) for k, v in zip(LOSS_KEYS, totals[:len(LOSS_KEYS)])}
+    result.update(val_giou=iou_sum / max(masks, 1), val_ciou=inter_total / max(union_total, 1.0),
+                  val_masks=int(masks))
+    return result
+
+
+# ---------------------------------------------------------------------------------------- train
+def train(cfg: TrainConfig) -> dict:
+    import deepspeed
+
+    from legion.data.synthscars import EpochSampler
+    from legion.train.checkpointing import CheckpointManager
+    from legion.train.encoder_cache import CachedFrozenEncoders, FrozenEncoderCache, encoder_fingerprint
+    from legion.train.logging import TrainLogger
+
+    rank, world_size, device = setup_distributed()
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # LoRA dropout differs per rank, reproducibly
+    out_dir = Path(cfg.output_dir)
+    plan = plan_batches(cfg.schedule.global_batch_size, world_size, cfg.schedule.micro_batch_size)
+
+    model, tokenizer, lora_targets = prepare_model(cfg, device)
+    train_set, val_set, preprocessing = build_datasets(cfg, tokenizer, model.config)
+    per_epoch = steps_per_epoch(len(train_set), plan)
+    if per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} training samples are fewer than one global batch "
+                          f"({plan.global_batch} = {world_size} ranks x {plan.per_device}); lower "
+                          "schedule.global_batch_size or add data")
+    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * per_epoch
+    schedule_total = cfg.schedule.total_steps or total_steps
+    ds_config = build_deepspeed_config(cfg, plan, schedule_total)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    run_info = {
+        "world_size": world_size, "device": str(device), "micro_batch": plan.micro_batch,
+        "grad_accum": plan.grad_accum, "global_batch": plan.global_batch, "train_samples": len(train_set),
+        "val_samples": len(val_set) if val_set else 0, "steps_per_epoch": per_epoch, "total_steps": total_steps,
+        "schedule_total_steps": schedule_total, "lora_modules": len(lora_targets),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "dataset_report": dict(train_set.report), "preprocessing": preprocessing_info(preprocessing),
+    }
+    if rank == 0:
+        save_resolved_config(cfg, out_dir)
+        (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        (out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
+
+    ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                             exclude_frozen_parameters=cfg.checkpoint.exclude_frozen)
+    ckpt.remove_partial()
+    step, epoch, position = 0, 0, 0
+    resume = cfg.checkpoint.resume
+    if resume not in ("none", "auto") or (resume == "auto" and ckpt.latest_tag() is not None):
+        state = ckpt.load(engine, None if resume == "auto" else resume)
+        step, epoch, position = state["step"], state["sampler"]["epoch"], state["sampler"]["position"]
+        if state.get("plan") and state["plan"] != [world_size, plan.micro_batch, plan.grad_accum]:
+            raise ConfigError(f"checkpoint was written with (world, micro, accum) = {state['plan']}; this run has "
+                              f"{[world_size, plan.micro_batch, plan.grad_accum]}: the data position cannot be "
+                              "continued exactly")
+
+    cached = None
+    if cfg.encoder_cache.enabled:
+        fingerprint = encoder_fingerprint(engine.module, preprocessing_info(preprocessing))
+        cache = FrozenEncoderCache(cfg.encoder_cache.dir or out_dir / "encoder_cache", fingerprint)
+        cached = CachedFrozenEncoders(engine.module, cache)
+
+    log = TrainLogger(out_dir, rank, total_steps, initial_step=step, tensorboard=cfg.logging.tensorboard,
+                      wandb_project=cfg.logging.wandb_project, run_name=out_dir.name, config=to_dict(cfg),
+                      progress=cfg.logging.progress)
+    log.event("start", step, {**run_info, "resumed": step > 0})
+    log.print(f"training {total_steps} steps ({per_epoch}/epoch) x global batch {plan.global_batch} = "
+              f"{world_size} ranks x micro {plan.micro_batch} x accum {plan.grad_accum}; "
+              f"{run_info['trainable_params']:,} trainable params" + (f"; resumed at step {step}" if step else ""))
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = EpochSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world_size)
+    val_loader = None
+    if val_set is not None:
+        val_sampler = EpochSampler(len(val_set), seed=cfg.seed, rank=rank, world_size=world_size, shuffle=False)
+        val_loader = make_loader(val_set, val_sampler, cfg.validation.batch_size, cfg.data.num_workers, pad_id, 0)
+
+    def trainer_state() -> dict:
+        return {"step": step, "sampler": {"epoch": epoch, "position": position},
+                "plan": [world_size, plan.micro_batch, plan.grad_accum], "samples_seen": step * plan.global_batch}
+
+    def run_validation():
+        if val_loader is not None:
+            metrics = validate(engine, val_loader, device, cached)
+            log.event("validation", step, metrics)
+            log.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    engine.train()
+    last_saved = step if step else -1
+    accum = {k: 0.0 for k in LOSS_KEYS}
+    micro_in_step, step_start = 0, time.time()
+    while step < total_steps:
+        if position >= per_epoch * plan.per_device:  # this epoch's steps are done
+            epoch, position = epoch + 1, 0
+        sampler.set_epoch(epoch, position)
+        loader = make_loader(train_set, sampler, plan.micro_batch, cfg.data.num_workers, pad_id,
+                             cfg.seed * 1000 + epoch)
+        for batch in loader:
+            if batch is None:  # every image of this micro-batch failed to load: keep ranks in step
+                loss = sum(p.sum() * 0.0 for p in trainable)
+                engine.backward(loss)
+            else:
+                with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
+                    out = engine(**to_device(batch, device))
+                engine.backward(out.loss)
+                for k, v in loss_terms(out).items():
+                    accum[k] += v / plan.grad_accum
+            lr = engine.get_lr()[0]
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            micro_in_step += 1
+            if not boundary:
+                continue
+            step += 1
+            position += plan.per_device
+            if step % cfg.logging.every_steps == 0 or step == total_steps:
+                values = all_reduce_sum([accum[k] for k in LOSS_KEYS], device)
+                seconds = time.time() - step_start
+                log.train_step(step, {**{k: v / world_size for k, v in zip(LOSS_KEYS, values)}, "lr": lr,
+                                      "epoch": epoch, "samples_per_s": plan.global_batch / max(seconds, 1e-9),
+                                      "step_seconds": seconds})
+            accum = {k: 0.0 for k in LOSS_KEYS}
+            micro_in_step, step_start = 0, time.time()
+            if step % cfg.validation.every_steps == 0:
+                run_validation()
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+                ckpt.save(engine, step, trainer_state())
+                last_saved = step
+                log.event("checkpoint", step, {"tag": f"global_step{step}"})
+            if step >= total_steps or position >= per_epoch * plan.per_device:
+                break
+    if step % cfg.validation.every_steps != 0:
+        run_validation()
+    if last_saved != step:
+        ckpt.save(engine, step, trainer_state())
+    summary = {"steps": step, "epochs_started": epoch + 1, "checkpoint": str(ckpt.ckpt_dir / f"global_step{step}")}
+    if cached is not None:
+        summary["encoder_cache"] = {"hits": dict(cached.cache.hits), "misses": dict(cached.cache.misses)}
+    if cfg.export.merged_model and rank == 0:
+        summary["final_model"] = str(export_merged_model(cfg, ckpt.ckpt_dir, out_dir))
+    torch.distributed.barrier()
+    log.event("end", step, summary)
+    log.close()
+    return summary
+
+
+def preprocessing_info(common: dict) -> dict:
+    return {k: v for k, v in common.items() if k != "tokenizer"}
+
+
+def export_merged_model(cfg: TrainConfig, ckpt_dir: Path, out_dir: Path) -> Path:
+    """Latest checkpoint -> fp32 weights -> LoRA merged into the base -> `final_model/` (legion.merge)."""
+    from legion.merge import step1, step2
+
+    weights = out_dir / "final_weights.safetensors"
+    step1(ckpt_dir, weights)
+    target = out_dir / "final_model"
+    step2(cfg.model.path, weights, target, lora_alpha=cfg.lora.alpha, lora_r=cfg.lora.r,
+          vision_tower=cfg.model.vision_tower)
+    return target
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny/train_loc_exp.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.epilog = "config keys:\n" + "\n".join(describe_schema(TrainConfig))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        for name in ("model.path", "data.root"):
+            section, key = name.split(".")
+            if getattr(getattr(cfg, section), key) is None:
+                raise ConfigError(f"{name} is required (set it in the YAML or pass {name}=...)")
+        summary = train(cfg)
+    except ConfigError as err:
+        print(f"legion train: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0

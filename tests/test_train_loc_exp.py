@@ -1,0 +1,169 @@
+"""The loc/exp training recipe: configs, batch planning, DeepSpeed config, resume, encoder cache."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from legion.config import ConfigError, load_config
+from legion.train.loc_exp import (BatchPlan, TrainConfig, build_deepspeed_config, plan_batches, steps_per_epoch)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ fast checks
+def test_paper_config_has_the_paper_settings():
+    cfg = load_config(TrainConfig, REPO / "configs/legion_7b/train_loc_exp.yaml")
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-4, [0.9, 0.95], 0.0, 1.0)
+    assert cfg.optim.warmup_steps == 100 and cfg.schedule.global_batch_size == 16
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
+    assert (cfg.loss.ce_weight, cfg.loss.bce_weight, cfg.loss.dice_weight) == (1.0, 0.4, 0.2)
+    assert cfg.data.sam_input_size == 512 and cfg.data.max_length == 1536
+    assert cfg.model.precision == "bf16" and cfg.model.gradient_checkpointing
+    assert sorted(cfg.trainable.name_contains) == ["embed_tokens", "lm_head", "mask_decoder", "text_hidden_fcs"]
+
+    ds = build_deepspeed_config(cfg, plan_batches(16, 8), schedule_total_steps=2109)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 1)
+    assert ds["gradient_clipping"] == 1.0 and "optimizer" not in ds  # torch AdamW: nothing to compile
+    assert ds["scheduler"] == {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": 2109, "warmup_min_lr": 0.0, "warmup_max_lr": 1e-4, "warmup_num_steps": 100,
+        "warmup_type": "linear"}}
+
+
+def test_tiny_config_loads_and_rejects_typos():
+    cfg = load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", ["optim.lr=3e-4"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.precision == "fp32"
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", ["optim.lrr=3e-4"])
+
+
+@pytest.mark.parametrize("world, micro, expected", [
+    (1, None, BatchPlan(1, 16, 16, 16, 1)),
+    (8, None, BatchPlan(8, 16, 2, 2, 1)),
+    (2, 2, BatchPlan(2, 16, 8, 2, 4)),
+    (16, None, BatchPlan(16, 16, 1, 1, 1)),
+])
+def test_plan_batches_keeps_the_global_batch(world, micro, expected):
+    plan = plan_batches(16, world, micro)
+    assert plan == expected
+    assert plan.world_size * plan.micro_batch * plan.grad_accum == 16
+
+
+def test_plan_batches_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
+        plan_batches(16, 3)
+    with pytest.raises(ConfigError, match="does not divide the per-device batch 8"):
+        plan_batches(16, 2, 3)
+
+
+def test_steps_per_epoch_is_equal_on_all_ranks():
+    # 11,236 SynthScars records, global 16: 702 full steps on 1 or 8 ranks (shares of 1404/1405 records)
+    assert steps_per_epoch(11236, plan_batches(16, 1)) == 702
+    assert steps_per_epoch(11236, plan_batches(16, 8)) == 702
+    assert steps_per_epoch(10, plan_batches(4, 2)) == 2
+
+
+def test_cli_help_lists_config_keys():
+    out = subprocess.run([sys.executable, "-m", "legion.cli", "train", "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0
+    assert "schedule.global_batch_size" in out.stdout and "checkpoint.resume" in out.stdout
+
+
+# ------------------------------------------------------------------------------- real training runs
+def _overrides(model_dir, data_dir, out_dir, **extra):
+    values = {
+        "model.path": model_dir, "data.root": data_dir, "output_dir": out_dir, "data.val_size": 2,
+        "data.num_workers": 0, "schedule.global_batch_size": 2, "schedule.micro_batch_size": 1,
+        "schedule.max_steps": 6, "optim.warmup_steps": 2, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
+        "validation.every_steps": 100, "logging.progress": "false", "export.merged_model": "false",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the recipe sets up its own single-process group
+    return env
+
+
+def _train_cmd(overrides):
+    return [sys.executable, "-m", "legion.cli", "train", "--config", str(REPO / "configs/tiny/train_loc_exp.yaml"),
+            *overrides]
+
+
+def _final_weights(out_dir):
+    from legion.merge import fp32_state_dict_from_deepspeed
+
+    state, _ = fp32_state_dict_from_deepspeed(Path(out_dir) / "checkpoints")
+    return state
+
+
+def _events(out_dir, kind):
+    path = Path(out_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == kind]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, toy_data_dir, tmp_path):
+    """SIGKILL after the first checkpoint, `resume: auto`: same final weights as an uninterrupted run."""
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_train_cmd(_overrides(tiny_model_dir, toy_data_dir, reference)), env=_env(), check=True,
+                   cwd=REPO, timeout=900, stdout=subprocess.DEVNULL)
+
+    killed = tmp_path / "killed"
+    cmd = _train_cmd(_overrides(tiny_model_dir, toy_data_dir, killed))
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while not _events(killed, "checkpoint") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = [e["step"] for e in _events(killed, "checkpoint")]
+    assert saved and saved[-1] < 6, f"the run was not killed mid-way (checkpoints at {saved})"
+
+    subprocess.run(cmd, env=_env(), check=True, cwd=REPO, timeout=900, stdout=subprocess.DEVNULL)
+    starts = _events(killed, "start")
+    assert starts[-1]["resumed"] is True and starts[-1]["step"] == saved[-1]
+    # the resumed run logs the same lr and loss for the steps after the checkpoint
+    ref_steps = {e["step"]: e for e in _events(reference, "train")}
+    for e in _events(killed, "train")[-(6 - saved[-1]):]:
+        assert e["lr"] == ref_steps[e["step"]]["lr"]
+        assert e["loss"] == pytest.approx(ref_steps[e["step"]]["loss"], rel=1e-6)
+    expected, got = _final_weights(reference), _final_weights(killed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], msg=key)
+
+
+@pytest.mark.slow
+def test_encoder_cache_gives_identical_training(tiny_model_dir, toy_data_dir, tmp_path):
+    """Two epochs with and without the frozen-encoder cache: same weights; epoch 2 never runs the encoders."""
+    from legion.train.loc_exp import train
+
+    runs = {}
+    for enabled in (False, True):
+        out = tmp_path / f"cache_{enabled}"
+        cfg = load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", _overrides(
+            tiny_model_dir, toy_data_dir, out, **{"encoder_cache.enabled": enabled, "schedule.max_steps": "null",
+                                                  "schedule.epochs": 2, "checkpoint.every_steps": 100}))
+        runs[enabled] = train(cfg), _final_weights(out)
+    summary, cached_weights = runs[True]
+    _, plain_weights = runs[False]
+    # 10 training images (+2 val): every image is encoded once (epoch 1), then only read back
+    assert summary["encoder_cache"]["misses"] == {"clip": 12, "sam": 12}
+    assert summary["encoder_cache"]["hits"]["clip"] >= 10 and summary["encoder_cache"]["hits"]["sam"] >= 10
+    for key in plain_weights:
+        torch.testing.assert_close(cached_weights[key], plain_weights[key], rtol=0, atol=0, msg=key)
