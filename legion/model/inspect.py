@@ -104,7 +104,10 @@ def stored_key_lines(checkpoint_dir: str | Path) -> list[str]:
             with safe_open(str(f), "pt") as fh:
                 shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
         else:
-            state = torch.load(str(f), map_location="meta", weights_only=True)
+            try:  # memory-mapped: only the pickled metadata of a 10 GB shard is read
+                state = torch.load(str(f), map_location="meta", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format
+                state = torch.load(str(f), map_location="meta", weights_only=True)
             shapes = {k: list(v.shape) for k, v in state.items()}
         lines += [f"{remap_key(k)}\t[{', '.join(str(d) for d in shape)}]" for k, shape in shapes.items()]
     return lines
