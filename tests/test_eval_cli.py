@@ -81,12 +81,14 @@ def test_localization_command(run_inputs, tmp_path, capsys):
 
 def test_explanation_and_compare_with_paper(run_inputs, tmp_path, capsys):
     root, pred_path, *_ = run_inputs
+    (pred_path.parent / "infer_summary.json").write_text(json.dumps({"perturbation": {"kind": "jpeg", "quality": 50}}))
     out = tmp_path / "run1" / "synthscars_exp"
     assert main(["eval", "explanation", "--pred", str(pred_path), "--gt", str(root), "--dataset", "synthscars",
                  "--out", str(out), "--no-css"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["kind"] == "explanation" and m["overall"]["num_images"] == 4 and m["overall"]["num_missing"] == 1
     assert 0 < m["overall"]["rouge_l"] < 100 and m["overall"]["css"] is None
+    assert m["perturbation"] == [{"kind": "jpeg", "quality": 50}]          # from legion infer's summary
     main(["eval", "localization", "--pred", str(pred_path), "--gt", str(root), "--dataset", "synthscars",
           "--out", str(tmp_path / "run1" / "synthscars"), "--no-plots"])
     capsys.readouterr()
@@ -95,10 +97,10 @@ def test_explanation_and_compare_with_paper(run_inputs, tmp_path, capsys):
                  "--format", "csv", "--out", str(table_path)]) == 0
     lines = table_path.read_text().splitlines()
     header = lines[0].split(",")
-    assert header[:3] == ["run", "Object mIoU", "Object F1"]
+    assert header[:4] == ["run", "perturbation", "Object mIoU", "Object F1"]
     legion = next(l for l in lines if l.startswith("paper: LEGION"))
     assert "54.62" in legion and "29.9" in legion
-    assert lines[1].startswith("run1,")
+    assert lines[1].startswith("run1,jpeg:50,")
     assert main(["eval", "compare", str(tmp_path / "run1")]) == 0
     text = capsys.readouterr().out
     assert "## localization" in text and "## explanation" in text and "SynthScars ROUGE-L" in text

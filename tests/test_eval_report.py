@@ -102,3 +102,17 @@ def test_plots_are_png(tmp_path):
     for p in (bars, hist):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
     assert plot_category_bars({"overall": {}}, tmp_path / "none.png") is None
+
+
+def test_robustness_runs_show_their_perturbation(tmp_path):
+    from legion.data.perturb import parse_perturbation
+    runs = []
+    for name, spec in (("clean", None), ("jpeg50", "jpeg:50"), ("blur5", "blur:5"), ("noise5", "noise:5")):
+        m = loc_metrics("synthscars", 50.0, 20.0)
+        m["perturbation"] = [parse_perturbation(spec).describe()] if spec else []
+        runs.append(Run(name, [m]))
+    t = build_table(runs, "localization")
+    assert t.columns[0] == "perturbation"
+    assert [r.get("perturbation") for r in t.rows] == [None, "jpeg:50", "blur:5", "noise:5"]
+    assert "| jpeg50 | jpeg:50 | 50.00 | 20.00 |" in t.to_markdown()
+    assert "jpeg50,jpeg:50,50.0,20.0" in t.to_csv()

@@ -126,8 +126,22 @@ def _load_inputs(args):
     return predictions, ground_truth
 
 
-def _perturbations(predictions) -> list:
+INFER_SUMMARY = "infer_summary.json"   # written by `legion infer` next to predictions.jsonl
+
+
+def _perturbations(predictions, pred_path=None) -> list:
+    """The perturbation(s) the predictions were made under: per-record ``perturbation`` fields,
+    else the ``perturbation`` of ``infer_summary.json`` next to the predictions file."""
     seen = {json.dumps(p.get("perturbation"), sort_keys=True) for p in predictions if p.get("perturbation") is not None}
+    if not seen and pred_path is not None:
+        summary = Path(pred_path).parent / INFER_SUMMARY if Path(pred_path).is_file() else None
+        if summary is not None and summary.is_file():
+            try:
+                value = json.loads(summary.read_text(encoding="utf-8")).get("perturbation")
+            except (json.JSONDecodeError, AttributeError):
+                value = None
+            if value is not None:
+                seen.add(json.dumps(value, sort_keys=True))
     return [json.loads(s) for s in sorted(seen)]
 
 
@@ -166,7 +180,7 @@ def _run_localization(args) -> int:
                                    mask_pairing=args.mask_pairing, workers=args.workers,
                                    dataset=args.dataset, progress=True)
     metrics = {"kind": "localization", **result.metrics, "predictions": str(args.pred), "gt": str(args.gt),
-               "perturbation": _perturbations(predictions), "seconds": round(time.perf_counter() - start, 3)}
+               "perturbation": _perturbations(predictions, args.pred), "seconds": round(time.perf_counter() - start, 3)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)
@@ -191,7 +205,7 @@ def _run_explanation(args) -> int:
     css = None if args.no_css else CssScorer(args.css_model, device=args.device)
     result = evaluate_explanations(predictions, ground_truth, css=css, dataset=args.dataset)
     metrics = {"kind": "explanation", **result.metrics, "predictions": str(args.pred), "gt": str(args.gt),
-               "perturbation": _perturbations(predictions)}
+               "perturbation": _perturbations(predictions, args.pred)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)
@@ -216,7 +230,7 @@ def _run_detection(args) -> int:
         records, missing = _join_detection_gt(records, args.gt, args.data_base)
     metrics = {"kind": "detection", "dataset": "detection", **detection_metrics(records),
                "num_missing": len(missing), "missing_images": missing[:1000],
-               "predictions": str(args.pred), "gt": args.gt, "perturbation": _perturbations(records)}
+               "predictions": str(args.pred), "gt": args.gt, "perturbation": _perturbations(records, args.pred)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)

@@ -97,6 +97,10 @@ def _row_entries(run: Run, kind: str, loc_metrics: Sequence[str]) -> dict[str, f
     for m in run.metrics:
         if m["kind"] != kind:
             continue
+        labels = [perturbation_label(p) for p in m.get("perturbation") or []]
+        labels = [l for l in labels if l != "none"]
+        if labels:
+            row["perturbation"] = ", ".join(sorted(set(labels) | set(filter(None, str(row.get("perturbation") or "").split(", ")))))
         ds_col = _column_for_dataset(m.get("dataset"))
         if kind == "localization":
             groups = [(ds_col, m["overall"])]
@@ -123,8 +127,27 @@ def _row_entries(run: Run, kind: str, loc_metrics: Sequence[str]) -> dict[str, f
     return row
 
 
+def perturbation_label(p) -> str:
+    """Short label of a recorded perturbation (``legion.data.perturb.Perturbation.describe()``)."""
+    if not isinstance(p, dict):
+        return str(p)
+    kind = p.get("kind")
+    if kind is None:
+        return "none"
+    if kind == "jpeg":
+        return f"jpeg:{p.get('quality')}"
+    if kind == "noise":
+        return f"noise:{p.get('sigma_0_255'):g}" if isinstance(p.get("sigma_0_255"), (int, float)) else "noise"
+    if kind == "blur":
+        sigma = p.get("sigma") or 0
+        return f"blur:{p.get('kernel_size')}" + (f":{sigma:g}" if sigma else "")
+    return str(kind)
+
+
 def _ordered_columns(kind: str, present: Iterable[str], loc_metrics: Sequence[str]) -> list[str]:
     present = list(dict.fromkeys(present))
+    head = ["perturbation"] if "perturbation" in present else []
+    present = [c for c in present if c != "perturbation"]
     if kind == "localization":
         datasets = list(LOCALIZATION_COLUMNS[:4]) + ["SynthScars"] + list(LOCALIZATION_COLUMNS[4:])
         preferred = [f"{d} {METRIC_LABEL[k]}" for d in datasets for k in loc_metrics]
@@ -133,7 +156,7 @@ def _ordered_columns(kind: str, present: Iterable[str], loc_metrics: Sequence[st
     else:
         preferred = list(DETECTION_COLUMNS) + ["Mean", "Mean (subsets)", "AP", "Real acc", "Fake acc"]
     ordered = [c for c in preferred if c in present]
-    return ordered + [c for c in present if c not in ordered]
+    return head + ordered + [c for c in present if c not in ordered]
 
 
 @dataclass
@@ -159,7 +182,7 @@ class Table:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["run", *self.columns])
         for row in self.rows:
-            writer.writerow([row["run"]] + ["" if row.get(c) is None else repr(float(row[c])) for c in self.columns])
+            writer.writerow([row["run"]] + [_csv_cell(row.get(c)) for c in self.columns])
         return buf.getvalue()
 
     def to_json(self) -> str:
@@ -172,7 +195,15 @@ class Table:
 def _fmt(value, decimals: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    if isinstance(value, str):
+        return value
     return f"{float(value):.{decimals}f}"
+
+
+def _csv_cell(value) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else repr(float(value))
 
 
 def build_table(runs: Sequence[Run], kind: str, metrics: Sequence[str] | None = None,
