@@ -36,10 +36,10 @@ class CaseError(ValueError):
 class AnalyzerConfig:
     model_path: str = field(default="checkpoints/legion", metadata={"help": "LEGION checkpoint directory"})
     detector_path: Optional[str] = field(default=None, metadata={"help": "real/fake gate (optional)"})
-    sam_input_size: int = 1024
+    sam_input_size: Optional[int] = field(default=1024, metadata={"help": "SAM ResizeLongestSide; null = the encoder's size"})
     max_new_tokens: int = 512
     gate_threshold: float = 0.5
-    dtype: str = "float32"
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"})
 
 
 @dataclass

@@ -7,7 +7,7 @@ For each case (an image and its prompt, from a mapping {image: prompt}):
     round 0   the original image                     -> LEGION analysis (union mask), score
     round i   dilate(union mask of round i-1)        -> inpainting pipeline(image_{i-1}, mask, prompt)
               -> restore the original size           -> LEGION analysis, score
-    stop      after `max_iter` inpaintings, or when LEGION finds no artifact (`stop_on_clean`), or
+    stop      after `max_iter` inpaintings, or when LEGION finds no artifact (nothing left to mask), or
               after `patience` rounds without a better score (0 = never, as the reference).
 
 Paper settings (configs/legion_7b/inpaint.yaml): SDXL inpainting 0.1, strength 0.84, 25 steps,
@@ -66,7 +66,6 @@ class InpaintConfig:
     max_iter: int = field(default=3, metadata={"help": "inpainting rounds after the original"})
     patience: int = field(default=0, metadata={"help": "stop after this many rounds without a better score (0: never)"})
     min_improvement: float = 0.0
-    stop_on_clean: bool = field(default=True, metadata={"help": "stop when LEGION finds no artifact"})
     legion: AnalyzerConfig = field(default_factory=AnalyzerConfig)
     inpainter: InpainterConfig = field(default_factory=InpainterConfig)
     dilation: DilationConfig = field(default_factory=DilationConfig)
@@ -136,10 +135,10 @@ def inpaint_case(case: Case, image: np.ndarray, analyzer, pipe, scorer: Scorer, 
                 best_round, since_best = index, 0
             else:
                 since_best += 1
-        if not union.any():  # nothing to inpaint next round, whatever the verdict
-            stop_reason = "no_artifact" if not found else "no_mask"
+        if record.get("verdict") == "error":  # LEGION failed on this image: nothing to act on
+            stop_reason = "analysis_error"
             break
-        if cfg.stop_on_clean and not found:
+        if not found:  # verdict real, or no masked pixel: nothing to inpaint next round
             stop_reason = "no_artifact"
             break
         if index > 0 and cfg.patience > 0 and since_best >= cfg.patience:
@@ -191,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> InpaintConfig:
 def run(args: argparse.Namespace) -> int:
     from legion.config import ConfigError
     from legion.controller.cases import CaseError
+    from legion.infer import InferError
 
     try:
         cfg = config_from_args(args)
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         scorer = build_scorer(cfg.scorer, cfg.device)
         pipe = load_inpainter(cfg.inpainter, cfg.device)
         analyzer = load_analyzer(cfg.legion, cfg.device)
-    except (PipelineLoadError, ScorerLoadError, FileNotFoundError) as exc:
+    except (PipelineLoadError, ScorerLoadError, FileNotFoundError, InferError) as exc:
         print(f"legion inpaint: error: {exc}")
         return 2
     _, aggregate = run_inpainting(cases, analyzer, pipe, scorer, cfg, out_dir)

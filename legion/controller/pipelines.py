@@ -74,7 +74,7 @@ def _byte_level_alphabet() -> list[str]:
     return chars
 
 
-def build_tiny_clip_tokenizer(max_length: int = 16):
+def build_tiny_clip_tokenizer(max_length: int = 77):
     """A CLIPTokenizer with a byte-level vocabulary and no merges (every byte is a token).
 
     514 tokens: <|startoftext|>=0, <|endoftext|>=1 (also pad), then bytes and bytes + "</w>".

@@ -105,9 +105,10 @@ class TemplateReviser(PromptReviser):
         parts = [p.strip() for p in phrases if p and p.strip()]
         if not parts:
             return prompt
-        unique = list(dict.fromkeys(parts))
-        return clean_revision(f"{prompt.rstrip(' .')}, with natural, correct and realistic {', '.join(unique)}",
-                              prompt, self.max_chars)
+        suffix = f", with natural, correct and realistic {', '.join(dict.fromkeys(parts))}"
+        if prompt.endswith(suffix):  # the same flags again: revising twice would only repeat them
+            return prompt
+        return clean_revision(prompt.rstrip(" .") + suffix, prompt, self.max_chars)
 
 
 class OpenAIChatReviser(PromptReviser):

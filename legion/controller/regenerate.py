@@ -94,6 +94,9 @@ def regenerate_case(case: Case, start_image, analyzer, pipe, reviser: PromptRevi
                 best_round, since_best = index, 0
             else:
                 since_best += 1
+        if record.get("verdict") == "error":  # LEGION failed on this image: nothing to act on
+            stop_reason = "analysis_error"
+            break
         if cfg.stop_on_clean and not found:
             stop_reason = "no_artifact"
             break
@@ -148,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
 def run(args: argparse.Namespace) -> int:
     from legion.config import ConfigError
     from legion.controller.cases import CaseError
+    from legion.infer import InferError
 
     try:
         cfg = config_from_args(args)
@@ -166,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         scorer = build_scorer(cfg.scorer, cfg.device)
         pipe = load_generator(cfg.generator, cfg.device)
         analyzer = load_analyzer(cfg.legion, cfg.device)
-    except LOAD_ERRORS as exc:
+    except LOAD_ERRORS + (InferError,) as exc:
         print(f"legion regenerate: error: {exc}")
         return 2
     _, aggregate = run_regeneration(cases, analyzer, pipe, reviser, scorer, cfg, out_dir)
