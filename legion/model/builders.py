@@ -358,11 +358,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     expected = model.state_dict()  # without CLIP: its keys are never part of a checkpoint
     _check_keys(expected, state, report)
     _load_vision_tower(model.model.vision_tower.vision_tower, clip_state, report)
+    report.seconds = time.time() - start
     if verbose:
         print(report)
     if strict and (report.missing or report.unexpected):
+        hint = ""
+        if any(ck.LORA_KEY.search(k) for k in report.unexpected):
+            hint = "; the checkpoint holds unmerged LoRA factors: merge them first (`legion merge`)"
         raise CheckpointError(f"{path}: {len(report.missing)} missing and {len(report.unexpected)} unexpected "
-                              f"key(s), e.g. {(report.missing + report.unexpected)[:5]} (see the report above)")
+                              f"key(s), e.g. {(report.missing + report.unexpected)[:5]}{hint}")
     loadable = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(loadable, strict=False, assign=True)
     _materialize_meta(model)
