@@ -137,3 +137,14 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="tokenizer.json or tokenizer.model"):
         load_tokenizer(tmp_path)
+
+
+def test_glamm_tokenizer_encodes_a_training_conversation(glamm_tokenizer_dir):
+    tok = load_tokenizer(glamm_tokenizer_dir)
+    ids, labels = conv.encode_conversation(tok, "I have found: <p> x </p> [SEG]:y")
+    assert ids[: len(GOLDEN_PROMPT_IDS)].tolist() == GOLDEN_PROMPT_IDS
+    supervised = ids[labels != conv.IGNORE_INDEX].tolist()
+    assert (labels[: len(GOLDEN_PROMPT_IDS)] == conv.IGNORE_INDEX).all()
+    assert supervised[-1] == 2 and supervised.count(32004) == 1
+    # measured once, then pinned: "▁ I ▁ha ve ▁f ou nd : ▁" + the tagged snippet (no BOS) + </s>
+    assert supervised == [550, 588, 379, 372, 310, 368, 367, 584, 550] + GOLDEN_TAGGED_IDS[1:] + [2]
