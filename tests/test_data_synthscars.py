@@ -273,7 +273,8 @@ def test_bad_samples_are_counted_not_fatal(tmp_path, data_tokenizer):
     ds = SynthScarsDataset(root, "train", data_tokenizer, clip_size=16, sam_input_size=32, sam_pad_to=32)
     assert ds.report == Counter({"image_missing": 1, "path_escape": 1, "polygon_outside_image": 1,
                                  "no_grounded_ref": 1})
-    assert {p.record_id for p in ds.problems} == {"2", "3", "5", "6"}
+    assert {(p.record_id, p.field) for p in ds.problems} == {("2", "img_file_name"), ("3", "img_file_name"),
+                                                           ("5", "refs[].segmentation"), ("6", "refs")}
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate, shuffle=False)
     batches = list(loader)  # the truncated PNG passes the header check and fails at decode
     assert batches[0]["record_ids"] == ["1"] and batches[0]["skipped"] == [("4", "truncated")]

@@ -486,7 +486,10 @@ class SynthScarsDataset(torch.utils.data.Dataset):
 
     def _skip(self, record: Record, reason: str, message: str) -> None:
         self.report[reason] += 1
-        self.problems.append(Problem(record.id, "img_file_name" if "image" in reason else "refs", reason, message))
+        field_name = {"path_escape": "img_file_name", "image_missing": "img_file_name",
+                      "image_unreadable": "img_file_name", "polygon_outside_image": "refs[].segmentation",
+                      "truncated_past_seg": "caption"}.get(reason, "refs")
+        self.problems.append(Problem(record.id, field_name, reason, message))
         log.warning("record %s skipped: %s (%s)", record.id, reason, message)
 
     def _prepare(self, record, allow_absolute, question, use_im_start_end, check_images) -> _Item | None:
