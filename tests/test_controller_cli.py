@@ -1,0 +1,83 @@
+"""`legion regenerate` / `legion inpaint` from the command line: tiny configs, a saved tiny pipeline
+directory, the remote reviser against a local HTTP server, and clear errors on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from legion.cli import main
+from legion.controller.pipelines import save_tiny_pipeline
+from tests.test_controller_reviser import FakeChatServer
+
+
+def _answer(text):
+    return {"choices": [{"message": {"role": "assistant", "content": text}}]}
+
+
+def test_help_lists_the_config_keys(capsys):
+    for command, own_key in (("regenerate", "reviser.backend"), ("inpaint", "dilation.kernel")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert "config keys:" in out and "scorer.kind" in out and own_key in out
+
+
+def test_regenerate_cli_with_a_pipeline_directory_and_a_remote_reviser(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    pipeline_dir = save_tiny_pipeline("text2img", tmp_path / "sd_tiny")
+    (tmp_path / "prompts.txt").write_text("a red apple\n")
+    with FakeChatServer([(200, _answer("a shiny red apple on a wooden table"))]) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+        code = main(["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", str(tmp_path / "prompts.txt"),
+                     "--out", str(tmp_path / "out"), f"legion.model_path={tiny_model_dir}",
+                     f"generator.path={pipeline_dir}", "reviser.backend=openai", "reviser.retries=0",
+                     "max_rounds=2", "patience=0", "stop_on_clean=false"])
+    assert code == 0
+    assert len(server.requests) == 1 and server.requests[0]["auth"] == "Bearer sk-local"
+    (summary,) = [json.loads(line) for line in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
+    assert summary["case_id"] == "prompt_0001" and summary["num_rounds"] == 2
+    assert [r["prompt"] for r in summary["rounds"]] == ["a red apple", "a shiny red apple on a wooden table"]
+    assert (tmp_path / "out" / "cases" / "prompt_0001" / "round_01" / "image.png").is_file()
+    assert (tmp_path / "out" / "config.yaml").is_file() and (tmp_path / "out" / "index.html").is_file()
+    assert "mean of per-image ratios" in capsys.readouterr().out
+
+
+def test_inpaint_cli_on_a_mapping(tiny_model_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (36, 44, 3), dtype=np.uint8)).save(images / "x.png")
+    (tmp_path / "in.json").write_text(json.dumps({"x.png": "a street at night"}))
+    code = main(["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", str(tmp_path / "in.json"),
+                 "--image-root", str(images), "--out", str(tmp_path / "out"), f"legion.model_path={tiny_model_dir}"])
+    assert code == 0
+    (summary,) = [json.loads(line) for line in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
+    assert summary["case_id"] == "x" and summary["prompt"] == "a street at night"
+    assert summary["stop_reason"] in {"no_artifact", "max_iter"}
+    first = np.asarray(Image.open(tmp_path / "out" / summary["rounds"][0]["image"]))
+    assert first.shape == (36, 44, 3)
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert scores["command"] == "inpaint" and scores["n"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["regenerate", "--config", "configs/tiny/regenerate.yaml"], "no input"),
+    (["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", "{tmp}/p.txt", "max_round=2"],
+     "did you mean 'max_rounds'"),
+    (["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o",
+      "generator.path={tmp}/no_pipeline"], "model_index.json"),
+    (["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o",
+      "scorer.kind=hps_v2.1", "scorer.checkpoint={tmp}/HPS_v2.1_compressed.pt"], "HPS v2.1 checkpoint not found"),
+    (["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/p.txt"], "has no 'image'"),
+    (["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/m.json", "dilation.kernel=0"],
+     "kernel >= 1"),
+])
+def test_cli_errors_are_clear(argv, message, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.json").write_text(json.dumps({"a.png": "a cat"}))
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2
+    assert message in capsys.readouterr().out
