@@ -48,6 +48,9 @@ def test_16bit_scaled_to_8bit(tmp_path):
     result = read_image_info(tmp_path / "d.png")
     assert result.conversion is not None and result.source_mode.startswith("I")
     assert result.image[0, :, 0].tolist() == [0, 1, 255, 128]
+    import cv2
+
+    np.testing.assert_array_equal(result.image, cv2.imread(str(tmp_path / "d.png"), cv2.IMREAD_COLOR)[..., ::-1])
 
 
 def test_cmyk_jpeg_converted(tmp_path):
@@ -113,3 +116,15 @@ def test_directory_is_not_an_image(tmp_path):
     with pytest.raises(ImageReadError) as info:
         read_image(tmp_path)
     assert info.value.reason == "not_a_file"
+
+
+def test_16bit_colour_keeps_the_high_byte_and_is_counted(tmp_path):
+    import cv2
+
+    bgr = np.zeros((4, 5, 3), np.uint16)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = 300, 257 * 100, 65535
+    cv2.imwrite(str(tmp_path / "c16.png"), bgr)
+    result = read_image_info(tmp_path / "c16.png")
+    assert result.conversion == "rgb16->rgb"
+    assert result.image[0, 0].tolist() == [255, 100, 1]  # RGB = high bytes of (65535, 25700, 300)
+    np.testing.assert_array_equal(result.image, cv2.imread(str(tmp_path / "c16.png"), cv2.IMREAD_COLOR)[..., ::-1])

@@ -6,8 +6,8 @@ rotate), so image and masks always share one frame (spec/synthscars.md §6, pitf
 
 Conversions (counted through `ReadResult.conversion`): grayscale / bilevel / palette -> RGB
 (replicated channels / palette lookup), CMYK -> RGB (Pillow's conversion), RGBA / LA -> RGB by
-dropping alpha (what `cv2.imread(IMREAD_COLOR)` does, so pixels match the reference), 16-bit and
-32-bit integer -> 8-bit by scaling the full range. Everything else raises `ImageReadError` with a
+dropping alpha (what `cv2.imread(IMREAD_COLOR)` does, so pixels match the reference), 16-bit ->
+8-bit by keeping the high byte (Pillow for 16-bit RGB, cv2 for every 16-bit image). Everything else raises `ImageReadError` with a
 short machine-readable `reason`, so callers can skip and count instead of dying:
 
     missing, not_a_file, corrupt, truncated, decompression_bomb, unsupported_mode, empty
@@ -67,11 +67,12 @@ def _to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
         return np.asarray(img.convert("RGB"), dtype=np.uint8), "ycbcr->rgb"
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(img).astype(np.int64)
-        top = 65535 if (mode.startswith("I;16") or values.max(initial=0) > 255) else 255
         if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
             raise ValueError(f"integer pixel values outside 0..65535 in mode {mode}")
-        gray = np.rint(values * (255.0 / top)).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2), f"{mode.lower()}->rgb"
+        sixteen_bit = mode.startswith("I;16") or values.max(initial=0) > 255
+        # high byte, as Pillow does for 16-bit RGB and cv2.imread(IMREAD_COLOR) for any 16-bit image
+        gray = (values >> 8 if sixteen_bit else values).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), "gray16->rgb" if sixteen_bit else "gray32->rgb"
     raise ValueError(f"unsupported pixel mode {mode!r}")
 
 
@@ -93,9 +94,14 @@ def read_image_info(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
                     raise ImageReadError(path, "empty", f"size {width}x{height}")
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageReadError(path, "decompression_bomb", f"{width}x{height} > {max_pixels} pixels")
+                # Pillow hands out 16-bit colour images as 8-bit RGB (high byte); count that too
+                sixteen_bit_colour = img.mode == "RGB" and any(
+                    "16" in str(tile[3]) for tile in (getattr(img, "tile", None) or []) if len(tile) > 3)
                 img.load()
                 try:
                     array, conversion = _to_rgb(img)
+                    if sixteen_bit_colour and conversion is None:
+                        conversion = "rgb16->rgb"
                 except ValueError as err:
                     raise ImageReadError(path, "unsupported_mode", str(err)) from None
                 source_mode = img.mode
