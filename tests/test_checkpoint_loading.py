@@ -204,11 +204,17 @@ def test_missing_and_unexpected_keys_are_reported(tiny_model_dir, tmp_path, caps
     assert model.model.layers[0].mlp.up_proj.weight.abs().sum() > 0
 
 
-def test_missing_region_encoder_is_benign(tiny_model_dir, tmp_path):
-    ckpt = _copy_with_state(tiny_model_dir, tmp_path / "noregion",
-                            lambda s: {k: v for k, v in s.items() if not k.startswith("model.region_encoder.")})
-    model, _, report = load_model(ckpt, verbose=False)
+def test_missing_region_encoder_is_benign(tiny_model_dir, tmp_path, capsys):
+    def grand_like(state):  # region encoder absent, a (hypothetical) spi_module present instead
+        out = {k: v for k, v in state.items() if not k.startswith("model.region_encoder.")}
+        out["model.spi_module.proj.weight"] = torch.zeros(4, 4)
+        return out
+
+    ckpt = _copy_with_state(tiny_model_dir, tmp_path / "noregion", grand_like)
+    model, _, report = load_model(ckpt)
+    assert "model.spi_module.proj.weight" in capsys.readouterr().out  # reported, not silently dropped
     assert report.ok and report.benign_missing and all("region_encoder" in k for k in report.benign_missing)
+    assert report.unused == ["model.spi_module.proj.weight"]
     assert not any(p.is_meta for p in model.parameters())
     assert torch.isfinite(model.model.region_encoder.roi_align.updims.weight).all()
 

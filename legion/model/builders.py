@@ -178,6 +178,7 @@ class LoadReport:
     benign_missing: list[str] = field(default_factory=list)      # e.g. region encoder: initialized randomly
     unexpected: list[str] = field(default_factory=list)          # provided keys the model does not have
     ignored: list[str] = field(default_factory=list)             # benign extras such as rotary inv_freq
+    unused: list[str] = field(default_factory=list)              # extras of modules LEGION never runs
     from_sam_checkpoint: int = 0
     from_vision_tower: int = 0
     vision_tower: str | None = None
@@ -196,11 +197,11 @@ class LoadReport:
             pairs = sorted({(_prefix(a), _prefix(b)) for a, b in self.renamed.items()})
             lines.append(f"  renamed {len(self.renamed)} key(s): " + ", ".join(f"{a}* -> {b}*" for a, b in pairs))
         for title, keys in (("missing", self.missing), ("missing (benign, randomly initialized)", self.benign_missing),
-                            ("unexpected", self.unexpected)):
+                            ("unexpected", self.unexpected), ("unused (modules LEGION never runs)", self.unused)):
             if keys:
                 lines.append(f"  {title}: {len(keys)}")
                 lines += [f"    {k}" for k in keys[:20]] + ([f"    ... {len(keys) - 20} more"] if len(keys) > 20 else [])
-        if not (self.missing or self.unexpected or self.benign_missing):
+        if not (self.missing or self.unexpected or self.benign_missing or self.unused):
             lines.append("  all keys matched")
         return "\n".join(lines)
 
@@ -386,6 +387,8 @@ def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
                 mismatches.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(expected[key].shape)}")
         elif ck.is_benign_unexpected(key):
             report.ignored.append(key)
+        elif ck.is_unused_unexpected(key):
+            report.unused.append(key)
         else:
             report.unexpected.append(key)
     if mismatches:

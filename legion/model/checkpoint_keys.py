@@ -26,6 +26,12 @@ BENIGN_UNEXPECTED = [
     re.compile(r"(^|\.)rotary_emb\.inv_freq$"),  # transformers 4.28 saved LLaMA's rotary buffer
 ]
 
+# Keys of modules LEGION never runs: reported as unused, not fatal. GranD-Pretrained was trained
+# with a "spi_module" (its _name_or_path says so) whose keys may sit next to region_encoder's.
+UNUSED_UNEXPECTED = [
+    re.compile(r"^model\.spi_module\."),
+]
+
 # Keys that may be absent from a checkpoint without changing LEGION's outputs (reported, not fatal).
 BENIGN_MISSING = [
     re.compile(r"^model\.region_encoder\."),  # GLaMM's region encoder: never used by LEGION
@@ -53,6 +59,10 @@ def remap_key(key: str) -> str:
 
 def is_benign_unexpected(key: str) -> bool:
     return any(p.search(key) for p in BENIGN_UNEXPECTED)
+
+
+def is_unused_unexpected(key: str) -> bool:
+    return any(p.search(key) for p in UNUSED_UNEXPECTED)
 
 
 def is_benign_missing(key: str) -> bool:
