@@ -134,8 +134,9 @@ def _perturbations(predictions, pred_path=None) -> list:
     else the ``perturbation`` of ``infer_summary.json`` next to the predictions file."""
     seen = {json.dumps(p.get("perturbation"), sort_keys=True) for p in predictions if p.get("perturbation") is not None}
     if not seen and pred_path is not None:
-        summary = Path(pred_path).parent / INFER_SUMMARY if Path(pred_path).is_file() else None
-        if summary is not None and summary.is_file():
+        pred_path = Path(pred_path)
+        summary = (pred_path if pred_path.is_dir() else pred_path.parent) / INFER_SUMMARY
+        if summary.is_file():
             try:
                 value = json.loads(summary.read_text(encoding="utf-8")).get("perturbation")
             except (json.JSONDecodeError, AttributeError):
@@ -291,7 +292,10 @@ def _run_compare(args) -> int:
         raise ValueError("no metrics found in the given runs")
     text = "\n".join((f"## {t.kind}\n\n" if args.format == "md" and len(tables) > 1 else "") + t.render(args.format)
                      for t in tables)
-    print(text)
+    try:
+        print(text)
+    except BrokenPipeError:  # `legion eval compare ... | head`
+        sys.stderr.close()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text, encoding="utf-8")
