@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from legion.model.configuration import LegionConfig
@@ -57,3 +58,12 @@ def prompt(body: list[int]) -> list[int]:
 def images(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, CLIP_SIZE, CLIP_SIZE, generator=g), torch.randn(batch, 3, SAM_SIZE, SAM_SIZE, generator=g)
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run far faster on one intra-op thread, and the shared CI cores are oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,6 +8,7 @@ from safetensors import safe_open
 from legion.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from legion.model.legion import (LegionOutput, build_multimodal_inputs, lora_target_module_names,
                                  seg_state_positions)
+from tests.model_core_tiny import single_thread  # noqa: F401 (fixture)
 from tests.model_core_tiny import EOS_ID, SEG_ID, images, prompt, right_pad, tiny_config, tiny_model
 
 S = SEG_ID
@@ -17,6 +18,8 @@ ORIGINAL = [(40, 30), (24, 36), (32, 32)]
 RESIZED = [(128, 96), (85, 128), (128, 128)]
 FROZEN = ("vision_tower", "mm_projector", "grounding_encoder.image_encoder", "grounding_encoder.prompt_encoder",
           "region_encoder")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def brute_force_seg_positions(seq: list[int], n_img: int) -> list[int]:
@@ -37,8 +40,8 @@ def make_batch(seqs=SEQS, seed=0):
     for b, seq in enumerate(seqs):
         h, w = ORIGINAL[b]
         m = torch.zeros(seq.count(S), h, w)
-        for i in range(m.shape[0]):  # a different rectangle per [SEG]
-            m[i, 2 + 3 * i: h // 2 + 3 * i, 4: w - 2 * i] = 1
+        for i in range(m.shape[0]):  # a different large rectangle per [SEG] (~70% of the image)
+            m[i, 2 * i: h - 4 + 2 * i, 2: w - 3 - 3 * i] = 1
         gt.append(m)
     return dict(input_ids=ids, attention_mask=mask, labels=labels, clip_pixel_values=clip, sam_pixel_values=sam,
                 sam_resized_sizes=RESIZED[: len(seqs)], original_sizes=ORIGINAL[: len(seqs)], gt_masks=gt)
@@ -213,18 +216,17 @@ def test_overfitting_one_batch_lowers_every_loss_term():
     model = tiny_model(seed=3).train()
     batch = make_batch()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-3)
+    opt = torch.optim.AdamW(params, lr=5e-3)
     history = []
-    for _ in range(12):
+    for _ in range(8):
         out = model(**batch)
         history.append((out.ce_loss.item(), out.bce_loss.item(), out.dice_loss.item()))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     first, last = history[0], history[-1]
-    for name, a, b in zip(("ce", "bce", "dice"), first, last):
-        assert b < a, f"{name}: {a:.4f} -> {b:.4f}"
-    assert last[0] < 0.5 * first[0]
+    for name, a, b, factor in zip(("ce", "bce", "dice"), first, last, (0.6, 0.95, 0.9)):
+        assert b < factor * a, f"{name}: {a:.4f} -> {b:.4f}"
 
 
 def test_bf16_forward_backward():

@@ -1,9 +1,13 @@
 """Region encoder: GLaMM key names/shapes (full size, on meta) and a working tiny forward."""
 
+import pytest
 import torch
 
 from legion.model.region import RegionEncoder
+from tests.model_core_tiny import single_thread  # noqa: F401 (fixture)
 from tests.model_core_tiny import tiny_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _full_size_encoder():

@@ -206,6 +206,9 @@ class LegionModel(LlamaModel):
             nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(inplace=True),
             nn.Linear(config.hidden_size, config.out_dim), nn.Dropout(0.0),
         )])
+        # SAM and the region encoder keep their own (PyTorch default) initialization, not LLaMA's N(0, 0.02).
+        for module in [*self.grounding_encoder.modules(), *self.region_encoder.modules()]:
+            module._legion_default_init = True
         # Frozen in every LEGION stage (spec §10.1); the trainable set is the recipe's business.
         self.mm_projector.requires_grad_(False)
         self.grounding_encoder.image_encoder.requires_grad_(False)
@@ -213,6 +216,9 @@ class LegionModel(LlamaModel):
         # CLIP weights live in their own directory, never in our checkpoints.
         self._register_state_dict_hook(_drop_vision_tower_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_vision_tower_keys)
+
+    def _init_weights(self, module):
+        _init_weights(self, module, LlamaModel)
 
     def encode_images(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> projected CLIP patch features [B, N_img, hidden]."""
@@ -230,6 +236,15 @@ class LegionModel(LlamaModel):
         """[N, hidden] -> [N, out_dim] SAM prompts."""
         fcs = self.text_hidden_fcs[0]
         return fcs(states.to(fcs[0].weight.dtype))
+
+
+def _init_weights(model, module, base_cls):
+    """HF init for the LLM parts; SAM / region encoder modules get their own default init."""
+    if getattr(module, "_legion_default_init", False):
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        return
+    base_cls._init_weights(model, module)
 
 
 def _drop_vision_tower_keys(module, state_dict, prefix, local_metadata):
@@ -257,6 +272,9 @@ class LegionForCausalLM(LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.ce_loss_weight, self.bce_loss_weight, self.dice_loss_weight = 1.0, 0.4, 0.2
         self.post_init()
+
+    def _init_weights(self, module):
+        _init_weights(self, module, LlamaForCausalLM)
 
     # --- helpers ----------------------------------------------------------------------------
     @property
