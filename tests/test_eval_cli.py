@@ -135,3 +135,25 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "localization", "--pred", "x", "--gt", "y", "--dataset", "coco", "--out", "z"])
     assert main(["eval", "compare", str(tmp_path / "missing")]) == 2
+
+
+def test_detection_from_cls_eval_output_and_its_metrics_json(tmp_path, capsys):
+    """`legion cls-eval` writes predictions.jsonl with subset / is_fake / fake_prob (None when the
+    image was unreadable) and a metrics.json with the metrics nested under "metrics"."""
+    from legion.eval.detection import detection_metrics
+    from legion.eval.report import compare
+
+    recs = [{"image": "/d/progan/1_fake/0.png", "subset": "progan", "is_fake": True, "fake_prob": 0.8, "error": None},
+            {"image": "/d/progan/0_real/0.png", "subset": "progan", "is_fake": False, "fake_prob": 0.7, "error": None},
+            {"image": "/d/progan/0_real/1.png", "subset": "progan", "is_fake": False, "fake_prob": None, "error": "bad"}]
+    pred = tmp_path / "cls" / "predictions.jsonl"
+    pred.parent.mkdir()
+    pred.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert main(["eval", "detection", "--pred", str(pred), "--out", str(tmp_path / "det")]) == 0
+    m = json.loads((tmp_path / "det" / "metrics.json").read_text())
+    assert m["per_subset"]["progan"]["accuracy"] == 50.0 and m["num_unscored"] == 1
+    # cls-eval's own metrics.json shape is readable by compare
+    (pred.parent / "metrics.json").write_text(json.dumps({"metrics": detection_metrics(recs[:2]), "n_images": 3,
+                                                          "config": {"perturbation": "jpeg:50"}}))
+    (t,) = compare([pred.parent])
+    assert t.kind == "detection" and t.rows[0]["GANs"] == 50.0 and t.rows[0]["perturbation"] == "jpeg:50"

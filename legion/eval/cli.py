@@ -229,15 +229,21 @@ def _run_detection(args) -> int:
         if args.gt is None:
             raise ValueError("records lack subset / is_fake: give --gt (detection folder or JSON list)")
         records, missing = _join_detection_gt(records, args.gt, args.data_base)
-    metrics = {"kind": "detection", "dataset": "detection", **detection_metrics(records),
+    unscored = [str(r.get("image", r.get("path", "?"))) for r in records if r.get("fake_prob") is None]
+    scored = [r for r in records if r.get("fake_prob") is not None]
+    if not scored:
+        raise ValueError(f"--pred {args.pred}: no record has a fake_prob")
+    metrics = {"kind": "detection", "dataset": "detection", **detection_metrics(scored),
                "num_missing": len(missing), "missing_images": missing[:1000],
+               "num_unscored": len(unscored), "unscored_images": unscored[:1000],
                "predictions": str(args.pred), "gt": args.gt, "perturbation": _perturbations(records, args.pred)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)
     _write_jsonl(out / "per_image.jsonl", records)
-    if missing:
-        print(f"note: {len(missing)} images of --gt have no prediction (left out: no probability to score)")
+    if missing or unscored:
+        print(f"note: {len(missing)} images of --gt have no prediction and {len(unscored)} records have no "
+              "fake_prob (unreadable images); both are left out: there is no probability to score")
     _finish(args, out, metrics, "detection")
     return 0
 

@@ -56,6 +56,19 @@ def infer_kind(metrics: dict) -> str:
     raise ValueError("cannot tell which kind of metrics.json this is (no 'kind' field)")
 
 
+def normalise_metrics(m: dict) -> dict:
+    """A metrics.json as tables read it: ``kind`` set; ``legion cls-eval``'s file (detection
+    metrics nested under ``metrics``, the perturbation in ``config``) unwrapped."""
+    if "kind" not in m and isinstance(m.get("metrics"), dict) and "per_subset" in m["metrics"]:
+        config = m.get("config") or {}
+        perturbation = config.get("perturbation") if isinstance(config, dict) else None
+        m = {"kind": "detection", "dataset": "detection", **m["metrics"],
+             "perturbation": [perturbation] if perturbation else [],
+             **{k: v for k, v in m.items() if k not in ("metrics",)}}
+    m.setdefault("kind", infer_kind(m))
+    return m
+
+
 def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     """A run from a metrics.json file or a directory (searched two levels deep)."""
     path = Path(path)
@@ -77,8 +90,7 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
                 m = json.load(fh)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{f}: not JSON ({exc})") from None
-        m.setdefault("kind", infer_kind(m))
-        metrics.append(m)
+        metrics.append(normalise_metrics(m))
     return Run(name=name or default_name, metrics=metrics, paths=[str(f) for f in files])
 
 
