@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from legion.model import conversation as conv
-from legion.model.builders import (FP32_MODULES, build_config, build_model, load_model, make_tiny, save_model)
+from legion.model.builders import FP32_MODULES, build_config, build_model, load_model, save_model
 from legion.model.tokenizer import build_tiny_tokenizer
 
 
