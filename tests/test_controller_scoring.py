@@ -1,6 +1,7 @@
 """Scorers (tiny random CLIP through the real transformers code path; HPS error paths) and growth rates."""
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -88,3 +89,41 @@ def test_growth_rate_both_readings():
     assert growth_rates([], [])["mean_of_ratios"] is None
     with pytest.raises(ValueError):
         growth_rates([1.0], [])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="optional open_clip_torch not installed")
+def test_hps_loader_with_a_tiny_open_clip_architecture(tmp_path):
+    """The HPS v2.1 code path (open_clip model + checkpoint state_dict with `module.` prefixes) on a
+    tiny registered architecture: the scores must be those of the checkpoint's weights."""
+    import open_clip
+    import torch
+
+    config = {"embed_dim": 16,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "legion-test-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "legion-test-tiny-clip.json")
+    torch.manual_seed(123)
+    source, _, preprocess = open_clip.create_model_and_transforms("legion-test-tiny-clip", pretrained=None)
+    checkpoint = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, checkpoint)
+
+    scorer = build_scorer(ScorerConfig(kind="hps_v2.1", checkpoint=str(checkpoint), clip_arch="legion-test-tiny-clip"))
+    images, prompts = _images(2), ["a cat", "a bridge at dusk"]
+    from PIL import Image
+
+    tokenizer = open_clip.get_tokenizer("legion-test-tiny-clip")
+    with torch.no_grad():
+        image_emb = source.eval().encode_image(torch.stack([preprocess(Image.fromarray(im)) for im in images]),
+                                               normalize=True)
+        text_emb = source.encode_text(tokenizer(prompts), normalize=True)
+    expected = (image_emb * text_emb).sum(-1).tolist()
+    assert scorer.score(images, prompts) == pytest.approx(expected, abs=1e-5)
+
+    torch.save({"state_dict": {"visual.proj": torch.zeros(1)}}, tmp_path / "wrong_shape.pt")
+    with pytest.raises(ScorerLoadError, match="does not fit"):
+        HPSv21Scorer(tmp_path / "wrong_shape.pt", clip_arch="legion-test-tiny-clip")
+    partial = {k: v for k, v in source.state_dict().items() if not k.startswith("transformer.")}
+    torch.save({"state_dict": partial}, tmp_path / "partial.pt")
+    with pytest.raises(ScorerLoadError, match="missing keys"):
+        HPSv21Scorer(tmp_path / "partial.pt", clip_arch="legion-test-tiny-clip")

@@ -173,7 +173,10 @@ class HPSv21Scorer(Scorer):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches: a checkpoint of another architecture
+            raise ScorerLoadError(f"{checkpoint} does not fit open_clip {clip_arch}: {exc}") from None
         if missing:
             raise ScorerLoadError(f"{checkpoint} does not fit open_clip {clip_arch}: {len(missing)} missing keys, "
                                   f"e.g. {missing[:3]}")
