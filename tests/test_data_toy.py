@@ -135,3 +135,13 @@ def test_thousand_images_in_under_two_minutes_on_two_workers(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(list((tmp_path / "train" / "images").iterdir())) == 900
     assert elapsed < 120, f"1000 ToyScars images took {elapsed:.1f} s"
+
+
+def test_toy_passes_the_data_check(toy_data_dir):
+    from legion.data.check import check_split
+
+    for split, count in (("train", 12), ("test", 6)):
+        summary = check_split(toy_data_dir, split, workers=1)
+        assert summary["usable"] and summary["usable_records"] == count and summary["unusable_records"] == {}
+        assert MIN_AREA <= summary["masks"]["ref_area_fraction"]["min"]
+        assert summary["masks"]["ref_area_fraction"]["max"] <= MAX_AREA
