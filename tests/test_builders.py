@@ -212,6 +212,11 @@ def test_make_tiny_writes_a_complete_checkpoint_dir(tiny_model_dir):
 
     with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as fh:
         assert not any("vision_tower" in k for k in fh.keys())
+        sam_in_model = {k.removeprefix("model.grounding_encoder."): fh.get_tensor(k) for k in fh.keys()
+                        if k.startswith("model.grounding_encoder.")}
+    sam_pth = torch.load(tiny_model_dir / "sam_vit_tiny.pth", weights_only=True)
+    assert sam_pth.keys() == sam_in_model.keys() and "image_encoder.patch_embed.proj.weight" in sam_pth
+    assert all(torch.equal(sam_pth[k], sam_in_model[k]) for k in sam_pth)
 
 
 def test_tiny_model_fixture_loads_like_a_real_checkpoint(tiny_model):

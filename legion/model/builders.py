@@ -157,13 +157,24 @@ def _save_clip_image_processor(path: Path, size: int) -> None:
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(path)
 
 
+TINY_SAM_CHECKPOINT = "sam_vit_tiny.pth"
+
+
 def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a complete tiny checkpoint directory (random weights from `seed`); returns its path."""
+    """Write a complete tiny checkpoint directory (random weights from `seed`); returns its path.
+
+    Like a released model plus its side files: config.json, model.safetensors, tokenizer files,
+    `vision_tower/` (the CLIP dir that config.json names) and `sam_vit_tiny.pth` (the grounding
+    encoder alone, with sam_vit_h_4b8939.pth's key names, for recipes that take a SAM checkpoint).
+    """
     tokenizer = build_tiny_tokenizer()
     config = build_config("tiny", vocab_size=len(tokenizer))
     config.seg_token_idx = conv.special_token_ids(tokenizer, expect_glamm_ids=False).seg
     model = build_model(config, seed=seed)
-    return save_model(model, tokenizer, out_dir)
+    out = save_model(model, tokenizer, out_dir)
+    sam_state = {k: v.detach().clone() for k, v in model.model.grounding_encoder.state_dict().items()}
+    torch.save(sam_state, out / TINY_SAM_CHECKPOINT)
+    return out
 
 
 # --- loading --------------------------------------------------------------------------------
