@@ -194,3 +194,13 @@ def test_multiprocessing_matches_serial():
     dense_miou = np.mean([legion_miou(*pixel_counts(rle_to_mask(r["union_mask"]), rle_to_mask(gt[r["image"]].union_rle)))
                           for r in preds])
     assert a["miou"] == pytest.approx(100 * dense_miou, abs=1e-9)
+
+
+def test_images_of_unknown_size_are_reported_not_scored():
+    gt = {"a.png": GroundTruthItem("a.png", phrase_polygons=[[[0, 0, 5, 0, 5, 5]]]),       # no size, no prediction
+          "b.png": GroundTruthItem("b.png", phrase_polygons=[[[0, 0, 50, 0, 50, 10, 0, 10]]])}
+    pred = {"image": "b.png", "verdict": "fake", "width": 100, "height": 100, "masks": [mask_to_rle(rows(0, 10))]}
+    with pytest.warns(UserWarning, match="no known size"):
+        m = evaluate_localization([pred], gt).metrics
+    assert m["unscorable_images"] == ["a.png"] and m["overall"]["num_images"] == 1
+    assert m["missing_images"] == ["a.png"]

@@ -195,6 +195,9 @@ def _run_localization(args) -> int:
         print(f"note: {o['num_missing']} of {o['num_images']} images had no prediction (scored as empty)")
     if metrics["extra_predictions"]:
         print(f"note: {len(metrics['extra_predictions'])} predictions have no ground truth (not scored)")
+    if metrics["unscorable_images"]:
+        print(f"note: {len(metrics['unscorable_images'])} ground-truth images of unknown size were not scored "
+              "(no image file, no prediction); see unscorable_images in metrics.json")
     _finish(args, out, metrics, "localization", table_metrics)
     return 0
 

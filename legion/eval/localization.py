@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -316,7 +317,16 @@ def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[
         raise ValueError(f"unknown both-empty convention {both_empty!r}; choose one of {sorted(FG_BOTH_EMPTY)}")
     names = list(ground_truth)
     matching = match_predictions(predictions, names)
-    jobs = [(ground_truth[n], matching.by_name.get(n), mask_pairing) for n in names]
+    jobs, unscorable = [], []
+    for n in names:
+        item, record = ground_truth[n], matching.by_name.get(n)
+        if item.size is None and item.union_rle is None and not (record and record.get("height") and record.get("width")):
+            unscorable.append(n)   # no image file to read the size from, and no prediction giving it
+            continue
+        jobs.append((item, record, mask_pairing))
+    if unscorable:
+        warnings.warn(f"{len(unscorable)} ground-truth images have no known size (image file not found and no "
+                      f"prediction) and are not scored, e.g. {unscorable[0]}; pass --images")
     scores = _run(jobs, workers, progress)
 
     metrics = {
@@ -338,6 +348,7 @@ def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[
         "by_content_type": breakdown(scores, "content_type", both_empty),
         "by_artifact_category": breakdown(scores, "artifact_category", both_empty),
         "missing_images": matching.missing,
+        "unscorable_images": unscorable,
         "extra_predictions": matching.extra,
         "duplicate_predictions": matching.duplicates,
     }
