@@ -109,3 +109,4 @@ def test_evaluate_with_css_records_model(css):
     assert m["overall"]["css"] == pytest.approx(100.0, abs=1e-3)
     assert m["overall"]["rouge_l"] == pytest.approx(100.0)
     assert m["protocol"]["css_model"] == css.name and m["protocol"]["css_model_path"]
+    assert m["protocol"]["css_max_seq_length"] == css.model.max_seq_length > 0

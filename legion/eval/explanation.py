@@ -201,6 +201,8 @@ def evaluate_explanations(predictions: Iterable[Mapping], ground_truth: Mapping[
         "protocol": {"rouge": "rouge-score rougeL F, use_stemmer=True, score(reference, prediction)",
                      "css_model": css.name if with_css else None,
                      "css_model_path": css.model_path if with_css else None,
+                     # texts longer than this many word pieces are truncated by the embedding model
+                     "css_max_seq_length": getattr(css.model, "max_seq_length", None) if with_css else None,
                      "empty_text_scores": 0.0, "scale": "0-100"},
         "overall": _summary(rows, with_css),
         "by_content_type": {k: _summary(v, with_css) for k, v in sorted(by_type.items())},
