@@ -204,3 +204,10 @@ def test_images_of_unknown_size_are_reported_not_scored():
         m = evaluate_localization([pred], gt).metrics
     assert m["unscorable_images"] == ["a.png"] and m["overall"]["num_images"] == 1
     assert m["missing_images"] == ["a.png"]
+
+
+def test_summarize_empty_and_unknown_convention():
+    s = summarize([])
+    assert s["num_images"] == 0 and s["miou"] is None and s["giou"] is None
+    with pytest.raises(ValueError, match="both-empty"):
+        summarize([], both_empty="half")
