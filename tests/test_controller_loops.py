@@ -182,3 +182,18 @@ def test_inpainting_stops_without_a_mask(analyzer, scorer, inpainter, tmp_path):
     with steered(analyzer, NOTHING):
         summary = inpaint_case(Case("i2", "a tree"), image, analyzer, inpainter, scorer, cfg, CaseWriter(tmp_path, "i2"))
     assert summary["num_rounds"] == 1 and summary["stop_reason"] == "no_artifact"
+
+
+def test_regeneration_keeps_round_0_when_the_reviser_fails(analyzer, scorer, text2img, tmp_path):
+    from tests.test_controller_reviser import FakeChatServer
+
+    from legion.controller.prompt_reviser import OpenAIChatReviser
+
+    start = np.random.RandomState(4).randint(0, 256, (32, 32, 3), dtype=np.uint8)
+    cfg = RegenerateConfig(max_rounds=3)
+    with FakeChatServer([(401, {"error": "bad key"})]) as server, steered(analyzer, FOUND):
+        reviser = OpenAIChatReviser(server.base_url, "k", "m", retries=0)
+        summary = regenerate_case(Case("r", "a cat"), start, analyzer, text2img, reviser, scorer, cfg,
+                                  CaseWriter(tmp_path, "r"))
+    assert summary["stop_reason"] == "reviser_error" and summary["num_rounds"] == 1
+    assert summary["rounds"][0]["has_artifact"] and len(server.requests) == 1

@@ -76,7 +76,12 @@ def regenerate_case(case: Case, start_image, analyzer, pipe, reviser: PromptRevi
     for index in range(max(1, cfg.max_rounds)):
         started = time.time()
         if index > 0:
-            prompt = reviser.revise(prompt, record.get("explanation") or "", record.get("phrases") or [])
+            try:
+                prompt = reviser.revise(prompt, record.get("explanation") or "", record.get("phrases") or [])
+            except ReviserError as exc:  # e.g. the endpoint is down: keep what this case has, go on
+                print(f"[regenerate] {case.case_id}: prompt revision failed, stopping this case: {exc}")
+                stop_reason = "reviser_error"
+                break
         if index == 0 and start_image is not None:
             image = start_image
         else:
