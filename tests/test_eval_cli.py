@@ -81,14 +81,18 @@ def test_localization_command(run_inputs, tmp_path, capsys):
 
 def test_explanation_and_compare_with_paper(run_inputs, tmp_path, capsys):
     root, pred_path, *_ = run_inputs
+    types = tmp_path / "types.json"
+    types.write_text(json.dumps({"a.png": "Animal", "b.png": "Animal", "c.png": "Scene"}))
     (pred_path.parent / "infer_summary.json").write_text(json.dumps({"perturbation": {"kind": "jpeg", "quality": 50}}))
     out = tmp_path / "run1" / "synthscars_exp"
     assert main(["eval", "explanation", "--pred", str(pred_path), "--gt", str(root), "--dataset", "synthscars",
-                 "--out", str(out), "--no-css"]) == 0
+                 "--out", str(out), "--no-css", "--content-types", str(types)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["kind"] == "explanation" and m["overall"]["num_images"] == 4 and m["overall"]["num_missing"] == 1
     assert 0 < m["overall"]["rouge_l"] < 100 and m["overall"]["css"] is None
     assert m["perturbation"] == [{"kind": "jpeg", "quality": 50}]          # from legion infer's summary
+    assert m["by_content_type"]["Animal"]["num_images"] == 2               # --content-types overrides
+    assert m["by_content_type"]["scene"]["num_images"] == 1                 # d.png keeps the annotation's
     main(["eval", "localization", "--pred", str(pred_path), "--gt", str(root), "--dataset", "synthscars",
           "--out", str(tmp_path / "run1" / "synthscars"), "--no-plots"])
     capsys.readouterr()

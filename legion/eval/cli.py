@@ -99,6 +99,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="SynthScars split (default test)")
     p.add_argument("--images", default=None, help="image folder, to read image sizes (SynthScars default: "
                    "<root>/<split>/images; LOKI: by file name in this folder, else sizes come from the predictions)")
+    p.add_argument("--content-types", default=None,
+                   help="JSON file {image file name: content type} (e.g. human/object/animal/scene) for the per-type "
+                        "breakdown when the annotations lack it (the SynthScars release does)")
     p.add_argument("--loki-skip-degenerate", action="store_true",
                    help="LOKI: skip boxes with x2 <= x1 or y2 <= y1 (ArtiAgent) instead of drawing them (reference)")
     p.add_argument("--out", required=True, help="output directory")
@@ -123,7 +126,24 @@ def _load_inputs(args):
                                      loki_skip_degenerate=args.loki_skip_degenerate)
     if not ground_truth:
         raise ValueError(f"--gt {args.gt}: no ground-truth images found")
+    if args.content_types:
+        _apply_content_types(ground_truth, args.content_types)
     return predictions, ground_truth
+
+
+def _apply_content_types(ground_truth, path) -> None:
+    with open(path, encoding="utf-8") as fh:
+        mapping = json.load(fh)
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ValueError(f"--content-types {path}: expected a JSON object {{image file name: content type}}")
+    by_base = {os.path.basename(k): v for k, v in mapping.items()}
+    found = 0
+    for name, item in ground_truth.items():
+        label = mapping.get(name, by_base.get(os.path.basename(name)))
+        if label is not None:
+            item.content_type = label
+            found += 1
+    print(f"content types: {found} of {len(ground_truth)} ground-truth images labelled from {path}")
 
 
 INFER_SUMMARY = "infer_summary.json"   # written by `legion infer` next to predictions.jsonl
