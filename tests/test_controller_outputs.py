@@ -124,3 +124,15 @@ def test_case_folder_summary_and_offline_html(tmp_path):
     for src in parser.sources:  # relative, existing, nothing fetched from outside
         assert not re.match(r"^[a-z]+:|^/", src) and (tmp_path / src).is_file()
     assert "http" not in text and "<script" not in text
+
+
+def test_html_page_renders_in_a_browser(tmp_path):
+    from tests.browser import open_page
+
+    writer = CaseWriter(tmp_path, "case_a")
+    rounds = [writer.write_round(k, np.full((10, 12, 3), 60 * k, np.uint8), "p", {"verdict": "fake"}, 0.1 * (k + 1),
+                                 np.ones((10, 12), np.uint8), [], {}) for k in range(2)]
+    summary = case_summary("case_a", "p", None, rounds, 1, "max_rounds", "clip")
+    page = write_html(tmp_path, [summary], write_summary(tmp_path, [summary], "clip", "inpaint"), "t")
+    result = open_page(page)
+    assert result["errors"] == [] and result["broken"] == [] and len(result["images"]) == 3
