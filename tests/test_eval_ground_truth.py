@@ -64,10 +64,13 @@ def test_load_synthscars_unions_records_of_the_same_file(tmp_path):
 
 
 def test_escaping_names_get_no_size_and_missing_images_fall_back(tmp_path):
-    records = [_record("1", "../../etc/passwd.png", []), _record("2", "gone.png", [])]
+    records = [_record("1", "../../etc/passwd.png", []), _record("2", "gone.png", []), _record("3", "sub/s.png", [])]
     _write_synthscars(tmp_path, records, {})
+    (tmp_path / "test" / "images" / "sub").mkdir()
+    Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(tmp_path / "test" / "images" / "sub" / "s.png")
     gt = load_ground_truth(tmp_path, "synthscars")
     assert gt["passwd.png"].size is None and gt["gone.png"].size is None
+    assert gt["s.png"].size == (6, 7)          # relative sub-folder names follow the data loader's rule
     assert gt["gone.png"].resolved_size(fallback=(5, 6)) == (5, 6)
     with pytest.raises(ValueError, match="size unknown"):
         gt["gone.png"].resolved_size()

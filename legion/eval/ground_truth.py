@@ -153,7 +153,7 @@ def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str |
             continue
         item = items.get(name)
         if item is None:
-            path = _safe_image_path(image_dir, name)
+            path = _image_path(ss, root, split, image_dir, str(rec.img_file_name), name, allow_absolute)
             size = image_size(path) if path is not None else None
             item = items[name] = GroundTruthItem(name=name, size=size, phrase_polygons=[], phrase_texts=[],
                                                  reference_text=_normalise_space(rec.caption),
@@ -166,6 +166,19 @@ def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str |
         if found:
             item.artifact_category = sorted(found | set(_labels_of(item.artifact_category)))
     return items
+
+
+def _image_path(ss, root, split, image_dir: Path, img_file_name: str, name: str, allow_absolute: bool) -> Path | None:
+    """The stored image of a record: the data loader's rule (``resolve_image_path``) under a
+    dataset root with the default images folder, else ``image_dir/<file name>``; None when the
+    name escapes its folder or the file is not there."""
+    if root is not None and image_dir == ss.images_dir(root, split):
+        try:
+            path = ss.resolve_image_path(root, split, img_file_name, allow_absolute=allow_absolute)
+        except ss.PathEscapeError:
+            return None
+        return path if path.is_file() else None
+    return _safe_image_path(image_dir, name)
 
 
 def _labels_of(value) -> list[str]:
