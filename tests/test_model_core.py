@@ -272,3 +272,28 @@ def test_dense_positional_encoding_matches_sam_in_fp32():
     model = tiny_model()
     pe = model.model.grounding_encoder.prompt_encoder
     torch.testing.assert_close(dense_positional_encoding(pe), pe.get_dense_pe(), atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_round_trip_then_clip_from_its_own_directory(tmp_path):
+    from transformers import CLIPVisionModel
+
+    from legion.model.legion import LegionForCausalLM
+
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path / "legion")
+    model.model.vision_tower.vision_tower.save_pretrained(tmp_path / "clip")
+    loaded = LegionForCausalLM.from_pretrained(tmp_path / "legion").eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    sam = loaded.model.grounding_encoder
+    assert sam.pixel_mean.flatten().tolist() == pytest.approx([123.675, 116.28, 103.53])
+    assert sam.pixel_std.flatten().tolist() == pytest.approx([58.395, 57.12, 57.375])
+
+    loaded.load_vision_tower(tmp_path / "clip")
+    clip, _ = images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_images(clip), model.encode_images(clip))
+    other = tiny_config().vision_config | {"image_size": 32}
+    from transformers import CLIPVisionConfig
+    with pytest.raises(ValueError, match="image_size"):
+        loaded.load_vision_tower(CLIPVisionModel(CLIPVisionConfig(**other)))

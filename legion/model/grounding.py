@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
 
 def build_sam(sam_config: dict) -> Sam:
     """A randomly initialized `Sam` with the sizes of `LegionConfig.sam_config`.
@@ -44,6 +47,7 @@ def build_sam(sam_config: dict) -> Sam:
                                           mlp_dim=c["decoder_mlp_dim"], num_heads=c["decoder_num_heads"]),
             transformer_dim=embed, iou_head_depth=3, iou_head_hidden_dim=c.get("iou_head_hidden_dim", embed),
         ),
+        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
     )
 
 

@@ -27,7 +27,9 @@ from transformers.utils import ModelOutput
 
 from legion.model.configuration import LegionConfig
 from legion.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from legion.model.grounding import build_sam, predict_masks, sam_image_embeddings
+from segment_anything.modeling import Sam
+
+from legion.model.grounding import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, predict_masks, sam_image_embeddings
 from legion.model.losses import causal_lm_loss, mask_losses
 from legion.model.region import RegionEncoder
 from legion.model.vision import CLIPVisionTower, build_mm_projector
@@ -240,6 +242,10 @@ class LegionModel(LlamaModel):
 
 def _init_weights(model, module, base_cls):
     """HF init for the LLM parts; SAM / region encoder modules get their own default init."""
+    if isinstance(module, Sam):  # non-persistent buffers, absent from every checkpoint
+        module.pixel_mean.copy_(torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1))
+        module.pixel_std.copy_(torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1))
+        return
     if getattr(module, "_legion_default_init", False):
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
@@ -261,7 +267,6 @@ class LegionForCausalLM(LlamaForCausalLM):
     """LEGION's loc/exp model. State-dict keys follow GLaMM's table (spec/model.md §13.2)."""
 
     config_class = LegionConfig
-    _keys_to_ignore_on_load_missing = [r"vision_tower\."]
     _keys_to_ignore_on_save = [r"vision_tower\."]
 
     def __init__(self, config: LegionConfig):
@@ -290,6 +295,10 @@ class LegionForCausalLM(LlamaForCausalLM):
     def encode_images(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(clip_pixel_values)
 
+    def load_vision_tower(self, source, dtype: torch.dtype | None = None, device=None) -> None:
+        """Install CLIP weights (a local dir or a CLIPVisionModel); see CLIPVisionTower.load_pretrained."""
+        self.model.vision_tower.load_pretrained(source, dtype=dtype, device=device)
+
     def sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.sam_image_embeddings(sam_pixel_values)
 
@@ -301,6 +310,8 @@ class LegionForCausalLM(LlamaForCausalLM):
 
     def _masks_for(self, seg_states: list[torch.Tensor], sam_pixel_values, sam_resized_sizes,
                    original_sizes) -> list[torch.Tensor]:
+        if all(len(s) == 0 for s in seg_states):  # nothing to decode: skip the SAM image encoder
+            return [torch.zeros(0, int(h), int(w), device=sam_pixel_values.device) for h, w in original_sizes]
         image_embeddings = self.sam_image_embeddings(sam_pixel_values)
         masks = []
         for b, states in enumerate(seg_states):

@@ -34,6 +34,26 @@ class CLIPVisionTower(nn.Module):
         self.select_layer = select_layer
         self.select_feature = select_feature
 
+    def load_pretrained(self, source, dtype: torch.dtype | None = None, device=None) -> None:
+        """Replace the tower by real CLIP weights.
+
+        source: a local directory (CLIPVisionModel or full CLIPModel checkpoint) or a
+        CLIPVisionModel. Its sizes must match this tower's config (image size, patch, width, depth).
+        Needed after `from_pretrained` of a LEGION checkpoint, which holds no CLIP weights (the
+        tower is then left unmaterialized).
+        """
+        model = source if isinstance(source, CLIPVisionModel) else CLIPVisionModel.from_pretrained(source)
+        want, got = self.vision_tower.config, model.config
+        for field in ("image_size", "patch_size", "hidden_size", "num_hidden_layers"):
+            if getattr(want, field) != getattr(got, field):
+                raise ValueError(f"CLIP tower {field} is {getattr(got, field)}, the LEGION config expects "
+                                 f"{getattr(want, field)}")
+        model.requires_grad_(False)
+        model.eval()
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        self.vision_tower = model
+
     def train(self, mode: bool = True) -> "CLIPVisionTower":
         # Frozen feature extractor: stays in eval mode (no dropout, no activation checkpointing).
         return super().train(False)
