@@ -28,45 +28,21 @@ UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 TINY_VOCAB_SIZE = 3072  # base BPE ids (specials + bytes + merges); small corpora may stop earlier
 TINY_MODEL_MAX_LENGTH = 1536  # as in LEGION training (spec/model.md §1)
-SYNTHSCARS_SAMPLE = Path("/work/shared/data/synthscars_annotation_sample.json")
-_REPO = Path(__file__).resolve().parents[2]
 
 
 # --- corpus -------------------------------------------------------------------------------
-def _strings_under(obj, keys: tuple[str, ...]) -> Iterator[str]:
-    """Every string value stored under one of `keys`, anywhere inside a JSON document."""
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if key in keys and isinstance(value, str):
-                yield value
-            else:
-                yield from _strings_under(value, keys)
-    elif isinstance(obj, list):
-        for value in obj:
-            yield from _strings_under(value, keys)
-
-
-def _synthscars_sample_texts() -> list[str]:
-    for path in (SYNTHSCARS_SAMPLE, _REPO.parent / "shared" / "data" / SYNTHSCARS_SAMPLE.name):
-        if path.is_file():
-            with open(path, encoding="utf-8") as fh:
-                return list(_strings_under(json.load(fh), ("caption", "sentence", "explanation")))
-    return []
-
-
 def _toy_caption_texts() -> list[str]:
-    try:  # written by the data team; the tokenizer must build without it
-        from legion.data.toy import caption_corpus
-    except ImportError:
-        return []
-    try:
-        return list(caption_corpus())
-    except Exception:  # a broken optional corpus must not break checkpoint building
-        return []
+    from legion.data.toy import caption_corpus
+
+    return list(caption_corpus())
 
 
 def default_corpus() -> list[str]:
-    """LEGION's prompts + SynthScars sample captions (if present) + ToyScars captions (if available)."""
+    """LEGION's prompts + every caption ToyScars can emit.
+
+    Only text that ships with the package: the tiny tokenizer (and so a tiny checkpoint's vocabulary)
+    must be the same on every machine.
+    """
     answer = f"{conv.tag_phrase('the hand')}: the fingers are fused."
     texts = [
         conv.render_conversation(answer),
@@ -76,7 +52,7 @@ def default_corpus() -> list[str]:
         "Could you provide a detailed analysis of artifacts in this photo? Please output with interleaved "
         "segmentation masks for the corresponding parts of the answer.",
     ]
-    return texts + _synthscars_sample_texts() + _toy_caption_texts()
+    return texts + _toy_caption_texts()
 
 
 # --- tiny tokenizer -----------------------------------------------------------------------
