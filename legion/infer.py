@@ -1,0 +1,645 @@
+"""Explain and segment artifacts in a folder of images (spec/model.md §11).
+
+    legion infer --config configs/legion_7b/infer.yaml model_path=checkpoints/legion_7b \\
+        image_dir=photos/ output_dir=runs/infer
+    torchrun --nproc_per_node 8 -m legion infer --config ... (same keys: images are split by rank)
+
+Per image: optional real/fake gate (detector) -> batched, KV-cached greedy generation -> one
+mask per `[SEG]` (+ their union) -> `output_dir/predictions.jsonl` (docs/ARCHITECTURE.md), and on
+request the reference layout `<out>/<image>/explanation.json` + `mask.png`, per-phrase PNGs and
+an overlay. Runs are resumable: images with a complete record (and the requested files) are
+skipped. The resolved config is saved as `output_dir/infer_config.yaml`.
+
+In-process API (used by training for validation):
+
+    analyzer = Analyzer.load("checkpoints/legion_7b", detector_path=None, device="cuda")
+    records = analyzer.analyze([rgb_uint8_image, ...])          # list of prediction dicts
+    summary = run_inference(cfg, analyzer=analyzer)              # a whole folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from legion.config import ConfigError, describe_schema, load_config, save_resolved_config
+
+PREDICTIONS = "predictions.jsonl"
+RESOLVED_CONFIG = "infer_config.yaml"
+SUMMARY = "infer_summary.json"
+OVERLAY_COLORS = np.array([[255, 64, 64], [64, 200, 64], [64, 128, 255], [255, 200, 0], [200, 64, 255],
+                           [0, 220, 220], [255, 128, 0], [160, 160, 160]], dtype=np.float32)
+
+
+class InferError(RuntimeError):
+    """Bad inference input or setup (missing paths, missing optional package), with the reason."""
+
+
+# --- config -------------------------------------------------------------------------------------
+@dataclass
+class InferConfig:
+    model_path: str = field(default="", metadata={"help": "merged model directory (legion merge step2 / make-tiny)"})
+    image_dir: str = field(default="", metadata={"help": "folder scanned recursively for images"})
+    image_list: str | None = field(default=None, metadata={
+        "help": "text file, one image path per line (relative to image_dir, else to the list's folder)"})
+    output_dir: str = field(default="", metadata={"help": "where predictions.jsonl and image outputs go"})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP folder if the model dir has none"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"})
+    quantization: str | None = field(default=None, metadata={"help": "8bit | 4bit (bitsandbytes) for 24 GB GPUs"})
+    batch_size: int = field(default=4, metadata={"help": "images per generation batch"})
+    max_new_tokens: int = 512
+    sam_input_size: int | None = field(default=1024, metadata={
+        "help": "SAM ResizeLongestSide S (reference inference: 1024); null = the SAM encoder size"})
+    detector_path: str | None = field(default=None, metadata={"help": "real/fake detector dir (legion cls-train)"})
+    detector_backbone: str | None = field(default=None, metadata={"help": "CLIP/LEGION dir overriding the detector's"})
+    gate_threshold: float = field(default=0.5, metadata={"help": "P(fake) below this -> verdict real, no analysis"})
+    perturb: str | None = field(default=None, metadata={"help": "robustness perturbation, e.g. jpeg:50, noise:5, blur:5"})
+    perturb_seed: int = 0
+    save_reference_layout: bool = field(default=False, metadata={
+        "help": "also write <out>/<image>/explanation.json + mask.png (0/255) like the reference"})
+    save_phrase_masks: bool = field(default=False, metadata={"help": "also write <out>/<image>/mask_<i>.png"})
+    save_overlay: bool = field(default=False, metadata={"help": "also write <out>/<image>/overlay.png"})
+    resume: bool = field(default=True, metadata={"help": "skip images that already have a complete record"})
+    max_images: int | None = field(default=None, metadata={"help": "process at most this many images (smoke tests)"})
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"dtype: unknown dtype {name!r} (auto, float32, bfloat16, float16)")
+    return table[name]
+
+
+# --- quantization -------------------------------------------------------------------------------
+def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
+    """Swap the LLaMA decoder's nn.Linear layers for bitsandbytes 8-bit / 4-bit (nf4) layers.
+
+    Only `model.model.layers` is quantized (6.5 B of the 8 B parameters); CLIP, SAM, the projector,
+    `text_hidden_fcs`, embeddings and `lm_head` keep `compute_dtype`/fp32, so masks are unchanged in
+    kind. The weights are quantized when the model moves to the GPU. Returns the number of layers
+    replaced. Raises InferError when bitsandbytes is not installed.
+    """
+    if mode not in ("8bit", "4bit"):
+        raise ConfigError(f"quantization: {mode!r} is not one of 8bit, 4bit (or null)")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise InferError(f"quantization={mode} needs bitsandbytes, which is not installed: "
+                         "`pip install bitsandbytes` (CUDA GPU; see docs/inference.md)") from None
+    replaced = 0
+    for parent in list(model.model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            weight = child.weight.data.to(compute_dtype)
+            bias = child.bias is not None
+            if mode == "8bit":
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
+                                          has_fp16_weights=False, threshold=6.0)
+                new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias,
+                                        compute_dtype=compute_dtype, quant_type="nf4")
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            if bias:
+                new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(parent, name, new)
+            replaced += 1
+    return replaced
+
+
+# --- masks -> output helpers ------------------------------------------------------------------
+def _empty_rle(height: int, width: int) -> dict:
+    from legion.utils.rle import mask_to_rle
+
+    return mask_to_rle(np.zeros((height, width), dtype=np.uint8))
+
+
+def base_record(width: int | None, height: int | None, sam_input_size: int | None) -> dict:
+    """A record with every field of docs/ARCHITECTURE.md, before analysis."""
+    return {"width": width, "height": height, "verdict": None, "fake_prob": None, "explanation": "",
+            "phrases": [], "masks": [], "union_mask": None, "no_seg": False, "raw_text": None,
+            "sam_input_size": sam_input_size, "seconds": None, "error": None,
+            "num_seg": 0, "mismatch": None, "truncated": False}
+
+
+def error_record(message: str, width: int | None = None, height: int | None = None,
+                 sam_input_size: int | None = None) -> dict:
+    record = base_record(width, height, sam_input_size)
+    record.update(verdict="error", error=message)
+    return record
+
+
+# --- the analyzer ---------------------------------------------------------------------------------
+class Analyzer:
+    """A loaded LEGION model (+ optional detector) that turns RGB images into prediction records.
+
+    model: LegionForCausalLM (eval); tokenizer: its tokenizer; detector: RealFakeDetector or None.
+    sam_input_size: SAM's ResizeLongestSide S (None: the SAM encoder's input size; must not exceed it).
+    """
+
+    def __init__(self, model, tokenizer, detector=None, sam_input_size: int | None = 1024,
+                 max_new_tokens: int = 512, gate_threshold: float = 0.5, question: str | None = None):
+        from legion.model import conversation as conv
+
+        self.model, self.tokenizer, self.detector = model, tokenizer, detector
+        self.sam_pad_to = int(model.config.sam_config["image_size"])
+        self.sam_input_size = int(sam_input_size) if sam_input_size else self.sam_pad_to
+        if self.sam_input_size > self.sam_pad_to:
+            raise ConfigError(f"sam_input_size {self.sam_input_size} exceeds the SAM encoder input "
+                              f"{self.sam_pad_to} of this model (use <= {self.sam_pad_to} or null)")
+        self.clip_size = int(model.config.vision_config["image_size"])
+        self.max_new_tokens = int(max_new_tokens)
+        self.gate_threshold = float(gate_threshold)
+        self.prompt_ids = conv.encode_prompt(tokenizer, question or conv.GCG_QUESTION,
+                                             use_im_start_end=bool(model.config.mm_use_im_start_end))
+        self.seg_id = conv.special_token_ids(tokenizer, expect_glamm_ids=False).seg
+        if model.config.seg_token_idx is not None and int(model.config.seg_token_idx) != self.seg_id:
+            raise ConfigError(f"model seg_token_idx {model.config.seg_token_idx} != tokenizer [SEG] id {self.seg_id}")
+
+    @classmethod
+    def load(cls, model_path: str | os.PathLike, detector_path: str | os.PathLike | None = None,
+             device: str | torch.device = "cpu", sam_input_size: int | None = 1024, max_new_tokens: int = 512,
+             gate_threshold: float = 0.5, dtype: str | torch.dtype | None = None, vision_tower: str | None = None,
+             quantization: str | None = None, detector_backbone: str | None = None) -> "Analyzer":
+        """Load a model directory (and a detector) for inference on `device`."""
+        from legion.model.builders import load_model
+
+        device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+        dtype = resolve_dtype(dtype, device)
+        if not Path(model_path).is_dir():
+            raise InferError(f"model_path is not a directory: {model_path}")
+        model, tokenizer, _ = load_model(model_path, dtype=dtype, device="cpu", vision_tower=vision_tower,
+                                         verbose=False)
+        if quantization:
+            if device.type != "cuda":
+                raise InferError(f"quantization={quantization} runs on a CUDA GPU (device is {device})")
+            quantize_language_model(model, quantization, dtype)
+        model.to(device).eval()
+        detector = None
+        if detector_path:
+            from legion.model.detector import load_detector
+
+            detector = load_detector(detector_path, device=device, backbone=detector_backbone)
+        return cls(model, tokenizer, detector, sam_input_size, max_new_tokens, gate_threshold)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def fake_probabilities(self, images: Sequence[np.ndarray]) -> list[float | None]:
+        if self.detector is None:
+            return [None] * len(images)
+        return [float(p) for p in self.detector.fake_probability_images(list(images))]
+
+    @torch.no_grad()
+    def explain(self, images: Sequence[np.ndarray]) -> list[dict]:
+        """Generation + masks for a batch of RGB uint8 images (no gate). One record each."""
+        from legion.data.transforms import clip_preprocess, sam_preprocess
+        from legion.model import conversation as conv
+        from legion.utils.rle import mask_to_rle
+
+        start = time.perf_counter()
+        clip = torch.stack([clip_preprocess(im, self.clip_size) for im in images]).to(self.device)
+        sam = [sam_preprocess(im, self.sam_input_size, self.sam_pad_to) for im in images]
+        sam_pixels = torch.stack([s[0] for s in sam]).to(self.device)
+        ids = self.prompt_ids[None].repeat(len(images), 1).to(self.device)
+        results = self.model.generate_grounded(
+            ids, torch.ones_like(ids), clip, sam_pixels, [s[1] for s in sam], [im.shape[:2] for im in images],
+            max_new_tokens=self.max_new_tokens, use_cache=True)
+        seconds = (time.perf_counter() - start) / len(images)
+        records = []
+        for image, res in zip(images, results):
+            height, width = image.shape[:2]
+            record = base_record(width, height, self.sam_input_size)
+            text = self.tokenizer.decode(res.token_ids, skip_special_tokens=False)
+            explanation, phrases = conv.parse_answer(text)
+            masks = (res.mask_logits > 0).cpu().numpy().astype(np.uint8)  # [N, H, W]
+            num_seg = sum(1 for t in res.token_ids if t == self.seg_id)
+            record.update(verdict="fake", explanation=explanation, phrases=phrases, raw_text=text,
+                          masks=[mask_to_rle(m) for m in masks], num_seg=num_seg, no_seg=num_seg == 0,
+                          union_mask=mask_to_rle(masks.any(0) if len(masks) else np.zeros((height, width), np.uint8)),
+                          truncated=not res.finished, seconds=round(seconds, 4))
+            if not (len(phrases) == num_seg == len(masks)):
+                # Pairing is by order; a mismatch (e.g. a phrase without [SEG]) is reported, not hidden.
+                record["mismatch"] = f"{len(phrases)} phrases, {num_seg} [SEG], {len(masks)} masks"
+            records.append(record)
+        return records
+
+    def analyze(self, images: Sequence[np.ndarray]) -> list[dict]:
+        """RGB uint8 images [H, W, 3] -> prediction records (docs/ARCHITECTURE.md, no `image` field).
+
+        With a detector, images with P(fake) < gate_threshold get verdict "real" and no analysis.
+        A batch that fails as a whole is retried image by image; an image that fails gets an
+        `error` record.
+        """
+        start = time.perf_counter()
+        records: list[dict | None] = [None] * len(images)
+        probs = self.fake_probabilities(images)
+        todo = []
+        for i, (image, prob) in enumerate(zip(images, probs)):
+            if prob is not None and prob < self.gate_threshold:
+                h, w = image.shape[:2]
+                record = base_record(w, h, self.sam_input_size)
+                record.update(verdict="real", fake_prob=prob, union_mask=_empty_rle(h, w))
+                records[i] = record
+            else:
+                todo.append(i)
+        if todo:
+            try:
+                explained = self.explain([images[i] for i in todo])
+            except (RuntimeError, ValueError) as exc:
+                if len(todo) == 1:
+                    h, w = images[todo[0]].shape[:2]
+                    explained = [error_record(f"{type(exc).__name__}: {exc}", w, h, self.sam_input_size)]
+                else:
+                    explained = [self.analyze([images[i]])[0] for i in todo]
+            for i, record in zip(todo, explained):
+                record["fake_prob"] = probs[i]
+                records[i] = record
+        gate_seconds = (time.perf_counter() - start) / max(len(images), 1)
+        for record in records:
+            if record["seconds"] is None:
+                record["seconds"] = round(gate_seconds, 4)
+        return records
+
+
+# --- image listing ------------------------------------------------------------------------------
+@dataclass
+class ImageListing:
+    items: list[tuple[str, Path]]  # (key = path relative to image_dir / as listed, absolute path)
+    skipped_non_images: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+def list_images(image_dir: str | None, image_list: str | None = None) -> ImageListing:
+    """Images of a folder (recursive, by extension, sorted) or of a list file (in its order).
+
+    Files that are not images by extension are skipped and counted; listed paths that do not
+    exist are kept (they become `error` records, so nothing vanishes silently).
+    """
+    from legion.data.images import is_image_file
+
+    listing = ImageListing(items=[])
+
+    def skip(name: str) -> None:
+        listing.skipped_non_images += 1
+        if len(listing.skipped_examples) < 5:
+            listing.skipped_examples.append(name)
+
+    if image_list:
+        list_file = Path(image_list)
+        if not list_file.is_file():
+            raise InferError(f"image_list not found: {list_file}")
+        root = Path(image_dir) if image_dir else list_file.parent
+        seen = set()
+        for line in list_file.read_text().splitlines():
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            if not is_image_file(entry):
+                skip(entry)
+                continue
+            if entry in seen:
+                continue
+            seen.add(entry)
+            path = Path(entry) if Path(entry).is_absolute() else root / entry
+            listing.items.append((entry, path))
+        return listing
+    if not image_dir:
+        raise InferError("give image_dir=FOLDER or image_list=FILE")
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise InferError(f"image_dir is not a directory: {root}")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            if name.startswith("."):
+                continue
+            if is_image_file(name):
+                found.append(rel)
+            else:
+                skip(rel)
+    listing.items = [(rel, root / rel) for rel in sorted(found)]
+    return listing
+
+
+def output_subdir(output_dir: Path, key: str) -> Path:
+    """`<out>/<image path as listed>/` (the reference's layout) — never outside `output_dir`."""
+    parts = Path(key).parts
+    if Path(key).is_absolute() or ".." in parts or not parts:
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        return output_dir / f"{digest}_{Path(key).name}"
+    return output_dir.joinpath(*parts)
+
+
+# --- writers ----------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _atomic_save_png(path: Path, array: np.ndarray, mode: str) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def overlay_image(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 [H, W, 3] with each mask tinted in its own colour (phrase order) -> uint8 [H, W, 3]."""
+    out = image.astype(np.float32)
+    for i, mask in enumerate(masks):
+        sel = mask.astype(bool)
+        out[sel] = (1 - alpha) * out[sel] + alpha * OVERLAY_COLORS[i % len(OVERLAY_COLORS)]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def expected_files(cfg: InferConfig, output_dir: Path, key: str, record: dict) -> list[Path]:
+    """Files the config asks for, for one image (empty when none or on error)."""
+    if record.get("verdict") == "error":
+        return []
+    sub = output_subdir(output_dir, key)
+    files = []
+    if cfg.save_reference_layout:
+        files += [sub / "explanation.json", sub / "mask.png"]
+    if cfg.save_phrase_masks:
+        files += [sub / f"mask_{i}.png" for i in range(len(record.get("masks") or []))]
+    if cfg.save_overlay:
+        files.append(sub / "overlay.png")
+    return files
+
+
+def write_image_files(cfg: InferConfig, output_dir: Path, key: str, record: dict, image: np.ndarray | None,
+                      image_dir: str | None) -> None:
+    """Reference layout / per-phrase PNGs / overlay for one record (atomic writes)."""
+    from legion.utils.rle import rle_to_mask
+
+    if record.get("verdict") == "error" or not (cfg.save_reference_layout or cfg.save_phrase_masks or cfg.save_overlay):
+        return
+    sub = output_subdir(output_dir, key)
+    masks = [rle_to_mask(r) for r in record["masks"]]
+    union = rle_to_mask(record["union_mask"])
+    if cfg.save_reference_layout:
+        name = f"{image_dir.rstrip('/')}/{key}" if image_dir and not Path(key).is_absolute() else key
+        _atomic_write_bytes(sub / "explanation.json", json.dumps({name: record["explanation"]}, indent=4).encode())
+        _atomic_save_png(sub / "mask.png", union * 255, "L")
+    if cfg.save_phrase_masks:
+        for i, mask in enumerate(masks):
+            _atomic_save_png(sub / f"mask_{i}.png", mask * 255, "L")
+    if cfg.save_overlay and image is not None:
+        _atomic_save_png(sub / "overlay.png", overlay_image(image, masks), "RGB")
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a JSONL file; a torn last line (crash mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "image" in record:
+            records.append(record)
+    return records
+
+
+class JsonlAppender:
+    """Append one JSON line per record; flushed and fsynced so a crash loses at most one line."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file() and path.stat().st_size:  # make sure a torn last line does not swallow the next
+            with open(path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                needs_newline = fh.read(1) != b"\n"
+            if needs_newline:
+                with open(path, "a") as fh:
+                    fh.write("\n")
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def part_path(output_dir: Path, rank: int, world: int) -> Path:
+    return output_dir / f"predictions.part{rank:03d}-of-{world:03d}.jsonl"
+
+
+def merge_parts(output_dir: Path, order: Sequence[str]) -> int:
+    """predictions.jsonl <- previous predictions.jsonl + every part file (last record per image
+    wins), in listing order (records of images no longer listed go last). Atomic; parts removed."""
+    parts = sorted(output_dir.glob("predictions.part*-of-*.jsonl"))
+    latest: dict[str, dict] = {}
+    for source in [output_dir / PREDICTIONS, *parts]:
+        for record in read_records(source):
+            latest[record["image"]] = record
+    position = {key: i for i, key in enumerate(order)}
+    keys = sorted(latest, key=lambda k: (position.get(k, len(position)), k))
+    text = "".join(json.dumps(latest[k], ensure_ascii=False) + "\n" for k in keys)
+    _atomic_write_bytes(output_dir / PREDICTIONS, text.encode("utf-8"))
+    for part in parts:
+        part.unlink()
+    return len(keys)
+
+
+# --- distributed -------------------------------------------------------------------------------------
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _init_distributed(world: int) -> bool:
+    """A gloo group for the final barrier only (long timeout: shards may finish hours apart)."""
+    import torch.distributed as dist
+
+    if world <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    return True
+
+
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+# --- the recipe ---------------------------------------------------------------------------------------
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int | None = None,
+                  world_size: int | None = None) -> dict:
+    """Analyze every image of `cfg` and write the outputs. Returns a summary dict.
+
+    Under torchrun (WORLD_SIZE > 1) rank r takes images r, r + N, r + 2N, ... of the full sorted
+    listing (not of the remaining ones, so every rank agrees while others write), appends its
+    records to its own part file, and rank 0 merges the parts into predictions.jsonl after a
+    barrier: no image is lost or processed twice, also when resuming. Passing `rank` and
+    `world_size` explicitly shards without a process group (the caller runs rank 0 last).
+    """
+    from legion.data.images import ImageReadError, read_image
+    from legion.data.perturb import parse_perturbation
+
+    if not cfg.output_dir:
+        raise InferError("give output_dir=FOLDER")
+    if analyzer is None and not cfg.model_path:
+        raise InferError("give model_path=MODEL_DIR")
+    if cfg.batch_size < 1:
+        raise ConfigError("batch_size must be >= 1")
+    try:
+        perturbation = parse_perturbation(cfg.perturb, seed=cfg.perturb_seed)
+    except ValueError as exc:
+        raise ConfigError(f"perturb: {exc}") from None
+    explicit = rank is not None and world_size is not None
+    rank, world = (rank, world_size) if explicit else _dist_info()
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} is outside world size {world}")
+    output_dir = Path(cfg.output_dir)
+    listing = list_images(cfg.image_dir or None, cfg.image_list)
+    items = listing.items[: cfg.max_images] if cfg.max_images is not None else listing.items
+    order = [key for key, _ in items]
+    mine = items[rank::world]
+
+    own_group = False if explicit else _init_distributed(world)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(cfg, output_dir, RESOLVED_CONFIG)
+    if analyzer is None:
+        analyzer = Analyzer.load(cfg.model_path, cfg.detector_path, resolve_device(cfg.device), cfg.sam_input_size,
+                                 cfg.max_new_tokens, cfg.gate_threshold, cfg.dtype, cfg.vision_tower,
+                                 cfg.quantization, cfg.detector_backbone)
+
+    done: dict[str, dict] = {}
+    if cfg.resume:
+        for source in [output_dir / PREDICTIONS, *sorted(output_dir.glob("predictions.part*-of-*.jsonl"))]:
+            for record in read_records(source):
+                done[record["image"]] = record
+
+    def complete(key: str) -> bool:
+        record = done.get(key)
+        if record is None or record.get("verdict") == "error":  # errors are retried on resume
+            return False
+        return all(p.is_file() for p in expected_files(cfg, output_dir, key, record))
+
+    todo = [(key, path) for key, path in mine if not complete(key)]
+    writer = JsonlAppender(part_path(output_dir, rank, world))
+    counts = {"images": len(items), "this_rank": len(mine), "resumed": len(mine) - len(todo),
+              "fake": 0, "real": 0, "error": 0, "no_seg": 0, "mismatch": 0}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"infer[{rank}/{world}]" if world > 1 else "infer", unit="img",
+               disable=not cfg.progress, position=rank if world > 1 else None)
+    try:
+        for batch in _chunks(todo, cfg.batch_size):
+            loaded, keys, records = [], [], {}
+            for key, path in batch:
+                try:
+                    image = read_image(path)
+                    loaded.append(perturbation(image, key=key))
+                    keys.append(key)
+                except ImageReadError as exc:
+                    records[key] = error_record(f"unreadable image: {exc}", sam_input_size=analyzer.sam_input_size)
+                except OSError as exc:
+                    records[key] = error_record(f"unreadable image: {exc}", sam_input_size=analyzer.sam_input_size)
+            if loaded:
+                for key, record in zip(keys, analyzer.analyze(loaded)):
+                    records[key] = record
+            images = dict(zip(keys, loaded))
+            for key, _ in batch:
+                record = {"image": key, **records[key]}
+                try:
+                    write_image_files(cfg, output_dir, key, record, images.get(key), cfg.image_dir or None)
+                except OSError as exc:
+                    record.update(verdict="error", error=f"could not write outputs: {exc}")
+                writer.write(record)
+                counts[record["verdict"]] += 1
+                counts["no_seg"] += bool(record["no_seg"])
+                counts["mismatch"] += bool(record["mismatch"])
+                bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+    if not explicit:
+        _barrier(world)
+    summary = {**counts, "skipped_non_images": listing.skipped_non_images, "world_size": world,
+               "output_dir": str(output_dir), "sam_input_size": analyzer.sam_input_size,
+               "perturbation": perturbation.describe()}
+    if rank == 0:
+        summary["records"] = merge_parts(output_dir, order)
+        _atomic_write_bytes(output_dir / SUMMARY, json.dumps(summary, indent=2).encode())
+    if own_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary
+
+
+# --- CLI ----------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (configs/legion_7b/infer.yaml, configs/tiny/infer.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. model_path=... image_dir=... output_dir=... batch_size=8")
+    parser.epilog = "config keys:\n" + "\n".join(describe_schema(InferConfig))
+
+
+def run(args: argparse.Namespace) -> int:
+    from legion.model.builders import CheckpointError
+    from legion.model.detector import DetectorLoadError
+
+    try:
+        cfg = load_config(InferConfig, args.config, args.overrides)
+        summary = run_inference(cfg)
+    except (ConfigError, InferError, CheckpointError, DetectorLoadError, FileNotFoundError) as exc:
+        print(f"legion infer: error: {exc}")
+        return 2
+    if summary.get("records") is not None:
+        print(f"{summary['images']} images ({summary['resumed']} already done on this rank): {summary['fake']} fake, "
+              f"{summary['real']} real, {summary['error']} errors, {summary['no_seg']} without [SEG], "
+              f"{summary['mismatch']} phrase/mask mismatches; {summary['skipped_non_images']} non-image files "
+              f"skipped -> {Path(summary['output_dir']) / PREDICTIONS}")
+    return 0

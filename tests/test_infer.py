@@ -1,0 +1,270 @@
+"""legion infer: listing, batched grounded generation -> records, writers, resume, sharding, gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from legion.config import ConfigError
+from legion.infer import (Analyzer, InferConfig, InferError, list_images, output_subdir, quantize_language_model,
+                          read_records, run_inference)
+from legion.model import conversation as conv
+from legion.utils.rle import rle_to_mask
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD_FIELDS = {"image", "width", "height", "verdict", "fake_prob", "explanation", "phrases", "masks", "union_mask",
+                 "no_seg", "raw_text", "sam_input_size", "seconds", "error"}  # docs/ARCHITECTURE.md
+
+
+class ScriptedAnswers:
+    """Forward hook on lm_head that makes greedy decoding emit a given token sequence per batch row
+    (then eos). The [SEG] hidden states, SAM masks and text parsing all stay the real code path:
+    random tiny weights would almost never emit [SEG] on their own."""
+
+    def __init__(self, model, tokenizer, answers: list[str]):
+        self.rows = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+        self.eos = model.config.eos_token_id
+        self.step = 0
+        self.hooks = [model.lm_head.register_forward_hook(self),
+                      model.model.register_forward_pre_hook(self._new_prompt, with_kwargs=True)]
+
+    def _new_prompt(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:  # a prompt forward starts a new generation
+            self.step = 0
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+
+    def __call__(self, module, inputs, output):
+        if output.dim() != 2:  # teacher-forced forwards are left alone
+            return output
+        output = output.clone()
+        for b in range(output.shape[0]):
+            row = self.rows[b % len(self.rows)]
+            token = row[self.step] if self.step < len(row) else self.eos
+            output[b, token] += 1e4
+        self.step += 1
+        return output
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), rng.integers(0, 256, (70, 30, 3), dtype=np.uint8),
+            rng.integers(0, 256, (33, 33, 3), dtype=np.uint8)]
+
+
+def _write_folder(root: Path) -> list[str]:
+    (root / "sub").mkdir(parents=True)
+    names = ["b.png", "a.jpg", "sub/c.png"]
+    for name, image in zip(names, _images()):
+        Image.fromarray(image).save(root / name)
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(b"x")
+    (root / "zz_broken.png").write_bytes(b"not a png")
+    return names
+
+
+def test_list_images_folder_and_list_file(tmp_path):
+    _write_folder(tmp_path / "imgs")
+    listing = list_images(str(tmp_path / "imgs"))
+    assert [k for k, _ in listing.items] == ["a.jpg", "b.png", "sub/c.png", "zz_broken.png"]
+    assert listing.skipped_non_images == 1 and listing.skipped_examples == ["notes.txt"]
+    (tmp_path / "list.txt").write_text("# chosen\nsub/c.png\n\na.jpg\nreadme.md\na.jpg\nmissing.png\n")
+    listing = list_images(str(tmp_path / "imgs"), str(tmp_path / "list.txt"))
+    assert [k for k, _ in listing.items] == ["sub/c.png", "a.jpg", "missing.png"]  # list order, no duplicates
+    assert listing.skipped_non_images == 1
+    with pytest.raises(InferError, match="not a directory"):
+        list_images(str(tmp_path / "nope"))
+
+
+def test_output_subdir_stays_inside_output_dir(tmp_path):
+    assert output_subdir(tmp_path, "sub/x.png") == tmp_path / "sub" / "x.png"
+    for key in ("../../etc/x.png", "/abs/x.png"):
+        sub = output_subdir(tmp_path, key)
+        assert sub.parent == tmp_path and sub.name.endswith("x.png")
+
+
+def test_scripted_answers_pair_phrases_seg_and_masks(tiny_model):
+    model, tokenizer = tiny_model
+    answers = [f"Here {conv.tag_phrase('the hand')} and {conv.tag_phrase('the sky')}.",
+               "no artifacts at all.",
+               f"odd {conv.tag_phrase('a door')} and <p> a wall </p> only."]
+    analyzer = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=40)
+    images = _images()
+    script = ScriptedAnswers(model, tokenizer, answers)
+    records = analyzer.analyze(images)
+    script.remove()
+
+    two, none, odd = records
+    assert RECORD_FIELDS - {"image"} <= set(two)
+    assert two["verdict"] == "fake" and two["fake_prob"] is None and two["error"] is None
+    assert two["phrases"] == ["the hand", "the sky"] and two["num_seg"] == 2 and len(two["masks"]) == 2
+    assert two["explanation"] == "Here the hand and the sky." and "[SEG]" in two["raw_text"]
+    assert not two["no_seg"] and two["mismatch"] is None and not two["truncated"]
+    masks = [rle_to_mask(r) for r in two["masks"]]
+    assert all(m.shape == (40, 56) for m in masks) and two["width"] == 56 and two["height"] == 40
+    np.testing.assert_array_equal(rle_to_mask(two["union_mask"]), np.logical_or(*masks).astype(np.uint8))
+    assert two["sam_input_size"] == model.config.sam_config["image_size"]
+    # no [SEG]: recorded as such, an explained empty union, no phantom mask
+    assert none["no_seg"] and none["masks"] == [] and none["phrases"] == [] and none["mismatch"] is None
+    assert rle_to_mask(none["union_mask"]).shape == (70, 30) and rle_to_mask(none["union_mask"]).sum() == 0
+    # a phrase without [SEG]: pairing broken -> flagged
+    assert odd["phrases"] == ["a door", "a wall"] and odd["num_seg"] == 1 and len(odd["masks"]) == 1
+    assert odd["mismatch"] == "2 phrases, 1 [SEG], 1 masks"
+
+    # the batch gives exactly what one-by-one generation gives (left padding, per-row [SEG] states)
+    for i, image in enumerate(images):
+        script = ScriptedAnswers(model, tokenizer, [answers[i]])
+        single = analyzer.analyze([image])[0]
+        script.remove()
+        assert single["raw_text"] == records[i]["raw_text"] and single["masks"] == records[i]["masks"]
+
+
+def test_sam_input_size_checked(tiny_model):
+    model, tokenizer = tiny_model
+    with pytest.raises(ConfigError, match="exceeds the SAM encoder input"):
+        Analyzer(model, tokenizer, sam_input_size=1024)
+    assert Analyzer(model, tokenizer, sam_input_size=64).sam_input_size == 64
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(image_dir=str(tmp_path / "imgs"), output_dir=str(tmp_path / "out"), max_new_tokens=6,
+                sam_input_size=None, batch_size=2, progress=False)
+    base.update(kw)
+    return InferConfig(**base)
+
+
+def test_run_folder_writes_records_files_and_resumes(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    _write_folder(tmp_path / "imgs")
+    analyzer = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=12)
+    cfg = _cfg(tmp_path, save_reference_layout=True, save_phrase_masks=True, save_overlay=True)
+    script = ScriptedAnswers(model, tokenizer, [f"see {conv.tag_phrase('it')}."])
+    summary = run_inference(cfg, analyzer)
+    script.remove()
+    out = tmp_path / "out"
+    records = read_records(out / "predictions.jsonl")
+    assert [r["image"] for r in records] == ["a.jpg", "b.png", "sub/c.png", "zz_broken.png"]
+    assert summary["skipped_non_images"] == 1 and summary["error"] == 1 and summary["fake"] == 3
+    broken = records[-1]
+    assert broken["verdict"] == "error" and "zz_broken.png" in broken["error"] and broken["masks"] == []
+    for r in records[:3]:
+        assert set(r) >= RECORD_FIELDS and r["phrases"] == ["it"] and len(r["masks"]) == 1
+        sub = out / r["image"]
+        explanation = json.loads((sub / "explanation.json").read_text())
+        assert explanation == {f"{tmp_path / 'imgs'}/{r['image']}": r["explanation"]}
+        union = Image.open(sub / "mask.png")
+        assert union.mode == "L" and union.size == (r["width"], r["height"])
+        assert set(np.unique(np.asarray(union))) <= {0, 255}
+        np.testing.assert_array_equal(np.asarray(union) // 255, rle_to_mask(r["union_mask"]))
+        assert (sub / "mask_0.png").is_file() and Image.open(sub / "overlay.png").mode == "RGB"
+    assert (out / "infer_config.yaml").is_file() and not list(out.glob("predictions.part*"))
+
+    # resume: nothing recomputed except the error and an image whose files went missing
+    (out / "b.png" / "mask.png").unlink()
+    before = {r["image"]: r for r in records}
+    summary = run_inference(cfg, analyzer)  # no script now: b.png's new text differs
+    assert summary["resumed"] == 2
+    again = {r["image"]: r for r in read_records(out / "predictions.jsonl")}
+    assert list(again) == list(before)
+    assert again["a.jpg"] == before["a.jpg"] and again["sub/c.png"] == before["sub/c.png"]
+    assert again["b.png"]["raw_text"] != before["b.png"]["raw_text"] and (out / "b.png" / "mask.png").is_file()
+
+
+def test_sharding_loses_and_duplicates_nothing(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    _write_folder(tmp_path / "imgs")
+    analyzer = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=3)
+    cfg = _cfg(tmp_path, max_new_tokens=3)
+    for rank in (2, 1):
+        s = run_inference(cfg, analyzer, rank=rank, world_size=3)
+        assert "records" not in s
+    assert len(list((tmp_path / "out").glob("predictions.part*"))) == 2
+    summary = run_inference(cfg, analyzer, rank=0, world_size=3)
+    assert summary["this_rank"] == 2 and summary["records"] == 4
+    keys = [r["image"] for r in read_records(tmp_path / "out" / "predictions.jsonl")]
+    assert keys == ["a.jpg", "b.png", "sub/c.png", "zz_broken.png"]
+
+
+def test_detector_gate(tiny_model, tiny_model_dir, tmp_path):
+    from legion.model.detector import build_detector, load_detector
+
+    model, tokenizer = tiny_model
+    build_detector(tiny_model_dir, seed=0).save(tmp_path / "det")
+    detector = load_detector(tmp_path / "det")
+    images = _images()[:2]
+    probs = detector.fake_probability_images(images)
+    gate = Analyzer(model, tokenizer, detector=detector, sam_input_size=None, max_new_tokens=4,
+                    gate_threshold=max(probs) + 1e-3)
+    for record, prob in zip(gate.analyze(images), probs):
+        assert record["verdict"] == "real" and record["fake_prob"] == pytest.approx(prob)
+        assert record["explanation"] == "" and record["masks"] == [] and record["raw_text"] is None
+    open_gate = Analyzer(model, tokenizer, detector=detector, sam_input_size=None, max_new_tokens=4,
+                         gate_threshold=min(probs) - 1e-3)
+    for record, prob in zip(open_gate.analyze(images), probs):
+        assert record["verdict"] == "fake" and record["fake_prob"] == pytest.approx(prob)
+        assert record["raw_text"] is not None
+
+
+def test_cli_errors_and_config(tmp_path, capsys):
+    from legion.cli import main
+
+    assert main(["infer", "--config", str(REPO / "configs/tiny/infer.yaml"), "image_dir=x", "output_dir=y"]) == 2
+    assert "model_path" in capsys.readouterr().out
+    assert main(["infer", "batch_sise=3"]) == 2
+    assert "did you mean 'batch_size'" in capsys.readouterr().out
+    assert main(["infer", f"output_dir={tmp_path}", f"image_dir={tmp_path}", "model_path=m", "perturb=jpeg:500"]) == 2
+    assert "JPEG quality" in capsys.readouterr().out
+
+
+def test_cli_end_to_end_with_perturbation(tiny_model_dir, tmp_path, capsys):
+    from legion.cli import main
+
+    _write_folder(tmp_path / "imgs")
+    code = main(["infer", "--config", str(REPO / "configs/tiny/infer.yaml"), f"model_path={tiny_model_dir}",
+                 f"image_dir={tmp_path / 'imgs'}", f"output_dir={tmp_path / 'out'}", "max_new_tokens=3",
+                 "perturb=jpeg:50", "progress=false", "save_overlay=false"])
+    assert code == 0
+    assert "4 images" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "infer_summary.json").read_text())
+    assert summary["perturbation"]["kind"] == "jpeg" and summary["perturbation"]["quality"] == 50
+    assert "perturb: jpeg:50" in (tmp_path / "out" / "infer_config.yaml").read_text()
+    assert len(read_records(tmp_path / "out" / "predictions.jsonl")) == 4
+
+
+def test_quantization_needs_bitsandbytes(tiny_model):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes installed: the error path cannot be exercised")
+    except ImportError:
+        pass
+    with pytest.raises(InferError, match="pip install bitsandbytes"):
+        quantize_language_model(tiny_model[0], "8bit", torch.float32)
+    with pytest.raises(ConfigError, match="not one of 8bit, 4bit"):
+        quantize_language_model(tiny_model[0], "3bit", torch.float32)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(tiny_model_dir, tmp_path):
+    _write_folder(tmp_path / "imgs")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29700 + os.getpid() % 200), "-m", "legion", "infer", "--config", "configs/tiny/infer.yaml",
+           f"model_path={tiny_model_dir}", f"image_dir={tmp_path / 'imgs'}", f"output_dir={tmp_path / 'out'}",
+           "max_new_tokens=3", "progress=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = [r["image"] for r in read_records(tmp_path / "out" / "predictions.jsonl")]
+    assert keys == ["a.jpg", "b.png", "sub/c.png", "zz_broken.png"]
+    assert not list((tmp_path / "out").glob("predictions.part*"))
