@@ -35,6 +35,8 @@ def test_saved_pipeline_loads_from_its_directory(text2img, tmp_path):
                           generate(text2img, "a cat", seed=1, steps=2, guidance=7.0))
     with pytest.raises(PipelineLoadError, match="model_index.json"):
         load_pipeline(tmp_path / "nothing", "text2img")
+    with pytest.raises(PipelineLoadError, match="cpu_offload needs a CUDA device"):
+        load_pipeline(tmp_path / "sd", "text2img", device="cpu", cpu_offload=True)
     with pytest.raises(ValueError, match="unknown pipeline task"):
         load_pipeline(tmp_path / "sd", "video")
 

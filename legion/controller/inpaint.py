@@ -38,6 +38,7 @@ class InpainterConfig:
     path: str = field(default="checkpoints/stable-diffusion-xl-1.0-inpainting-0.1", metadata={
         "help": "local diffusers inpainting pipeline directory ('tiny' = random tiny SD inpainting, smoke tests)"})
     dtype: str = "float16"
+    cpu_offload: bool = field(default=False, metadata={"help": "diffusers model CPU offload (GPUs with little memory)"})
     strength: float = 0.84
     steps: int = 25
     guidance: float = 8.0
@@ -168,7 +169,7 @@ def load_inpainter(cfg: InpainterConfig, device: str):
 
     if cfg.path == "tiny":
         return build_tiny_pipeline("inpaint").to(device)
-    return load_pipeline(cfg.path, "inpaint", device=device, dtype=cfg.dtype)
+    return load_pipeline(cfg.path, "inpaint", device=device, dtype=cfg.dtype, cpu_offload=cfg.cpu_offload)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

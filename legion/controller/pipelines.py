@@ -32,8 +32,13 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pipeline(path: str | Path, task: str, device: str = "cpu", dtype: str | torch.dtype = "float32"):
-    """Load a local diffusers pipeline directory (with `model_index.json`) for `task`."""
+def load_pipeline(path: str | Path, task: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                  cpu_offload: bool = False):
+    """Load a local diffusers pipeline directory (with `model_index.json`) for `task`.
+
+    cpu_offload: keep the pipeline's models on the CPU and move each to the GPU only while it runs
+    (diffusers' model offload: slower, but SD3/SDXL then fit beside LEGION on a 24 GB card).
+    """
     from diffusers import AutoPipelineForInpainting, AutoPipelineForText2Image
 
     if task not in TASKS:
@@ -55,6 +60,11 @@ def load_pipeline(path: str | Path, task: str, device: str = "cpu", dtype: str |
         # The SD safety checker blacks out images; the controller scores images, it does not filter them.
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
+    if cpu_offload:
+        if not str(device).startswith("cuda"):
+            raise PipelineLoadError(f"cpu_offload needs a CUDA device, got {device}")
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 

@@ -38,6 +38,7 @@ class GeneratorConfig:
     path: str = field(default="checkpoints/stable-diffusion-3-medium-diffusers", metadata={
         "help": "local diffusers text-to-image pipeline directory ('tiny' = random tiny SD, smoke tests only)"})
     dtype: str = "float16"
+    cpu_offload: bool = field(default=False, metadata={"help": "diffusers model CPU offload (GPUs with little memory)"})
     steps: int = 28
     guidance: float = 7.0
     height: Optional[int] = None
@@ -134,7 +135,7 @@ def load_generator(cfg: GeneratorConfig, device: str):
 
     if cfg.path == "tiny":
         return build_tiny_pipeline("text2img").to(device)
-    return load_pipeline(cfg.path, "text2img", device=device, dtype=cfg.dtype)
+    return load_pipeline(cfg.path, "text2img", device=device, dtype=cfg.dtype, cpu_offload=cfg.cpu_offload)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
