@@ -145,7 +145,8 @@ def inpaint_case(case: Case, image: np.ndarray, analyzer, pipe, scorer: Scorer, 
         if index > 0 and cfg.patience > 0 and since_best >= cfg.patience:
             stop_reason = "no_improvement"
             break
-    return case_summary(case.case_id, case.prompt, str(case.image_path), rounds, best_round, stop_reason, scorer.name)
+    source = str(case.image_path) if case.image_path else None
+    return case_summary(case.case_id, case.prompt, source, rounds, best_round, stop_reason, scorer.name)
 
 
 def run_inpainting(cases: list[Case], analyzer, pipe, scorer: Scorer, cfg: InpaintConfig,

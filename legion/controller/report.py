@@ -109,6 +109,7 @@ def write_html(out_dir: str | Path, summaries: Sequence[dict], aggregate: dict, 
             f"<td style='max-width:28em'><b>prompt</b>: {esc(s['prompt'])}<br>"
             f"<b>LEGION explanation (before)</b>: {esc(first['explanation'] or '(none)')}<br>"
             f"<b>final prompt</b>: {esc(s['final_prompt'])}<br>"
+            f"<b>LEGION explanation (after)</b>: {esc(best['explanation'] or '(none)')}<br>"
             f"<span class='muted'>stop: {esc(s['stop_reason'])}</span><ul class='muted'>{history}</ul></td>"
             "</tr></table>")
     parts.append("</body></html>")
