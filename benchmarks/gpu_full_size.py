@@ -1,0 +1,716 @@
+"""Full-size (legion_7b) performance on one GPU: training step, memory, inference speed, encoder cache.
+
+    python benchmarks/gpu_full_size.py                              # everything, legion_7b on cuda:0
+    python benchmarks/gpu_full_size.py --train --micro-batches 1,2  # one section only
+    .venv/bin/python benchmarks/gpu_full_size.py --preset tiny      # CPU dry run (auto without CUDA)
+
+Builds the preset with random weights directly in the benchmark dtype (no downloads; SAM and
+text_hidden_fcs fp32 as in the released checkpoints), then measures in one run:
+
+  --infer  one image end to end (preprocess, SAM 1024, CLIP, N generated tokens, masks): seconds per
+           image with the KV cache vs. the reference's use_cache=False method (same forced length:
+           a hook on lm_head suppresses `</s>` and forces a few `[SEG]`), their ratio, and batched
+           throughput (images/min) with the cache at batch 1, 4, 8.
+  --cache  one training step with the frozen encoders (CLIP, SAM ViT) run vs. their outputs read
+           from the training recipe's FrozenEncoderCache (legion/train/encoder_cache.py).
+  --train  training steps (LoRA r8/a16 on q/v + trainable lm_head, embed_tokens, mask decoder,
+           text_hidden_fcs; gradient checkpointing; DeepSpeed ZeRO-2 with the recipe's config and a
+           torch AdamW; SAM input 512 padded to the encoder size; ~1,000-token conversations with 3
+           `[SEG]`) at micro-batch 1, 2, 4, ... until OOM: samples/s, peak memory, MFU.
+No section flag = all three. Results: benchmarks/results/gpu_full_size_<device>_<preset>.{json,md}.
+
+Peak memory: torch.cuda.max_memory_allocated on a GPU (reset per micro-batch); on the CPU the
+process's ru_maxrss, a running maximum over the whole run. MFU needs the device's peak FLOP/s:
+--peak-flops (default 989e12 on CUDA = H100/H200 SXM bf16 dense; n/a on the CPU unless given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+if not torch.cuda.is_available():  # before deepspeed is imported anywhere
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+from legion.data.transforms import clip_preprocess, sam_preprocess  # noqa: E402
+from legion.model import conversation as conv  # noqa: E402
+from legion.model.builders import FP32_MODULES, build_config  # noqa: E402
+from legion.model.tokenizer import build_tiny_tokenizer  # noqa: E402
+
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM and H200: 989 TFLOP/s bf16 dense (no sparsity)
+TARGETS = {"no_oom_micro_batch": 2, "mfu": 0.35, "cache_speedup": 10.0}
+
+
+# ----------------------------------------------------------------------------------- utilities
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Wall and process-CPU seconds since start. On a shared CPU machine wall time depends on the load of
+    other processes; CPU time (all of this process's threads) much less, so both are reported."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        sync(device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float]:
+        sync(self.device)
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024 ** 3, "torch.cuda.max_memory_allocated"
+    return peak_rss_gb(), "ru_maxrss (process, running max)"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------- model + inputs
+def build_benchmark_model(preset: str, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer): random init built directly in `dtype` on `device` (a 7B model built in
+    fp32 first would need ~33 GB); SAM and text_hidden_fcs fp32 like the released checkpoints."""
+    from legion.model.legion import LegionForCausalLM
+
+    config = build_config(preset)
+    tokenizer = build_tiny_tokenizer()
+    if config.vocab_size < 32007:  # tiny: the tokenizer's own ids; 7B: GLaMM's 32000..32006 (glamm_ids)
+        config.seg_token_idx = tokenizer.convert_tokens_to_ids(conv.SEG)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LegionForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    for name in FP32_MODULES:
+        model.get_submodule(name).float()
+    return model.eval(), tokenizer
+
+
+def glamm_ids(ids: torch.Tensor, tokenizer, vocab_size: int) -> torch.Tensor:
+    """Map the tiny tokenizer's special-token ids onto GLaMM's (32000 + i) for the 32007-token model."""
+    out = ids.clone()
+    if vocab_size < 32007:
+        return out
+    for tok, glamm_id in conv.GLAMM_SPECIAL_TOKEN_IDS.items():
+        out[ids == tokenizer.convert_tokens_to_ids(tok)] = glamm_id
+    return out
+
+
+FILLER = ("The texture of the surface is unnaturally smooth and the lighting does not agree with the shadows "
+          "cast by the nearby objects, which is typical of a generated image. ")
+
+
+def long_conversation(tokenizer, vocab_size: int, text_tokens: int, num_seg: int = 3):
+    """(input_ids [L], labels [L]) of a synthetic answer with `num_seg` [SEG]: the shortest one with
+    L >= text_tokens, grown word by word (binary search on the number of filler words)."""
+    words = FILLER.split()
+
+    def encode(n_words: int):
+        extra = " ".join(words[i % len(words)] for i in range(n_words))
+        parts = [f"{conv.tag_phrase(f'region number {k + 1}')}: {FILLER if k < num_seg - 1 else extra}"
+                 for k in range(num_seg)]
+        return conv.encode_conversation(tokenizer, "Upon examining the image, I have found: " + " ".join(parts))
+
+    lo, hi = 0, 1
+    while len(encode(hi)[0]) < text_tokens:  # every word adds at least one token
+        lo, hi = hi, hi * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if len(encode(mid)[0]) < text_tokens else (lo, mid)
+    ids, labels = encode(lo)
+    return glamm_ids(ids, tokenizer, vocab_size), glamm_ids(labels, tokenizer, vocab_size)
+
+
+def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
+    """Smooth synthetic RGB uint8 [size, size, 3]; `seed` shifts the pattern."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([255 * x, 255 * y, 128 + 100 * np.sin((12 + seed) * x * y + seed)], -1)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def training_batch(model, tokenizer, micro_batch: int, text_tokens: int, sam_input: int, image_size: int,
+                   num_seg: int, device: torch.device) -> dict:
+    """The batch dict of docs/ARCHITECTURE.md: `micro_batch` copies of one long conversation."""
+    config = model.config
+    ids, labels = long_conversation(tokenizer, config.vocab_size, text_tokens, num_seg)
+    image = synthetic_image(image_size)
+    clip = clip_preprocess(image, size=config.vision_config["image_size"])
+    sam, resized = sam_preprocess(image, longest_side=sam_input, pad_to=config.sam_config["image_size"])
+    gt = torch.zeros(num_seg, image_size, image_size)
+    for k in range(num_seg):  # distinct boxes per [SEG]
+        lo, hi = k * image_size // (num_seg + 1), (k + 2) * image_size // (num_seg + 1)
+        gt[k, lo:hi, lo:hi] = 1
+    rep = lambda t: t[None].expand(micro_batch, *t.shape).contiguous().to(device)  # noqa: E731
+    return {"input_ids": rep(ids), "labels": rep(labels), "attention_mask": rep(torch.ones_like(ids)),
+            "clip_pixel_values": rep(clip), "sam_pixel_values": rep(sam),
+            "sam_resized_sizes": [tuple(resized)] * micro_batch,
+            "original_sizes": [(image_size, image_size)] * micro_batch,
+            "gt_masks": [gt.to(device) for _ in range(micro_batch)]}
+
+
+# ------------------------------------------------------------------------------------- training
+def prepare_for_training(model, gradient_checkpointing: bool = True) -> list[str]:
+    """LoRA in place + the recipe's trainable set (spec/model.md §10.1-10.2); returns the LoRA targets.
+
+    legion.train.loc_exp.prepare_model does the same but loads a checkpoint from disk first, so the
+    steps are repeated here on the in-memory random model, with the recipe's own defaults.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from legion.model.legion import lora_target_module_names
+    from legion.train.loc_exp import LoraSection, TrainableSection
+
+    lora, trainable = LoraSection(), TrainableSection()
+    model.config.use_cache = False
+    targets = lora_target_module_names(model)
+    inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                                       target_modules=targets), model)
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name or any(key in name for key in trainable.name_contains)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return targets
+
+
+@dataclass
+class Trainer:
+    """One optimizer step on a batch, through DeepSpeed (ZeRO-2, the recipe's config) or plain torch."""
+
+    model: torch.nn.Module
+    engine: object
+    optimizer: object
+    kind: str
+
+    def step(self, batch: dict) -> float:
+        if self.kind == "deepspeed":
+            out = self.engine(**batch)
+            self.engine.backward(out.loss)
+            self.engine.step()
+        else:
+            out = self.model(**batch)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach().float())
+
+
+def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device) -> Trainer:
+    """AdamW (torch) with the recipe's lr / betas; `deepspeed`: ZeRO-2 per configs/deepspeed/zero2_bf16.json."""
+    from legion.train import loc_exp
+
+    cfg = loc_exp.TrainConfig()
+    cfg.model.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    model.train()
+    if engine == "torch":
+        return Trainer(model, None, optimizer, "torch")
+    import deepspeed
+
+    loc_exp.setup_distributed()
+    # One engine for every micro-batch: DeepSpeed's batch numbers only feed its timers and checks.
+    ds_config = loc_exp.build_deepspeed_config(cfg, loc_exp.plan_batches(1, 1), schedule_total_steps=10 ** 6)
+    ds_engine, ds_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return Trainer(model, ds_engine, ds_optimizer, "deepspeed")
+
+
+def count_parameters(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return {"total": total, "trainable": trainable, "lora": lora}
+
+
+def llm_training_flops(config, llm_tokens: int, lora_r: int, num_seg: int = 0) -> dict:
+    """Model FLOPs of one LLM forward + backward for one sample of `llm_tokens` tokens (MFU convention).
+
+    A matmul with P weights costs 2*P FLOPs per token forward. Backward costs 2*P for the input
+    gradient plus 2*P for the weight gradient, but only trainable weights need the latter:
+      frozen LLM linears (q,k,v,o, gate/up/down of every layer; LoRA freezes them):   4 * P_frozen * T
+        (the input gradient is still needed everywhere: LoRA sits in every layer and embed_tokens is trainable)
+      trainable matmuls (lm_head V*d, LoRA A/B on q/v):                              6 * P_train * T
+      attention scores (QK^T, AV): 4*T^2*d forward per layer, x3 with backward:      12 * L * T^2 * d
+        (full T^2 as in PaLM/Megatron MFU, not halved for the causal mask)
+      text_hidden_fcs (trainable, on the [SEG] states only):                         6 * P_fcs * N_seg
+    Not counted: embed_tokens (a lookup), norms / activations / softmax (not matmuls), and the
+    recomputation of gradient checkpointing (that would be hardware FLOPs, not model FLOPs).
+    tests/test_bench_gpu_full_size.py checks this against torch's FlopCounterMode on the tiny model.
+    """
+    d, L, ff, V, T = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size, llm_tokens
+    kv = d // config.num_attention_heads * config.num_key_value_heads
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * ff  # q, k, v, o, gate, up, down
+    frozen = L * per_layer
+    lora = L * lora_r * ((d + d) + (d + kv))  # q_proj (d->d) and v_proj (d->kv): A [r, in] + B [out, r]
+    trainable = V * d + lora
+    fcs = d * d + d * config.out_dim
+    parts = {"frozen_linears": 4 * frozen * T, "trainable_matmuls": 6 * trainable * T,
+             "attention": 12 * L * T * T * d, "text_hidden_fcs": 6 * fcs * num_seg}
+    return {**parts, "total": sum(parts.values())}
+
+
+def encoder_forward_flops(model, batch: dict) -> dict:
+    """Forward FLOPs of the frozen encoders for one image, counted by torch's FlopCounterMode:
+    CLIP tower + mm_projector (encode_images) and SAM's image encoder (sam_image_embeddings)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as clip_counter:
+            model.encode_images(batch["clip_pixel_values"][:1])
+        with FlopCounterMode(display=False) as sam_counter:
+            model.sam_image_embeddings(batch["sam_pixel_values"][:1])
+    return {"clip_and_projector": clip_counter.get_total_flops(), "sam_image_encoder": sam_counter.get_total_flops()}
+
+
+FLOP_FORMULA = ("flops_per_sample = 4*P_frozen_llm*T + 6*(P_lm_head + P_lora)*T + 12*L*T^2*d + 6*P_fcs*N_seg "
+                "+ F_clip_fwd + F_sam_encoder_fwd (encoders frozen, forward only, counted by FlopCounterMode); "
+                "T = LLM tokens (text - 1 + image tokens); gradient-checkpointing recompute not counted")
+
+
+def bench_training(model, tokenizer, trainer: Trainer, device: torch.device, micro_batches: list[int],
+                   text_tokens: int, sam_input: int, image_size: int, num_seg: int, steps: int, warmup: int,
+                   peak_flops: float | None, lora_r: int) -> dict:
+    """Samples/s, peak memory and MFU per micro-batch; stops at the first OOM (recorded)."""
+    probe = training_batch(model, tokenizer, 1, text_tokens, sam_input, image_size, num_seg, device)
+    llm_tokens = probe["input_ids"].shape[1] - 1 + model.config.num_image_tokens
+    llm = llm_training_flops(model.config, llm_tokens, lora_r, num_seg)
+    encoders = encoder_forward_flops(model, probe)
+    flops_per_sample = llm["total"] + sum(encoders.values())
+    del probe
+    rows = []
+    for mb in micro_batches:
+        free_memory(device)
+        reset_peak_memory(device)
+        try:
+            batch = training_batch(model, tokenizer, mb, text_tokens, sam_input, image_size, num_seg, device)
+            for _ in range(warmup):
+                trainer.step(batch)
+            times, losses = [], []
+            for _ in range(steps):
+                clock = Clock(device)
+                losses.append(trainer.step(batch))
+                times.append(clock.stop())
+        except Exception as error:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
+            if not is_oom(error):
+                raise
+            batch = None
+            memory, _ = peak_memory_gb(device)
+            rows.append({"micro_batch": mb, "oom": True, "error": str(error).splitlines()[0][:200],
+                         "peak_memory_gb": round(memory, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+            break
+        step_s, step_cpu = statistics.mean(t[0] for t in times), statistics.mean(t[1] for t in times)
+        memory, memory_kind = peak_memory_gb(device)
+        achieved = flops_per_sample * mb / step_s
+        rows.append({"micro_batch": mb, "oom": False, "step_seconds": round(step_s, 4),
+                     "step_cpu_seconds": round(step_cpu, 4), "load_average": load_average(),
+                     "samples_per_s": round(mb / step_s, 4), "peak_memory_gb": round(memory, 3),
+                     "achieved_tflops": round(achieved / 1e12, 4),
+                     "mfu": round(achieved / peak_flops, 4) if peak_flops else None,
+                     "losses_finite": all(math.isfinite(x) for x in losses)})
+        print(json.dumps(rows[-1]), flush=True)
+        del batch
+    return {"engine": trainer.kind, "text_tokens": int(text_tokens), "llm_tokens": int(llm_tokens),
+            "seg_per_sample": num_seg, "sam_input": sam_input, "sam_pad_to": model.config.sam_config["image_size"],
+            "image_size": image_size, "gradient_checkpointing": bool(model.is_gradient_checkpointing),
+            "steps": steps, "warmup_steps": warmup, "flop_formula": FLOP_FORMULA,
+            "flops_per_sample": {"llm": llm, "encoders_forward": encoders, "total": flops_per_sample},
+            "peak_flops": peak_flops, "peak_memory_kind": peak_memory_gb(device)[1],
+            "parameters": count_parameters(model), "rows": rows}
+
+
+# ------------------------------------------------------------------------------- encoder cache
+def bench_encoder_cache(model, tokenizer, trainer: Trainer, device: torch.device, text_tokens: int, sam_input: int,
+                        image_size: int, num_seg: int, steps: int, micro_batch: int = 1) -> dict:
+    """Step time with CLIP + SAM's ViT run vs. read back from FrozenEncoderCache, alternating (ABAB)."""
+    from PIL import Image
+
+    from legion.train.encoder_cache import CachedFrozenEncoders, FrozenEncoderCache, encoder_fingerprint
+
+    batch = training_batch(model, tokenizer, micro_batch, text_tokens, sam_input, image_size, num_seg, device)
+    with tempfile.TemporaryDirectory(prefix="gpu_full_size_cache_") as tmp:
+        image_path = Path(tmp) / "image.png"  # the cache keys entries by the image file's bytes
+        Image.fromarray(synthetic_image(image_size)).save(image_path)
+        preprocessing = {"clip_size": model.config.vision_config["image_size"], "sam_input_size": sam_input,
+                         "sam_pad_to": model.config.sam_config["image_size"]}
+        cache = FrozenEncoderCache(Path(tmp) / "cache", encoder_fingerprint(model, preprocessing))
+        cached = CachedFrozenEncoders(model, cache)
+        paths = [str(image_path)] * micro_batch
+        try:
+            def step(use_cache: bool) -> tuple[float, float]:
+                context = cached.for_images(paths) if use_cache else contextlib.nullcontext()
+                clock = Clock(device)
+                with context:
+                    trainer.step(batch)
+                return clock.stop()
+
+            step(True)  # warm-up; fills the cache
+            times = {False: [], True: []}
+            for _ in range(steps):
+                for use_cache in (False, True):
+                    times[use_cache].append(step(use_cache))
+        finally:
+            cached.remove()
+    off, on = (statistics.mean(t[0] for t in times[k]) for k in (False, True))
+    off_cpu, on_cpu = (statistics.mean(t[1] for t in times[k]) for k in (False, True))
+    return {"micro_batch": micro_batch, "steps_each": steps, "step_seconds_encoders_run": round(off, 4),
+            "step_seconds_cached": round(on, 4), "speedup": round(off / on, 3),
+            "encoder_share_of_step": round(1 - on / off, 4),
+            "step_cpu_seconds_encoders_run": round(off_cpu, 4), "step_cpu_seconds_cached": round(on_cpu, 4),
+            "speedup_cpu_time": round(off_cpu / on_cpu, 3), "load_average": load_average(),
+            "cache_hits": cache.hits, "cache_misses": cache.misses,
+            "method": "legion.train.encoder_cache.CachedFrozenEncoders (safetensors entries on local disk)"}
+
+
+# ------------------------------------------------------------------------------------ inference
+@contextlib.contextmanager
+def forced_length(model, eos_id: int, seg_id: int, seg_steps: set[int]):
+    """Every generation step (one lm_head call) suppresses `</s>`; steps in `seg_steps` (1-based) emit `[SEG]`.
+
+    Random weights would stop or never ground at arbitrary points: this makes the cached and the
+    uncached method generate the same number of tokens and decode the same number of masks.
+    """
+    state = {"step": 0}
+
+    def hook(_module, _inputs, logits):
+        state["step"] += 1
+        logits = logits.clone()
+        logits[..., eos_id] = torch.finfo(logits.dtype).min
+        if state["step"] in seg_steps:
+            logits[..., seg_id] = logits.max() + 1e4
+        return logits
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
+def generate_images(model, tokenizer, images: list[np.ndarray], device: torch.device, new_tokens: int,
+                    use_cache: bool, num_seg: int = 3) -> tuple[tuple[float, float], list]:
+    """End to end for a batch of RGB images: preprocess, SAM 1024 + CLIP, greedy decoding of exactly
+    `new_tokens` tokens, masks at the original resolution, on the host.
+    Returns ((wall seconds, CPU seconds), generations)."""
+    config = model.config
+    sam_size = config.sam_config["image_size"]
+    seg_steps = {max(1, (k + 1) * new_tokens // (num_seg + 1)) for k in range(num_seg)}
+    prompt = glamm_ids(conv.encode_prompt(tokenizer), tokenizer, config.vocab_size)
+    clock = Clock(device)
+    clip = torch.stack([clip_preprocess(img, size=config.vision_config["image_size"]) for img in images]).to(device)
+    sams = [sam_preprocess(img, longest_side=sam_size, pad_to=sam_size) for img in images]
+    sam = torch.stack([s for s, _ in sams]).to(device)
+    ids = prompt[None].expand(len(images), -1).to(device)
+    with forced_length(model, config.eos_token_id, config.seg_token_idx, seg_steps), torch.no_grad():
+        gens = model.generate_grounded(ids, torch.ones_like(ids), clip, sam, [tuple(r) for _, r in sams],
+                                       [img.shape[:2] for img in images], max_new_tokens=new_tokens,
+                                       use_cache=use_cache)
+    masks = [(g.mask_logits > 0).cpu() for g in gens]
+    seconds = clock.stop()
+    for g, m in zip(gens, masks):
+        if len(g.token_ids) != new_tokens or m.shape[0] != len(seg_steps):
+            raise RuntimeError(f"forced generation gave {len(g.token_ids)} tokens / {m.shape[0]} masks, "
+                               f"expected {new_tokens} / {len(seg_steps)}")
+    return seconds, gens
+
+
+def bench_inference(model, tokenizer, device: torch.device, new_tokens: int, batch_sizes: list[int],
+                    image_size: int, repeats: int = 1) -> dict:
+    """Seconds per image with vs. without the KV cache, and cached throughput per batch size."""
+    model.eval()
+
+    def timed(images, use_cache):  # mean (wall, CPU) seconds over `repeats`
+        runs = [generate_images(model, tokenizer, images, device, new_tokens, use_cache)[0] for _ in range(repeats)]
+        return statistics.mean(r[0] for r in runs), statistics.mean(r[1] for r in runs)
+
+    generate_images(model, tokenizer, [synthetic_image(image_size)], device, min(new_tokens, 4), True)  # warm-up
+    single = [synthetic_image(image_size)]
+    (cached_s, cached_cpu), (uncached_s, uncached_cpu) = timed(single, True), timed(single, False)
+    print(json.dumps({"new_tokens": new_tokens, "seconds_per_image_cache": round(cached_s, 3),
+                      "seconds_per_image_no_cache": round(uncached_s, 3)}), flush=True)
+    throughput = []
+    for bsz in batch_sizes:
+        free_memory(device)
+        reset_peak_memory(device)
+        images = [synthetic_image(image_size, seed=i) for i in range(bsz)]
+        try:
+            seconds, cpu_seconds = timed(images, True)
+        except Exception as error:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
+            if not is_oom(error):
+                raise
+            throughput.append({"batch": bsz, "oom": True, "error": str(error).splitlines()[0][:200]})
+            break
+        memory, _ = peak_memory_gb(device)
+        throughput.append({"batch": bsz, "oom": False, "seconds": round(seconds, 4), "cpu_seconds": round(cpu_seconds, 4),
+                           "images_per_min": round(60 * bsz / seconds, 3), "peak_memory_gb": round(memory, 3),
+                           "load_average": load_average()})
+        print(json.dumps(throughput[-1]), flush=True)
+    return {"new_tokens": new_tokens, "image_size": image_size, "sam_input": model.config.sam_config["image_size"],
+            "seg_per_image": 3, "repeats": repeats, "seconds_per_image_cache": round(cached_s, 4),
+            "seconds_per_image_no_cache": round(uncached_s, 4),
+            "speedup_cache_vs_no_cache": round(uncached_s / cached_s, 3),
+            "cpu_seconds_per_image_cache": round(cached_cpu, 4), "cpu_seconds_per_image_no_cache": round(uncached_cpu, 4),
+            "speedup_cpu_time": round(uncached_cpu / cached_cpu, 3), "load_average": load_average(),
+            "batched_with_cache": throughput}
+
+
+# ------------------------------------------------------------------------------------- targets
+def check_targets(result: dict) -> list[dict]:
+    """Each target with the measured value; `met` is None where this run cannot say (CPU / tiny / no peak FLOPs)."""
+    full_gpu = result["device_type"] == "cuda" and result["preset"] == "legion_7b"
+    rows = []
+    train = result.get("training")
+    if train:
+        mb = TARGETS["no_oom_micro_batch"]
+        row = next((r for r in train["rows"] if r["micro_batch"] == mb), None)
+        met = None if row is None or not full_gpu else not row["oom"]
+        rows.append({"target": f"no OOM at micro-batch {mb} on one 80 GB GPU (ZeRO-2)",
+                     "measured": None if row is None else ("OOM" if row["oom"] else f"{row['peak_memory_gb']} GB peak"),
+                     "met": met})
+        mfus = [r["mfu"] for r in train["rows"] if not r["oom"] and r.get("mfu") is not None]
+        rows.append({"target": f"training MFU >= {TARGETS['mfu']:.0%}", "measured": max(mfus) if mfus else None,
+                     "met": (max(mfus) >= TARGETS["mfu"]) if mfus and full_gpu else None})
+    infer = result.get("inference")
+    if infer:
+        ratio = infer["speedup_cache_vs_no_cache"]
+        rows.append({"target": f"inference >= {TARGETS['cache_speedup']:.0f}x faster than use_cache=False at 512 tokens",
+                     "measured": ratio,
+                     "met": (ratio >= TARGETS["cache_speedup"]) if full_gpu and infer["new_tokens"] == 512 else None})
+    return rows
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    fmt = lambda v: "n/a" if v is None else v  # noqa: E731
+    lines = [f"# Full-size benchmark ({result['preset']})", "",
+             f"Device: **{result['device']}**; torch {result['torch']}; dtype {result['dtype']}; "
+             f"random weights; {result['started_utc']}; 1-min load average at the end "
+             f"{fmt(result.get('load_average'))} on {os.cpu_count()} cores.", "", f"Command: `{result['command']}`", ""]
+    if result["preset"] != "legion_7b" or result["device_type"] != "cuda":
+        lines += ["This is a dry run of the benchmark's logic (not the full-size model on a GPU): its figures say "
+                  "nothing about LEGION-7B performance.", ""]
+    train = result.get("training")
+    if train:
+        lines += ["## Training step", "",
+                  f"Engine {train['engine']}; {train['text_tokens']} text tokens -> {train['llm_tokens']} LLM tokens per "
+                  f"sample, {train['seg_per_sample']} [SEG]; SAM input {train['sam_input']} padded to {train['sam_pad_to']}; "
+                  f"gradient checkpointing {train['gradient_checkpointing']}; {train['steps']} timed steps after "
+                  f"{train['warmup_steps']} warm-up. Trainable parameters {train['parameters']['trainable']:,} of "
+                  f"{train['parameters']['total']:,}.", "",
+                  f"FLOPs per sample {train['flops_per_sample']['total']:.4g} ({train['flop_formula']}); "
+                  f"peak FLOP/s {fmt(train['peak_flops'])}. Peak memory: {train['peak_memory_kind']}.", "",
+                  "| micro-batch | step wall (s) | step CPU (s) | samples/s | peak memory (GB) | achieved TFLOP/s | MFU |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in train["rows"]:
+            if r["oom"]:
+                lines.append(f"| {r['micro_batch']} | OOM | | | {r['peak_memory_gb']} | | |")
+            else:
+                lines.append(f"| {r['micro_batch']} | {r['step_seconds']} | {r['step_cpu_seconds']} | {r['samples_per_s']} | {r['peak_memory_gb']} "
+                             f"| {r['achieved_tflops']} | {fmt(r['mfu'])} |")
+        lines.append("")
+    cache = result.get("encoder_cache")
+    if cache:
+        lines += ["## Frozen-encoder cache", "",
+                  f"Micro-batch {cache['micro_batch']}, {cache['steps_each']} steps each, alternating: encoders run "
+                  f"{cache['step_seconds_encoders_run']} s/step, cached {cache['step_seconds_cached']} s/step -> "
+                  f"{cache['speedup']}x (encoders' share of a step {cache['encoder_share_of_step']:.1%}); process CPU "
+                  f"time {cache['step_cpu_seconds_encoders_run']} vs {cache['step_cpu_seconds_cached']} s/step -> "
+                  f"{cache['speedup_cpu_time']}x. "
+                  f"Method: {cache['method']}.", ""]
+    infer = result.get("inference")
+    if infer:
+        lines += ["## Inference (one image end to end)", "",
+                  f"{infer['new_tokens']} generated tokens (forced), {infer['seg_per_image']} masks, SAM {infer['sam_input']}, "
+                  f"{infer['image_size']}x{infer['image_size']} image: KV cache {infer['seconds_per_image_cache']} s/image, "
+                  f"use_cache=False {infer['seconds_per_image_no_cache']} s/image -> "
+                  f"**{infer['speedup_cache_vs_no_cache']}x** (process CPU time {infer['cpu_seconds_per_image_cache']} vs "
+                  f"{infer['cpu_seconds_per_image_no_cache']} s -> {infer['speedup_cpu_time']}x).", "",
+                  "| batch | wall (s) | CPU (s) | images/min | peak memory (GB) |", "|---|---|---|---|---|"]
+        for r in infer["batched_with_cache"]:
+            lines.append(f"| {r['batch']} | OOM | | | |" if r["oom"] else
+                         f"| {r['batch']} | {r['seconds']} | {r['cpu_seconds']} | {r['images_per_min']} | {r['peak_memory_gb']} |")
+        lines.append("")
+    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {fmt(t['measured'])} | "
+                     f"{'n/a (needs legion_7b on a GPU)' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ main
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", action="store_true", help="training step sweep over micro-batches")
+    parser.add_argument("--infer", action="store_true", help="inference: KV cache vs use_cache=False, batched throughput")
+    parser.add_argument("--cache", action="store_true", help="training step with vs without the frozen-encoder cache")
+    parser.add_argument("--preset", choices=["legion_7b", "tiny"], default="legion_7b" if cuda else "tiny",
+                        help="default: legion_7b with CUDA, tiny without")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32",
+                        help="weights (DeepSpeed bf16 on the trainable ones); default bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed",
+                        help="deepspeed: ZeRO-2 per configs/deepspeed/zero2_bf16.json; torch: plain AdamW step")
+    parser.add_argument("--micro-batches", type=int_list, default=None,
+                        help="tried in order until OOM (default 1,2,4,8,16 on CUDA, 1,2,4 on the CPU)")
+    parser.add_argument("--text-tokens", type=int, default=1000, help="conversation length in text tokens (>=)")
+    parser.add_argument("--num-seg", type=int, default=3, help="[SEG] per training sample")
+    parser.add_argument("--sam-input", type=int, default=512,
+                        help="SAM resize (longest side) for training; padded to the encoder size (capped to it)")
+    parser.add_argument("--image-size", type=int, default=1024, help="synthetic square image side (pixels)")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per micro-batch / cache variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps per micro-batch")
+    parser.add_argument("--new-tokens", type=int, default=512, help="generated tokens per image (forced)")
+    parser.add_argument("--infer-batches", type=int_list, default=[1, 4, 8], help="batch sizes for throughput")
+    parser.add_argument("--infer-repeats", type=int, default=1, help="timed generations per measurement")
+    parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE_FLOPS if cuda else None,
+                        help="device peak FLOP/s for MFU (default 989e12 on CUDA: H100/H200 bf16 dense; "
+                             "none on the CPU -> MFU n/a)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--tag", default=None, help="file name part (default: <cuda|cpu>_<preset>)")
+    args = parser.parse_args(argv)
+    if not (args.train or args.infer or args.cache):
+        args.train = args.infer = args.cache = True
+    if args.device.startswith("cuda") and not cuda:
+        parser.error("--device cuda but torch.cuda.is_available() is False (use --device cpu --preset tiny)")
+    if args.micro_batches is None:
+        args.micro_batches = [1, 2, 4, 8, 16] if args.device.startswith("cuda") else [1, 2, 4]
+    for name in ("text_tokens", "sam_input", "image_size", "steps", "new_tokens", "infer_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    model, tokenizer = build_benchmark_model(args.preset, dtype, device)
+    sam_pad = model.config.sam_config["image_size"]
+    sam_input = min(args.sam_input, sam_pad)
+    if sam_input != args.sam_input:
+        print(f"--sam-input {args.sam_input} > the {args.preset} SAM encoder size {sam_pad}: using {sam_input}")
+    build_s = time.perf_counter() - t0
+    print(f"built {args.preset} on {device} in {build_s:.1f} s", flush=True)
+
+    import deepspeed
+    import peft
+    import transformers
+
+    result = {"benchmark": "gpu_full_size", "device": device_name(device), "device_type": device.type,
+              "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+              "deepspeed": deepspeed.__version__, "preset": args.preset, "dtype": args.dtype,
+              "command": " ".join([Path(sys.executable).name, "benchmarks/gpu_full_size.py", *sys.argv[1:]])
+              if argv is None else "main(" + repr(argv) + ")",
+              "started_utc": started, "build_seconds": round(build_s, 2)}
+    # Inference first, on the plain model (no LoRA layers); the training sweep last since it ends at OOM.
+    if args.infer:
+        result["inference"] = bench_inference(model, tokenizer, device, args.new_tokens, args.infer_batches,
+                                              args.image_size, args.infer_repeats)
+    if args.train or args.cache:
+        from legion.train.loc_exp import LoraSection
+
+        prepare_for_training(model)
+        trainer = make_trainer(model, args.engine, dtype, device)
+        if args.cache:
+            result["encoder_cache"] = bench_encoder_cache(model, tokenizer, trainer, device, args.text_tokens, sam_input,
+                                                          args.image_size, args.num_seg, args.steps)
+            print(json.dumps(result["encoder_cache"]), flush=True)
+        if args.train:
+            result["training"] = bench_training(model, tokenizer, trainer, device, args.micro_batches, args.text_tokens,
+                                                sam_input, args.image_size, args.num_seg, args.steps, args.warmup,
+                                                args.peak_flops, LoraSection().r)
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    result["peak_rss_gb"] = round(peak_rss_gb(), 3)
+    result["load_average"] = load_average()
+    result["targets"] = check_targets(result)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{device.type}_{args.preset}"
+    (out / f"gpu_full_size_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out / f"gpu_full_size_{tag}.md")
+    print(f"wrote {out}/gpu_full_size_{tag}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
