@@ -12,6 +12,6 @@ CONFIG="${CONFIG:-configs/legion_7b/train_loc_exp.yaml}"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
 LAUNCHER="${LAUNCHER:-$PYTHON}"
 case "$LAUNCHER" in
-  deepspeed*) exec $LAUNCHER --module legion.cli train --config "$CONFIG" "$@" ;;
+  *deepspeed*) exec $LAUNCHER --no_local_rank --module legion.cli train --config "$CONFIG" "$@" ;;
   *)          exec $LAUNCHER -m legion.cli train --config "$CONFIG" "$@" ;;
 esac
