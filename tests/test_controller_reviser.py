@@ -118,6 +118,7 @@ def test_remote_reviser_needs_a_key_for_the_default_endpoint(monkeypatch):
 
 def test_clean_revision_and_template():
     assert clean_revision("\n  Revised prompt: 'a dog'  \nexplanation...", "orig") == "a dog"
+    assert clean_revision("The original prompt: a dog", "orig") == "a dog"  # seen from SmolLM2-135M
     assert clean_revision("   \n", "orig") == "orig" and clean_revision(None, "orig") == "orig"
     assert clean_revision("x" * 50, "orig", max_chars=10) == "x" * 10
     template = TemplateReviser()

@@ -74,7 +74,7 @@ def build_messages(prompt: str, explanation: str, phrases: Sequence[str] = ()) -
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-_LABEL = re.compile(r"^\s*(new|revised|improved)?\s*prompt\s*:\s*", re.IGNORECASE)
+_LABEL = re.compile(r"^\s*(the\s+)?(new|revised|improved|original|rewritten)?\s*prompt\s*:\s*", re.IGNORECASE)
 
 
 def clean_revision(text: str | None, fallback: str, max_chars: int = 400) -> str:
