@@ -391,9 +391,9 @@ class LegionForCausalLM(LlamaForCausalLM):
         seg_states: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
         finished = [False] * bsz
 
-        def take(step_logits_state: torch.Tensor) -> torch.Tensor:
+        def take(last_states: torch.Tensor) -> torch.Tensor:
             """Greedy pick from the last states [B, D]; record tokens and [SEG] states."""
-            next_tokens = self.lm_head(step_logits_state).argmax(-1)
+            next_tokens = self.lm_head(last_states).argmax(-1)
             for b in range(bsz):
                 if finished[b]:
                     continue
@@ -403,7 +403,7 @@ class LegionForCausalLM(LlamaForCausalLM):
                     continue
                 tokens[b].append(tok)
                 if tok == seg:
-                    seg_states[b].append(step_logits_state[b].clone())
+                    seg_states[b].append(last_states[b].clone())
             return next_tokens
 
         if use_cache:
