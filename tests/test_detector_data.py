@@ -17,12 +17,15 @@ from legion.data.detection import (DetectionDataError, DetectionItem, is_fake_to
 
 
 def toy_image(rng: np.random.Generator, fake: bool, size: int = 48) -> np.ndarray:
-    """A smooth two-colour gradient; fake images get a high-frequency checker patch (a planted artifact)."""
+    """A smooth two-colour gradient. Fake images are washed out (low contrast, bright) and carry a
+    checker patch: a random tiny CLIP's CLS token sees global colour well but fine texture hardly at all,
+    so the wash-out is what makes this fixture learnable for the training tests."""
     y, x = np.mgrid[0:size, 0:size] / size
     c0, c1 = rng.uniform(40, 215, 3), rng.uniform(40, 215, 3)
     t = (x * rng.uniform(0.2, 1) + y * rng.uniform(0.2, 1))[..., None] / 2
     img = c0 * (1 - t) + c1 * t
     if fake:
+        img = img * 0.3 + 170
         p = size // 2
         top, left = rng.integers(0, size - p, 2)
         checker = ((np.indices((p, p)).sum(0) % 2) * 2 - 1)[..., None] * 90
