@@ -102,8 +102,9 @@ def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dt
 
     Only `model.model.layers` is quantized (6.5 B of the 8 B parameters); CLIP, SAM, the projector,
     `text_hidden_fcs`, embeddings and `lm_head` keep `compute_dtype`/fp32, so masks are unchanged in
-    kind. The weights are quantized when the model moves to the GPU. Returns the number of layers
-    replaced. Raises InferError when bitsandbytes is not installed.
+    kind. The weights are quantized when the model moves to its device (CUDA; bitsandbytes' CPU
+    backend also works, for memory rather than speed). Returns the number of layers replaced.
+    Raises InferError when bitsandbytes is not installed.
     """
     if mode not in ("8bit", "4bit"):
         raise ConfigError(f"quantization: {mode!r} is not one of 8bit, 4bit (or null)")
@@ -198,8 +199,6 @@ class Analyzer:
         model, tokenizer, _ = load_model(model_path, dtype=dtype, device="cpu", vision_tower=vision_tower,
                                          verbose=False)
         if quantization:
-            if device.type != "cuda":
-                raise InferError(f"quantization={quantization} runs on a CUDA GPU (device is {device})")
             quantize_language_model(model, quantization, dtype)
         model.to(device).eval()
         detector = None

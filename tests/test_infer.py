@@ -255,6 +255,17 @@ def test_quantization_needs_bitsandbytes(tiny_model):
         quantize_language_model(tiny_model[0], "3bit", torch.float32)
 
 
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_quantized_llm_runs(tiny_model_dir, mode):
+    pytest.importorskip("bitsandbytes")
+    analyzer = Analyzer.load(tiny_model_dir, device="cpu", sam_input_size=None, max_new_tokens=4, quantization=mode)
+    layer = analyzer.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == ("Linear8bitLt" if mode == "8bit" else "Linear4bit")
+    assert layer.weight.dtype in (torch.int8, torch.uint8)
+    record = analyzer.analyze(_images()[:1])[0]
+    assert record["verdict"] == "fake" and record["error"] is None
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks(tiny_model_dir, tmp_path):
     _write_folder(tmp_path / "imgs")
