@@ -145,6 +145,15 @@ def test_cls_train_and_eval_recipes(setup, tmp_path):
     assert direct == pytest.approx([p["fake_prob"] for p in preds[:4]], abs=1e-5)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["n_images"] == 36 and saved["metrics"]["mean_accuracy"] == pytest.approx(m["mean_accuracy"])
+    assert saved["perturbation"] is None
+
+    # a perturbation changes the pixels (so the predictions) and is recorded
+    ev.perturbation, ev.output_dir = "noise:40", str(tmp_path / "eval_noise")
+    noisy = evaluate_cls(ev, progress=False)
+    assert noisy["perturbation"]["kind"] == "noise" and noisy["perturbation"]["sigma_0_255"] == 40
+    noisy_preds = [json.loads(line) for line in (tmp_path / "eval_noise" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["image"] for p in noisy_preds] == [p["image"] for p in preds]
+    assert any(abs(a["fake_prob"] - b["fake_prob"]) > 1e-4 for a, b in zip(noisy_preds, preds))
 
 
 def test_cli_errors_are_clear(setup, tmp_path, capsys):

@@ -13,6 +13,12 @@ the recipe extracts all features once (first pass over the images, tqdm), keeps 
 and optionally on disk (`feature_cache_dir`, keyed by image path + mtime + size + preprocessing +
 backbone fingerprint) so a rerun skips CLIP entirely. The epochs then only run the head.
 
+On the tiny preset the CLIP tower is random: its penultimate CLS token is close to a global
+colour average (near-uniform attention), so local artifacts such as ToyScars' blurred / noisy /
+tinted patches barely move it. Measured on ToyScars, the head reaches ~56% test accuracy and a
+logistic-regression probe on the same features ~54-58%: the tiny run exercises the pipeline, the
+detection quality comes from a pretrained CLIP.
+
 Outputs in `output_dir`: the best detector checkpoint (head.safetensors + detector.json, which
 references the CLIP backbone instead of copying it), `config.yaml` (resolved), `log.jsonl`,
 `metrics.json`.
