@@ -141,7 +141,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], out: str | os.PathLike, 
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
     """Write `state` to `out`.
 
-    `out` ending in `.safetensors`: one file. Otherwise a directory with `model.safetensors`, or
+    `out` ending in `.safetensors`: one file (any size). Otherwise a directory with `model.safetensors`, or
     `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when larger than
     `max_shard_bytes`. Tensors are copied to contiguous private storage (safetensors refuses views
     that share memory); files appear atomically (written as *.tmp, then renamed).
@@ -149,6 +149,8 @@ def save_safetensors(state: Mapping[str, torch.Tensor], out: str | os.PathLike, 
     out = Path(out)
     meta = {"format": "pt", **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}}
     keys = sorted(state)
+    if out.suffix == ".safetensors":  # one file, whatever its size
+        max_shard_bytes = float("inf")
     shards: list[list[str]] = [[]]
     size = 0
     for key in keys:
@@ -159,8 +161,6 @@ def save_safetensors(state: Mapping[str, torch.Tensor], out: str | os.PathLike, 
         shards[-1].append(key)
         size += nbytes
     if out.suffix == ".safetensors":
-        if len(shards) > 1:
-            raise MergeError(f"{out}: state dict exceeds one shard ({max_shard_bytes} bytes); give a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         names = [out]
     else:

@@ -259,3 +259,14 @@ def test_step2_rejects_foreign_weights(tiny_model_dir, tmp_path):
               str(tmp_path / "w.safetensors"))
     with pytest.raises(MergeError, match="do not belong to the base model"):
         merge.step2(tiny_model_dir, tmp_path / "w.safetensors", tmp_path / "out")
+
+
+def test_save_safetensors_file_is_never_sharded_directory_is(tmp_path):
+    state = {f"w{i}": torch.full((10,), float(i)) for i in range(4)}
+    files = merge.save_safetensors(state, tmp_path / "one.safetensors", max_shard_bytes=50)
+    assert files == [tmp_path / "one.safetensors"]
+    files = merge.save_safetensors(state, tmp_path / "dir", max_shard_bytes=50)
+    assert len(files) == 4 and (tmp_path / "dir" / "model.safetensors.index.json").is_file()
+    for path in (tmp_path / "one.safetensors", tmp_path / "dir"):
+        back = merge.load_safetensors(path)
+        assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
