@@ -13,7 +13,7 @@ from PIL import Image
 
 from legion.data.synthscars import (MARKER, PREFIX, SynthScarsDataset, collate, find_annotation_file,
                                     load_annotations, rasterize_polygons, resolve_spans)
-from legion.data.toy import (CATEGORIES, CONTENT_TYPES, LOCATIONS, MAX_AREA, MIN_AREA, caption_corpus,
+from legion.data.toy import (CATEGORIES, CONTENT_TYPES, LOCATIONS, MAX_AREA, MIN_AREA, caption_corpus, generator_trace,
                              location_of, make_toy_data)
 
 
@@ -68,8 +68,10 @@ def test_artifacts_live_exactly_inside_their_polygons(toy_data_dir):
             assert location_of(mask) == where
             union |= mask
         outside = union == 0
-        np.testing.assert_array_equal(fake[outside], real[outside])
-        changed = np.abs(fake.astype(int) - real.astype(int)).sum(axis=2) > 0
+        # outside the artifacts a fake is its clean render plus the global generator trace, nothing else
+        traced = np.round(np.clip(real + generator_trace(64), 0, 255)).astype(np.uint8)
+        np.testing.assert_allclose(fake[outside].astype(int), traced[outside].astype(int), atol=1)
+        changed = np.abs(fake.astype(int) - traced.astype(int)).sum(axis=2) > 0
         assert changed[union > 0].mean() > 0.05  # the artifact is visible
 
 
