@@ -295,8 +295,10 @@ def llm_training_flops(config, llm_tokens: int, lora_r: int, num_seg: int = 0) -
       attention scores (QK^T, AV): 4*T^2*d forward per layer, x3 with backward:      12 * L * T^2 * d
         (full T^2 as in PaLM/Megatron MFU, not halved for the causal mask)
       text_hidden_fcs (trainable, on the [SEG] states only):                         6 * P_fcs * N_seg
-    Not counted: embed_tokens (a lookup), norms / activations / softmax (not matmuls), and the
-    recomputation of gradient checkpointing (that would be hardware FLOPs, not model FLOPs).
+    Not counted: embed_tokens (a lookup), norms / activations / softmax (not matmuls), SAM's mask
+    decoder (trainable, ~4 M parameters, run once per [SEG]) and the mask losses, and the
+    recomputation of gradient checkpointing (that would be hardware FLOPs, not model FLOPs), so
+    the MFU errs low. The frozen encoders' forward FLOPs are added by `encoder_forward_flops`.
     tests/test_bench_gpu_full_size.py checks this against torch's FlopCounterMode on the tiny model.
     """
     d, L, ff, V, T = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size, llm_tokens
@@ -361,11 +363,13 @@ def bench_training(model, tokenizer, trainer: Trainer, device: torch.device, mic
                          "peak_memory_gb": round(memory, 2)})
             print(json.dumps(rows[-1]), flush=True)
             break
-        step_s, step_cpu = statistics.mean(t[0] for t in times), statistics.mean(t[1] for t in times)
+        # median: one step slowed by another process (shared CPU machine) does not move it
+        step_s, step_cpu = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
         memory, memory_kind = peak_memory_gb(device)
         achieved = flops_per_sample * mb / step_s
         rows.append({"micro_batch": mb, "oom": False, "step_seconds": round(step_s, 4),
                      "step_cpu_seconds": round(step_cpu, 4), "load_average": load_average(),
+                     "step_seconds_each": [round(t[0], 4) for t in times],
                      "samples_per_s": round(mb / step_s, 4), "peak_memory_gb": round(memory, 3),
                      "achieved_tflops": round(achieved / 1e12, 4),
                      "mfu": round(achieved / peak_flops, 4) if peak_flops else None,
@@ -375,7 +379,7 @@ def bench_training(model, tokenizer, trainer: Trainer, device: torch.device, mic
     return {"engine": trainer.kind, "text_tokens": int(text_tokens), "llm_tokens": int(llm_tokens),
             "seg_per_sample": num_seg, "sam_input": sam_input, "sam_pad_to": model.config.sam_config["image_size"],
             "image_size": image_size, "gradient_checkpointing": bool(model.is_gradient_checkpointing),
-            "steps": steps, "warmup_steps": warmup, "flop_formula": FLOP_FORMULA,
+            "steps": steps, "warmup_steps": warmup, "step_time_statistic": "median", "flop_formula": FLOP_FORMULA,
             "flops_per_sample": {"llm": llm, "encoders_forward": encoders, "total": flops_per_sample},
             "peak_flops": peak_flops, "peak_memory_kind": peak_memory_gb(device)[1],
             "parameters": count_parameters(model), "rows": rows}
@@ -413,8 +417,8 @@ def bench_encoder_cache(model, tokenizer, trainer: Trainer, device: torch.device
                     times[use_cache].append(step(use_cache))
         finally:
             cached.remove()
-    off, on = (statistics.mean(t[0] for t in times[k]) for k in (False, True))
-    off_cpu, on_cpu = (statistics.mean(t[1] for t in times[k]) for k in (False, True))
+    off, on = (statistics.median(t[0] for t in times[k]) for k in (False, True))  # median, as in training
+    off_cpu, on_cpu = (statistics.median(t[1] for t in times[k]) for k in (False, True))
     return {"micro_batch": micro_batch, "steps_each": steps, "step_seconds_encoders_run": round(off, 4),
             "step_seconds_cached": round(on, 4), "speedup": round(off / on, 3),
             "encoder_share_of_step": round(1 - on / off, 4),
@@ -555,7 +559,7 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += ["## Training step", "",
                   f"Engine {train['engine']}; {train['text_tokens']} text tokens -> {train['llm_tokens']} LLM tokens per "
                   f"sample, {train['seg_per_sample']} [SEG]; SAM input {train['sam_input']} padded to {train['sam_pad_to']}; "
-                  f"gradient checkpointing {train['gradient_checkpointing']}; {train['steps']} timed steps after "
+                  f"gradient checkpointing {train['gradient_checkpointing']}; median of {train['steps']} timed steps after "
                   f"{train['warmup_steps']} warm-up. Trainable parameters {train['parameters']['trainable']:,} of "
                   f"{train['parameters']['total']:,}.", "",
                   f"FLOPs per sample {train['flops_per_sample']['total']:.4g} ({train['flop_formula']}); "
@@ -572,7 +576,7 @@ def write_markdown(result: dict, path: Path) -> None:
     cache = result.get("encoder_cache")
     if cache:
         lines += ["## Frozen-encoder cache", "",
-                  f"Micro-batch {cache['micro_batch']}, {cache['steps_each']} steps each, alternating: encoders run "
+                  f"Micro-batch {cache['micro_batch']}, median of {cache['steps_each']} steps each, alternating: encoders run "
                   f"{cache['step_seconds_encoders_run']} s/step, cached {cache['step_seconds_cached']} s/step -> "
                   f"{cache['speedup']}x (encoders' share of a step {cache['encoder_share_of_step']:.1%}); process CPU "
                   f"time {cache['step_cpu_seconds_encoders_run']} vs {cache['step_cpu_seconds_cached']} s/step -> "
