@@ -554,6 +554,10 @@ def write_markdown(result: dict, path: Path) -> None:
     if result["preset"] != "legion_7b" or result["device_type"] != "cuda":
         lines += ["This is a dry run of the benchmark's logic (not the full-size model on a GPU): its figures say "
                   "nothing about LEGION-7B performance.", ""]
+    if result["device_type"] == "cpu":
+        lines += ["On a shared CPU machine other processes slow single steps several-fold (see `step_seconds_each` "
+                  "in the JSON); the CPU-time columns are less affected but not immune (threads waiting on a busy "
+                  "core also burn CPU time).", ""]
     train = result.get("training")
     if train:
         lines += ["## Training step", "",
