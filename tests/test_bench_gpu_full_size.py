@@ -132,6 +132,11 @@ def test_targets_judged_only_for_legion_7b_on_cuda(bench):
     assert [t["met"] for t in targets] == [False, True, True]
     result["inference"]["new_tokens"] = 64
     assert bench.check_targets(result)[2]["met"] is None
+    # micro-batch 2 fits on a 141 GB H200 but would not on an 80 GB GPU
+    result["training"]["rows"][1] = {"micro_batch": 2, "oom": False, "mfu": 0.4, "peak_memory_gb": 90.0}
+    assert bench.check_targets(result)[0]["met"] is False
+    result["training"]["rows"][1]["peak_memory_gb"] = 60.0
+    assert bench.check_targets(result)[0]["met"] is True
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA defaults")
