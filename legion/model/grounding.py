@@ -52,7 +52,10 @@ def build_sam(sam_config: dict) -> Sam:
 
 
 def sam_image_embeddings(sam: Sam, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Frozen image encoder, one image at a time, no grad.
+    """SAM image encoder, one image at a time.
+
+    Frozen in LEGION (spec/model.md §10.1), and then run without autograd. Only a config that makes
+    it trainable (the tiny preset, whose encoder starts random) gets gradients through it.
 
     pixel_values [B, 3, P, P] (SAM-normalized, zero-padded; P = encoder image size)
     -> embeddings [B, C, P/patch, P/patch].
@@ -62,7 +65,8 @@ def sam_image_embeddings(sam: Sam, pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"SAM input must be padded to {enc.img_size}x{enc.img_size}, got "
                          f"{tuple(pixel_values.shape[-2:])}")
     dtype = enc.patch_embed.proj.weight.dtype
-    with torch.no_grad():
+    trainable = torch.is_grad_enabled() and any(p.requires_grad for p in enc.parameters())
+    with torch.set_grad_enabled(trainable):
         return torch.cat([enc(img[None].to(dtype)) for img in pixel_values], dim=0)
 
 

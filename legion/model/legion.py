@@ -231,7 +231,7 @@ class LegionModel(LlamaModel):
             return self.mm_projector(feats.to(proj_dtype))
 
     def sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, P, P] -> SAM image embeddings [B, C, P/16, P/16] (frozen, no grad)."""
+        """[B, 3, P, P] -> SAM image embeddings [B, C, P/16, P/16] (no grad unless the encoder is trainable)."""
         return sam_image_embeddings(self.grounding_encoder, sam_pixel_values)
 
     def project_seg_states(self, states: torch.Tensor) -> torch.Tensor:

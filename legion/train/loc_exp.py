@@ -415,6 +415,11 @@ def train(cfg: TrainConfig) -> dict:
 
     cached = None
     if cfg.encoder_cache.enabled:
+        trainable_encoders = [n for n, p in engine.module.named_parameters() if p.requires_grad and (
+            "grounding_encoder.image_encoder" in n or "vision_tower" in n)]
+        if trainable_encoders:
+            raise ConfigError(f"encoder_cache.enabled needs frozen encoders, but {trainable_encoders[0]} is "
+                              "trainable (trainable.name_contains)")
         fingerprint = encoder_fingerprint(engine.module, preprocessing_info(preprocessing))
         cache = FrozenEncoderCache(cfg.encoder_cache.dir or out_dir / "encoder_cache", fingerprint)
         cached = CachedFrozenEncoders(engine.module, cache)
