@@ -232,7 +232,8 @@ def test_tiny_model_fixture_loads_like_a_real_checkpoint(tiny_model):
     clip = torch.randn(2, 3, 64, 64)
     assert model.encode_images(clip).shape == (2, model.config.num_image_tokens, model.config.hidden_size)
     emb = model.sam_image_embeddings(torch.randn(1, 3, 128, 128))
-    assert emb.shape == (1, model.config.out_dim, 8, 8)
+    grid = 128 // model.config.sam_config["patch_size"]
+    assert emb.shape == (1, model.config.out_dim, grid, grid)
 
 
 def test_save_load_round_trip_is_bit_exact(tiny_model_dir, tmp_path):
