@@ -8,4 +8,6 @@ bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions"
 export MPLBACKEND=Agg
+# The tiny model's ops are small: one OpenMP thread per process is faster than two competing ones.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec .venv/bin/legion demo "$@"
