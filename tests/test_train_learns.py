@@ -1,6 +1,6 @@
 """Proof that the loc/exp recipe learns: tiny preset on ToyScars, CPU, through the real inference path.
 
-Full-size figures (400 train images, 10 epochs, `configs/tiny/train_loc_exp.yaml`) are in
+Full-size figures (400 train images, 20 epochs, `configs/tiny/train_loc_exp.yaml`) are in
 docs/training.md. This CI version trains on fewer images for fewer steps and checks the
 explanation text and the masks on held-out test images with looser thresholds.
 """
