@@ -170,7 +170,7 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .note { color: #666; font-size: 0.9em; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 18px; }
 .card { border: 1px solid #ddd; border-radius: 8px; padding: 10px; }
-.card img { width: 48%; image-rendering: pixelated; border-radius: 4px; }
+.card img { width: 32.5%; image-rendering: pixelated; border-radius: 4px; }
 .verdict { font-weight: 600; padding: 1px 8px; border-radius: 10px; color: white; }
 .fake { background: #c0392b; } .real { background: #27ae60; } .error { background: #7f8c8d; }
 .expl { font-size: 0.92em; line-height: 1.45; }
@@ -224,8 +224,8 @@ def write_report(out_dir: str | os.PathLike, title: str, tables: Sequence[Table]
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(intro)}</p><h2>Metrics</h2>{tables_html}{curve_html}"
-            f"<h2>Gallery</h2><p class='note'>Left: input. Right: predicted masks, one colour per grounded "
-            f"phrase (the phrase is highlighted in the same colour). Third image, when present: ground truth."
+            f"<h2>Gallery</h2><p class='note'>Left: input. Middle: predicted masks, one colour per grounded "
+            f"phrase (the phrase is highlighted in the same colour). Right, when present: ground truth."
             f"</p><div class='gallery'>{''.join(cards_html)}</div></body></html>")
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(page)
