@@ -51,16 +51,6 @@ class Stages:
         self._t = time.perf_counter()
 
 
-def glamm_ids(ids: torch.Tensor, tokenizer, vocab_size: int) -> torch.Tensor:
-    """Map the tiny tokenizer's special-token ids onto GLaMM's (32000 + i) for the 32007-token model."""
-    out = ids.clone()
-    if vocab_size < 32007:
-        return out
-    for tok, glamm_id in conv.GLAMM_SPECIAL_TOKEN_IDS.items():
-        out[ids == tokenizer.convert_tokens_to_ids(tok)] = glamm_id
-    return out
-
-
 def test_image(size: int = 1024) -> np.ndarray:
     y, x = np.mgrid[0:size, 0:size] / size
     img = np.stack([255 * x, 255 * y, 128 + 100 * np.sin(12 * x * y)], -1)
@@ -98,7 +88,8 @@ def main() -> None:
     answer = (f"Upon examining the image. I have found: {conv.tag_phrase('the left hand')}:six fingers."
               f"{conv.tag_phrase('the sky')}:banding.")
     ids, labels = conv.encode_conversation(tokenizer, answer)
-    ids, labels = glamm_ids(ids, tokenizer, config.vocab_size), glamm_ids(labels, tokenizer, config.vocab_size)
+    ids = conv.to_glamm_ids(ids, tokenizer, config.vocab_size)
+    labels = conv.to_glamm_ids(labels, tokenizer, config.vocab_size)
     seg_id = config.seg_token_idx
     assert int((ids == seg_id).sum()) == 2
     image = test_image()
@@ -132,7 +123,7 @@ def main() -> None:
             logits[..., forced] = logits.max() + 1e4
         return logits
 
-    prompt = glamm_ids(conv.encode_prompt(tokenizer), tokenizer, config.vocab_size)[None]
+    prompt = conv.to_glamm_ids(conv.encode_prompt(tokenizer), tokenizer, config.vocab_size)[None]
     hook = model.lm_head.register_forward_hook(force)
     try:
         gen = model.generate_grounded(prompt, torch.ones_like(prompt), clip, sam, [resized], [(1024, 1024)],

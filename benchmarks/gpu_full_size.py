@@ -135,7 +135,7 @@ def build_benchmark_model(preset: str, dtype: torch.dtype, device: torch.device)
 
     config = build_config(preset)
     tokenizer = build_tiny_tokenizer()
-    if config.vocab_size < 32007:  # tiny: the tokenizer's own ids; 7B: GLaMM's 32000..32006 (glamm_ids)
+    if config.vocab_size < 32007:  # tiny: the tokenizer's own ids; 7B: GLaMM's 32000..32006 (conv.to_glamm_ids)
         config.seg_token_idx = tokenizer.convert_tokens_to_ids(conv.SEG)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -148,16 +148,6 @@ def build_benchmark_model(preset: str, dtype: torch.dtype, device: torch.device)
     for name in FP32_MODULES:
         model.get_submodule(name).float()
     return model.eval(), tokenizer
-
-
-def glamm_ids(ids: torch.Tensor, tokenizer, vocab_size: int) -> torch.Tensor:
-    """Map the tiny tokenizer's special-token ids onto GLaMM's (32000 + i) for the 32007-token model."""
-    out = ids.clone()
-    if vocab_size < 32007:
-        return out
-    for tok, glamm_id in conv.GLAMM_SPECIAL_TOKEN_IDS.items():
-        out[ids == tokenizer.convert_tokens_to_ids(tok)] = glamm_id
-    return out
 
 
 FILLER = ("The texture of the surface is unnaturally smooth and the lighting does not agree with the shadows "
@@ -182,7 +172,7 @@ def long_conversation(tokenizer, vocab_size: int, text_tokens: int, num_seg: int
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if len(encode(mid)[0]) < text_tokens else (lo, mid)
     ids, labels = encode(lo)
-    return glamm_ids(ids, tokenizer, vocab_size), glamm_ids(labels, tokenizer, vocab_size)
+    return conv.to_glamm_ids(ids, tokenizer, vocab_size), conv.to_glamm_ids(labels, tokenizer, vocab_size)
 
 
 def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
@@ -464,7 +454,7 @@ def generate_images(model, tokenizer, images: list[np.ndarray], device: torch.de
     config = model.config
     sam_size = config.sam_config["image_size"]
     seg_steps = {max(1, (k + 1) * new_tokens // (num_seg + 1)) for k in range(num_seg)}
-    prompt = glamm_ids(conv.encode_prompt(tokenizer), tokenizer, config.vocab_size)
+    prompt = conv.to_glamm_ids(conv.encode_prompt(tokenizer), tokenizer, config.vocab_size)
     clock = Clock(device)
     clip = torch.stack([clip_preprocess(img, size=config.vision_config["image_size"]) for img in images]).to(device)
     sams = [sam_preprocess(img, longest_side=sam_size, pad_to=sam_size) for img in images]

@@ -142,3 +142,12 @@ def describe_schema(schema: type, prefix: str = "") -> list[str]:
         doc = field.metadata.get("help", "")
         lines.append(f"  {name} ({ftype}) = {default!r}" + (f"  # {doc}" if doc else ""))
     return lines
+
+
+def add_config_arguments(parser, schema: type, config_help: str, overrides_example: str,
+                         config_required: bool = False) -> None:
+    """The arguments every config-driven recipe takes: `--config FILE` and `key=value` overrides,
+    with every key of `schema` and its default listed in `--help`."""
+    parser.add_argument("--config", required=config_required, help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}")
+    parser.epilog = "config keys:\n" + "\n".join(describe_schema(schema))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from legion.config import ConfigError, describe_schema, load_config, save_resolved_config
+from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config
 
 PREDICTIONS = "predictions.jsonl"
 RESOLVED_CONFIG = "infer_config.yaml"
@@ -620,10 +620,8 @@ def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int 
 
 # --- CLI ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (configs/legion_7b/infer.yaml, configs/tiny/infer.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. model_path=... image_dir=... output_dir=... batch_size=8")
-    parser.epilog = "config keys:\n" + "\n".join(describe_schema(InferConfig))
+    add_config_arguments(parser, InferConfig, "YAML config (configs/legion_7b/infer.yaml, configs/tiny/infer.yaml)",
+                         "model_path=... image_dir=... output_dir=... batch_size=8")
 
 
 def run(args: argparse.Namespace) -> int:

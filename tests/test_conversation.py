@@ -16,3 +16,19 @@ def test_parse_answer_keeps_unknown_angle_text():
     explanation, phrases = parse_answer(text)
     assert phrases == ["Man's ear.", "eyes"]
     assert explanation == "Upon examining. Man's ear.:The ear <b> is off. eyes:Uneven."
+
+
+def test_to_glamm_ids_moves_only_special_tokens():
+    import torch
+
+    from legion.model.conversation import GLAMM_SPECIAL_TOKEN_IDS, SEG, to_glamm_ids
+    from legion.model.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    ids = torch.tensor(tok("a <p> b </p> [SEG]", add_special_tokens=False).input_ids)
+    moved = to_glamm_ids(ids, tok, 32007)
+    seg = ids == tok.convert_tokens_to_ids(SEG)
+    assert seg.any() and (moved[seg] == GLAMM_SPECIAL_TOKEN_IDS[SEG]).all()
+    special = torch.tensor([int(i) in set(tok.convert_tokens_to_ids(list(GLAMM_SPECIAL_TOKEN_IDS))) for i in ids])
+    assert torch.equal(moved[~special], ids[~special])
+    assert torch.equal(to_glamm_ids(ids, tok, len(tok)), ids)

@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from legion.config import describe_schema, load_config, save_resolved_config
+from legion.config import add_config_arguments, load_config, save_resolved_config
 from legion.controller.cases import (AnalyzerConfig, Case, CaseWriter, has_artifact, load_analyzer, read_cases,
                                      record_masks)
 from legion.controller.pipelines import PipelineLoadError
@@ -174,13 +174,13 @@ def load_inpainter(cfg: InpainterConfig, device: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (configs/legion_7b/inpaint.yaml, configs/tiny/inpaint.yaml)")
+    add_config_arguments(parser, InpaintConfig,
+                         "YAML config (configs/legion_7b/inpaint.yaml, configs/tiny/inpaint.yaml)",
+                         "max_iter=2")
     parser.add_argument("--inputs", help="input file (overrides `inputs`): .json {image: prompt} or .jsonl")
     parser.add_argument("--image-root", help="folder the input's image paths are relative to")
     parser.add_argument("--out", help="output folder (overrides `out_dir`)")
     parser.add_argument("--device", help="cpu / cuda / cuda:1 (overrides `device`)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_iter=2")
-    parser.epilog = "config keys:\n" + "\n".join(describe_schema(InpaintConfig))
 
 
 def config_from_args(args: argparse.Namespace) -> InpaintConfig:

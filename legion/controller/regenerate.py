@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from legion.config import describe_schema, load_config, save_resolved_config
+from legion.config import add_config_arguments, load_config, save_resolved_config
 from legion.controller.cases import (AnalyzerConfig, Case, CaseWriter, has_artifact, load_analyzer, read_cases,
                                      record_masks)
 from legion.controller.pipelines import PipelineLoadError
@@ -139,13 +139,13 @@ def load_generator(cfg: GeneratorConfig, device: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (configs/legion_7b/regenerate.yaml, configs/tiny/regenerate.yaml)")
+    add_config_arguments(parser, RegenerateConfig,
+                         "YAML config (configs/legion_7b/regenerate.yaml, configs/tiny/regenerate.yaml)",
+                         "max_rounds=4")
     parser.add_argument("--prompts", help="input file (overrides `inputs`): .txt, .json {image: prompt} or .jsonl")
     parser.add_argument("--image-root", help="folder the input's image paths are relative to")
     parser.add_argument("--out", help="output folder (overrides `out_dir`)")
     parser.add_argument("--device", help="cpu / cuda / cuda:1 (overrides `device`)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_rounds=4")
-    parser.epilog = "config keys:\n" + "\n".join(describe_schema(RegenerateConfig))
 
 
 def config_from_args(args: argparse.Namespace) -> RegenerateConfig:

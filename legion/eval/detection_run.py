@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from legion.config import ConfigError, describe_schema, load_config, save_resolved_config, to_dict
+from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 from legion.data.detection import list_detection_images, summarize
 
 
@@ -152,11 +152,9 @@ def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (e.g. configs/legion_7b/eval_cls.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. detector=runs/cls data.test=data/ufd/test")
+    add_config_arguments(parser, EvalClsConfig, "YAML config (e.g. configs/legion_7b/eval_cls.yaml)",
+                         "detector=runs/cls data.test=data/ufd/test")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    parser.epilog = "config keys:\n" + "\n".join(describe_schema(EvalClsConfig))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -154,3 +154,17 @@ def parse_answer(text: str) -> tuple[str, list[str]]:
     explanation = re.sub(r"\s+", " ", explanation).strip()
     explanation = re.sub(r"\s+([:.,;])", r"\1", explanation)
     return explanation, phrases
+
+
+def to_glamm_ids(ids: torch.Tensor, tokenizer, vocab_size: int) -> torch.Tensor:
+    """Move a small tokenizer's special-token ids onto GLaMM's 32000..32006.
+
+    Lets benchmarks feed the 32007-token legion_7b model with text from the tiny tokenizer (no LLaMA
+    tokenizer ships with this project). Models with a smaller vocabulary get the ids unchanged.
+    """
+    out = ids.clone()
+    if vocab_size < 32007:
+        return out
+    for tok, glamm_id in GLAMM_SPECIAL_TOKEN_IDS.items():
+        out[ids == tokenizer.convert_tokens_to_ids(tok)] = glamm_id
+    return out

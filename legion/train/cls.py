@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from legion.config import ConfigError, describe_schema, load_config, save_resolved_config, to_dict
+from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 from legion.data.detection import DetectionItem, is_fake_to_reference_index, list_detection_images, summarize
 
 # --- config ------------------------------------------------------------------------------------
@@ -465,11 +465,9 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (e.g. configs/legion_7b/train_cls.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.train=data/cnndetection/progan_train epochs=1")
+    add_config_arguments(parser, TrainClsConfig, "YAML config (e.g. configs/legion_7b/train_cls.yaml)",
+                         "data.train=data/cnndetection/progan_train epochs=1")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs still go to log.jsonl)")
-    parser.epilog = "config keys:\n" + "\n".join(describe_schema(TrainClsConfig))
 
 
 def run(args: argparse.Namespace) -> int:

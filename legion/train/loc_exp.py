@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from legion.config import ConfigError, describe_schema, load_config, save_resolved_config, to_dict
+from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -526,10 +526,9 @@ def export_merged_model(cfg: TrainConfig, ckpt_dir: Path, out_dir: Path) -> Path
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny/train_loc_exp.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+    add_config_arguments(parser, TrainConfig, "YAML config, e.g. configs/tiny/train_loc_exp.yaml", "optim.lr=3e-4",
+                         config_required=True)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.epilog = "config keys:\n" + "\n".join(describe_schema(TrainConfig))
 
 
 def run(args: argparse.Namespace) -> int:
