@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config
+from legion.utils.devices import resolve_device, resolve_dtype
 
 PREDICTIONS = "predictions.jsonl"
 RESOLVED_CONFIG = "infer_config.yaml"
@@ -76,24 +77,6 @@ class InferConfig:
     progress: bool = True
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"dtype: unknown dtype {name!r} (auto, float32, bfloat16, float16)")
-    return table[name]
 
 
 # --- quantization -------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
     """Run the detector, write predictions.jsonl and metrics.json; return the metrics."""
     from legion.eval.detection import detection_metrics
     from legion.model.detector import load_detector
-    from legion.train.cls import resolve_device, resolve_dtype
+    from legion.utils.devices import resolve_device, resolve_dtype
 
     if not cfg.detector:
         raise ConfigError("detector is required (a checkpoint dir written by `legion cls-train`)")

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
+from legion.utils.devices import resolve_device, resolve_dtype
 from legion.data.detection import DetectionItem, is_fake_to_reference_index, list_detection_images, summarize
 
 # --- config ------------------------------------------------------------------------------------
@@ -93,20 +94,6 @@ class TrainClsConfig:
     optim: ClsOptimConfig = field(default_factory=ClsOptimConfig)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"model.dtype: unknown dtype {name!r} (auto, float32, bfloat16, float16)")
-    return table[name]
 
 
 # --- feature cache --------------------------------------------------------------------------
@@ -418,7 +405,7 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
     save_resolved_config(cfg, out)
     device = resolve_device(cfg.device)
     train_items, val_items = _load_items(cfg)
-    detector = build_detector(cfg.model.backbone, device=device, dtype=resolve_dtype(cfg.model.dtype, device),
+    detector = build_detector(cfg.model.backbone, device=device, dtype=resolve_dtype(cfg.model.dtype, device, "model.dtype"),
                               vision_tower=cfg.model.vision_tower, seed=cfg.seed)
     cache = FeatureCache(cfg.feature_cache_dir)
     logger = TrainLogger(out, total_steps=cfg.epochs * math.ceil(max(1, len(train_items)) / cfg.batch_size),
