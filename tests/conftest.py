@@ -14,4 +14,4 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # two DeepSpeed ranks get one core each). Set before anything imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-pytest_plugins = ["tests.fixtures_model", "tests.fixtures_data"]
+pytest_plugins = ["tests.fixtures_model", "tests.fixtures_data", "tests.fixtures_controller"]

@@ -15,7 +15,6 @@ from PIL import Image
 
 from legion.controller.cases import Case, CaseWriter
 from legion.controller.inpaint import InpaintConfig, dilate_mask, inpaint_case
-from legion.controller.pipelines import build_tiny_pipeline
 from legion.controller.prompt_reviser import TemplateReviser
 from legion.controller.regenerate import RegenerateConfig, regenerate_case, run_regeneration
 from legion.controller.scoring import ClipScorer
@@ -35,16 +34,6 @@ def analyzer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def scorer():
     return ClipScorer.tiny(seed=0)
-
-
-@pytest.fixture(scope="module")
-def text2img():
-    return build_tiny_pipeline("text2img", seed=0)
-
-
-@pytest.fixture(scope="module")
-def inpainter():
-    return build_tiny_pipeline("inpaint", seed=0)
 
 
 @contextlib.contextmanager

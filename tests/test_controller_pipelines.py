@@ -5,18 +5,8 @@ import numpy as np
 import pytest
 
 from legion.controller.inpaint import InpainterConfig, dilate_mask, inpaint_image
-from legion.controller.pipelines import (PipelineLoadError, build_tiny_pipeline, generate, load_pipeline,
+from legion.controller.pipelines import (PipelineLoadError, generate, load_pipeline,
                                          save_tiny_pipeline)
-
-
-@pytest.fixture(scope="module")
-def text2img():
-    return build_tiny_pipeline("text2img", seed=0)
-
-
-@pytest.fixture(scope="module")
-def inpainter():
-    return build_tiny_pipeline("inpaint", seed=0)
 
 
 def test_generation_is_seeded_and_follows_the_prompt(text2img):
