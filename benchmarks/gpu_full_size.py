@@ -10,7 +10,9 @@ text_hidden_fcs fp32 as in the released checkpoints), then measures in one run:
   --infer  one image end to end (preprocess, SAM 1024, CLIP, N generated tokens, masks): seconds per
            image with the KV cache vs. the reference's use_cache=False method (same forced length:
            a hook on lm_head suppresses `</s>` and forces a few `[SEG]`), their ratio, and batched
-           throughput (images/min) with the cache at batch 1, 4, 8.
+           throughput (images/min) with the cache at batch 1, 4, 8. The cache is timed per decoding
+           (--decodings): on CUDA the CUDA-graph-replayed static cache (the default there) and the
+           eager dynamic one.
   --cache  one training step with the frozen encoders (CLIP, SAM ViT) run vs. their outputs read
            from the training recipe's FrozenEncoderCache (legion/train/encoder_cache.py).
   --train  training steps (LoRA r8/a16 on q/v + trainable lm_head, embed_tokens, mask decoder,
@@ -447,7 +449,7 @@ def forced_length(model, eos_id: int, seg_id: int, seg_steps: set[int]):
 
 
 def generate_images(model, tokenizer, images: list[np.ndarray], device: torch.device, new_tokens: int,
-                    use_cache: bool, num_seg: int = 3) -> tuple[tuple[float, float], list]:
+                    use_cache: bool, num_seg: int = 3, decoding: str = "auto") -> tuple[tuple[float, float], list]:
     """End to end for a batch of RGB images: preprocess, SAM 1024 + CLIP, greedy decoding of exactly
     `new_tokens` tokens, masks at the original resolution, on the host.
     Returns ((wall seconds, CPU seconds), generations)."""
@@ -463,7 +465,7 @@ def generate_images(model, tokenizer, images: list[np.ndarray], device: torch.de
     with forced_length(model, config.eos_token_id, config.seg_token_idx, seg_steps), torch.no_grad():
         gens = model.generate_grounded(ids, torch.ones_like(ids), clip, sam, [tuple(r) for _, r in sams],
                                        [img.shape[:2] for img in images], max_new_tokens=new_tokens,
-                                       use_cache=use_cache)
+                                       use_cache=use_cache, decoding=decoding)
     masks = [(g.mask_logits > 0).cpu() for g in gens]
     seconds = clock.stop()
     for g, m in zip(gens, masks):
@@ -473,28 +475,51 @@ def generate_images(model, tokenizer, images: list[np.ndarray], device: torch.de
     return seconds, gens
 
 
-def bench_inference(model, tokenizer, device: torch.device, new_tokens: int, batch_sizes: list[int],
-                    image_size: int, repeats: int = 1) -> dict:
-    """Seconds per image with vs. without the KV cache, and cached throughput per batch size."""
-    model.eval()
+def default_decodings(device: torch.device) -> list[str]:
+    """CUDA: the graph-replayed static cache (generate_grounded's default there), then the eager dynamic one."""
+    return ["cuda_graph", "dynamic"] if device.type == "cuda" else ["dynamic", "static"]
 
-    def timed(images, use_cache):  # median (wall, CPU) seconds over `repeats`
-        runs = [generate_images(model, tokenizer, images, device, new_tokens, use_cache)[0] for _ in range(repeats)]
-        return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+def bench_inference(model, tokenizer, device: torch.device, new_tokens: int, batch_sizes: list[int],
+                    image_size: int, repeats: int = 1, decodings: list[str] | None = None) -> dict:
+    """Seconds per image with the KV cache (each decoding in `decodings`; the first one is the headline
+    and runs the batched throughput) vs. without it, and cached throughput per batch size."""
+    model.eval()
+    decodings = decodings or default_decodings(device)
+    headline = decodings[0]
+
+    def timed(images, use_cache, decoding=headline):  # median (wall, CPU) seconds over `repeats`, last generations
+        runs = [generate_images(model, tokenizer, images, device, new_tokens, use_cache, decoding=decoding)
+                for _ in range(repeats)]
+        return statistics.median(r[0][0] for r in runs), statistics.median(r[0][1] for r in runs), runs[-1][1]
 
     # Warm-up at full length: a short one left the first timed cached run measurably slower than later ones.
-    generate_images(model, tokenizer, [synthetic_image(image_size)], device, new_tokens, True)
+    generate_images(model, tokenizer, [synthetic_image(image_size)], device, new_tokens, True, decoding=headline)
     single = [synthetic_image(image_size)]
-    (cached_s, cached_cpu), (uncached_s, uncached_cpu) = timed(single, True), timed(single, False)
-    print(json.dumps({"new_tokens": new_tokens, "seconds_per_image_cache": round(cached_s, 3),
-                      "seconds_per_image_no_cache": round(uncached_s, 3)}), flush=True)
+    variants = []
+    for decoding in decodings:
+        if decoding != headline:  # a short warm-up of this decoding's own kernels
+            generate_images(model, tokenizer, single, device, min(new_tokens, 16), True, decoding=decoding)
+        seconds, cpu_seconds, gens = timed(single, True, decoding)
+        variants.append({"decoding": decoding, "seconds_per_image": round(seconds, 4),
+                         "cpu_seconds_per_image": round(cpu_seconds, 4), "token_ids": gens[0].token_ids})
+    uncached_s, uncached_cpu, _ = timed(single, False)
+    reference = variants[0].pop("token_ids")
+    for v in variants:
+        tokens = v.pop("token_ids", reference)
+        v["speedup_vs_no_cache"] = round(uncached_s / v["seconds_per_image"], 3)
+        # Random weights: near-tied logits may break differently under another attention kernel.
+        v[f"tokens_equal_to_{headline}"] = round(sum(a == b for a, b in zip(tokens, reference)) / len(reference), 4)
+    cached_s, cached_cpu = variants[0]["seconds_per_image"], variants[0]["cpu_seconds_per_image"]
+    print(json.dumps({"new_tokens": new_tokens, "cached": variants, "seconds_per_image_no_cache": round(uncached_s, 3)}),
+          flush=True)
     throughput = []
     for bsz in batch_sizes:
         free_memory(device)
         reset_peak_memory(device)
         images = [synthetic_image(image_size, seed=i) for i in range(bsz)]
         try:
-            seconds, cpu_seconds = timed(images, True)
+            seconds, cpu_seconds, _ = timed(images, True)
         except Exception as error:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
             if not is_oom(error):
                 raise
@@ -505,7 +530,8 @@ def bench_inference(model, tokenizer, device: torch.device, new_tokens: int, bat
                            "images_per_min": round(60 * bsz / seconds, 3), "peak_memory_gb": round(memory, 3),
                            "load_average": load_average()})
         print(json.dumps(throughput[-1]), flush=True)
-    return {"new_tokens": new_tokens, "image_size": image_size, "sam_input": model.config.sam_config["image_size"],
+    return {"new_tokens": new_tokens, "decoding": headline, "cached_variants": variants,
+            "image_size": image_size, "sam_input": model.config.sam_config["image_size"],
             "seg_per_image": 3, "repeats": repeats, "seconds_per_image_cache": round(cached_s, 4),
             "seconds_per_image_no_cache": round(uncached_s, 4),
             "speedup_cache_vs_no_cache": round(uncached_s / cached_s, 3),
@@ -588,6 +614,15 @@ def write_markdown(result: dict, path: Path) -> None:
                   f"use_cache=False {infer['seconds_per_image_no_cache']} s/image -> "
                   f"**{infer['speedup_cache_vs_no_cache']}x** (process CPU time {infer['cpu_seconds_per_image_cache']} vs "
                   f"{infer['cpu_seconds_per_image_no_cache']} s -> {infer['speedup_cpu_time']}x).", "",
+                  f"Decoding with the cache, each against the same use_cache=False run (headline: {infer['decoding']}; "
+                  "`static`/`cuda_graph`: legion/model/static_decoding.py):", "",
+                  f"| decoding | s/image | CPU s/image | speed-up vs use_cache=False | tokens equal to {infer['decoding']} |",
+                  "|---|---|---|---|---|"]
+        equal_key = f"tokens_equal_to_{infer['decoding']}"
+        for v in infer["cached_variants"]:
+            lines.append(f"| {v['decoding']} | {v['seconds_per_image']} | {v['cpu_seconds_per_image']} | "
+                         f"{v['speedup_vs_no_cache']}x | {v[equal_key]:.1%} |")
+        lines += ["", f"Batched throughput ({infer['decoding']}):", "",
                   "| batch | wall (s) | CPU (s) | images/min | peak memory (GiB) |", "|---|---|---|---|---|"]
         for r in infer["batched_with_cache"]:
             lines.append(f"| {r['batch']} | OOM | | | |" if r["oom"] else
@@ -608,6 +643,16 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def decoding_list(text: str) -> list[str]:
+    from legion.model.legion import DECODING_MODES
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in DECODING_MODES or v == "auto"]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {DECODING_MODES[1:]}, got {text!r}")
     return values
 
 
@@ -636,6 +681,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=512, help="generated tokens per image (forced)")
     parser.add_argument("--infer-batches", type=int_list, default=[1, 4, 8], help="batch sizes for throughput")
     parser.add_argument("--infer-repeats", type=int, default=1, help="timed generations per measurement (median)")
+    parser.add_argument("--decodings", type=decoding_list, default=None,
+                        help="cached decodings to time, the first one also for throughput (default "
+                             "cuda_graph,dynamic on CUDA, dynamic,static on the CPU)")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                        help="train without gradient checkpointing (more memory, no recomputation)")
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE_FLOPS if cuda else None,
                         help="device peak FLOP/s for MFU (default 989e12 on CUDA: H100/H200 bf16 dense; "
                              "none on the CPU -> MFU n/a)")
@@ -661,6 +711,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda" -> "cuda:0": set_device and DeepSpeed want an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -673,24 +725,29 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     print(f"built {args.preset} on {device} in {build_s:.1f} s", flush=True)
 
-    import deepspeed
     import peft
     import transformers
 
+    try:  # the inference section needs no DeepSpeed: record why it is missing instead of failing
+        import deepspeed
+        deepspeed_version = deepspeed.__version__
+    except Exception as error:  # noqa: BLE001
+        deepspeed_version = f"not importable: {type(error).__name__}: {error}"[:200]
+
     result = {"benchmark": "gpu_full_size", "device": device_name(device), "device_type": device.type,
               "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-              "deepspeed": deepspeed.__version__, "preset": args.preset, "dtype": args.dtype,
+              "deepspeed": deepspeed_version, "preset": args.preset, "dtype": args.dtype,
               "command": " ".join([Path(sys.executable).name, "benchmarks/gpu_full_size.py", *sys.argv[1:]])
               if argv is None else "main(" + repr(argv) + ")",
               "started_utc": started, "build_seconds": round(build_s, 2)}
     # Inference first, on the plain model (no LoRA layers); the training sweep last since it ends at OOM.
     if args.infer:
         result["inference"] = bench_inference(model, tokenizer, device, args.new_tokens, args.infer_batches,
-                                              args.image_size, args.infer_repeats)
+                                              args.image_size, args.infer_repeats, args.decodings)
     if args.train or args.cache:
         from legion.train.loc_exp import LoraSection
 
-        prepare_for_training(model)
+        prepare_for_training(model, args.gradient_checkpointing)
         trainer = make_trainer(model, args.engine, dtype, device)
         if args.cache:
             result["encoder_cache"] = bench_encoder_cache(model, tokenizer, trainer, device, args.text_tokens, sam_input,

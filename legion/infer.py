@@ -61,6 +61,9 @@ class InferConfig:
     quantization: str | None = field(default=None, metadata={"help": "8bit | 4bit (bitsandbytes) for 24 GB GPUs"})
     batch_size: int = field(default=4, metadata={"help": "images per generation batch"})
     max_new_tokens: int = 512
+    decoding: str = field(default="auto", metadata={
+        "help": "auto | cuda_graph | static | dynamic: how the KV cache is decoded (auto: cuda_graph on CUDA "
+                "unless quantized, dynamic elsewhere; docs/inference.md)"})
     sam_input_size: int | None = field(default=1024, metadata={
         "help": "SAM ResizeLongestSide S (reference inference: 1024); null = the SAM encoder size"})
     detector_path: str | None = field(default=None, metadata={"help": "real/fake detector dir (legion cls-train)"})
@@ -149,8 +152,14 @@ class Analyzer:
     """
 
     def __init__(self, model, tokenizer, detector=None, sam_input_size: int | None = 1024,
-                 max_new_tokens: int = 512, gate_threshold: float = 0.5, question: str | None = None):
+                 max_new_tokens: int = 512, gate_threshold: float = 0.5, question: str | None = None,
+                 decoding: str = "auto"):
         from legion.model import conversation as conv
+        from legion.model.legion import DECODING_MODES
+
+        if decoding not in DECODING_MODES:
+            raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+        self.decoding = decoding
 
         self.model, self.tokenizer, self.detector = model, tokenizer, detector
         self.sam_pad_to = int(model.config.sam_config["image_size"])
@@ -171,7 +180,8 @@ class Analyzer:
     def load(cls, model_path: str | os.PathLike, detector_path: str | os.PathLike | None = None,
              device: str | torch.device = "cpu", sam_input_size: int | None = 1024, max_new_tokens: int = 512,
              gate_threshold: float = 0.5, dtype: str | torch.dtype | None = None, vision_tower: str | None = None,
-             quantization: str | None = None, detector_backbone: str | None = None) -> "Analyzer":
+             quantization: str | None = None, detector_backbone: str | None = None,
+             decoding: str = "auto") -> "Analyzer":
         """Load a model directory (and a detector) for inference on `device`."""
         from legion.model.builders import load_model
 
@@ -183,13 +193,15 @@ class Analyzer:
                                          verbose=False)
         if quantization:
             quantize_language_model(model, quantization, dtype)
+            if decoding == "auto":  # bitsandbytes kernels under CUDA-graph capture are not verified
+                decoding = "dynamic"
         model.to(device).eval()
         detector = None
         if detector_path:
             from legion.model.detector import load_detector
 
             detector = load_detector(detector_path, device=device, backbone=detector_backbone)
-        return cls(model, tokenizer, detector, sam_input_size, max_new_tokens, gate_threshold)
+        return cls(model, tokenizer, detector, sam_input_size, max_new_tokens, gate_threshold, decoding=decoding)
 
     @property
     def device(self) -> torch.device:
@@ -215,7 +227,7 @@ class Analyzer:
         ids = self.prompt_ids[None].repeat(len(images), 1).to(self.device)
         results = self.model.generate_grounded(
             ids, torch.ones_like(ids), clip, sam_pixels, [s[1] for s in sam], [im.shape[:2] for im in images],
-            max_new_tokens=self.max_new_tokens, use_cache=True)
+            max_new_tokens=self.max_new_tokens, use_cache=True, decoding=self.decoding)
         seconds = (time.perf_counter() - start) / len(images)
         records = []
         for image, res in zip(images, results):
@@ -534,7 +546,7 @@ def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int 
     if analyzer is None:
         analyzer = Analyzer.load(cfg.model_path, cfg.detector_path, resolve_device(cfg.device), cfg.sam_input_size,
                                  cfg.max_new_tokens, cfg.gate_threshold, cfg.dtype, cfg.vision_tower,
-                                 cfg.quantization, cfg.detector_backbone)
+                                 cfg.quantization, cfg.detector_backbone, cfg.decoding)
 
     done: dict[str, dict] = {}
     if cfg.resume:

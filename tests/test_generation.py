@@ -26,10 +26,10 @@ def _model():
     return model
 
 
-def _generate(model, ids, mask, use_cache=True, idx=slice(None)):
+def _generate(model, ids, mask, use_cache=True, idx=slice(None), decoding="auto"):
     clip, sam = images(len(PROMPTS), SEED)
     return model.generate_grounded(ids, mask, clip[idx], sam[idx], RESIZED[idx], ORIGINAL[idx],
-                                   max_new_tokens=MAX_NEW, use_cache=use_cache)
+                                   max_new_tokens=MAX_NEW, use_cache=use_cache, decoding=decoding)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,24 @@ def test_slow_uncached_generation_gives_the_same_result(setup):
     for fast, ref in zip(gens, slow):
         assert fast.token_ids == ref.token_ids and fast.finished == ref.finished
         torch.testing.assert_close(fast.seg_embeddings, ref.seg_embeddings, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoding", ["static", "cuda_graph"])  # cuda_graph runs the static path eagerly on the CPU
+def test_static_cache_decoding_gives_the_same_result(setup, decoding):
+    """The StaticCache path (the one a CUDA graph replays) against the DynamicCache one, with the
+    padded batch (right-padded prompts are re-padded on the left: padding rows in the static mask)."""
+    model, ids, mask, gens = setup
+    static = _generate(model, ids, mask, decoding=decoding)
+    for fast, ref in zip(static, gens):
+        assert fast.token_ids == ref.token_ids and fast.finished == ref.finished
+        torch.testing.assert_close(fast.seg_embeddings, ref.seg_embeddings, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.mask_logits, ref.mask_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_decoding_mode_is_rejected(setup):
+    model, ids, mask, _ = setup
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        _generate(model, ids, mask, decoding="graph")
 
 
 def test_batched_generation_equals_one_sample_at_a_time_and_accepts_left_padding(setup):

@@ -129,9 +129,18 @@ def test_scripted_answers_pair_phrases_seg_and_masks(tiny_model):
         script.remove()
         assert single["raw_text"] == records[i]["raw_text"] and single["masks"] == records[i]["masks"]
 
+    # the static-cache decoding (the one a CUDA graph replays on GPUs) gives the same records
+    static = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=40, decoding="static")
+    script = ScriptedAnswers(model, tokenizer, answers)
+    static_records = static.analyze(images)
+    script.remove()
+    assert [(r["raw_text"], r["masks"]) for r in static_records] == [(r["raw_text"], r["masks"]) for r in records]
+
 
 def test_sam_input_size_checked(tiny_model):
     model, tokenizer = tiny_model
+    with pytest.raises(ConfigError, match="decoding must be one of"):
+        Analyzer(model, tokenizer, sam_input_size=64, decoding="graph")
     with pytest.raises(ConfigError, match="exceeds the SAM encoder input"):
         Analyzer(model, tokenizer, sam_input_size=1024)
     assert Analyzer(model, tokenizer, sam_input_size=64).sam_input_size == 64

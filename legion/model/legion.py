@@ -32,11 +32,13 @@ from segment_anything.modeling import Sam
 from legion.model.grounding import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, predict_masks, sam_image_embeddings
 from legion.model.losses import causal_lm_loss, mask_losses
 from legion.model.region import RegionEncoder
+from legion.model.static_decoding import StaticDecoder
 from legion.model.vision import CLIPVisionTower, build_mm_projector
 
 # Modules that never receive LoRA (reference rule; they also hold q_proj/v_proj Linears).
 LORA_EXCLUDED_MODULES = ("grounding_encoder", "vision_tower", "mm_projector", "text_hidden_fcs")
 VISION_TOWER_PREFIX = "vision_tower."
+DECODING_MODES = ("auto", "dynamic", "static", "cuda_graph")
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -374,14 +376,23 @@ class LegionForCausalLM(LlamaForCausalLM):
     @torch.no_grad()
     def generate_grounded(self, input_ids, attention_mask, clip_pixel_values, sam_pixel_values, sam_resized_sizes,
                           original_sizes, max_new_tokens: int = 512, use_cache: bool = True,
-                          eos_token_id: int | None = None, tokenizer=None) -> list[GroundedGeneration]:
+                          eos_token_id: int | None = None, tokenizer=None,
+                          decoding: str = "auto") -> list[GroundedGeneration]:
         """Batched greedy decoding, then one mask per generated `[SEG]`.
 
         Prompts may be padded on either side (attention_mask says which tokens are real); they are
         re-padded on the left. use_cache=True: KV cache, the `[SEG]` state is the last position's
         final-layer state at the step that samples `[SEG]`. use_cache=False: the reference's slow
         method, re-running CLIP and the whole sequence at every step (for benchmarks).
+
+        decoding (with the cache): "dynamic" grows a DynamicCache; "static" preallocates a
+        StaticCache; "cuda_graph" replays each step of the static one from a CUDA graph
+        (legion/model/static_decoding.py); "auto" = "cuda_graph" on CUDA, "dynamic" elsewhere.
         """
+        if decoding not in DECODING_MODES:
+            raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
+        if decoding == "auto":
+            decoding = "cuda_graph" if input_ids.device.type == "cuda" else "dynamic"
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         seg = self.seg_token_idx
         bsz = input_ids.shape[0]
@@ -394,10 +405,9 @@ class LegionForCausalLM(LlamaForCausalLM):
         def take(last_states: torch.Tensor) -> torch.Tensor:
             """Greedy pick from the last states [B, D]; record tokens and [SEG] states."""
             next_tokens = self.lm_head(last_states).argmax(-1)
-            for b in range(bsz):
+            for b, tok in enumerate(next_tokens.tolist()):  # one device->host copy per step
                 if finished[b]:
                     continue
-                tok = int(next_tokens[b])
                 if tok == eos:
                     finished[b] = True
                     continue
@@ -406,7 +416,19 @@ class LegionForCausalLM(LlamaForCausalLM):
                     seg_states[b].append(last_states[b].clone())
             return next_tokens
 
-        if use_cache:
+        if use_cache and decoding != "dynamic":
+            mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
+            decoder = StaticDecoder(self.model, bsz, mm.attention_mask.shape[1] + max_new_tokens,
+                                    use_graph=decoding == "cuda_graph")
+            states = decoder.prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids)
+            positions = mm.position_ids[:, -1:]
+            for step in range(max_new_tokens):
+                next_tokens = take(states)
+                if all(finished) or step == max_new_tokens - 1:
+                    break
+                positions = positions + 1
+                states = decoder.step(self.model.embed_tokens(next_tokens[:, None]), positions)
+        elif use_cache:
             mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
             cache = DynamicCache(config=self.config)
             mask, positions = mm.attention_mask, mm.position_ids

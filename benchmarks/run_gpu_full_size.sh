@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The full-size GPU benchmark as it is run on a lent GPU machine: inference and training in two
+# processes (a failure in one keeps the other's results), each under its own time limit.
+#
+#   bash benchmarks/run_gpu_full_size.sh [OUT_DIR]          # default OUT_DIR: benchmarks/results
+#
+# Environment: PYTHON (default python3); WHEELS: a folder of wheels to install first into
+# /tmp/site (for a machine without a registry; skipped when unset); INFER_LIMIT / TRAIN_LIMIT
+# (seconds, default 240 / 300). Writes gpu_full_size_cuda_legion_7b_{infer,train}.{json,md} and
+# the logs beside them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-benchmarks/results}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+
+if [[ -n "${WHEELS:-}" ]]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT_DIR/nvidia_smi.csv" 2>&1 || true
+"$PYTHON" -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee "$OUT_DIR/versions.txt"
+
+timeout "${INFER_LIMIT:-240}" "$PYTHON" benchmarks/gpu_full_size.py --infer --out "$OUT_DIR" \
+  --tag cuda_legion_7b_infer 2>&1 | tee "$OUT_DIR/gpu_full_size_infer.log"
+infer_rc=$?
+timeout "${TRAIN_LIMIT:-300}" "$PYTHON" benchmarks/gpu_full_size.py --train --cache --steps 5 --out "$OUT_DIR" ${TRAIN_ARGS:-} \
+  --tag cuda_legion_7b_train 2>&1 | tee "$OUT_DIR/gpu_full_size_train.log"
+train_rc=$?
+echo "inference rc=$infer_rc training rc=$train_rc"
+exit $(( infer_rc || train_rc ))
