@@ -80,8 +80,6 @@ class InferConfig:
     progress: bool = True
 
 
-
-
 # --- quantization -------------------------------------------------------------------------------
 def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
     """Swap the LLaMA decoder's nn.Linear layers for bitsandbytes 8-bit / 4-bit (nf4) layers.

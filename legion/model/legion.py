@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaForCausalLM, LlamaModel
+from transformers import LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -32,7 +32,7 @@ from segment_anything.modeling import Sam
 from legion.model.grounding import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, predict_masks, sam_image_embeddings
 from legion.model.losses import causal_lm_loss, mask_losses
 from legion.model.region import RegionEncoder
-from legion.model.static_decoding import StaticDecoder
+from legion.model.static_decoding import DynamicDecoder, StaticDecoder
 from legion.model.vision import CLIPVisionTower, build_mm_projector
 
 # Modules that never receive LoRA (reference rule; they also hold q_proj/v_proj Linears).
@@ -416,10 +416,13 @@ class LegionForCausalLM(LlamaForCausalLM):
                     seg_states[b].append(last_states[b].clone())
             return next_tokens
 
-        if use_cache and decoding != "dynamic":
+        if use_cache:
             mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
-            decoder = StaticDecoder(self.model, bsz, mm.attention_mask.shape[1] + max_new_tokens,
-                                    use_graph=decoding == "cuda_graph")
+            if decoding == "dynamic":
+                decoder = DynamicDecoder(self.model)
+            else:
+                decoder = StaticDecoder(self.model, bsz, mm.attention_mask.shape[1] + max_new_tokens,
+                                        use_graph=decoding == "cuda_graph")
             states = decoder.prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids)
             positions = mm.position_ids[:, -1:]
             for step in range(max_new_tokens):
@@ -428,20 +431,6 @@ class LegionForCausalLM(LlamaForCausalLM):
                     break
                 positions = positions + 1
                 states = decoder.step(self.model.embed_tokens(next_tokens[:, None]), positions)
-        elif use_cache:
-            mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
-            cache = DynamicCache(config=self.config)
-            mask, positions = mm.attention_mask, mm.position_ids
-            out = self.model(inputs_embeds=mm.inputs_embeds, attention_mask=mask, position_ids=positions,
-                             cache=cache, use_cache=True)
-            for step in range(max_new_tokens):
-                next_tokens = take(out.last_hidden_state[:, -1])
-                if all(finished) or step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, mask.new_ones(bsz, 1)], 1)
-                positions = positions[:, -1:] + 1
-                out = self.model(inputs_embeds=self.model.embed_tokens(next_tokens[:, None]), attention_mask=mask,
-                                 position_ids=positions, cache=out.cache, use_cache=True)
         else:
             prompts = [input_ids[b, attention_mask[b].bool()] for b in range(bsz)]
             for step in range(max_new_tokens):

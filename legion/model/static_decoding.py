@@ -1,14 +1,15 @@
-"""StaticDecoder: one-token decode steps over a preallocated KV cache, optionally replayed from a CUDA graph.
-
-With a growing DynamicCache every decode step of a 7B LLaMA launches about a thousand small
-kernels from Python; on a GPU the step then costs the time to launch them, not the time to run
-them (the weights are read in ~3 ms on an H200). A StaticCache keeps every tensor of a step at a
-fixed address and shape, so the step can be captured once as a CUDA graph and replayed:
+"""KV-cached decoders for generate_grounded: DynamicDecoder (a growing cache) and StaticDecoder (a
+preallocated one, its step optionally replayed from a CUDA graph). Both have the same two calls:
 
     prefill(inputs_embeds [B, P, D], attention_mask [B, P], position_ids [B, P]) -> last states [B, D]
     step(embeds [B, 1, D], positions [B, 1]) -> last states [B, D]      (once per generated token)
 
-The attention mask is a boolean [B, 1, 1, max_length] buffer (True = attend): left padding stays
+With a growing DynamicCache every decode step of a 7B LLaMA launches about a thousand small
+kernels from Python; on a GPU the step then costs the time to launch them, not the time to run
+them (the weights are read in ~3 ms on an H200). A StaticCache keeps every tensor of a step at a
+fixed address and shape, so the step can be captured once as a CUDA graph and replayed.
+
+The static attention mask is a boolean [B, 1, 1, max_length] buffer (True = attend): left padding stays
 False, each new position turns True as it is written. transformers returns a 4-D mask as it is,
 so nothing in the captured step reads a value back to the host.
 """
@@ -16,7 +17,35 @@ so nothing in the captured step reads a value back to the host.
 from __future__ import annotations
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
+
+
+class DynamicDecoder:
+    """Decode steps over a DynamicCache that grows by one position per step, with a 2-D attention
+    mask [B, T] that grows with it (transformers builds the causal mask from it)."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.cache = DynamicCache(config=decoder.config)
+        self.mask: torch.Tensor | None = None
+
+    def _forward(self, inputs_embeds, position_ids) -> torch.Tensor:
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=self.mask, position_ids=position_ids,
+                           cache=self.cache, use_cache=True)
+        return out.last_hidden_state[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt [B, P, D] (left-padded: attention_mask [B, P]) -> final-layer last states [B, D]."""
+        self.mask = attention_mask
+        return self._forward(inputs_embeds, position_ids)
+
+    @torch.no_grad()
+    def step(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per sample: embeds [B, 1, D], positions [B, 1] -> final-layer states [B, D]."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        return self._forward(embeds, positions)
 
 
 class StaticDecoder:
