@@ -236,6 +236,17 @@ def test_tiny_model_fixture_loads_like_a_real_checkpoint(tiny_model):
     assert emb.shape == (1, model.config.out_dim, grid, grid)
 
 
+def test_sam_embeddings_in_chunks_equal_one_image_at_a_time(tiny_model):
+    from legion.model.grounding import SAM_ENCODER_CHUNK
+
+    model, _ = tiny_model
+    images = torch.randn(SAM_ENCODER_CHUNK + 2, 3, 128, 128)  # one full chunk and a partial one
+    with torch.no_grad():
+        batched = model.sam_image_embeddings(images)
+        single = torch.cat([model.sam_image_embeddings(img[None]) for img in images])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+
+
 def test_save_load_round_trip_is_bit_exact(tiny_model_dir, tmp_path):
     model, tokenizer, report = load_model(tiny_model_dir, verbose=False)
     assert report.ok and report.benign_missing == []

@@ -297,3 +297,25 @@ def test_from_pretrained_round_trip_then_clip_from_its_own_directory(tmp_path):
     from transformers import CLIPVisionConfig
     with pytest.raises(ValueError, match="image_size"):
         loaded.load_vision_tower(CLIPVisionModel(CLIPVisionConfig(**other)))
+
+
+@pytest.mark.parametrize("vocab, bias", [(203, False), (203, True), (192, False)])
+def test_vocab_aligned_logits_equal_the_plain_linear(vocab, bias):
+    from legion.model.legion import LOGITS_VOCAB_MULTIPLE, lm_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, vocab, bias=bias)
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    target = torch.randn(2, 5, vocab)
+    results = []
+    for fn in (head, lambda h: lm_logits(h, head)):
+        head.zero_grad()
+        hidden.grad = None
+        logits = fn(hidden)
+        (logits * target).sum().backward()
+        results.append((logits.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    assert results[1][0].shape == (2, 5, vocab)
+    if vocab % LOGITS_VOCAB_MULTIPLE:  # the padded product is sliced: the row stride shows the padding
+        assert lm_logits(hidden, head).stride(-2) % LOGITS_VOCAB_MULTIPLE == 0
+    for plain, aligned in zip(*results):
+        torch.testing.assert_close(aligned, plain)

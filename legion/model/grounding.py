@@ -51,8 +51,13 @@ def build_sam(sam_config: dict) -> Sam:
     )
 
 
+# Images per SAM encoder call. Batched calls are faster (tiny preset: 0.41 vs 0.54 s per training step
+# at batch 8); the cap bounds ViT-H's global-attention maps (16 heads x 4096^2 per image, ~0.5 GB bf16).
+SAM_ENCODER_CHUNK = 4
+
+
 def sam_image_embeddings(sam: Sam, pixel_values: torch.Tensor) -> torch.Tensor:
-    """SAM image encoder, one image at a time.
+    """SAM image encoder, SAM_ENCODER_CHUNK images per call.
 
     Frozen in LEGION (spec/model.md §10.1), and then run without autograd. Only a config that makes
     it trainable (the tiny preset, whose encoder starts random) gets gradients through it.
@@ -67,7 +72,7 @@ def sam_image_embeddings(sam: Sam, pixel_values: torch.Tensor) -> torch.Tensor:
     dtype = enc.patch_embed.proj.weight.dtype
     trainable = torch.is_grad_enabled() and any(p.requires_grad for p in enc.parameters())
     with torch.set_grad_enabled(trainable):
-        return torch.cat([enc(img[None].to(dtype)) for img in pixel_values], dim=0)
+        return torch.cat([enc(chunk.to(dtype)) for chunk in pixel_values.split(SAM_ENCODER_CHUNK)], dim=0)
 
 
 def dense_positional_encoding(prompt_encoder: PromptEncoder) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from transformers.utils import ModelOutput
@@ -39,6 +40,10 @@ from legion.model.vision import CLIPVisionTower, build_mm_projector
 LORA_EXCLUDED_MODULES = ("grounding_encoder", "vision_tower", "mm_projector", "text_hidden_fcs")
 VISION_TOWER_PREFIX = "vision_tower."
 DECODING_MODES = ("auto", "dynamic", "static", "cuda_graph")
+# LEGION's vocabulary (32,007) is odd: logits rows of that length push cuBLAS onto unaligned GEMM
+# kernels, ~6 % of a 7B LoRA training step on an H200 (benchmarks/results). `lm_logits` pads the
+# weight with zero rows to a multiple of this and slices the logits back: same values, aligned GEMMs.
+LOGITS_VOCAB_MULTIPLE = 64
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -159,6 +164,21 @@ def build_multimodal_inputs(text_embeds: torch.Tensor, input_ids: torch.Tensor, 
         position_map[b, keep] = expanded_index + start
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     return MultimodalInputs(embeds, mask, position_ids, out_labels, position_map)
+
+
+def lm_logits(hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+    """lm_head(hidden) [..., D] -> [..., V], computed with V padded to LOGITS_VOCAB_MULTIPLE.
+
+    The returned logits are a slice (row stride = the padded V) of the padded product; the padding
+    rows are zeros, so values and gradients equal the plain Linear's.
+    """
+    vocab = lm_head.out_features
+    pad = -vocab % LOGITS_VOCAB_MULTIPLE
+    if pad == 0 or type(lm_head) is not nn.Linear:  # a wrapped head (e.g. LoRA on lm_head) keeps its own forward
+        return lm_head(hidden)
+    weight = F.pad(lm_head.weight, (0, 0, 0, pad))
+    bias = None if lm_head.bias is None else F.pad(lm_head.bias, (0, pad))
+    return F.linear(hidden, weight, bias)[..., :vocab]
 
 
 def seg_state_positions(input_ids: torch.Tensor, position_map: torch.Tensor, seg_token_id: int) -> list[torch.Tensor]:
@@ -338,7 +358,7 @@ class LegionForCausalLM(LlamaForCausalLM):
         out = self.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
                          position_ids=mm.position_ids, use_cache=False)
         hidden = out.last_hidden_state  # final layer, after the RMSNorm
-        logits = self.lm_head(hidden)
+        logits = lm_logits(hidden, self.lm_head)
         positions = seg_state_positions(input_ids, mm.position_map, self.seg_token_idx)
         seg_states = select_seg_states(hidden, positions)
 
