@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     model, tokenizer, _ = loc_exp.prepare_model(cfg, device)
     train_set, _, preprocessing = loc_exp.build_datasets(cfg, tokenizer, model.config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    optimizer = loc_exp.build_optimizer(trainable, cfg.optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=loc_exp.build_deepspeed_config(cfg, plan, 10 ** 6))
     pad_id = tokenizer.pad_token_id or 0

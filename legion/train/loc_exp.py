@@ -49,6 +49,9 @@ class ModelSection:
     sam_checkpoint: Optional[str] = field(default=None, metadata={"help": "SAM weights for keys the checkpoint lacks"})
     precision: str = field(default="bf16", metadata={"help": "bf16 | fp32 (model dtype and DeepSpeed bf16)"})
     gradient_checkpointing: bool = True
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile each LLM decoder layer (fuses its norm, rotary, SiLU and LoRA element-wise ops); "
+                "the first steps are slower while it compiles"})
 
 
 @dataclass
@@ -91,6 +94,8 @@ class OptimSection:
     grad_clip: float = 1.0
     warmup_steps: int = 100
     warmup_min_lr: float = 0.0
+    fused: bool = field(default=True, metadata={"help": "torch's fused AdamW kernel (CPU and CUDA): the same "
+                                                         "update in one kernel instead of one per tensor"})
 
 
 @dataclass
@@ -239,17 +244,24 @@ def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, schedule_total_ste
 
 # ------------------------------------------------------------------------------------ the model
 def prepare_model(cfg: TrainConfig, device: torch.device):
-    """Load, set loss weights, inject LoRA in place, choose trainable parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
+    """Load, then set up for training (`setup_for_training`); returns (model, tokenizer, LoRA targets)."""
     from legion.model.builders import load_model
-    from legion.model.legion import lora_target_module_names
 
     if cfg.model.precision not in ("bf16", "fp32"):
         raise ConfigError(f"model.precision must be bf16 or fp32, got {cfg.model.precision!r}")
     dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
     model, tokenizer, _ = load_model(cfg.model.path, dtype=dtype, device="cpu", sam_checkpoint=cfg.model.sam_checkpoint,
                                      vision_tower=cfg.model.vision_tower, verbose=int(os.environ.get("RANK", 0)) == 0)
+    targets = setup_for_training(model, cfg)
+    return model.to(device), tokenizer, targets
+
+
+def setup_for_training(model, cfg: TrainConfig) -> list[str]:
+    """Loss weights, LoRA injected in place, the trainable set, gradient checkpointing, compiled layers."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from legion.model.legion import lora_target_module_names
+
     model.set_loss_weights(cfg.loss.ce_weight, cfg.loss.bce_weight, cfg.loss.dice_weight)
     model.config.use_cache = False
     targets = lora_target_module_names(model)
@@ -260,7 +272,16 @@ def prepare_model(cfg: TrainConfig, device: torch.device):
         param.requires_grad = "lora_" in name or any(key in name for key in cfg.trainable.name_contains)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device), tokenizer, targets
+    if cfg.model.compile_layers:
+        for layer in model.model.layers:
+            layer.compile()  # compiled in place: parameter names and the state dict stay the same
+    return targets
+
+
+def build_optimizer(params: list[torch.nn.Parameter], optim: OptimSection) -> torch.optim.AdamW:
+    """torch AdamW (DeepSpeed wraps it; no DeepSpeed Adam op to compile)."""
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=optim.fused or None)
 
 
 # ------------------------------------------------------------------------------------- the data
@@ -382,8 +403,7 @@ def train(cfg: TrainConfig) -> dict:
     ds_config = build_deepspeed_config(cfg, plan, schedule_total)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(trainable, cfg.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     run_info = {
