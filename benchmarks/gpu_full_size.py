@@ -19,7 +19,9 @@ text_hidden_fcs fp32 as in the released checkpoints), then measures in one run:
            text_hidden_fcs; gradient checkpointing; DeepSpeed ZeRO-2 with the recipe's config and a
            torch AdamW; SAM input 512 padded to the encoder size; ~1,000-token conversations with 3
            `[SEG]`) at micro-batch 1, 2, 4, ... until OOM: samples/s, peak memory, MFU.
-No section flag = all three. Results: benchmarks/results/gpu_full_size_<device>_<preset>.{json,md}.
+  --profile MB  one training step at micro-batch MB under torch.profiler: GPU time per kernel group
+           (matmul, attention, elementwise, ...) and the GPU's busy share of the step.
+No section flag = --train, --infer and --cache. Results: benchmarks/results/gpu_full_size_<device>_<preset>.{json,md}.
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU (reset per micro-batch); on the CPU the
 process's ru_maxrss, a running maximum over the whole run. MFU needs the device's peak FLOP/s:
@@ -205,27 +207,14 @@ def training_batch(model, tokenizer, micro_batch: int, text_tokens: int, sam_inp
 
 
 # ------------------------------------------------------------------------------------- training
-def prepare_for_training(model, gradient_checkpointing: bool = True) -> list[str]:
-    """LoRA in place + the recipe's trainable set (spec/model.md §10.1-10.2); returns the LoRA targets.
+def prepare_for_training(model, gradient_checkpointing: bool = True, compile_layers: bool = False) -> list[str]:
+    """The recipe's set-up on the in-memory random model, with its default LoRA, trainable set and loss
+    weights (legion.train.loc_exp.setup_for_training); returns the LoRA targets."""
+    from legion.train.loc_exp import TrainConfig, setup_for_training
 
-    legion.train.loc_exp.prepare_model does the same but loads a checkpoint from disk first, so the
-    steps are repeated here on the in-memory random model, with the recipe's own defaults.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from legion.model.legion import lora_target_module_names
-    from legion.train.loc_exp import LoraSection, TrainableSection
-
-    lora, trainable = LoraSection(), TrainableSection()
-    model.config.use_cache = False
-    targets = lora_target_module_names(model)
-    inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                                       target_modules=targets), model)
-    for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name or any(key in name for key in trainable.name_contains)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return targets
+    cfg = TrainConfig()
+    cfg.model.gradient_checkpointing, cfg.model.compile_layers = gradient_checkpointing, compile_layers
+    return setup_for_training(model, cfg)
 
 
 @dataclass
@@ -251,15 +240,15 @@ class Trainer:
         return float(out.loss.detach().float())
 
 
-def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device) -> Trainer:
+def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device, fused_adamw: bool = True) -> Trainer:
     """AdamW (torch) with the recipe's lr / betas; `deepspeed`: ZeRO-2 per configs/deepspeed/zero2_bf16.json."""
     from legion.train import loc_exp
 
     cfg = loc_exp.TrainConfig()
     cfg.model.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    cfg.optim.fused = fused_adamw
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = loc_exp.build_optimizer(trainable, cfg.optim)
     model.train()
     if engine == "torch":
         return Trainer(model, None, optimizer, "torch")
@@ -378,6 +367,60 @@ def bench_training(model, tokenizer, trainer: Trainer, device: torch.device, mic
             "flops_per_sample": {"llm": llm, "encoders_forward": encoders, "total": flops_per_sample},
             "peak_flops": peak_flops, "peak_memory_kind": peak_memory_gb(device)[1],
             "parameters": count_parameters(model), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------- profile
+KERNEL_GROUPS = (  # first match wins; lower-case substrings of kernel (CUDA) or op (CPU) names
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "aten::mm", "aten::bmm", "aten::addmm")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("copy / communication", ("memcpy", "memset", "nccl", "copy", "cat", "gloo")),
+    ("softmax / norm / reduce", ("softmax", "norm", "reduce", "sum", "mean", "max", "triton_red", "triton_per")),
+    ("elementwise", ("elementwise", "vectorized", "pointwise", "triton_poi", "aten::mul", "aten::add", "silu", "gelu")),
+    ("convolution", ("conv",)),
+)
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+def profile_training_step(model, tokenizer, trainer: Trainer, device: torch.device, micro_batch: int,
+                          text_tokens: int, sam_input: int, image_size: int, num_seg: int, top: int = 25) -> dict:
+    """Where one training step's device time goes: torch.profiler over one step (after a warm-up step).
+
+    On CUDA: each kernel's own GPU time, grouped (KERNEL_GROUPS), and the GPU's busy share of the step's
+    wall time (low = the GPU waits on Python / launches). On the CPU: each op's self CPU time instead.
+    The profiler slows the step; the timed sweep (--train) is the throughput figure.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = training_batch(model, tokenizer, micro_batch, text_tokens, sam_input, image_size, num_seg, device)
+    trainer.step(batch)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    clock = Clock(device)
+    with profile(activities=activities) as prof:
+        trainer.step(batch)
+    wall = clock.stop()[0]
+    own = []
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0 and (not cuda or event.device_type == torch.autograd.DeviceType.CUDA):
+            own.append((event.key, us / 1e6, event.count))
+    busy = sum(seconds for _, seconds, _ in own)
+    groups: dict[str, float] = {}
+    for name, seconds, _ in own:
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + seconds
+    own.sort(key=lambda row: -row[1])
+    return {"micro_batch": micro_batch, "clock": "GPU kernel time" if cuda else "self CPU time",
+            "step_wall_seconds_profiled": round(wall, 4), "busy_seconds": round(busy, 4),
+            "busy_share_of_wall": round(busy / wall, 4) if cuda else None,
+            "groups": {g: {"seconds": round(t, 4), "share": round(t / busy, 4)}
+                       for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": name[:120], "seconds": round(t, 5), "calls": calls, "group": kernel_group(name)}
+                    for name, t, calls in own[:top]]}
 
 
 # ------------------------------------------------------------------------------- encoder cache
@@ -570,7 +613,8 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# Full-size benchmark ({result['preset']})", "",
              f"Device: **{result['device']}**; torch {result['torch']}; dtype {result['dtype']}; "
              f"random weights; {result['started_utc']}; 1-min load average at the end "
-             f"{fmt(result.get('load_average'))} on {os.cpu_count()} cores.", "", f"Command: `{result['command']}`", ""]
+             f"{fmt(result.get('load_average'))} on {os.cpu_count()} cores.", "", f"Command: `{result['command']}`", "",
+             "Settings: " + ", ".join(f"{k} {v}" for k, v in result.get("settings", {}).items()), ""]
     if result["preset"] != "legion_7b" or result["device_type"] != "cuda":
         lines += ["This is a dry run of the benchmark's logic (not the full-size model on a GPU): its figures say "
                   "nothing about LEGION-7B performance.", ""]
@@ -596,6 +640,16 @@ def write_markdown(result: dict, path: Path) -> None:
             else:
                 lines.append(f"| {r['micro_batch']} | {r['step_seconds']} | {r['step_cpu_seconds']} | {r['samples_per_s']} | {r['peak_memory_gb']} "
                              f"| {r['achieved_tflops']} | {fmt(r['mfu'])} |")
+        lines.append("")
+    prof = result.get("profile")
+    if prof:
+        lines += [f"## Where a step's time goes (torch.profiler, micro-batch {prof['micro_batch']}, {prof['clock']})", "",
+                  f"Profiled step {prof['step_wall_seconds_profiled']} s wall, {prof['busy_seconds']} s busy"
+                  + (f" ({prof['busy_share_of_wall']:.0%} of the wall time)." if prof["busy_share_of_wall"] else "."),
+                  "", "| group | seconds | share |", "|---|---|---|"]
+        lines += [f"| {g} | {v['seconds']} | {v['share']:.1%} |" for g, v in prof["groups"].items()]
+        lines += ["", "| kernel / op | seconds | calls | group |", "|---|---|---|---|"]
+        lines += [f"| `{r['name']}` | {r['seconds']} | {r['calls']} | {r['group']} |" for r in prof["top"]]
         lines.append("")
     cache = result.get("encoder_cache")
     if cache:
@@ -662,6 +716,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train", action="store_true", help="training step sweep over micro-batches")
     parser.add_argument("--infer", action="store_true", help="inference: KV cache vs use_cache=False, batched throughput")
     parser.add_argument("--cache", action="store_true", help="training step with vs without the frozen-encoder cache")
+    parser.add_argument("--compile-layers", action="store_true", help="training: model.compile_layers=true")
+    parser.add_argument("--no-fused-adamw", dest="fused_adamw", action="store_false",
+                        help="training: optim.fused=false (torch's per-tensor AdamW)")
+    parser.add_argument("--sam-encoder-chunk", type=int, default=None,
+                        help="images per SAM encoder call (default legion.model.grounding.SAM_ENCODER_CHUNK)")
+    parser.add_argument("--logits-vocab-multiple", type=int, default=None,
+                        help="pad lm_head's vocabulary to this multiple (default legion.model.legion."
+                             "LOGITS_VOCAB_MULTIPLE; 1 = no padding)")
+    parser.add_argument("--profile", type=int, default=None, metavar="MICRO_BATCH",
+                        help="also profile one training step at this micro-batch: device time per kernel group")
     parser.add_argument("--preset", choices=["legion_7b", "tiny"], default="legion_7b" if cuda else "tiny",
                         help="default: legion_7b with CUDA, tiny without")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
@@ -693,7 +757,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--tag", default=None, help="file name part (default: <cuda|cpu>_<preset>)")
     args = parser.parse_args(argv)
-    if not (args.train or args.infer or args.cache):
+    if not (args.train or args.infer or args.cache or args.profile):
         args.train = args.infer = args.cache = True
     if args.device.startswith("cuda") and not cuda:
         parser.error("--device cuda but torch.cuda.is_available() is False (use --device cpu --preset tiny)")
@@ -715,6 +779,12 @@ def main(argv=None) -> int:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    from legion.model import grounding, legion
+
+    if args.sam_encoder_chunk:
+        grounding.SAM_ENCODER_CHUNK = args.sam_encoder_chunk
+    if args.logits_vocab_multiple:
+        legion.LOGITS_VOCAB_MULTIPLE = args.logits_vocab_multiple
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
     model, tokenizer = build_benchmark_model(args.preset, dtype, device)
@@ -739,16 +809,19 @@ def main(argv=None) -> int:
               "deepspeed": deepspeed_version, "preset": args.preset, "dtype": args.dtype,
               "command": " ".join([Path(sys.executable).name, "benchmarks/gpu_full_size.py", *sys.argv[1:]])
               if argv is None else "main(" + repr(argv) + ")",
-              "started_utc": started, "build_seconds": round(build_s, 2)}
+              "started_utc": started, "build_seconds": round(build_s, 2),
+              "settings": {"sam_encoder_chunk": grounding.SAM_ENCODER_CHUNK, "fused_adamw": args.fused_adamw,
+                           "compile_layers": args.compile_layers,
+                           "logits_vocab_multiple": legion.LOGITS_VOCAB_MULTIPLE}}
     # Inference first, on the plain model (no LoRA layers); the training sweep last since it ends at OOM.
     if args.infer:
         result["inference"] = bench_inference(model, tokenizer, device, args.new_tokens, args.infer_batches,
                                               args.image_size, args.infer_repeats, args.decodings)
-    if args.train or args.cache:
+    if args.train or args.cache or args.profile:
         from legion.train.loc_exp import LoraSection
 
-        prepare_for_training(model, args.gradient_checkpointing)
-        trainer = make_trainer(model, args.engine, dtype, device)
+        prepare_for_training(model, args.gradient_checkpointing, args.compile_layers)
+        trainer = make_trainer(model, args.engine, dtype, device, args.fused_adamw)
         if args.cache:
             result["encoder_cache"] = bench_encoder_cache(model, tokenizer, trainer, device, args.text_tokens, sam_input,
                                                           args.image_size, args.num_seg, args.steps)
@@ -757,6 +830,11 @@ def main(argv=None) -> int:
             result["training"] = bench_training(model, tokenizer, trainer, device, args.micro_batches, args.text_tokens,
                                                 sam_input, args.image_size, args.num_seg, args.steps, args.warmup,
                                                 args.peak_flops, LoraSection().r)
+        if args.profile:
+            free_memory(device)
+            result["profile"] = profile_training_step(model, tokenizer, trainer, device, args.profile, args.text_tokens,
+                                                      sam_input, args.image_size, args.num_seg)
+            print(json.dumps(result["profile"]["groups"]), flush=True)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     result["peak_rss_gb"] = round(peak_rss_gb(), 3)
     result["load_average"] = load_average()

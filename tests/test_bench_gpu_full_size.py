@@ -105,6 +105,13 @@ def test_measurement_functions_on_tiny(bench, tmp_path):
     assert flops["total"] == flops["llm"]["total"] + sum(flops["encoders_forward"].values())
     assert all(v > 0 for v in flops["encoders_forward"].values())
 
+    result["profile"] = prof = bench.profile_training_step(model, tokenizer, trainer, device, micro_batch=1,
+                                                           text_tokens=80, sam_input=128, image_size=64, num_seg=2)
+    assert prof["clock"] == "self CPU time" and prof["busy_seconds"] > 0 and prof["top"]
+    assert sum(g["seconds"] for g in prof["groups"].values()) == pytest.approx(prof["busy_seconds"], abs=1e-3)  # groups rounded to 0.1 ms
+    assert prof["groups"]["matmul"]["seconds"] > 0  # the LLM's linear layers are found and grouped
+    assert prof["top"] == sorted(prof["top"], key=lambda r: -r["seconds"])
+
     numbers = list(_numbers({k: result[k] for k in ("inference", "encoder_cache", "training")}))
     assert numbers and all(math.isfinite(x) for x in numbers)
     for section, keys in [(infer, ["seconds_per_image_cache", "seconds_per_image_no_cache",
@@ -121,6 +128,7 @@ def test_measurement_functions_on_tiny(bench, tmp_path):
     bench.write_markdown(result, tmp_path / "out.md")
     text = (tmp_path / "out.md").read_text()
     assert result["device"] in text and "| 2 |" in text and "dry run" in text
+    assert "Where a step's time goes" in text and "| matmul |" in text
 
 
 def test_targets_judged_only_for_legion_7b_on_cuda(bench):
