@@ -28,6 +28,7 @@ import random
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -273,6 +274,9 @@ def setup_for_training(model, cfg: TrainConfig) -> list[str]:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.compile_layers:
+        if cfg.model.gradient_checkpointing:
+            warnings.warn("model.compile_layers with gradient checkpointing is experimental: with torch 2.11 on a "
+                          "GPU, recompiling for a new batch shape failed inside inductor (docs/training.md)")
         for layer in model.model.layers:
             layer.compile()  # compiled in place: parameter names and the state dict stay the same
     return targets
