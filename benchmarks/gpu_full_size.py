@@ -404,23 +404,23 @@ def profile_training_step(model, tokenizer, trainer: Trainer, device: torch.devi
     with profile(activities=activities) as prof:
         trainer.step(batch)
     wall = clock.stop()[0]
-    own = []
+    own = []  # (name, seconds, calls, group)
     for event in prof.key_averages():
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0 and (not cuda or event.device_type == torch.autograd.DeviceType.CUDA):
-            own.append((event.key, us / 1e6, event.count))
-    busy = sum(seconds for _, seconds, _ in own)
+            own.append((event.key, us / 1e6, event.count, kernel_group(event.key)))
+    busy = sum(row[1] for row in own)
     groups: dict[str, float] = {}
-    for name, seconds, _ in own:
-        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + seconds
+    for _, seconds, _, group in own:
+        groups[group] = groups.get(group, 0.0) + seconds
     own.sort(key=lambda row: -row[1])
     return {"micro_batch": micro_batch, "clock": "GPU kernel time" if cuda else "self CPU time",
             "step_wall_seconds_profiled": round(wall, 4), "busy_seconds": round(busy, 4),
             "busy_share_of_wall": round(busy / wall, 4) if cuda else None,
             "groups": {g: {"seconds": round(t, 4), "share": round(t / busy, 4)}
                        for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top": [{"name": name[:120], "seconds": round(t, 5), "calls": calls, "group": kernel_group(name)}
-                    for name, t, calls in own[:top]]}
+            "top": [{"name": name[:120], "seconds": round(t, 5), "calls": calls, "group": group}
+                    for name, t, calls, group in own[:top]]}
 
 
 # ------------------------------------------------------------------------------- encoder cache
@@ -779,12 +779,13 @@ def main(argv=None) -> int:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    from legion.model import grounding, legion
+    from legion.model import grounding
+    from legion.model import legion as legion_model
 
     if args.sam_encoder_chunk:
         grounding.SAM_ENCODER_CHUNK = args.sam_encoder_chunk
     if args.logits_vocab_multiple:
-        legion.LOGITS_VOCAB_MULTIPLE = args.logits_vocab_multiple
+        legion_model.LOGITS_VOCAB_MULTIPLE = args.logits_vocab_multiple
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
     model, tokenizer = build_benchmark_model(args.preset, dtype, device)
@@ -812,7 +813,7 @@ def main(argv=None) -> int:
               "started_utc": started, "build_seconds": round(build_s, 2),
               "settings": {"sam_encoder_chunk": grounding.SAM_ENCODER_CHUNK, "fused_adamw": args.fused_adamw,
                            "compile_layers": args.compile_layers,
-                           "logits_vocab_multiple": legion.LOGITS_VOCAB_MULTIPLE}}
+                           "logits_vocab_multiple": legion_model.LOGITS_VOCAB_MULTIPLE}}
     # Inference first, on the plain model (no LoRA layers); the training sweep last since it ends at OOM.
     if args.infer:
         result["inference"] = bench_inference(model, tokenizer, device, args.new_tokens, args.infer_batches,

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Full-size training throughput on a lent GPU, one process per variant (a failure keeps the others):
-#   baseline   SAM encoder one image per call + torch's per-tensor AdamW (the code before 2026-11-27)
-#   defaults   SAM encoder in chunks + fused AdamW, and a torch.profiler breakdown of one step
+#   baseline   SAM encoder one image per call, torch's per-tensor AdamW, lm_head over the unpadded
+#              32,007-token vocabulary (the code before 2026-11-27)
+#   defaults   SAM encoder in chunks, fused AdamW, vocabulary-aligned logits, and a torch.profiler
+#              breakdown of one step
+# (The first run of this script, 2026-11-27, predates the vocabulary alignment: docs/benchmarks.md.)
 #   compiled   the defaults + model.compile_layers (torch.compile per LLM decoder layer)
 #   recipe     gradient checkpointing on (as configs/legion_7b), micro-batch 1, 2, 4, + encoder cache
 # The first three run without gradient checkpointing at micro-batch 4 and 8 (the fastest setting
@@ -27,7 +30,8 @@ variant() {  # TAG LIMIT ARGS...
   echo "$tag rc=${PIPESTATUS[0]}"
 }
 NO_GC=(--no-gradient-checkpointing --micro-batches 4,8 --steps 5)
-variant cuda_legion_7b_train_no_gc_baseline "$LIMIT" "${NO_GC[@]}" --sam-encoder-chunk 1 --no-fused-adamw
+variant cuda_legion_7b_train_no_gc_baseline "$LIMIT" "${NO_GC[@]}" --sam-encoder-chunk 1 --no-fused-adamw \
+  --logits-vocab-multiple 1
 variant cuda_legion_7b_train_no_gc "$LIMIT" "${NO_GC[@]}" --profile 4
 variant cuda_legion_7b_train_no_gc_compiled $((LIMIT * 3 / 2)) "${NO_GC[@]}" --compile-layers --warmup 2
 variant cuda_legion_7b_train "$LIMIT" --cache --steps 5

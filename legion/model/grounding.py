@@ -51,8 +51,8 @@ def build_sam(sam_config: dict) -> Sam:
     )
 
 
-# Images per SAM encoder call. Batched calls are faster (tiny preset: 0.41 vs 0.54 s per training step
-# at batch 8); the cap bounds ViT-H's global-attention maps (16 heads x 4096^2 per image, ~0.5 GB bf16).
+# Images per SAM encoder call. Batched calls are faster (tiny preset, batch 8: 0.43 s per training step
+# in chunks of 4, 0.54 s one image at a time); the cap bounds ViT-H's global-attention maps (16 heads x 4096^2 per image, ~0.5 GB bf16).
 SAM_ENCODER_CHUNK = 4
 
 
