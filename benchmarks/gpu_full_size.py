@@ -247,8 +247,7 @@ def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device, f
     cfg = loc_exp.TrainConfig()
     cfg.model.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     cfg.optim.fused = fused_adamw
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = loc_exp.build_optimizer(trainable, cfg.optim)
+    optimizer = loc_exp.build_optimizer(model.named_parameters(), cfg.optim)
     model.train()
     if engine == "torch":
         return Trainer(model, None, optimizer, "torch")

@@ -94,7 +94,10 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
             node = OmegaConf.select(merged, parent) if parent else merged
             if not isinstance(node, DictConfig) or (leaf not in node and not _accepts_any_key(merged, parent)):
                 raise ConfigError(f"override: unknown config key '{key}'{_closest(key, _all_keys(merged))}")
-            OmegaConf.update(merged, key, _parse_value(value), merge=True)
+            parsed = _parse_value(value)
+            # A free dict given whole (`optim.module_lr={a: 1}`) replaces the file's; other values merge.
+            replace = isinstance(parsed, dict) and _accepts_any_key(merged, key)
+            OmegaConf.update(merged, key, parsed, merge=not replace)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:  # type errors, missing values
         raise ConfigError(f"invalid config: {exc}".strip()) from None

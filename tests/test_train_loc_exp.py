@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from legion.config import ConfigError, load_config
-from legion.train.loc_exp import (BatchPlan, TrainConfig, build_deepspeed_config, plan_batches, steps_per_epoch)
+from legion.train.loc_exp import (BatchPlan, TrainConfig, build_deepspeed_config, build_optimizer, plan_batches,
+                                  steps_per_epoch)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,47 @@ def test_tiny_config_loads_and_rejects_typos():
     assert cfg.optim.lr == 3e-4 and cfg.model.precision == "fp32"
     with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
         load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", ["optim.lrr=3e-4"])
+
+
+def test_module_lr_gives_each_module_its_peak_lr_through_the_schedule():
+    """`optim.module_lr`: one AdamW group per key, and DeepSpeed's WarmupDecayLR warms each group up to
+    its own peak, then decays it."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    model = torch.nn.ModuleDict({"image_encoder": torch.nn.Linear(2, 2), "mask_decoder": torch.nn.Linear(2, 2),
+                                 "layers": torch.nn.Linear(2, 2)})
+    cfg = load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", [
+        "optim.lr=3e-3", "optim.warmup_steps=2", "optim.module_lr={image_encoder: 1.0e-3, mask_decoder: 2.0e-3}"])
+    optimizer = build_optimizer(model.named_parameters(), cfg.optim)
+    groups = [{id(p) for p in g["params"]} for g in optimizer.param_groups]
+    assert groups == [{id(p) for p in m.parameters()} for m in (model["layers"], model["image_encoder"],
+                                                                 model["mask_decoder"])]
+    ds = build_deepspeed_config(cfg, plan_batches(8, 1), 10, [g["lr"] for g in optimizer.param_groups])
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == [3e-3, 1e-3, 2e-3]
+    schedule = WarmupDecayLR(optimizer, **ds["scheduler"]["params"])
+    lrs = {}
+    for _ in range(7):
+        optimizer.step()
+        schedule.step()
+        lrs[schedule.last_batch_iteration] = [g["lr"] for g in optimizer.param_groups]
+    assert lrs[1] == pytest.approx([1.5e-3, 0.5e-3, 1e-3])  # warming up
+    assert lrs[2] == pytest.approx([3e-3, 1e-3, 2e-3])  # each group at its peak
+    assert lrs[6] == pytest.approx([1.5e-3, 0.5e-3, 1e-3])  # half-way down (10 steps in all)
+
+    model["mask_decoder"].requires_grad_(False)  # frozen: its key just has no group
+    assert [g["name"] for g in build_optimizer(model.named_parameters(), cfg.optim).param_groups] == [
+        "lr", "image_encoder"]
+    cfg.optim.module_lr = {"vision_tower": 1e-3}  # in no parameter name: a typo
+    with pytest.raises(ConfigError, match="'vision_tower' is in no parameter name"):
+        build_optimizer(model.named_parameters(), cfg.optim)
+
+
+def test_a_dict_override_replaces_the_files_dict():
+    path = REPO / "configs/tiny/train_loc_exp.yaml"
+    assert load_config(TrainConfig, path).optim.module_lr == {"grounding_encoder.image_encoder": 1e-3}
+    assert load_config(TrainConfig, path, ["optim.module_lr={mask_decoder: 2.0e-3}"]).optim.module_lr == {
+        "mask_decoder": 2e-3}
+    assert load_config(TrainConfig, path, ["optim.module_lr={}"]).optim.module_lr == {}
 
 
 @pytest.mark.parametrize("world, micro, expected", [

@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -95,6 +95,9 @@ class OptimSection:
     grad_clip: float = 1.0
     warmup_steps: int = 100
     warmup_min_lr: float = 0.0
+    module_lr: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "peak learning rate for the parameters whose name contains a key (the first key that matches, "
+                "in order), e.g. {grounding_encoder.image_encoder: 1.0e-3}; the others use lr"})
     fused: bool = field(default=True, metadata={"help": "torch's fused AdamW kernel (CPU and CUDA): the same "
                                                          "update in one kernel instead of one per tensor"})
 
@@ -220,13 +223,16 @@ def steps_per_epoch(num_records: int, plan: BatchPlan) -> int:
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
-def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, schedule_total_steps: int) -> dict:
+def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, schedule_total_steps: int,
+                           group_lrs: list[float] | None = None) -> dict:
+    """Our DeepSpeed JSON + batch sizes, clipping and the LR schedule (peak lr per optimizer group)."""
     path = Path(cfg.deepspeed.config_file)
     if not path.is_absolute() and not path.exists():
         path = REPO_ROOT / path
     if not path.is_file():
         raise ConfigError(f"deepspeed.config_file not found: {cfg.deepspeed.config_file}")
     ds = json.loads(path.read_text())
+    peak_lr = group_lrs if group_lrs and len(group_lrs) > 1 else cfg.optim.lr  # DeepSpeed takes one per group
     ds.update({
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -235,7 +241,7 @@ def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, schedule_total_ste
         "steps_per_print": 10 ** 9,  # our logger prints
         "scheduler": {"type": "WarmupDecayLR", "params": {
             "total_num_steps": schedule_total_steps, "warmup_min_lr": cfg.optim.warmup_min_lr,
-            "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": cfg.optim.warmup_steps, "warmup_type": "linear"}},
+            "warmup_max_lr": peak_lr, "warmup_num_steps": cfg.optim.warmup_steps, "warmup_type": "linear"}},
     })
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.precision == "bf16"}
     ds.pop("fp16", None)
@@ -282,9 +288,29 @@ def setup_for_training(model, cfg: TrainConfig) -> list[str]:
     return targets
 
 
-def build_optimizer(params: list[torch.nn.Parameter], optim: OptimSection) -> torch.optim.AdamW:
-    """torch AdamW (DeepSpeed wraps it; no DeepSpeed Adam op to compile)."""
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: OptimSection) -> list[dict]:
+    """AdamW parameter groups [{"params", "lr", "name"}] of the trainable (requires_grad) parameters: the
+    `lr` group first, then one per `optim.module_lr` key (a parameter joins the first key its name
+    contains). A key that names no parameter at all is an error (a typo); one whose parameters are all
+    frozen just has no group."""
+    keys = list(optim.module_lr)
+    buckets: dict[str | None, list[torch.nn.Parameter]] = {None: [], **{k: [] for k in keys}}
+    seen = set()
+    for name, param in named_params:
+        key = next((k for k in keys if k in name), None)
+        seen.add(key)
+        if param.requires_grad:
+            buckets[key].append(param)
+    missing = [k for k in keys if k not in seen]
+    if missing:
+        raise ConfigError(f"optim.module_lr key {missing[0]!r} is in no parameter name of the model")
+    lrs = {None: optim.lr, **optim.module_lr}
+    return [{"params": params, "lr": float(lrs[k]), "name": k or "lr"} for k, params in buckets.items() if params]
+
+
+def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: OptimSection) -> torch.optim.AdamW:
+    """torch AdamW over `param_groups` (DeepSpeed wraps it; no DeepSpeed Adam op to compile)."""
+    return torch.optim.AdamW(param_groups(named_params, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay, fused=optim.fused or None)
 
 
@@ -404,10 +430,9 @@ def train(cfg: TrainConfig) -> dict:
                           "schedule.global_batch_size or add data")
     total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * per_epoch
     schedule_total = cfg.schedule.total_steps or total_steps
-    ds_config = build_deepspeed_config(cfg, plan, schedule_total)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, cfg.optim)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(model.named_parameters(), cfg.optim)
+    ds_config = build_deepspeed_config(cfg, plan, schedule_total, [g["lr"] for g in optimizer.param_groups])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     run_info = {
@@ -415,7 +440,7 @@ def train(cfg: TrainConfig) -> dict:
         "grad_accum": plan.grad_accum, "global_batch": plan.global_batch, "train_samples": len(train_set),
         "val_samples": len(val_set) if val_set else 0, "steps_per_epoch": per_epoch, "total_steps": total_steps,
         "schedule_total_steps": schedule_total, "lora_modules": len(lora_targets),
-        "trainable_params": sum(p.numel() for p in trainable),
+        "trainable_params": sum(p.numel() for _, p in trainable),
         "total_params": sum(p.numel() for p in model.parameters()),
         "dataset_report": dict(train_set.report), "preprocessing": preprocessing_info(preprocessing),
     }
@@ -485,7 +510,7 @@ def train(cfg: TrainConfig) -> dict:
                              cfg.seed * 1000 + epoch)
         for batch in loader:
             if batch is None:  # every image of this micro-batch failed to load: keep ranks in step
-                loss = sum(p.sum() * 0.0 for p in trainable)
+                loss = sum(p.sum() * 0.0 for _, p in trainable)
                 engine.backward(loss)
             else:
                 with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
@@ -493,7 +518,7 @@ def train(cfg: TrainConfig) -> dict:
                 engine.backward(out.loss)
                 for k, v in loss_terms(out).items():
                     accum[k] += v / plan.grad_accum
-            lr = engine.get_lr()[0]
+            lrs = engine.get_lr()
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             micro_in_step += 1
@@ -504,7 +529,8 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.logging.every_steps == 0 or step == total_steps:
                 values = all_reduce_sum([accum[k] for k in LOSS_KEYS], device)
                 seconds = time.time() - step_start
-                log.train_step(step, {**{k: v / world_size for k, v in zip(LOSS_KEYS, values)}, "lr": lr,
+                log.train_step(step, {**{k: v / world_size for k, v in zip(LOSS_KEYS, values)}, "lr": lrs[0],
+                                      **{f"lr/{g['name']}": v for g, v in zip(optimizer.param_groups[1:], lrs[1:])},
                                       "epoch": epoch, "samples_per_s": plan.global_batch / max(seconds, 1e-9),
                                       "step_seconds": seconds})
             accum = {k: 0.0 for k in LOSS_KEYS}
