@@ -1,6 +1,6 @@
 """Proof that the loc/exp recipe learns: tiny preset on ToyScars, CPU, through the real inference path.
 
-Full-size figures (400 train images, 20 epochs, `configs/tiny/train_loc_exp.yaml`) are in
+Full-size figures (400 train images, 24 epochs, `configs/tiny/train_loc_exp.yaml`) are in
 docs/training.md. This CI version trains on fewer images for fewer steps and checks the
 explanation text and the masks on held-out test images with looser thresholds.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FG_IOU_FLOOR = 15.0  # measured 24.1 with this short run (ROUGE-L 63.4)
+FG_IOU_FLOOR = 20.0  # measured 33.5 with this short run (ROUGE-L 63.9); 24.1 before the SAM encoder's own lr
 
 
 def _run(args, **kwargs):
@@ -46,11 +46,11 @@ def test_tiny_training_learns_explanations(tiny_model_dir, tmp_path):
           "--dataset", "synthscars", "--out", run / "eval_exp"])
     metrics = json.loads((run / "eval_exp" / "metrics.json").read_text())["overall"]
     assert metrics["num_images"] == 16 and metrics["num_missing"] == 0
-    assert metrics["rouge_l"] >= 45.0, metrics  # full run: 73.5 on 100 test images
+    assert metrics["rouge_l"] >= 45.0, metrics  # full run: 74.1 on 100 test images
 
     _run(["eval", "localization", "--pred", run / "infer" / "predictions.jsonl", "--gt", data,
           "--dataset", "synthscars", "--out", run / "eval_loc", "--no-plots"])
     loc = json.loads((run / "eval_loc" / "metrics.json").read_text())["overall"]
     print("tiny learning check:", {k: loc[k] for k in ("fg_iou", "f1", "miou")}, "rouge_l", metrics["rouge_l"])
     assert loc["num_images"] == 16
-    assert loc["fg_iou"] >= FG_IOU_FLOOR, loc  # full run: 49.0 on 100 test images
+    assert loc["fg_iou"] >= FG_IOU_FLOOR, loc  # full run: 56.7 on 100 test images
