@@ -71,7 +71,7 @@ lines = ["| seed | steps | fg IoU | mIoU | F1 | val gIoU | status |", "|---|---|
 for r in rows:
     f = lambda k: f"{r[k]:.1f}" if isinstance(r.get(k), (int, float)) else "-"
     lines.append(f"| {r['seed']} | {r['steps']} | {f('fg_iou')} | {f('miou')} | {f('f1')} | "
-                 f"{r['val_giou'] if r['val_giou'] is not None else '-'} | {r['status']} |")
+                 f"{'-' if r['val_giou'] is None else round(r['val_giou'], 3)} | {r['status']} |")
 if fg:
     lines.append(f"\nfg IoU over {len(fg)} seeds: mean {summary['fg_iou_mean']:.1f}, min {min(fg):.1f}, max {max(fg):.1f}")
 (out / "tiny_seeds_gpu.md").write_text("\n".join(lines) + "\n")
