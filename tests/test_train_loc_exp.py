@@ -73,6 +73,9 @@ def test_module_lr_gives_each_module_its_peak_lr_through_the_schedule():
     model["mask_decoder"].requires_grad_(False)  # frozen: its key just has no group
     assert [g["name"] for g in build_optimizer(model.named_parameters(), cfg.optim).param_groups] == [
         "lr", "image_encoder"]
+    cfg.optim.module_lr = {"image_encoder": 1e-3, "image": 2e-3}  # a key shadowed by an earlier one: no group
+    assert [g["name"] for g in build_optimizer(model.named_parameters(), cfg.optim).param_groups] == [
+        "lr", "image_encoder"]
     cfg.optim.module_lr = {"vision_tower": 1e-3}  # in no parameter name: a typo
     with pytest.raises(ConfigError, match="'vision_tower' is in no parameter name"):
         build_optimizer(model.named_parameters(), cfg.optim)

@@ -295,12 +295,12 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: 
     frozen just has no group."""
     keys = list(optim.module_lr)
     buckets: dict[str | None, list[torch.nn.Parameter]] = {None: [], **{k: [] for k in keys}}
-    seen = set()
+    seen: set[str] = set()
     for name, param in named_params:
-        key = next((k for k in keys if k in name), None)
-        seen.add(key)
+        matching = [k for k in keys if k in name]
+        seen.update(matching)
         if param.requires_grad:
-            buckets[key].append(param)
+            buckets[matching[0] if matching else None].append(param)
     missing = [k for k in keys if k not in seen]
     if missing:
         raise ConfigError(f"optim.module_lr key {missing[0]!r} is in no parameter name of the model")
