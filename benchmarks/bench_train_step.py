@@ -65,9 +65,8 @@ def main(argv=None) -> int:
     model, tokenizer, _ = loc_exp.prepare_model(cfg, device)
     train_set, _, preprocessing = loc_exp.build_datasets(cfg, tokenizer, model.config)
     optimizer = loc_exp.build_optimizer(model.named_parameters(), cfg.optim)
-    group_lrs = [g["lr"] for g in optimizer.param_groups]
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=loc_exp.build_deepspeed_config(cfg, plan, 10 ** 6, group_lrs))
+                                      config=loc_exp.build_deepspeed_config(cfg, plan, 10 ** 6, optimizer))
     pad_id = tokenizer.pad_token_id or 0
     batches = [collate([train_set[(i * plan.micro_batch + j) % len(train_set)] for j in range(plan.micro_batch)],
                        pad_id) for i in range(args.steps)]

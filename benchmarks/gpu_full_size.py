@@ -255,7 +255,7 @@ def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device, f
 
     loc_exp.setup_distributed()
     # One engine for every micro-batch: DeepSpeed's batch numbers only feed its timers and checks.
-    ds_config = loc_exp.build_deepspeed_config(cfg, loc_exp.plan_batches(1, 1), schedule_total_steps=10 ** 6)
+    ds_config = loc_exp.build_deepspeed_config(cfg, loc_exp.plan_batches(1, 1), 10 ** 6, optimizer)
     ds_engine, ds_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return Trainer(model, ds_engine, ds_optimizer, "deepspeed")
 

@@ -58,7 +58,7 @@ def test_module_lr_gives_each_module_its_peak_lr_through_the_schedule():
     groups = [{id(p) for p in g["params"]} for g in optimizer.param_groups]
     assert groups == [{id(p) for p in m.parameters()} for m in (model["layers"], model["image_encoder"],
                                                                  model["mask_decoder"])]
-    ds = build_deepspeed_config(cfg, plan_batches(8, 1), 10, [g["lr"] for g in optimizer.param_groups])
+    ds = build_deepspeed_config(cfg, plan_batches(8, 1), 10, optimizer)
     assert ds["scheduler"]["params"]["warmup_max_lr"] == [3e-3, 1e-3, 2e-3]
     schedule = WarmupDecayLR(optimizer, **ds["scheduler"]["params"])
     lrs = {}

@@ -224,15 +224,17 @@ def steps_per_epoch(num_records: int, plan: BatchPlan) -> int:
 
 # ----------------------------------------------------------------------------- DeepSpeed config
 def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, schedule_total_steps: int,
-                           group_lrs: list[float] | None = None) -> dict:
-    """Our DeepSpeed JSON + batch sizes, clipping and the LR schedule (peak lr per optimizer group)."""
+                           optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Our DeepSpeed JSON + batch sizes, clipping and the LR schedule (the peak lr of each of
+    `optimizer`'s groups, e.g. from `optim.module_lr`; `optim.lr` when it has one group or none is given)."""
     path = Path(cfg.deepspeed.config_file)
     if not path.is_absolute() and not path.exists():
         path = REPO_ROOT / path
     if not path.is_file():
         raise ConfigError(f"deepspeed.config_file not found: {cfg.deepspeed.config_file}")
     ds = json.loads(path.read_text())
-    peak_lr = group_lrs if group_lrs and len(group_lrs) > 1 else cfg.optim.lr  # DeepSpeed takes one per group
+    group_lrs = [group["lr"] for group in optimizer.param_groups] if optimizer else []
+    peak_lr = group_lrs if len(group_lrs) > 1 else cfg.optim.lr  # DeepSpeed takes a list: one per group
     ds.update({
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -430,9 +432,9 @@ def train(cfg: TrainConfig) -> dict:
                           "schedule.global_batch_size or add data")
     total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * per_epoch
     schedule_total = cfg.schedule.total_steps or total_steps
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model.named_parameters(), cfg.optim)
-    ds_config = build_deepspeed_config(cfg, plan, schedule_total, [g["lr"] for g in optimizer.param_groups])
+    ds_config = build_deepspeed_config(cfg, plan, schedule_total, optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     run_info = {
@@ -440,7 +442,7 @@ def train(cfg: TrainConfig) -> dict:
         "grad_accum": plan.grad_accum, "global_batch": plan.global_batch, "train_samples": len(train_set),
         "val_samples": len(val_set) if val_set else 0, "steps_per_epoch": per_epoch, "total_steps": total_steps,
         "schedule_total_steps": schedule_total, "lora_modules": len(lora_targets),
-        "trainable_params": sum(p.numel() for _, p in trainable),
+        "trainable_params": sum(p.numel() for p in trainable),
         "total_params": sum(p.numel() for p in model.parameters()),
         "dataset_report": dict(train_set.report), "preprocessing": preprocessing_info(preprocessing),
     }
@@ -510,7 +512,7 @@ def train(cfg: TrainConfig) -> dict:
                              cfg.seed * 1000 + epoch)
         for batch in loader:
             if batch is None:  # every image of this micro-batch failed to load: keep ranks in step
-                loss = sum(p.sum() * 0.0 for _, p in trainable)
+                loss = sum(p.sum() * 0.0 for p in trainable)
                 engine.backward(loss)
             else:
                 with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
