@@ -11,55 +11,23 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_CANDIDATES = (Path("/work/shared/data/synthscars_annotation_sample.json"),
-                     REPO.parent / "shared" / "data" / "synthscars_annotation_sample.json")
+# The real 119-record SynthScars annotation sample (from the reference release's history; no images).
+SAMPLE_PATH = REPO / "tests" / "data" / "synthscars_annotation_sample.json"
 
 
 @pytest.fixture(scope="session")
 def synthscars_sample_path() -> Path:
-    for path in SAMPLE_CANDIDATES:
-        if path.is_file():
-            return path
-    pytest.skip("SynthScars annotation sample not found (../shared/data/synthscars_annotation_sample.json)")
-
-
-def _fallback_tokenizer(corpus: list[str]):
-    """A small BPE trained here when legion.model.tokenizer is unavailable (same conventions)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from legion.model import conversation as conv
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<unk>", padding_side="right")
-    conv.add_special_tokens(fast)
-    return fast
+    return SAMPLE_PATH
 
 
 def make_data_tokenizer():
+    """A tiny LLaMA-like tokenizer trained on LEGION's prompts, ToyScars captions and the sample's captions."""
+    from legion.data.toy import caption_corpus
     from legion.model import conversation as conv
+    from legion.model.tokenizer import build_tiny_tokenizer
 
-    corpus = [conv.render_conversation("x"), conv.GCG_QUESTION, conv.SYSTEM]
-    try:
-        from legion.data.toy import caption_corpus
-        corpus += caption_corpus()
-    except ImportError:
-        pass
-    for path in SAMPLE_CANDIDATES:
-        if path.is_file():
-            for entry in json.loads(path.read_text()):
-                body = next(iter(entry.values()))
-                corpus.append(body["caption"])
-            break
-    try:
-        from legion.model.tokenizer import build_tiny_tokenizer
-    except ImportError:
-        return _fallback_tokenizer(corpus)
+    corpus = [conv.render_conversation("x"), conv.GCG_QUESTION, conv.SYSTEM, *caption_corpus()]
+    corpus += [next(iter(entry.values()))["caption"] for entry in json.loads(SAMPLE_PATH.read_text())]
     return build_tiny_tokenizer(corpus)
 
 

@@ -203,7 +203,8 @@ def test_build_model_is_seeded():
 # --- make_tiny / save / load -------------------------------------------------------------------
 def test_make_tiny_writes_a_complete_checkpoint_dir(tiny_model_dir):
     files = {p.name for p in tiny_model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vision_tower"} <= files
+    assert {"config.json", "model.safetensors", "tokenizer.model", "added_tokens.json", "tokenizer_config.json",
+            "vision_tower"} <= files
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["mm_vision_tower"] == "vision_tower" and config["architectures"] == ["LegionForCausalLM"]
     assert (tiny_model_dir / "vision_tower" / "config.json").is_file()

@@ -15,7 +15,8 @@ def test_parse_answer_keeps_unknown_angle_text():
             f"{tag_phrase('eyes')}:Uneven.</s>")
     explanation, phrases = parse_answer(text)
     assert phrases == ["Man's ear.", "eyes"]
-    assert explanation == "Upon examining. Man's ear.:The ear <b> is off. eyes:Uneven."
+    # as the reference cleans it: tags removed, the space they leave before ':' kept; `<b>` is not ours, so kept
+    assert explanation == "Upon examining. Man's ear. :The ear <b> is off. eyes :Uneven."
 
 
 def test_to_glamm_ids_moves_only_special_tokens():

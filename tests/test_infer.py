@@ -109,7 +109,7 @@ def test_scripted_answers_pair_phrases_seg_and_masks(tiny_model):
     assert RECORD_FIELDS - {"image"} <= set(two)
     assert two["verdict"] == "fake" and two["fake_prob"] is None and two["error"] is None
     assert two["phrases"] == ["the hand", "the sky"] and two["num_seg"] == 2 and len(two["masks"]) == 2
-    assert two["explanation"] == "Here the hand and the sky." and "[SEG]" in two["raw_text"]
+    assert two["explanation"] == "Here the hand and the sky ." and "[SEG]" in two["raw_text"]
     assert not two["no_seg"] and two["mismatch"] is None and not two["truncated"]
     masks = [rle_to_mask(r) for r in two["masks"]]
     assert all(m.shape == (40, 56) for m in masks) and two["width"] == 56 and two["height"] == 40

@@ -1,34 +1,27 @@
-"""Tiny tokenizer (trained offline with `tokenizers`) and GLaMM-style SentencePiece tokenizer loading."""
+"""LegionTokenizer: the reference (transformers 4.28 slow LlamaTokenizer) behaviour, the tiny tokenizer
+that follows the same rule, directory round trips and loading errors.
+
+The ids of the real LLaMA tokenizer are checked against the reference stack in
+test_tokenizer_reference.py; here the rule itself is checked on any SentencePiece model.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
 from legion.model import conversation as conv
-from legion.model.tokenizer import BYTE_TOKENS, build_tiny_tokenizer, default_corpus, load_tokenizer
+from legion.model.tokenizer import LegionTokenizer, build_tiny_tokenizer, default_corpus, load_tokenizer
 from tests.fixtures_model import SP_CORPUS, train_small_sentencepiece, write_glamm_sentencepiece_tokenizer
-
-# Measured once with the fixed SP_CORPUS model (sentencepiece 0.2.x trainer, transformers 5 conversion),
-# then pinned: a tokenizer upgrade that changes them changes where [SEG] and the answer boundary land.
-GOLDEN_PROMPT_IDS = [
-    1, 329, 481, 519, 259, 520, 355, 280, 265, 537, 542, 360, 568, 317, 360, 501, 522, 565, 358, 565,
-    280, 516, 518, 381, 267, 355, 586, 555, 535, 568, 414, 390, 597, 584, 317, 550, 32000, -200, 32001,
-    386, 296, 265, 271, 572, 269, 306, 551, 571, 285, 267, 277, 554, 274, 340, 545, 489, 525, 259, 358,
-    527, 285, 295, 291, 488, 506, 565, 540, 359, 295, 308, 551, 568, 567, 301, 524, 521, 515, 565, 539,
-    285, 359, 484, 565, 280, 526, 575, 536, 356, 326, 538, 295, 308, 551, 568, 567, 301, 529, 523, 565,
-    533, 565, 448, 387, 351, 326, 280, 361, 295, 308, 551, 568, 567, 301, 500, 575, 512, 361, 565, 504,
-    575, 382, 565, 528, 508, 356, 565, 280, 531, 534, 357, 388, 513, 352, 541, 543, 503, 473, 267, 544,
-    505, 285, 267, 514, 568, 329, 548, 547, 573, 546, 573, 584]
-# "<p> x </p> [SEG]:y" -> <s> <p> ▁ x ▁ </p> ▁ [SEG] : y  (a lone ▁ survives before each added token)
-GOLDEN_TAGGED_IDS = [1, 32005, 550, 576, 550, 32006, 550, 32004, 584, 570]
 
 TINY_CORPUS = SP_CORPUS + [
     "The left hand has six fingers and the reflection in the mirror does not match the person.",
     "Upon examining the image. I have found the following artifacts.",
 ]
+LONE_SPACE = "▁"
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +34,11 @@ def tiny_tokenizer():
     return build_tiny_tokenizer(TINY_CORPUS)
 
 
-# --- tiny tokenizer -----------------------------------------------------------------------
+# --- the rule, on the tiny tokenizer ------------------------------------------------------------
 def test_tiny_tokenizer_has_llama_specials_and_legion_tokens_after_base(tiny_tokenizer):
     tok = tiny_tokenizer
     assert tok.convert_tokens_to_ids(["<unk>", "<s>", "</s>"]) == [0, 1, 2]
-    assert tok.convert_tokens_to_ids(BYTE_TOKENS[:2]) == [3, 4]  # byte fallback tokens like LLaMA
+    assert tok.convert_tokens_to_ids(["<0x00>", "<0x01>"]) == [3, 4]  # byte fallback pieces as in LLaMA
     ids = conv.special_token_ids(tok, expect_glamm_ids=False)
     base = len(tok) - len(conv.SPECIAL_TOKENS)
     assert [ids.im_start, ids.im_end, ids.bbox, ids.point, ids.seg, ids.p_start, ids.p_end] == list(
@@ -54,32 +47,75 @@ def test_tiny_tokenizer_has_llama_specials_and_legion_tokens_after_base(tiny_tok
     assert tok.eos_token_id == 2 and tok("hand").input_ids[0] == 1  # BOS added, no EOS
 
 
-def test_tiny_tokenizer_keeps_tags_whole_and_words_short(tiny_tokenizer):
+def test_whitespace_next_to_added_tokens_is_stripped(tiny_tokenizer):
     tok = tiny_tokenizer
-    ids = tok("<p> the hand </p> [SEG]: fused").input_ids
-    tokens = tok.convert_ids_to_tokens(ids)
-    for tag in ("<p>", "</p>", "[SEG]"):
-        assert tokens.count(tag) == 1
-    # frequent corpus words are single tokens, so tiny training sequences stay short
-    assert tok("the hand", add_special_tokens=False).input_ids == tok.convert_tokens_to_ids(["▁the", "▁hand"])
-    # characters never seen in training fall back to bytes, never to <unk>
-    unseen = tok("ß日", add_special_tokens=False).input_ids
-    assert 0 not in unseen and all(3 <= i < 259 for i in unseen if tok.convert_ids_to_tokens(i) != "▁")
-    assert tok.decode(tok("Fused fingers, ß日!").input_ids, skip_special_tokens=True) == "Fused fingers, ß日!"
+    tokens = tok.tokenize("found: <p> the hand </p> [SEG]: the fingers")
+    assert tokens[tokens.index("<p>") - 1] == ":"  # no lone ▁ before <p>
+    assert tokens[tokens.index("<p>") + 1] == "▁the"  # the phrase starts with the dummy prefix
+    assert tokens[tokens.index("</p>") - 1] == "▁hand" and tokens[tokens.index("</p>") + 1] == "[SEG]"
+    assert tokens[tokens.index("[SEG]") + 1] == "▁:"  # each chunk is encoded on its own
+    assert LONE_SPACE not in tokens
+    # newlines, tabs and other whitespace count as whitespace too; glued tags give the same ids
+    assert tok.encode("x\n\t<p>\u3000y </p>") == tok.encode("x<p>y</p>")
+    assert tok.encode("<p> y </p> [SEG] z") == tok.encode("<p>y</p>[SEG]z")
+    # </s> strips too (a space before the end of an answer disappears), inner spaces survive
+    assert tok.encode("end </s>") == tok.encode("end</s>") and tok.tokenize("end </s>")[-1] == "</s>"
+    assert LONE_SPACE in tok.tokenize("end  x")
+
+
+def test_prompt_has_the_image_tokens_next_to_words(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = conv.tokenize_with_image(conv.render_prompt(), tok)
+    at = ids.index(conv.IMAGE_TOKEN_INDEX)
+    assert tok.convert_ids_to_tokens(ids[at - 2: at]) == ["▁The", "<im_start>"]
+    assert tok.convert_ids_to_tokens(ids[at + 1]) == "<im_end>"
+    assert tok.convert_ids_to_tokens(ids[at + 2]).startswith("▁pro")
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_conversation_labels_supervise_answer_and_eos_only(tiny_tokenizer):
+    tok = tiny_tokenizer
+    answer = f"I have found: {conv.tag_phrase('the hand')}: six fingers."
+    ids, labels = conv.encode_conversation(tok, answer)
+    prompt = conv.tokenize_with_image(conv.render_prompt(), tok)
+    assert ids[: len(prompt)].tolist() == prompt and (labels[: len(prompt)] == conv.IGNORE_INDEX).all()
+    supervised = ids[len(prompt):].tolist()
+    assert labels[len(prompt):].tolist() == supervised and supervised[-1] == tok.eos_token_id
+    assert supervised[:-1] == tok.encode(answer, add_special_tokens=False)
+    # the hidden state that feeds SAM is the one of `</p>` (the token before [SEG])
+    seg_at = supervised.index(tok.convert_tokens_to_ids(conv.SEG))
+    assert supervised[seg_at - 1] == tok.convert_tokens_to_ids(conv.P_END)
+
+
+def test_decode_joins_added_tokens_with_single_spaces(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tok.encode("I found: <p> the hand </p> [SEG]: fused.</s>", add_special_tokens=False)
+    assert tok.decode(ids) == "I found: <p> the hand </p> [SEG]  : fused.</s>"
+    assert tok.decode(ids, skip_special_tokens=True) == "I found: <p> the hand </p> [SEG] : fused."
+    explanation, phrases = conv.parse_answer(tok.decode(ids))
+    assert explanation == "I found: the hand : fused." and phrases == ["the hand"]
+    assert tok.decode(tok.encode("Fused fingers, ß日!"), skip_special_tokens=True) == "Fused fingers, ß日!"
+
+
+def test_unseen_characters_fall_back_to_bytes(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("ß日", add_special_tokens=False)
+    assert 0 not in ids and all(3 <= i < 259 for i in ids if tiny_tokenizer.convert_ids_to_tokens(i) != LONE_SPACE)
 
 
 def test_tiny_tokenizer_is_deterministic_and_round_trips_through_a_directory(tiny_tokenizer, tmp_path):
     again = build_tiny_tokenizer(TINY_CORPUS)
-    assert again.get_vocab() == tiny_tokenizer.get_vocab()
+    assert again.model_proto == tiny_tokenizer.model_proto and again.get_vocab() == tiny_tokenizer.get_vocab()
     tiny_tokenizer.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.model", "added_tokens.json",
+                                                     "special_tokens_map.json", "tokenizer_config.json"}
+    added = json.loads((tmp_path / "added_tokens.json").read_text())
+    assert list(added) == conv.SPECIAL_TOKENS
     loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, LegionTokenizer)
     text = conv.render_conversation(f"I have found: {conv.tag_phrase('the left hand')}: six fingers.")
     assert loaded(text).input_ids == tiny_tokenizer(text).input_ids
-    assert len(loaded) == len(tiny_tokenizer) and loaded.pad_token_id == 0 and loaded.padding_side == "right"
-    # the conversation encoder finds the answer boundary with this tokenizer
-    ids, labels = conv.encode_conversation(loaded, f"{conv.tag_phrase('hand')}: fused.")
-    supervised = ids[labels != conv.IGNORE_INDEX]
-    assert supervised[-1].item() == 2 and conv.SEG in loaded.convert_ids_to_tokens(supervised.tolist())
+    assert len(loaded) == len(tiny_tokenizer) and loaded.pad_token_id == 0
+    assert loaded.clean_up_tokenization_spaces is False
 
 
 def test_default_corpus_gives_a_small_vocabulary():
@@ -87,64 +123,65 @@ def test_default_corpus_gives_a_small_vocabulary():
     assert conv.GCG_QUESTION in corpus and conv.SYSTEM in corpus
     tok = build_tiny_tokenizer()
     assert 259 + 7 < len(tok) <= 4096 + 7
-    prompt_ids = conv.tokenize_with_image(conv.render_prompt(), tok)
-    assert len(prompt_ids) < 130  # whole words, not characters
+    assert len(conv.tokenize_with_image(conv.render_prompt(), tok)) < 160  # whole words, not characters
 
 
-# --- GLaMM / LEGION SentencePiece tokenizer ------------------------------------------------
+# --- GLaMM-style directories --------------------------------------------------------------------
 def test_glamm_sentencepiece_dir_gives_glamm_ids(glamm_tokenizer_dir):
     tok = load_tokenizer(glamm_tokenizer_dir)
-    assert len(tok) == 32007
+    assert isinstance(tok, LegionTokenizer) and len(tok) == 32007
     ids = conv.special_token_ids(tok)  # asserts GLaMM's 32000..32006 for a 32000-piece base vocabulary
     assert ids.seg == 32004 and ids.p_start == 32005 and ids.p_end == 32006 and ids.im_start == 32000
-    assert tok.convert_tokens_to_ids(conv.SEG) == 32004
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
-    assert tok.padding_side == "right"
+    assert tok.model_max_length == 1536 and tok.clean_up_tokenization_spaces is False
 
 
-def test_glamm_tokenizer_golden_ids(glamm_tokenizer_dir):
-    tok = load_tokenizer(glamm_tokenizer_dir)
-    assert conv.tokenize_with_image(conv.render_prompt(), tok) == GOLDEN_PROMPT_IDS
-    assert tok("<p> x </p> [SEG]:y").input_ids == GOLDEN_TAGGED_IDS
-    assert torch.equal(conv.encode_prompt(tok), torch.tensor(GOLDEN_PROMPT_IDS))
-
-
-def test_glamm_tokenizer_matches_sentencepiece_on_plain_text(glamm_tokenizer_dir):
+def test_plain_text_is_plain_sentencepiece(glamm_tokenizer_dir):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_proto=(glamm_tokenizer_dir / "tokenizer.model").read_bytes())
     tok = load_tokenizer(glamm_tokenizer_dir)
     for text in [conv.SYSTEM, conv.GCG_QUESTION, "The shadow falls the wrong way.", "zq 123 ß"]:
         assert tok(text, add_special_tokens=False).input_ids == sp.encode(text)
+    assert torch.equal(conv.encode_prompt(tok), torch.tensor(conv.tokenize_with_image(conv.render_prompt(), tok)))
 
 
-def test_unpadded_sentencepiece_puts_added_tokens_right_after_base(tmp_path):
-    (tmp_path / "tokenizer.model").write_bytes(train_small_sentencepiece())
+def test_added_tokens_must_continue_the_vocabulary(tmp_path):
+    model = train_small_sentencepiece()
     import sentencepiece as spm
 
-    base = spm.SentencePieceProcessor(model_proto=(tmp_path / "tokenizer.model").read_bytes()).get_piece_size()
-    (tmp_path / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(conv.SPECIAL_TOKENS)}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False}))
-    tok = load_tokenizer(tmp_path)
-    assert tok.convert_tokens_to_ids(conv.SPECIAL_TOKENS) == list(range(base, base + 7))
-    assert tok("hand").input_ids[0] == 1  # BOS although this tokenizer_config.json does not ask for it
+    base = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+    ok = LegionTokenizer(model, {t: base + i for i, t in enumerate(conv.SPECIAL_TOKENS)})
+    assert ok.convert_tokens_to_ids(conv.SPECIAL_TOKENS) == list(range(base, base + 7))
     with pytest.raises(ValueError, match="differ from GLaMM"):
-        conv.special_token_ids(tok, expect_glamm_ids=True)
+        conv.special_token_ids(ok, expect_glamm_ids=True)
+    with pytest.raises(ValueError, match="must continue"):
+        LegionTokenizer(model, {"<p>": base + 1})
+
+
+def test_legacy_tokenizer_json_directory_still_loads_with_a_warning(tmp_path, caplog):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    bpe.train_from_iterator(SP_CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                           show_progress=False))
+    state = json.loads(bpe.to_str())["model"]
+    old = LlamaTokenizer(vocab=state["vocab"], merges=[tuple(m) if not isinstance(m, str) else tuple(m.split(" "))
+                                                      for m in state["merges"]], legacy=False)
+    conv.add_special_tokens(old)
+    old.save_pretrained(tmp_path)
+    assert not (tmp_path / "tokenizer.model").exists()
+    with caplog.at_level(logging.WARNING, logger="legion.model.tokenizer"):
+        tok = load_tokenizer(tmp_path)
+    assert "written before" in caplog.text
+    assert tok("hand").input_ids[0] == tok.bos_token_id and tok.pad_token_id == tok.unk_token_id
+    assert conv.special_token_ids(tok, expect_glamm_ids=False).seg == tok.convert_tokens_to_ids(conv.SEG)
 
 
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_tokenizer(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="tokenizer.json or tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
         load_tokenizer(tmp_path)
-
-
-def test_glamm_tokenizer_encodes_a_training_conversation(glamm_tokenizer_dir):
-    tok = load_tokenizer(glamm_tokenizer_dir)
-    ids, labels = conv.encode_conversation(tok, "I have found: <p> x </p> [SEG]:y")
-    assert ids[: len(GOLDEN_PROMPT_IDS)].tolist() == GOLDEN_PROMPT_IDS
-    supervised = ids[labels != conv.IGNORE_INDEX].tolist()
-    assert (labels[: len(GOLDEN_PROMPT_IDS)] == conv.IGNORE_INDEX).all()
-    assert supervised[-1] == 2 and supervised.count(32004) == 1
-    # measured once, then pinned: "▁ I ▁ha ve ▁f ou nd : ▁" + the tagged snippet (no BOS) + </s>
-    assert supervised == [550, 588, 379, 372, 310, 368, 367, 584, 550] + GOLDEN_TAGGED_IDS[1:] + [2]

@@ -119,40 +119,43 @@ def encode_conversation(tokenizer, answer: str, question: str = GCG_QUESTION,
                         use_im_start_end: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [L], labels [L]) for one training conversation.
 
-    The whole string is tokenized once; the answer boundary is found by tokenizing the prompt and
-    checking that its ids are a prefix of the full ids (the reference's `len - 2` arithmetic broke
-    with every tokenizer upgrade). Supervised: the answer tokens and the final `</s>`.
+    The whole string, `</s>` included, is tokenized once, as the reference does (so a space before
+    `</s>` is stripped like next to any special token). The answer boundary is found by tokenizing
+    the prompt and checking that its ids are a prefix of the full ids (the reference's `len - 2`
+    arithmetic broke with every tokenizer upgrade). Supervised: the answer tokens and the final `</s>`.
     """
     prompt = render_prompt(question, use_im_start_end)
-    full = tokenize_with_image(f"{prompt} {answer}", tokenizer) + [tokenizer.eos_token_id]
+    full = tokenize_with_image(render_conversation(answer, question, use_im_start_end), tokenizer)
     head = tokenize_with_image(prompt, tokenizer)
     if full[: len(head)] != head:
         raise ValueError(
             "prompt tokens are not a prefix of the conversation tokens; the tokenizer merges across the "
             f"'ASSISTANT:' boundary (prompt tail {head[-4:]}, conversation {full[len(head) - 4: len(head) + 2]})")
+    if full[-1] != tokenizer.eos_token_id:
+        raise ValueError(f"the conversation does not end with </s> (id {tokenizer.eos_token_id}): {full[-3:]}")
     labels = list(full)
     labels[: len(head)] = [IGNORE_INDEX] * len(head)
     return torch.tensor(full), torch.tensor(labels)
 
 
-# --- parsing generated text (spec/model.md §11; only known tags are removed) --------------
-_PHRASE_RE = re.compile(re.escape(P_START) + r"(.*?)" + re.escape(P_END), re.S)
+# --- parsing generated text (the reference's clean-up; only known tags are removed) --------
+_PHRASE_RE = re.compile(re.escape(P_START) + r"(.*?)" + re.escape(P_END))
 _KNOWN_TAGS_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + ["</s>", "<s>", "<unk>"]))
 
 
 def parse_answer(text: str) -> tuple[str, list[str]]:
-    """(explanation, phrases) from the decoded answer (the text after `ASSISTANT:`).
+    """(explanation, phrases) from the decoded answer, as the reference's inference cleans it.
 
-    phrases: every `<p> ... </p>` in order, stripped. explanation: the text with LEGION's tags,
-    `[SEG]` and `</s>` removed and whitespace collapsed; other angle-bracket text is kept.
+    Newlines are deleted and double spaces halved; only the text after the last `ASSISTANT: ` is
+    kept; phrases: every `<p> ... </p>` in order, stripped; explanation: the text with LEGION's tags,
+    `[SEG]`, `<s>`, `</s>` and `<unk>` removed and whitespace collapsed. Two deliberate differences
+    from the reference (docs/reproduce.md): other angle-bracket text (`<b>`, `x < y > z`) is kept
+    where the reference deletes anything between `<` and `>`, and quotes at either end are kept.
     """
-    if f"{ROLES[1]}:" in text:
-        text = text.rsplit(f"{ROLES[1]}:", 1)[1]
-    text = text.replace("\n", "")
+    text = text.replace("\n", "").replace("  ", " ")
+    text = text.split(f"{ROLES[1]}: ")[-1]
     phrases = [p.strip() for p in _PHRASE_RE.findall(text)]
-    explanation = _KNOWN_TAGS_RE.sub(" ", text)
-    explanation = re.sub(r"\s+", " ", explanation).strip()
-    explanation = re.sub(r"\s+([:.,;])", r"\1", explanation)
+    explanation = " ".join(_KNOWN_TAGS_RE.sub("", text).split())
     return explanation, phrases
 
 
