@@ -55,7 +55,7 @@ def test_localization_command(run_inputs, tmp_path, capsys):
     root, pred_path, gts, preds = run_inputs
     out = tmp_path / "run1" / "synthscars"
     code = main(["eval", "localization", "--pred", str(pred_path), "--gt", str(root), "--dataset", "synthscars",
-                 "--out", str(out), "--workers", "1"])
+                 "--out", str(out), "--workers", "1", "--gt-raster", "coco"])
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     o = m["overall"]
@@ -68,6 +68,7 @@ def test_localization_command(run_inputs, tmp_path, capsys):
     assert o["miou"] == pytest.approx(100 * np.mean([legion_miou(*c) for c in counts]), abs=1e-9)
     assert o["f1"] == pytest.approx(100 * np.mean([legion_f1(*c[:3]) for c in counts]), abs=1e-9)
     assert 0 <= o["fg_iou"] <= 100 and m["protocol"]["fg_both_empty"] == "artiagent"
+    assert m["protocol"]["gt_raster"] == "coco"
     assert set(m["by_content_type"]) == {"human", "object", "scene"}
     assert m["by_content_type"]["scene"]["f1"] == 100.0          # d.png: both empty
     rows = [json.loads(l) for l in (out / "per_image.jsonl").read_text().splitlines()]
@@ -161,3 +162,39 @@ def test_detection_from_cls_eval_output_and_its_metrics_json(tmp_path, capsys):
                                                           "config": {"perturbation": "jpeg:50"}}))
     (t,) = compare([pred.parent])
     assert t.kind == "detection" and t.rows[0]["GANs"] == 50.0 and t.rows[0]["perturbation"] == "jpeg:50"
+
+
+def paper_raster(polys, h, w):
+    """The reference evaluation's drawing, written out here with cv2: float32 -> int32, fillPoly value 1."""
+    import cv2
+
+    mask = np.zeros((h, w), np.uint8)
+    for p in polys:
+        cv2.fillPoly(mask, [np.asarray(p, np.float32).reshape(-1, 2).astype(np.int32)], 1)
+    return mask
+
+
+def test_localization_defaults_to_the_papers_rasterization(run_inputs, tmp_path):
+    root, pred_path, gts, preds = run_inputs
+    outs = {}
+    for raster in ("default", "coco"):
+        outs[raster] = tmp_path / raster
+        extra = [] if raster == "default" else ["--gt-raster", raster]
+        assert main(["eval", "localization", "--pred", str(pred_path), "--gt", str(root), "--dataset", "synthscars",
+                     "--out", str(outs[raster]), "--workers", "1", "--no-plots", *extra]) == 0
+    paper = json.loads((outs["default"] / "metrics.json").read_text())
+    coco = json.loads((outs["coco"] / "metrics.json").read_text())
+    assert paper["protocol"]["gt_raster"] == "paper" and coco["protocol"]["gt_raster"] == "coco"
+    counts = [pixel_counts(rasterize_polygons(preds[n], H, W) if n in preds else None, paper_raster(gts[n], H, W))
+              for n in sorted(gts)]
+    assert paper["overall"]["miou"] == pytest.approx(100 * np.mean([legion_miou(*c) for c in counts]), abs=1e-9)
+    assert paper["overall"]["f1"] == pytest.approx(100 * np.mean([legion_f1(*c[:3]) for c in counts]), abs=1e-9)
+    assert paper["overall"]["f1"] != pytest.approx(coco["overall"]["f1"])
+    # eval compare refuses to put the two in one table, unless asked, and then says which is which
+    assert main(["eval", "compare", str(outs["default"]), str(outs["coco"])]) == 2
+    assert main(["eval", "compare", str(outs["default"]), str(outs["coco"]), "--allow-mixed-protocols",
+                 "--out", str(tmp_path / "mixed.md")]) == 0
+    table = (tmp_path / "mixed.md").read_text()
+    assert "GT raster" in table and "| paper |" in table and "| coco |" in table and "WARNING: mixed" in table
+    assert main(["eval", "compare", str(outs["coco"]), "--with-paper", "--out", str(tmp_path / "p.md")]) == 0
+    assert "scored with --gt-raster coco" in (tmp_path / "p.md").read_text()

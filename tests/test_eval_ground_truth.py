@@ -49,13 +49,17 @@ def test_load_synthscars_unions_records_of_the_same_file(tmp_path):
         _record("3", "b.png", []),                                                                   # no artifacts
     ]
     _write_synthscars(tmp_path, records, {"a.png": (40, 50), "b.png": (8, 9)})
-    gt = load_ground_truth(tmp_path, "synthscars", split="test")
+    gt = load_ground_truth(tmp_path, "synthscars", split="test", raster="coco")
     assert sorted(gt) == ["a.png", "b.png"]
     a = gt["a.png"]
     assert a.size == (40, 50) and len(a.phrase_polygons) == 2
     mask = rle_to_mask(a.mask_rle(a.size))
     expected = rasterize_polygons(box(0, 0, 10, 10) + box(20, 20, 30, 30), 40, 50)
     np.testing.assert_array_equal(mask, expected)
+    # the default is the paper's drawing: integer box corners included, 11 x 11 px per box
+    paper = load_ground_truth(tmp_path, "synthscars", split="test")["a.png"]
+    paper_mask = rle_to_mask(paper.mask_rle(paper.size))
+    assert paper_mask.sum() == 2 * 11 * 11 and (paper_mask >= mask).all()
     assert a.reference_text.startswith("Upon examining the image. I have found: Summary. To elaborate")  # whitespace normalised
     assert rle_to_mask(gt["b.png"].mask_rle((8, 9))).sum() == 0
     # annotation file given directly: the images folder next to annotations/ is found
@@ -94,6 +98,8 @@ def test_match_predictions_exact_then_unique_basename():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         load_ground_truth(".", "coco")
+    with pytest.raises(ValueError, match="rasterization"):
+        load_ground_truth(".", "synthscars", raster="opencv")
 
 
 def test_toyscars_perfect_predictions_score_100_with_breakdowns(toy_data_dir):
@@ -104,7 +110,7 @@ def test_toyscars_perfect_predictions_score_100_with_breakdowns(toy_data_dir):
     from legion.eval.localization import evaluate_localization
     from legion.utils.rle import mask_to_rle
 
-    gt = load_ground_truth(toy_data_dir, "synthscars", split="test")
+    gt = load_ground_truth(toy_data_dir, "synthscars", split="test", raster="coco")  # the raster of the masks below
     records, _ = load_annotations(find_annotation_file(toy_data_dir, "test"))
     assert len(gt) == len({r.img_file_name for r in records}) > 0
     preds = []
@@ -185,3 +191,44 @@ def test_richhf_ground_truth_from_heatmaps(tmp_path):
         gt = load_ground_truth(raw, "richhf")
     assert list(gt) == ["a.png"]
     np.testing.assert_array_equal(rle_to_mask(gt["a.png"].union_rle), (hm > 0).astype(np.uint8))
+
+
+def test_paper_raster_truncates_vertices_and_fills_edges():
+    from legion.eval.ground_truth import paper_polygons_to_rle
+
+    # vertices 1.9 .. 5.9 truncate to 1 .. 5; fillPoly covers the edges: rows and columns 1..5 inclusive
+    mask = rle_to_mask(paper_polygons_to_rle([[1.9, 1.9, 5.9, 1.9, 5.9, 5.9, 1.9, 5.9]], 8, 8))
+    expected = np.zeros((8, 8), np.uint8)
+    expected[1:6, 1:6] = 1
+    np.testing.assert_array_equal(mask, expected)
+    # toward zero, not floor: -0.9 -> 0; drawing is clipped to the image; union of several polygons
+    mask = rle_to_mask(paper_polygons_to_rle([[-0.9, -0.9, 2.5, -0.9, 2.5, 2.5, -0.9, 2.5], [6, 6, 7, 6, 7, 7]], 8, 8))
+    assert mask[:3, :3].all() and mask.sum() == 9 + 3
+
+
+def test_paper_raster_is_a_few_percent_larger_on_the_real_sample(synthscars_sample_path):
+    from legion.eval.ground_truth import paper_polygons_to_rle
+    from tests.fixtures_data import record_canvas_size
+
+    ratios, ious = [], []
+    for entry in json.loads(synthscars_sample_path.read_text()):
+        body = next(iter(entry.values()))
+        h, w = record_canvas_size(body)
+        for ref in body["refs"]:
+            paper = rle_to_mask(paper_polygons_to_rle(ref["segmentation"], h, w)).astype(bool)
+            coco = rle_to_mask(polygons_to_rle(ref["segmentation"], h, w)).astype(bool)
+            ratios.append(paper.sum() / coco.sum())
+            ious.append((paper & coco).sum() / (paper | coco).sum())
+    assert len(ratios) == 260 and all(r >= 1 for r in ratios)
+    # measured: area ratio mean 1.076 (median 1.056), IoU mean 0.932 (median 0.947)
+    assert 1.03 < np.mean(ratios) < 1.12 and 0.9 < np.median(ious) < 0.98
+
+
+def test_loki_boxes_paper_vs_coco(tmp_path):
+    from legion.eval.ground_truth import GroundTruthItem
+
+    paper = GroundTruthItem("l.png", size=(10, 10), boxes=[[1.5, 2.5, 3.0, 2.0]])
+    coco = GroundTruthItem("l.png", size=(10, 10), boxes=[[1.5, 2.5, 3.0, 2.0]], raster="coco")
+    # paper: x 1..4, y 2..4 inclusive (int truncation) = 4 x 3 = 12 px; coco: area coverage of [1.5, 4.5) x [2.5, 4.5)
+    assert rle_to_mask(paper.mask_rle((10, 10))).sum() == 12
+    assert rle_to_mask(coco.mask_rle((10, 10))).sum() == 6  # pixels 2..4 x 3..4

@@ -147,7 +147,8 @@ def test_breakdowns_by_content_type_and_category():
 def test_mask_pairing_per_phrase_ground_truth():
     # two GT artifacts given as polygons; the prediction hits "left ear" exactly and misses "tail"
     polys = [[[0, 0, 50, 0, 50, 10, 0, 10]], [[60, 60, 80, 60, 80, 80, 60, 80]]]
-    item = GroundTruthItem("p.png", size=(100, 100), phrase_polygons=polys, phrase_texts=["Left ear", "tail"])
+    item = GroundTruthItem("p.png", size=(100, 100), phrase_polygons=polys, phrase_texts=["Left ear", "tail"],
+                           raster="coco")
     g0 = polygons_to_rle(polys[0], 100, 100)
     miss = mask_to_rle(rows(90, 100))
     in_order = {"image": "p.png", "verdict": "fake", "phrases": ["left  EAR", "tail"], "masks": [g0, miss]}

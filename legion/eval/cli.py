@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from legion.eval.ground_truth import DATASETS
+from legion.eval.ground_truth import DATASETS, GT_RASTERS
 
 LOC_METRIC_CHOICES = ("miou", "f1", "fg_iou", "fg_f1", "global_fg_iou", "global_fg_f1", "giou", "ciou")
 
@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="gIoU/cIoU unit: auto (default) = per mask where an image's predicted phrases are its GT "
                           "ref sentences (paired by phrase), else the image's union; ordered = predicted mask k vs "
                           "GT artifact k when the counts agree; union = one mask per image. Recorded in metrics.json.")
+    loc.add_argument("--gt-raster", default="paper", choices=list(GT_RASTERS),
+                     help="how annotated shapes become ground-truth pixels: paper (default) = as the paper's "
+                          "evaluation drew them (SynthScars polygons: cv2.fillPoly on vertices truncated to int; LOKI "
+                          "boxes: inclusive truncated rectangles), so numbers compare with the paper; coco = "
+                          "pycocotools, as training rasterizes its targets (masks ~5-8%% smaller). Recorded in "
+                          "metrics.json; `eval compare` refuses to mix them.")
     loc.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                      help="processes for scoring (default: min(2, CPUs))")
     loc.add_argument("--table-metrics", default="miou,f1",
@@ -71,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="only this table (default: every kind found)")
     cmp_.add_argument("--metrics", default="miou,f1", help="localization metrics to show (comma list; default miou,f1)")
     cmp_.add_argument("--with-paper", action="store_true", help="add the paper's rows (Tables 2, 3, 5)")
+    cmp_.add_argument("--allow-mixed-protocols", action="store_true",
+                      help="put runs scored with different ground-truth rasterizations (--gt-raster) in one table "
+                           "(refused by default: their numbers are not comparable); each row then names its raster")
     cmp_.add_argument("--format", default="md", choices=["md", "csv", "json"], help="output format (default md)")
     cmp_.add_argument("--out", default=None, help="also write the table(s) to this file")
 
@@ -123,7 +132,8 @@ def _load_inputs(args):
         raise FileNotFoundError(f"--pred {args.pred}: no such file or folder")
     predictions = read_predictions(args.pred)
     ground_truth = load_ground_truth(args.gt, args.dataset, split=args.split, image_dir=args.images,
-                                     loki_skip_degenerate=args.loki_skip_degenerate)
+                                     loki_skip_degenerate=args.loki_skip_degenerate,
+                                     raster=getattr(args, "gt_raster", "paper"))
     if not ground_truth:
         raise ValueError(f"--gt {args.gt}: no ground-truth images found")
     if args.content_types:
@@ -316,7 +326,8 @@ def _run_compare(args) -> int:
     from legion.eval.report import compare
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    tables = compare(args.runs, kind=args.kind, metrics=metrics, with_paper=args.with_paper)
+    tables = compare(args.runs, kind=args.kind, metrics=metrics, with_paper=args.with_paper,
+                     allow_mixed_protocols=args.allow_mixed_protocols)
     if not tables:
         raise ValueError("no metrics found in the given runs")
     text = "\n".join((f"## {t.kind}\n\n" if args.format == "md" and len(tables) > 1 else "") + t.render(args.format)

@@ -23,6 +23,13 @@ from pycocotools import mask as coco_mask
 from legion.utils.rle import mask_to_rle, rle_size, rle_union
 
 DATASETS = ("synthscars", "loki", "richhf")
+# How annotated shapes become ground-truth pixels (docs/reproduce.md):
+#   paper: as the reference evaluation drew them (the default, so numbers compare with the paper):
+#          SynthScars polygons with cv2.fillPoly on vertices cast float32 -> int32 (truncation);
+#          LOKI [x, y, w, h] boxes as inclusive, truncated, clipped cv2 rectangles.
+#   coco:  pycocotools, as training rasterizes its targets: polygons by area coverage, LOKI boxes
+#          as half-open [x, x + w) x [y, y + h) rectangles.
+GT_RASTERS = ("paper", "coco")
 
 
 @dataclass
@@ -50,6 +57,7 @@ class GroundTruthItem:
     phrase_texts: list[str] | None = None    # SynthScars ref sentences, parallel to phrase_polygons
     boxes: list[list[float]] | None = None   # LOKI [x, y, w, h] regions, drawn at the image size
     boxes_skip_degenerate: bool = False
+    raster: str = "paper"                    # "paper" | "coco" (GT_RASTERS): how polygons/boxes are drawn
     _phrase_rles: list[dict] | None = field(default=None, repr=False)
 
     def resolved_size(self, fallback: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -66,7 +74,8 @@ class GroundTruthItem:
         if self.phrase_polygons is None:
             return None
         if self._phrase_rles is None or (self._phrase_rles and rle_size(self._phrase_rles[0]) != tuple(size)):
-            self._phrase_rles = [polygons_to_rle(p, *size) for p in self.phrase_polygons]
+            draw = paper_polygons_to_rle if self.raster == "paper" else polygons_to_rle
+            self._phrase_rles = [draw(p, *size) for p in self.phrase_polygons]
         return self._phrase_rles
 
     def mask_rle(self, size: tuple[int, int]) -> dict:
@@ -78,6 +87,8 @@ class GroundTruthItem:
         if self.boxes is not None:
             from legion.data.benchmarks import loki_box_mask
 
+            if self.raster == "coco":
+                return boxes_to_rle(self.boxes, *size)
             return mask_to_rle(loki_box_mask(self.boxes, size[0], size[1], self.boxes_skip_degenerate))
         phrases = self.phrase_rles(size) or []
         return rle_union(phrases, size=size)
@@ -110,6 +121,33 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
     return {"size": [int(height), int(width)], "counts": merged["counts"].decode("ascii")}
 
 
+def paper_polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
+    """Union of flat polygons as the reference evaluation rasterized SynthScars ground truth:
+    vertices cast to float32 then int32 (truncation toward zero), each polygon filled with
+    ``cv2.fillPoly`` (value 1, 8-connected edges included), drawing clipped to the image. Covers
+    every pixel an edge touches, so masks are a few percent larger than pycocotools' (docs/reproduce.md)."""
+    import cv2
+
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for poly in polygons:
+        coords = np.asarray(poly, dtype=np.float32)
+        coords = coords[: coords.size // 2 * 2]
+        if coords.size == 0 or height == 0 or width == 0:
+            continue
+        cv2.fillPoly(mask, [coords.reshape(-1, 2).astype(np.int32)], 1)
+    return mask_to_rle(mask)
+
+
+def boxes_to_rle(boxes: Sequence[Sequence[float]], height: int, width: int) -> dict:
+    """Union of ``[x, y, w, h]`` boxes rasterized by pycocotools (half-open, area coverage)."""
+    boxes = [[float(v) for v in box] for box in boxes if len(box) == 4 and box[2] > 0 and box[3] > 0]
+    if not boxes or height == 0 or width == 0:
+        return mask_to_rle(np.zeros((height, width), dtype=np.uint8))
+    parts = coco_mask.frPyObjects(np.asarray(boxes, dtype=np.float64), height, width)
+    merged = coco_mask.merge(parts, intersect=0) if len(parts) > 1 else parts[0]
+    return {"size": [int(height), int(width)], "counts": merged["counts"].decode("ascii")}
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     """``(H, W)`` of a stored image from its header (no decoding, EXIF orientation ignored)."""
     from PIL import Image
@@ -125,11 +163,13 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- SynthScars
 
 def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str | os.PathLike | None = None,
-                    allow_absolute: bool = False) -> dict[str, GroundTruthItem]:
+                    allow_absolute: bool = False, raster: str = "paper") -> dict[str, GroundTruthItem]:
     """SynthScars ground truth: ``gt`` = dataset root (``<root>/<split>/annotations/<split>.json``)
     or an annotation JSON file. All records whose ``img_file_name`` has the same file name are
     unioned (the same image may carry several ids). Image sizes come from the image headers
-    under ``image_dir`` (default ``<root>/<split>/images`` or ``<json dir>/../images``)."""
+    under ``image_dir`` (default ``<root>/<split>/images`` or ``<json dir>/../images``).
+    ``raster``: how polygons become pixels (``GT_RASTERS``; default the paper's)."""
+    _check_raster(raster)
     from legion.data import synthscars as ss
 
     gt = Path(gt)
@@ -157,7 +197,7 @@ def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str |
             size = image_size(path) if path is not None else None
             item = items[name] = GroundTruthItem(name=name, size=size, phrase_polygons=[], phrase_texts=[],
                                                  reference_text=_normalise_space(rec.caption),
-                                                 content_type=getattr(rec, "content_type", None))
+                                                 content_type=getattr(rec, "content_type", None), raster=raster)
         item.phrase_polygons.extend([list(map(list, ref.polygons)) for ref in rec.refs])
         item.phrase_texts.extend([ref.sentence for ref in rec.refs])
         # categories: the record's and its refs' (ToyScars carries them; the SynthScars release does not)
@@ -179,6 +219,11 @@ def _image_path(ss, root, split, image_dir: Path, img_file_name: str, name: str,
             return None
         return path if path.is_file() else None
     return _safe_image_path(image_dir, name)
+
+
+def _check_raster(raster: str) -> None:
+    if raster not in GT_RASTERS:
+        raise ValueError(f"unknown ground-truth rasterization {raster!r}; choose one of {', '.join(GT_RASTERS)}")
 
 
 def _labels_of(value) -> list[str]:
@@ -203,13 +248,15 @@ def _normalise_space(text: str | None) -> str | None:
 # --------------------------------------------------------------------------- LOKI / RichHF
 
 def load_loki(gt: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-              skip_degenerate: bool = False) -> dict[str, GroundTruthItem]:
+              skip_degenerate: bool = False, raster: str = "paper") -> dict[str, GroundTruthItem]:
     """LOKI ground truth from its UTF-16 annotation list (``legion.data.benchmarks``): the union
-    of the item's ``[x, y, w, h]`` boxes drawn as the reference does (inclusive, truncated,
-    clipped); reference text = ``problems.global[0].desc``. Image sizes come from the image
-    headers under ``image_dir`` (by file name), or else from the predictions."""
+    of the item's ``[x, y, w, h]`` boxes, drawn as the reference does (``raster="paper"``:
+    inclusive, truncated, clipped) or by pycocotools (``"coco"``: half-open); reference text =
+    ``problems.global[0].desc``. Image sizes come from the image headers under ``image_dir``
+    (by file name), or else from the predictions."""
     from legion.data import benchmarks
 
+    _check_raster(raster)
     gt = Path(gt)
     if not gt.is_file():
         raise FileNotFoundError(f"--gt {gt}: LOKI needs its annotation JSON file")
@@ -220,7 +267,7 @@ def load_loki(gt: str | os.PathLike, image_dir: str | os.PathLike | None = None,
         if item is None:
             path = _safe_image_path(Path(image_dir), name) if image_dir is not None else None
             item = items[name] = GroundTruthItem(name=name, size=image_size(path) if path else None,
-                                                 boxes=[], boxes_skip_degenerate=skip_degenerate)
+                                                 boxes=[], boxes_skip_degenerate=skip_degenerate, raster=raster)
         item.boxes.extend(entry.regions)
         if not item.reference_text and entry.global_desc:
             item.reference_text = _normalise_space(entry.global_desc)
@@ -251,13 +298,14 @@ def load_richhf(gt: str | os.PathLike, threshold: float = 0.0) -> dict[str, Grou
 
 def load_ground_truth(gt: str | os.PathLike, dataset: str, split: str = "test",
                       image_dir: str | os.PathLike | None = None,
-                      loki_skip_degenerate: bool = False) -> dict[str, GroundTruthItem]:
+                      loki_skip_degenerate: bool = False, raster: str = "paper") -> dict[str, GroundTruthItem]:
     """Dispatch on ``dataset`` -> ``{file name: GroundTruthItem}``. ``gt`` is: synthscars = dataset
-    root or annotation JSON; loki = the UTF-16 annotation JSON; richhf = the ``raw_imgs`` folder."""
+    root or annotation JSON; loki = the UTF-16 annotation JSON; richhf = the ``raw_imgs`` folder.
+    ``raster`` applies to SynthScars polygons and LOKI boxes (RichHF heatmaps are pixels already)."""
     if dataset == "synthscars":
-        return load_synthscars(gt, split=split, image_dir=image_dir)
+        return load_synthscars(gt, split=split, image_dir=image_dir, raster=raster)
     if dataset == "loki":
-        return load_loki(gt, image_dir=image_dir, skip_degenerate=loki_skip_degenerate)
+        return load_loki(gt, image_dir=image_dir, skip_degenerate=loki_skip_degenerate, raster=raster)
     if dataset == "richhf":
         return load_richhf(gt)
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")

@@ -332,6 +332,7 @@ def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[
     metrics = {
         "dataset": dataset,
         "protocol": {
+            "gt_raster": ground_truth_raster(ground_truth.values()),
             "fg_both_empty": both_empty,
             "fg_both_empty_values": {"fg_iou": _json_float(FG_BOTH_EMPTY[both_empty][0]),
                                      "fg_f1": _json_float(FG_BOTH_EMPTY[both_empty][1])},
@@ -353,6 +354,15 @@ def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[
         "duplicate_predictions": matching.duplicates,
     }
     return LocalizationResult(metrics=metrics, scores=scores)
+
+
+def ground_truth_raster(items: Iterable[GroundTruthItem]) -> str:
+    """How the ground truth became pixels: "paper" or "coco" (``GT_RASTERS``) for drawn polygons or
+    boxes, "pixels" when every mask was given as pixels already (RichHF heatmaps, precomputed RLE)."""
+    drawn = {item.raster for item in items if item.phrase_polygons is not None or item.boxes is not None}
+    if len(drawn) > 1:
+        raise ValueError(f"ground truth mixes rasterizations {sorted(drawn)}")
+    return drawn.pop() if drawn else "pixels"
 
 
 def _run(jobs: list[tuple], workers: int, progress: bool) -> list[ImageScore]:

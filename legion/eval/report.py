@@ -158,8 +158,8 @@ def perturbation_label(p) -> str:
 
 def _ordered_columns(kind: str, present: Iterable[str], loc_metrics: Sequence[str]) -> list[str]:
     present = list(dict.fromkeys(present))
-    head = ["perturbation"] if "perturbation" in present else []
-    present = [c for c in present if c != "perturbation"]
+    head = [c for c in ("GT raster", "perturbation") if c in present]
+    present = [c for c in present if c not in head]
     if kind == "localization":
         datasets = list(LOCALIZATION_COLUMNS[:4]) + ["SynthScars"] + list(LOCALIZATION_COLUMNS[4:])
         preferred = [f"{d} {METRIC_LABEL[k]}" for d in datasets for k in loc_metrics]
@@ -218,22 +218,65 @@ def _csv_cell(value) -> str:
     return value if isinstance(value, str) else repr(float(value))
 
 
+def gt_raster_of(metrics: dict) -> str:
+    """The ground-truth rasterization a localization metrics.json was scored with. Files written
+    before it was recorded used pycocotools for polygons ("coco") but the reference's boxes for LOKI."""
+    recorded = (metrics.get("protocol") or {}).get("gt_raster")
+    if recorded:
+        return recorded
+    return {"synthscars": "coco", "loki": "paper"}.get(str(metrics.get("dataset")).lower(), "pixels")
+
+
+def _check_rasters(runs: Sequence[Run], allow_mixed: bool, with_paper: bool) -> tuple[dict[str, str], list[str]]:
+    """{run name: raster label} and notes; raises when runs scored one dataset with different rasters."""
+    per_dataset: dict[str, dict[str, str]] = {}
+    labels: dict[str, set[str]] = {}
+    for run in runs:
+        for m in run.metrics:
+            if m["kind"] != "localization":
+                continue
+            raster = gt_raster_of(m)
+            per_dataset.setdefault(str(m.get("dataset")), {})[run.name] = raster
+            labels.setdefault(run.name, set()).add(raster)
+    notes = []
+    mixed = {ds: by_run for ds, by_run in per_dataset.items() if len(set(by_run.values()) - {"pixels"}) > 1}
+    if mixed:
+        detail = "; ".join(f"{ds}: " + ", ".join(f"{r}={v}" for r, v in by_run.items()) for ds, by_run in mixed.items())
+        if not allow_mixed:
+            raise ValueError(f"runs were scored with different ground-truth rasterizations ({detail}); their numbers "
+                             "are not comparable. Re-score them with the same `legion eval localization --gt-raster`, "
+                             "or pass --allow-mixed-protocols to list them anyway")
+        notes.append(f"WARNING: mixed ground-truth rasterizations ({detail}); rows are not comparable")
+    if with_paper:
+        off = sorted(name for name, used in labels.items() if "coco" in used)
+        if off:
+            notes.append("WARNING: " + ", ".join(off) + " scored with --gt-raster coco; the paper's rows used the "
+                         "paper's rasterizer (cv2.fillPoly on truncated vertices), which gives ~5-8% larger masks")
+    return {name: "+".join(sorted(used)) for name, used in labels.items()}, notes
+
+
 def build_table(runs: Sequence[Run], kind: str, metrics: Sequence[str] | None = None,
-                with_paper: bool = False) -> Table:
+                with_paper: bool = False, allow_mixed_protocols: bool = False) -> Table:
     """One row per run (runs without metrics of ``kind`` are left out). ``metrics`` picks the
-    localization metrics shown (default the paper's mIoU and F1)."""
+    localization metrics shown (default the paper's mIoU and F1). Localization runs scored with
+    different ground-truth rasterizations raise ValueError unless ``allow_mixed_protocols``."""
     if kind not in KINDS:
         raise ValueError(f"unknown table kind {kind!r}; choose one of {', '.join(KINDS)}")
     loc_metrics = tuple(metrics or PAPER_LOCALIZATION_METRICS)
     unknown = [k for k in loc_metrics if k not in ALL_LOCALIZATION_METRICS]
     if unknown:
         raise ValueError(f"unknown localization metric(s) {unknown}; choose from {', '.join(ALL_LOCALIZATION_METRICS)}")
+    notes: list[str] = []
+    rasters: dict[str, str] = {}
+    if kind == "localization":
+        rasters, notes = _check_rasters(runs, allow_mixed_protocols, with_paper)
     rows = []
     for run in runs:
         entries = _row_entries(run, kind, loc_metrics)
         if entries:
+            if allow_mixed_protocols and run.name in rasters:
+                entries = {"GT raster": rasters[run.name], **entries}
             rows.append({"run": run.name, **entries})
-    notes = []
     if kind == "localization":
         protocols = {m["protocol"].get("fg_both_empty") for r in runs for m in r.metrics
                      if m["kind"] == "localization" and "protocol" in m}
@@ -258,7 +301,7 @@ def build_table(runs: Sequence[Run], kind: str, metrics: Sequence[str] | None = 
 
 
 def compare(paths: Sequence[str | os.PathLike], kind: str | None = None, metrics: Sequence[str] | None = None,
-            with_paper: bool = False) -> list[Table]:
+            with_paper: bool = False, allow_mixed_protocols: bool = False) -> list[Table]:
     """Side-by-side tables of several runs: one table per kind found (or only ``kind``)."""
     runs = [load_run(p) for p in paths]
     names = [r.name for r in runs]
@@ -266,7 +309,8 @@ def compare(paths: Sequence[str | os.PathLike], kind: str | None = None, metrics
         if names.count(r.name) > 1:
             r.name = str(paths[i])
     kinds = [kind] if kind else [k for k in KINDS if any(m["kind"] == k for r in runs for m in r.metrics)]
-    return [build_table(runs, k, metrics=metrics, with_paper=with_paper) for k in kinds]
+    return [build_table(runs, k, metrics=metrics, with_paper=with_paper, allow_mixed_protocols=allow_mixed_protocols)
+            for k in kinds]
 
 
 def write_tables(table: Table, out_dir: str | os.PathLike, stem: str = "table") -> list[Path]:
