@@ -43,6 +43,9 @@ OVERLAY_COLORS = np.array([[255, 64, 64], [64, 200, 64], [64, 128, 255], [255, 2
                            [0, 220, 220], [255, 128, 0], [160, 160, 160]], dtype=np.float32)
 
 
+DTYPE_POLICIES = ("reference", "fp32_grounding")
+
+
 class InferError(RuntimeError):
     """Bad inference input or setup (missing paths, missing optional package), with the reason."""
 
@@ -58,6 +61,9 @@ class InferConfig:
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP folder if the model dir has none"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"})
+    dtype_policy: str = field(default="reference", metadata={
+        "help": "reference = the whole model in `dtype`, as the released code runs it (SAM and text_hidden_fcs "
+                "included); fp32_grounding = SAM and text_hidden_fcs kept in fp32 (as the checkpoints store them)"})
     quantization: str | None = field(default=None, metadata={"help": "8bit | 4bit (bitsandbytes) for 24 GB GPUs"})
     batch_size: int = field(default=4, metadata={"help": "images per generation batch"})
     max_new_tokens: int = 512
@@ -179,16 +185,22 @@ class Analyzer:
              device: str | torch.device = "cpu", sam_input_size: int | None = 1024, max_new_tokens: int = 512,
              gate_threshold: float = 0.5, dtype: str | torch.dtype | None = None, vision_tower: str | None = None,
              quantization: str | None = None, detector_backbone: str | None = None,
-             decoding: str = "auto") -> "Analyzer":
-        """Load a model directory (and a detector) for inference on `device`."""
+             decoding: str = "auto", dtype_policy: str = "reference") -> "Analyzer":
+        """Load a model directory (and a detector) for inference on `device`.
+
+        dtype_policy: "reference" casts the whole model to `dtype` (the released code's inference);
+        "fp32_grounding" keeps SAM and text_hidden_fcs in fp32 (docs/inference.md has the measured difference).
+        """
         from legion.model.builders import load_model
 
+        if dtype_policy not in DTYPE_POLICIES:
+            raise ConfigError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {dtype_policy!r}")
         device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
         dtype = resolve_dtype(dtype, device)
         if not Path(model_path).is_dir():
             raise InferError(f"model_path is not a directory: {model_path}")
         model, tokenizer, _ = load_model(model_path, dtype=dtype, device="cpu", vision_tower=vision_tower,
-                                         verbose=False)
+                                         keep_fp32_modules=dtype_policy == "fp32_grounding", verbose=False)
         if quantization:
             quantize_language_model(model, quantization, dtype)
             if decoding == "auto":  # bitsandbytes kernels under CUDA-graph capture are not verified
@@ -544,7 +556,7 @@ def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int 
     if analyzer is None:
         analyzer = Analyzer.load(cfg.model_path, cfg.detector_path, resolve_device(cfg.device), cfg.sam_input_size,
                                  cfg.max_new_tokens, cfg.gate_threshold, cfg.dtype, cfg.vision_tower,
-                                 cfg.quantization, cfg.detector_backbone, cfg.decoding)
+                                 cfg.quantization, cfg.detector_backbone, cfg.decoding, cfg.dtype_policy)
 
     done: dict[str, dict] = {}
     if cfg.resume:

@@ -156,6 +156,29 @@ def test_cls_train_and_eval_recipes(setup, tmp_path):
     assert any(abs(a["fake_prob"] - b["fake_prob"]) > 1e-4 for a, b in zip(noisy_preds, preds))
 
 
+def test_head_trains_in_bf16_by_default_as_the_reference(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    root, clip = setup
+    assert TrainClsConfig().model.head_dtype == "bfloat16"
+    heads = {}
+    for head_dtype in ("bfloat16", "float32"):
+        out = tmp_path / head_dtype
+        cfg = load_config(TrainClsConfig, None, [f"data.train={root / 'train'}", f"model.backbone={clip}",
+                                                 f"output_dir={out}", "num_workers=0", "epochs=3", "batch_size=16",
+                                                 "optim.lr=1e-2", f"model.head_dtype={head_dtype}"])
+        train_cls(cfg, progress=False)
+        heads[head_dtype] = load_file(str(out / "head.safetensors"))["prediction_head.0.weight"]
+    bf16, fp32 = heads["bfloat16"], heads["float32"]
+    assert bf16.dtype == fp32.dtype == torch.float32  # files are fp32 either way
+    assert torch.equal(bf16, bf16.bfloat16().float())  # ... but the bf16-trained one holds bf16 values
+    assert not torch.equal(fp32, fp32.bfloat16().float())
+    with pytest.raises(Exception, match="head_dtype"):
+        train_cls(load_config(TrainClsConfig, None, [f"data.train={root / 'train'}", f"model.backbone={clip}",
+                                                     f"output_dir={tmp_path / 'x'}", "model.head_dtype=float16"]),
+                  progress=False)
+
+
 def test_cli_errors_are_clear(setup, tmp_path, capsys):
     root, clip = setup
     assert legion_main(["cls-train", f"output_dir={tmp_path}", f"model.backbone={clip}"]) == 2

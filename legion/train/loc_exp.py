@@ -81,7 +81,9 @@ class DataSection:
     split: str = "train"
     annotation_path: Optional[str] = None
     sam_input_size: int = 512
-    max_length: int = 1536
+    max_length: int = field(default=961, metadata={
+        "help": "text tokens kept per sample before the image expands into its CLIP tokens: the reference's "
+                "1536 - 575 = 961 (a sample that would lose a [SEG] is skipped and counted)"})
     num_workers: int = 2
     val_size: int = field(default=200, metadata={"help": "records held out from train for validation (0 = none)"})
 
