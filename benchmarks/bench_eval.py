@@ -46,7 +46,7 @@ def make_inputs(n: int, size: int, seed: int, folder: Path) -> tuple[dict[str, G
     for i in range(n):
         name = f"img_{i:05d}.png"
         gt_polys = [[random_polygon(rng, size)] for _ in range(rng.integers(1, 4))]
-        gt[name] = GroundTruthItem(name=name, size=(size, size), phrase_polygons=gt_polys)
+        gt[name] = GroundTruthItem(name=name, size=(size, size), phrase_polygons=gt_polys, raster="coco")
         k = int(rng.integers(0, 5))
         pred_polys = [random_polygon(rng, size) for _ in range(k)]
         if k and rng.random() < 0.5:  # half of the predictions overlap a GT artifact

@@ -1,4 +1,4 @@
-"""Explain and segment artifacts in a folder of images (spec/model.md §11).
+"""Explain and segment artifacts in a folder of images (docs/model.md §11).
 
     legion infer --config configs/legion_7b/infer.yaml model_path=checkpoints/legion_7b \\
         image_dir=photos/ output_dir=runs/infer

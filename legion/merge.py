@@ -1,4 +1,4 @@
-"""Turn a training run into a model directory that `legion infer` loads (spec/model.md §13.4).
+"""Turn a training run into a model directory that `legion infer` loads (docs/model.md §13.4).
 
     legion merge step1 CKPT_DIR [--tag TAG] --out weights.safetensors
         DeepSpeed checkpoint (ZeRO stage 0, 1, 2 or 3) -> one fp32 state dict as safetensors.
@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-# Keys never carried into a merged model: CLIP is loaded from its own folder (spec/model.md §13.2),
+# Keys never carried into a merged model: CLIP is loaded from its own folder (docs/model.md §13.2),
 # and old checkpoints carry RoPE buffers that current transformers recompute.
 DROP_KEY_PATTERNS = (re.compile(r"(^|\.)vision_tower\."), re.compile(r"rotary_emb\.inv_freq$"))
 

@@ -13,7 +13,7 @@ from legion.model.builders import FP32_MODULES, build_config, build_model, load_
 from legion.model.tokenizer import build_tiny_tokenizer
 
 
-# --- the GLaMM key table, written from spec/model.md §0, §5, §8.1, §12, §13.2 --------------
+# --- the GLaMM key table, written from docs/model.md §0, §5, §8.1, §12, §13.2 --------------
 def glamm_key_table() -> dict[str, list[int]]:
     """Every state-dict key of the 7B LegionForCausalLM / GLaMMForCausalLM with its shape."""
     t: dict[str, list[int]] = {}
@@ -156,7 +156,7 @@ def test_legion_7b_on_meta_equals_glamm_key_table(model_7b_meta):
 
 def test_legion_7b_parameter_counts_match_spec(model_7b_meta):
     model, _ = model_7b_meta
-    # spec/model.md §0 (derived counts)
+    # docs/model.md §0 (derived counts)
     llm = sum(_count(model, p) for p in ("model.embed_tokens", "model.layers", "model.norm", "lm_head"))
     assert llm == 6_738_472_960
     assert _count(model, "model.vision_tower") == 303_507_456

@@ -19,7 +19,7 @@ BF16_PREFIXES = ("model.embed_tokens", "model.layers", "model.norm", "lm_head", 
 
 
 def glamm_config_json(config) -> dict:
-    """config.json as GLaMM-GranD-Pretrained wrote it (spec §13.3), with tiny sizes; the SAM and region
+    """config.json as GLaMM-GranD-Pretrained wrote it (docs/model.md §13.3), with tiny sizes; the SAM and region
     sizes, which GLaMM never wrote (ViT-H implied), are extra fields for the tiny model."""
     return {
         "_name_or_path": "./trained_checkpoints/exp1_pretrain_v1.5_spi_module_gs_4488/",
@@ -234,7 +234,7 @@ def test_config_without_vocab_size_takes_it_from_the_weights(glamm_checkpoint, t
     copy = tmp_path / "novocab"
     shutil.copytree(ckpt, copy)
     config = json.loads((copy / "config.json").read_text())
-    del config["vocab_size"]  # not visible on the GranD-Pretrained model page (spec §13.3)
+    del config["vocab_size"]  # not visible on the GranD-Pretrained model page (docs/model.md §13.3)
     (copy / "config.json").write_text(json.dumps(config))
     model, _, report = load_model(copy, vision_tower=clip_dir, verbose=False)
     assert report.ok and model.config.vocab_size == 32007 and model.lm_head.weight.shape[0] == 32007
@@ -258,7 +258,7 @@ def test_sharded_safetensors_with_index(tiny_model_dir, tmp_path):
     assert all(torch.equal(loaded[k], state[k]) for k in keys)
 
 
-GCG_EXTRA_FIELDS = {  # written by GLaMM's classes (GLaMM-GCG / -RefSeg, spec §13.3)
+GCG_EXTRA_FIELDS = {  # written by GLaMM's classes (GLaMM-GCG / -RefSeg, docs/model.md §13.3)
     "architectures": ["GLaMMForCausalLM"], "freeze_mlp_adapter": True, "image_aspect": "square",
     "image_grid_points": None, "mm_use_image_start_end": True, "mm_vision_module": CLIP_HUB_NAME,
     "num_reg_features": 4, "select_feature_type": "patch", "with_region": True, "vision_module": CLIP_HUB_NAME,

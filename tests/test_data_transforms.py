@@ -28,7 +28,7 @@ def test_clip_preprocess_matches_hf_pil_processor(hw):
 
 
 def test_clip_resize_truncates_long_side():
-    assert clip_resize_size(768, 1365, 336) == (336, 597)  # spec/model.md §4.2 example
+    assert clip_resize_size(768, 1365, 336) == (336, 597)  # docs/model.md §4.2 example
     assert clip_resize_size(1365, 768, 336) == (597, 336)
 
 

@@ -48,7 +48,7 @@ def test_head_shapes_and_param_count_at_full_size():
     assert shapes == {"prediction_head.0.weight": (2048, 1024), "prediction_head.0.bias": (2048,),
                       "prediction_head.2.weight": (2, 2048), "prediction_head.2.bias": (2,)}
     trainable = sum(p.numel() for p in det.parameters() if p.requires_grad)
-    assert trainable == 2_103_298  # spec/model.md §0: only the head trains
+    assert trainable == 2_103_298  # docs/model.md §0: only the head trains
     assert det.preprocess_spec.crop_size == 336
 
 

@@ -1,4 +1,4 @@
-"""Explanation metrics: ROUGE-L worked examples of spec/metrics.md §5, CSS with the pinned local model."""
+"""Explanation metrics: ROUGE-L worked examples of docs/metrics.md §5, CSS with the pinned local model."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Localization metrics: the worked examples of spec/metrics.md §4 are the fixtures."""
+"""Localization metrics: the worked examples of docs/metrics.md §4 are the fixtures."""
 
 import json
 import numpy as np

@@ -24,14 +24,14 @@ def test_paper_rows_match_the_spec_tables():
     assert loc["paper: LEGION"]["Object mIoU"] == 54.62 and loc["paper: LEGION"]["RichHF-18K F1"] == 17.41
     assert loc["paper: LISA-v1-7B*"]["RichHF-18K F1"] == 21.94
     assert "paper: Ferret (gray)" in loc and len(paper_rows("localization", include_gray=False)) == 6
-    # derived "Mean" column of spec/paper_results.md §3, recomputed from the transcribed cells
+    # derived "Mean" column of docs/paper_results.md §3, recomputed from the transcribed cells
     derived = {"Co-occurence": 72.79, "Freq-spec": 56.95, "CNNSpot": 69.33, "Patchfor": 70.87, "UniFD": 70.84,
                "LDGard": 64.43, "FreqNet": 80.31, "NPR": 75.88, "LEGION": 81.48}
     for row in paper_rows("detection"):
         assert row["Mean"] == pytest.approx(derived[row["run"].removeprefix("paper: ")], abs=0.006)
     exp = {r["run"]: r for r in paper_rows("explanation")}
     assert exp["paper: LEGION"]["SynthScars CSS"] == 72.60 and exp["paper: LLaVA-v1.6"]["LOKI ROUGE-L"] == 16.07
-    # LEGION's derived SynthScars simple means (spec): mIoU 55.91, F1 30.32
+    # LEGION's derived SynthScars simple means (docs/paper_results.md §1): mIoU 55.91, F1 30.32
     l = loc["paper: LEGION"]
     assert sum(l[f"{c} mIoU"] for c in ("Object", "Animal", "Human", "Scene")) / 4 == pytest.approx(55.91, abs=0.005)
     assert sum(l[f"{c} F1"] for c in ("Object", "Animal", "Human", "Scene")) / 4 == pytest.approx(30.32, abs=0.005)

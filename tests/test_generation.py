@@ -1,4 +1,4 @@
-"""generate_grounded: KV-cached greedy decoding + [SEG] capture (spec/model.md §6, §11)."""
+"""generate_grounded: KV-cached greedy decoding + [SEG] capture (docs/model.md §6, §11)."""
 
 import pytest
 import torch

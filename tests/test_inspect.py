@@ -33,7 +33,7 @@ def test_keys_of_legion_7b_are_the_glamm_table(meta_7b):
 
 def test_default_training_rule_counts_for_legion_7b(meta_7b):
     rows = {name: (count, trainable, frozen) for name, count, trainable, frozen in parameter_table(meta_7b, 8)}
-    # spec/model.md §0: 288,284,132 parameters receive gradients in the loc/exp stage
+    # docs/model.md §0: 288,284,132 parameters receive gradients in the loc/exp stage
     assert rows["total"][1] == 288_284_132
     assert rows["LoRA r=8 (64 q_proj/v_proj)"] == (4_194_304, 4_194_304, 0)
     assert rows["model.grounding_encoder.mask_decoder"] == (4_058_340, 4_058_340, 0)

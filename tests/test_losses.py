@@ -1,4 +1,4 @@
-"""CE / BCE / Dice on small hand-computed examples (spec/model.md §9)."""
+"""CE / BCE / Dice on small hand-computed examples (docs/model.md §9)."""
 
 import math
 

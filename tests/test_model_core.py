@@ -1,5 +1,5 @@
 """LegionForCausalLM on a tiny in-process config: sequence construction, [SEG] selection, keys,
-frozen parts, LoRA + gradient checkpointing, overfitting, bf16 (spec/model.md §4-§10)."""
+frozen parts, LoRA + gradient checkpointing, overfitting, bf16 (docs/model.md §4-§10)."""
 
 import pytest
 import torch

@@ -35,7 +35,7 @@ def test_full_size_keys_shapes_and_parameter_count():
     assert shapes["roi_align.pos_embedd.5.weight"] == [1024]
     assert len(shapes) == 8 + 15 + 8 + 8 + 2 + 2  # input/fuse/pconv/pos_embedd/flatten/updims
     total = sum(v.numel() for v in _full_size_encoder().parameters())
-    assert total == 299_142_912  # spec/model.md §0
+    assert total == 299_142_912  # docs/model.md §0
 
 
 def _tiny_inputs(batch=2, seed=0):

@@ -3,7 +3,7 @@ prediction record, and the per-case output folder.
 
 Input files (`read_cases`)
 - `.txt`: one prompt per line (no starting image); blank lines and `#` comments skipped.
-- `.json`: a mapping `{image: prompt}` (spec/metrics.md §7: pre and post are scored against this
+- `.json`: a mapping `{image: prompt}` (docs/metrics.md §7: pre and post are scored against this
   prompt), or a list of objects `{"prompt": ..., "image": ..., "id": ...}` (image and id optional).
 - `.jsonl`: one such object per line.
 Image paths are relative to `image_root` (default: the input file's folder) and may not leave it.

@@ -9,7 +9,7 @@ For each case (a prompt, optionally with a starting image):
     stop      after `max_rounds` images in all, or when LEGION finds no artifact (verdict real or
               no masked pixel; `stop_on_clean`), or after `patience` rounds without a better score.
 
-Every image is scored against the case's ORIGINAL prompt (spec/metrics.md §7), and the best-scoring
+Every image is scored against the case's ORIGINAL prompt (docs/metrics.md §7), and the best-scoring
 image is kept (the original included). `max_rounds` counts images, so revision needs >= 2 (the
 reference launcher passed 1 and never revised). Outputs: see legion/controller/cases.py and report.py.
 """

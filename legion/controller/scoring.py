@@ -13,7 +13,7 @@ Backends
 - `image_reward`: ImageReward from a local checkpoint + BLIP med_config (optional `image-reward`
   package; not exercised by the test-suite).
 
-`growth_rates(pre, post)` gives both readings of the paper's "growth rate" (spec/metrics.md §7).
+`growth_rates(pre, post)` gives both readings of the paper's "growth rate" (docs/metrics.md §7).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def build_scorer(cfg: ScorerConfig, device: str = "cpu") -> Scorer:
 
 
 def growth_rates(pre: Sequence[float], post: Sequence[float]) -> dict:
-    """Both readings of the paper's growth rate (spec/metrics.md §7), as fractions (0.0698 = 6.98 %).
+    """Both readings of the paper's growth rate (docs/metrics.md §7), as fractions (0.0698 = 6.98 %).
 
     mean_of_ratios = mean_i (post_i - pre_i) / |pre_i|   (probably the paper's; pairs with pre_i = 0 skipped)
     ratio_of_means = (mean(post) - mean(pre)) / |mean(pre)|

@@ -1,4 +1,4 @@
-"""Ground truth of the cross-domain localization benchmarks (spec/synthscars.md §8.2, §8.3).
+"""Ground truth of the cross-domain localization benchmarks (docs/data_formats.md §8.2, §8.3).
 
 LOKI: UTF-16 JSON list; each item has `image_path`, `problems.regional[i].region = [x, y, w, h]`
 (pixels) and `problems.global[0].desc`. GT mask = union of the regions as the reference draws them:
@@ -10,7 +10,7 @@ RichHF-18K: per image a grayscale artifact heatmap at the image path with the fo
 replaced by `heatmaps`; GT = heatmap/255 > threshold (reference: threshold 0, native size;
 ArtiAgent: LANCZOS resize to 512 first). Heatmap and image must have the same size.
 
-Items are matched to predictions by exact file name (never by substring, pitfall 52).
+Items are matched to predictions by exact file name (never by substring, as the reference did; docs/reproduce.md §6).
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def check_split(root: str | Path, split: str = "train", annotation_path: str | P
         per_ref, union = _area_fraction([r.polygons for r in kept], height, width)
         for ref, area in zip(kept, per_ref):
             if all(polygon_area(p) == 0 for p in ref.polygons):
-                degenerate += 1  # excluded from area statistics (spec/synthscars.md §6)
+                degenerate += 1  # excluded from area statistics (docs/data_formats.md §6)
                 continue
             empty_masks += area == 0
             ref_areas.append(area)

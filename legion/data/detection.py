@@ -13,7 +13,7 @@ The subset is the first folder below `root`. When `root` holds `0_real`/`1_fake`
 subset named after `root`. A multi-class folder given as root, such as the CNNDetection training
 folder `progan_train/<class>/...`, therefore reads as one subset per LSUN class.
 
-JSON lists (the reference `scripts/cls`; spec/synthscars.md §8.4)::
+JSON lists (the reference `scripts/cls`; docs/data_formats.md §8.4)::
 
     train: [{"image_path": "rel/path.png", "label": "real" | <anything else>}, ...]
     test:  [{"image": "rel/path.png", "label": "real" | ..., "category": "biggan"}, ...]

@@ -2,7 +2,7 @@
 
 EXIF policy: the EXIF orientation tag is ignored everywhere (raw stored pixels). Annotation
 polygons live in the stored pixel frame (the reference measured (H, W) with PIL, which does not
-rotate), so image and masks always share one frame (spec/synthscars.md §6, pitfall 17).
+rotate), so image and masks always share one frame (docs/data_formats.md §6).
 
 Conversions (counted through `ReadResult.conversion`): grayscale / bilevel / palette -> RGB
 (replicated channels / palette lookup), CMYK -> RGB (Pillow's conversion), RGBA / LA -> RGB by

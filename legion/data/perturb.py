@@ -1,4 +1,4 @@
-"""Robustness perturbations (paper supplement Table 10; spec/metrics.md §8).
+"""Robustness perturbations (paper supplement Table 10; docs/metrics.md §8).
 
 One perturbation at a time, applied to the **RGB uint8** image as read from disk, before any
 CLIP/SAM preprocessing; the result is rounded and clipped back to uint8. Parameters are explicit

@@ -1,7 +1,7 @@
 """SynthScars: annotation reading + validation, record -> training sample, collate, epoch sampler.
 
-Facts and rules: spec/synthscars.md (format §3, caption template §4, span rule §5.3, paths §2),
-spec/model.md §3 (answer, labels, truncation), §4.2 (CLIP) and §7 (SAM).
+Facts and rules: docs/data_formats.md (format §3, caption template §4, span rule §5.3, paths §2),
+docs/model.md §3 (answer, labels, truncation), §4.2 (CLIP) and §7 (SAM).
 
     records, report = load_annotations(find_annotation_file(root, "train"))
     ds = SynthScarsDataset(root, "train", tokenizer, sam_input_size=512)
@@ -295,7 +295,7 @@ def images_dir(root: str | os.PathLike, split: str) -> Path:
 
 
 def resolve_image_path(root: str | os.PathLike, split: str, name: str, allow_absolute: bool = False) -> Path:
-    """Where the image of `img_file_name == name` lives (spec/synthscars.md §2). Lexical only.
+    """Where the image of `img_file_name == name` lives (docs/data_formats.md §2). Lexical only.
 
     - relative name: `<root>/<split>/images/<name>`; a name that would leave that folder raises
       PathEscapeError;
@@ -360,7 +360,7 @@ def polygons_outside(polygons: Sequence[Sequence[float]], height: int, width: in
     return worst
 
 
-# --- spans and answers (spec/synthscars.md §5.3) ------------------------------------------------
+# --- spans and answers (docs/data_formats.md §5.3) ------------------------------------------------
 @dataclass(frozen=True)
 class Span:
     start: int

@@ -1,4 +1,4 @@
-"""CLIP and SAM preprocessing (spec/model.md §4.2 and §7). Inputs are RGB uint8 [H, W, 3] arrays
+"""CLIP and SAM preprocessing (docs/model.md §4.2 and §7). Inputs are RGB uint8 [H, W, 3] arrays
 from `legion.data.images.read_image`; nothing here converts colour order.
 """
 

@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _doc(name: str) -> str:
     return {
         "localization": "Localization metrics of predictions.jsonl against SynthScars / LOKI / RichHF-18K ground "
-                        "truth (spec/metrics.md §1-§4). Writes metrics.json, per_image.jsonl, table.{md,csv,json}, "
+                        "truth (docs/metrics.md §1-§4). Writes metrics.json, per_image.jsonl, table.{md,csv,json}, "
                         "category_bars.png and iou_histogram.png.",
         "explanation": "ROUGE-L (rouge-score, stemming, F-measure) and CSS (cosine of sentence embeddings) between "
                        "each image's explanation and its reference text (SynthScars caption, LOKI global "

@@ -1,4 +1,4 @@
-"""Real/fake detection metrics (spec/metrics.md §6, paper Table 5), values 0-100.
+"""Real/fake detection metrics (docs/metrics.md §6, paper Table 5), values 0-100.
 
 Input records: ``{"subset": str, "is_fake": bool, "fake_prob": float}`` (one per image).
 
@@ -10,7 +10,7 @@ Input records: ``{"subset": str, "is_fake": bool, "fake_prob": float}`` (one per
   fake probability (UniversalFakeDetect convention); undefined (None) for a subset holding only
   one class. ``real_accuracy`` / ``fake_accuracy`` are the accuracies on each class alone.
 * Paper Table 5 groups subsets into "GANs" and "Diffusion" without naming the members;
-  ``TABLE5_COLUMNS`` is our documented guess (spec/synthscars.md §8.4) and group scores are the
+  ``TABLE5_COLUMNS`` is our documented guess (docs/data_formats.md §8.4) and group scores are the
   unweighted mean of their members' accuracies.
 """
 

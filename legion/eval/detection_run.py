@@ -1,4 +1,4 @@
-"""Evaluate the real/fake detector (`legion cls-eval`; spec/metrics.md §6).
+"""Evaluate the real/fake detector (`legion cls-eval`; docs/metrics.md §6).
 
     legion cls-eval --config configs/legion_7b/eval_cls.yaml detector=runs/cls data.test=data/ufd/test
 

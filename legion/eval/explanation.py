@@ -1,4 +1,4 @@
-"""Explanation metrics (spec/metrics.md §5, paper Table 3): ROUGE-L F and CSS, 0-100.
+"""Explanation metrics (docs/metrics.md §5, paper Table 3): ROUGE-L F and CSS, 0-100.
 
 * ROUGE-L: ``rouge_score.RougeScorer(['rougeL'], use_stemmer=True).score(reference, prediction)``,
   F-measure (sentence-level LCS, not rougeLsum).
@@ -30,7 +30,7 @@ _TAG = re.compile(r"<[^>]*>")
 
 def clean_explanation(text: str | None) -> str:
     """Explanation text as scored: ``<…>`` tags and ``[SEG]`` removed, whitespace collapsed,
-    ``'`` stripped from both ends (spec/model.md §11). Idempotent."""
+    ``'`` stripped from both ends (docs/model.md §11). Idempotent."""
     if not text:
         return ""
     text = _TAG.sub("", str(text)).replace("[SEG]", "")

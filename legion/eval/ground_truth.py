@@ -3,7 +3,7 @@
 Ground truth is kept as COCO RLE (or polygons rasterized to RLE on demand), never as dense
 arrays, so that a 1,000-image test set needs no more memory than its annotation file.
 
-Matching (spec synthscars.md §8): an image's ground truth is found by **exact file name**;
+Matching (docs/data_formats.md §8): an image's ground truth is found by **exact file name**;
 a prediction's ``image`` (path relative to the inference image dir) matches a ground-truth
 name exactly, or else by its base name when that base name is unique.
 """

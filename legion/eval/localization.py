@@ -1,4 +1,4 @@
-"""Artifact localization metrics from saved predictions (spec/metrics.md §1-§4).
+"""Artifact localization metrics from saved predictions (docs/metrics.md §1-§4).
 
 Everything is computed from four pixel counts per image (TP, FP, FN, TN), which are obtained
 on the run-length encodings directly (pycocotools ``merge``/``area``): no mask is ever decoded

@@ -1,4 +1,4 @@
-"""The paper's own numbers (arXiv 2503.15264 v1; spec/paper_results.md), for side-by-side tables.
+"""The paper's own numbers (arXiv 2503.15264 v1; docs/paper_results.md), for side-by-side tables.
 
 Values are percentages as printed. Column names are the ones `legion.eval.report` builds from
 our metrics.json files, so a paper row lines up with our rows:
@@ -81,7 +81,7 @@ def paper_rows(kind: str, include_gray: bool = True) -> list[dict]:
     return rows
 
 
-# Foreground-protocol numbers from third parties (spec/paper_results.md §7.2; NOT the paper, low
+# Foreground-protocol numbers from third parties (docs/paper_results.md §7.2; NOT the paper, low
 # authority), on a 0-100 scale: mean FG IoU, mean FG F1, global FG IoU, global FG F1.
 THIRD_PARTY_FOREGROUND: list[dict] = [
     {"run": "audit: public legion_LE, SynthScars test", "dataset": "synthscars",

@@ -5,7 +5,7 @@
     make_tiny(out_dir, seed=0) -> Path        # complete checkpoint dir, loads like a released one
     load_model(path, ...) -> (model, tokenizer, LoadReport)
 
-Checkpoint directories understood by `load_model` (spec/model.md §13):
+Checkpoint directories understood by `load_model` (docs/model.md §13):
   - ours: config.json (model_type legion), model.safetensors, tokenizer files, and the CLIP
     directory named by `mm_vision_tower` (relative paths are resolved against the checkpoint dir);
   - GLaMM / LEGION: config.json as they wrote it (model_type llava, LISAForCausalLM /
@@ -41,7 +41,7 @@ __all__ = ["PRESETS", "build_config", "build_model", "make_tiny", "save_model", 
            "LoadReport", "apply_dtype_policy", "FP32_MODULES"]
 
 # --- presets --------------------------------------------------------------------------------
-# LLaMA-2 7B / Vicuna-7B v1.5 as in GLaMM-GranD-Pretrained's config.json (spec §5, §13.3).
+# LLaMA-2 7B / Vicuna-7B v1.5 as in GLaMM-GranD-Pretrained's config.json (docs/model.md §5, §13.3).
 _LLAMA_7B = dict(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=32, hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=4096,
@@ -80,7 +80,7 @@ _TINY = dict(
 )
 PRESETS: dict[str, dict] = {"tiny": _TINY, "legion_7b": _LEGION_7B}
 
-# Modules kept in fp32 when reproducing the reference (its checkpoints store them fp32, spec §13.1).
+# Modules kept in fp32 when reproducing the reference (its checkpoints store them fp32, docs/model.md §13.1).
 FP32_MODULES = ("model.grounding_encoder", "model.text_hidden_fcs")
 
 

@@ -1,6 +1,6 @@
-"""Checkpoint key names: how GLaMM / LISA / LEGION / peft spell our state-dict keys (spec/model.md §13).
+"""Checkpoint key names: how GLaMM / LISA / LEGION / peft spell our state-dict keys (docs/model.md §13).
 
-Our state dict uses GLaMM's key table (spec §13.2) unchanged, so a released checkpoint needs only
+Our state dict uses GLaMM's key table (docs/model.md §13.2) unchanged, so a released checkpoint needs only
 a few, explicit renames. Every rename is listed here; a key that no rule maps and the model does
 not have is reported as unexpected, never dropped silently.
 """

@@ -1,6 +1,6 @@
 """Special tokens, the llava_v1 prompt template, and prompt/label building.
 
-The strings here are the reference's verbatim (spec/model.md §1-3, §11). Every prompt in the
+The strings here are the reference's verbatim (docs/model.md §1-3, §11). Every prompt in the
 project is built by this module, so training and inference can never drift apart.
 """
 

@@ -1,4 +1,4 @@
-"""Real/fake detector: a 2-layer MLP on the frozen CLIP penultimate-layer CLS token (spec/model.md §14).
+"""Real/fake detector: a 2-layer MLP on the frozen CLIP penultimate-layer CLS token (docs/model.md §14).
 
     image uint8 [H, W, 3] --clip_preprocess--> pixel_values [B, 3, S, S]
         --CLIPVisionModel (frozen)--> hidden_states[-2][:, 0, :]   features [B, d]   (no post-LayerNorm)
@@ -8,7 +8,7 @@ LABEL MAPPING (reference `LegionForCls`): logit index **0 = fake, 1 = real**. So
 `fake_probability = softmax(logits)[:, 0]` and argmax == 1 means "real". This is the opposite of
 the `0_real` / `1_fake` folder names; the data side only ever hands us an explicit `is_fake` bool.
 
-The LLM, SAM and LoRA never touch these logits (pitfall 69): the detector needs only the CLIP
+The LLM, SAM and LoRA never touch these logits (docs/model.md §14): the detector needs only the CLIP
 tower. It can be built from a merged LEGION checkpoint directory (CLIP = its `mm_vision_tower`,
 resolved relative to that directory when relative) or from a plain CLIP directory. Its own
 checkpoint is a directory holding the head and a *reference* to the backbone, never a CLIP copy:
@@ -152,7 +152,7 @@ class RealFakeDetector(nn.Module):
 
     # --- images -> pixels ----------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 [H, W, 3] RGB -> float32 [3, crop, crop] (spec/model.md §4.2)."""
+        """uint8 [H, W, 3] RGB -> float32 [3, crop, crop] (docs/model.md §4.2)."""
         s = self.preprocess_spec
         return clip_preprocess(image, s.size, mean=s.mean, std=s.std, crop_size=s.crop_size)
 

@@ -1,4 +1,4 @@
-"""Grounding encoder: SAM, prompted by projected `[SEG]` embeddings (spec/model.md §7-§8).
+"""Grounding encoder: SAM, prompted by projected `[SEG]` embeddings (docs/model.md §7-§8).
 
 Built from segment_anything's modules (unmodified). GLaMM's SAM took the `[SEG]` embeddings as
 an extra `text_embeds` argument of the prompt encoder; with no point/box/mask prompt that amounts
@@ -59,7 +59,7 @@ SAM_ENCODER_CHUNK = 4
 def sam_image_embeddings(sam: Sam, pixel_values: torch.Tensor) -> torch.Tensor:
     """SAM image encoder, SAM_ENCODER_CHUNK images per call.
 
-    Frozen in LEGION (spec/model.md §10.1), and then run without autograd. Only a config that makes
+    Frozen in LEGION (docs/model.md §10.1), and then run without autograd. Only a config that makes
     it trainable (the tiny preset, whose encoder starts random) gets gradients through it.
 
     pixel_values [B, 3, P, P] (SAM-normalized, zero-padded; P = encoder image size)

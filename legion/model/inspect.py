@@ -7,9 +7,9 @@
                                                         # renamed to ours (diff against a preset's)
 
 The model is built on the meta device from the config only, so the 7B model is listed in seconds.
-CLIP keys are not listed with --keys: no LEGION/GLaMM checkpoint contains them (spec/model.md §4.1).
+CLIP keys are not listed with --keys: no LEGION/GLaMM checkpoint contains them (docs/model.md §4.1).
 
-Default training rule (spec/model.md §10.1): trainable = LoRA (r=8) on the LLM's q_proj/v_proj,
+Default training rule (docs/model.md §10.1): trainable = LoRA (r=8) on the LLM's q_proj/v_proj,
 embed_tokens, lm_head, SAM mask decoder, text_hidden_fcs. Frozen = CLIP, mm_projector, SAM image
 and prompt encoders, the LLM's own weights, and the region encoder (the reference marks it
 trainable but it never receives a gradient; we leave it out of the optimizer).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-# Top-level modules in the order of spec/model.md §0.
+# Top-level modules in the order of docs/model.md §0.
 TOP_LEVEL_MODULES = (
     "model.embed_tokens", "model.layers", "model.norm", "lm_head", "model.vision_tower", "model.mm_projector",
     "model.region_encoder", "model.grounding_encoder.image_encoder", "model.grounding_encoder.prompt_encoder",

@@ -1,4 +1,4 @@
-"""LegionForCausalLM: LLaMA + CLIP tower + projector + SAM + the `[SEG]` head (spec/model.md §4-§9).
+"""LegionForCausalLM: LLaMA + CLIP tower + projector + SAM + the `[SEG]` head (docs/model.md §4-§9).
 
 Data flow of one training batch:
 
@@ -200,7 +200,7 @@ def select_seg_states(hidden: torch.Tensor, positions: list[torch.Tensor]) -> li
 
 
 def lora_target_module_names(model: nn.Module) -> list[str]:
-    """Full names of the q_proj / v_proj Linears that get LoRA (the reference rule, spec §10.2)."""
+    """Full names of the q_proj / v_proj Linears that get LoRA (the reference rule, docs/model.md §10.2)."""
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -233,7 +233,7 @@ class LegionModel(LlamaModel):
         # SAM and the region encoder keep their own (PyTorch default) initialization, not LLaMA's N(0, 0.02).
         for module in [*self.grounding_encoder.modules(), *self.region_encoder.modules()]:
             module._legion_default_init = True
-        # Frozen in every LEGION stage (spec §10.1); the trainable set is the recipe's business.
+        # Frozen in every LEGION stage (docs/model.md §10.1); the trainable set is the recipe's business.
         self.mm_projector.requires_grad_(False)
         self.grounding_encoder.image_encoder.requires_grad_(False)
         self.grounding_encoder.prompt_encoder.requires_grad_(False)
@@ -286,7 +286,7 @@ def _ignore_missing_vision_tower_keys(module, incompatible_keys):
 
 
 class LegionForCausalLM(LlamaForCausalLM):
-    """LEGION's loc/exp model. State-dict keys follow GLaMM's table (spec/model.md §13.2)."""
+    """LEGION's loc/exp model. State-dict keys follow GLaMM's table (docs/model.md §13.2)."""
 
     config_class = LegionConfig
     _keys_to_ignore_on_save = [r"vision_tower\."]

@@ -1,4 +1,4 @@
-"""LEGION's training losses (spec/model.md §9): next-token CE, per-mask BCE and Dice."""
+"""LEGION's training losses (docs/model.md §9): next-token CE, per-mask BCE and Dice."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GLaMM's region encoder (`MLVLROIQueryModule`), kept for checkpoint compatibility (spec/model.md §12).
+"""GLaMM's region encoder (`MLVLROIQueryModule`), kept for checkpoint compatibility (docs/model.md §12).
 
 LEGION never feeds `<bbox>` regions, so this module only has to carry GLaMM's weights under GLaMM's
 key names; its forward works (RoIAlign = `torchvision.ops.roi_align(aligned=True)`, what mmcv's

@@ -1,4 +1,4 @@
-"""Global image path: the CLIP vision tower and the `mm_projector` (spec/model.md §4).
+"""Global image path: the CLIP vision tower and the `mm_projector` (docs/model.md §4).
 
 CLIP runs frozen and without gradients; its weights are never part of a LEGION checkpoint (they
 are loaded from the local CLIP directory named by `mm_vision_tower`), so `LegionModel` hides the

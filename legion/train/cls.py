@@ -1,4 +1,4 @@
-"""Train the real/fake detector head (`legion cls-train`; spec/model.md §14).
+"""Train the real/fake detector head (`legion cls-train`; docs/model.md §14).
 
     legion cls-train --config configs/legion_7b/train_cls.yaml [key=value ...]
 

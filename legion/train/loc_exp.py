@@ -10,7 +10,7 @@ One code path for 1 CPU process, several CPU processes (gloo) and N GPUs / nodes
 The config gives the GLOBAL batch; the recipe derives micro-batch x gradient accumulation from the
 world size. Epochs are real passes over the training records (minus a held-out validation slice);
 the LR schedule is sized from the steps actually run unless `schedule.total_steps` says otherwise
-(the reference-faithful preset: max_steps 703, total_steps 2109; spec/reference_pitfalls.md A1-A3).
+(the reference-faithful preset: max_steps 703, total_steps 2109; docs/reproduce.md §5).
 
 Outputs in `output_dir`: config.yaml (resolved), ds_config.json, run_info.json, log.jsonl,
 checkpoints/ (DeepSpeed tags + `latest`), and with `export.merged_model` a merged HF model
@@ -64,7 +64,7 @@ class LoraSection:
 
 @dataclass
 class TrainableSection:
-    # reference rule (spec/model.md §10.1) minus the unused region encoder
+    # reference rule (docs/model.md §10.1) minus the unused region encoder
     name_contains: list = field(default_factory=lambda: ["lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs"])
 
 
