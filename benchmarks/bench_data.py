@@ -27,8 +27,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from legion.data.synthscars import (MARKER, PREFIX, EpochSampler, Record, Ref, SynthScarsDataset,  # noqa: E402
-                                    collate, records_to_json)
+from legion.data.synthscars import (  # noqa: E402
+    MARKER,
+    PREFIX,
+    EpochSampler,
+    Record,
+    Ref,
+    SynthScarsDataset,
+    collate,
+    records_to_json,
+)
 from legion.data.toy import caption_corpus  # noqa: E402
 
 
@@ -51,16 +59,24 @@ def make_jpeg_dataset(root: Path, num_images: int, size: int = 1024, seed: int =
             angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
             poly = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], 1).ravel().tolist()
             refs.append(Ref(f"The blurred patch number {k}", f"The area {k} is blurred.", [poly]))
-        caption = PREFIX + "A test image, with two patches." + MARKER + "".join(
-            f"{r.sentence}:{r.explanation}" for r in refs)
+        caption = (
+            PREFIX + "A test image, with two patches." + MARKER + "".join(f"{r.sentence}:{r.explanation}" for r in refs)
+        )
         records.append(Record(str(i), name, caption, refs))
     (root / "train" / "annotations" / "train.json").write_text(json.dumps(records_to_json(records)))
 
 
 def measure(dataset, workers: int, samples: int, batch_size: int = 2, warmup_batches: int = 2) -> float:
     sampler = EpochSampler(len(dataset), seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                                         num_workers=workers, persistent_workers=False, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4,
+    )
     seen, start = 0, None
     epoch = 0
     while True:
@@ -104,23 +120,50 @@ def main(argv=None) -> int:
         root = Path(tmp)
         make_jpeg_dataset(root, args.num_images)
         for sam_size in args.sam_sizes:
-            dataset = SynthScarsDataset(root, "train", tokenizer, clip_size=336, sam_input_size=sam_size,
-                                        sam_pad_to=1024)
+            dataset = SynthScarsDataset(
+                root, "train", tokenizer, clip_size=336, sam_input_size=sam_size, sam_pad_to=1024
+            )
             cpu_ms = cpu_ms_per_sample(dataset, min(args.samples, 40))
-            results.append({"sam_input_size": sam_size, "workers": 0, "cpu_ms_per_sample": round(cpu_ms, 1),
-                            "ideal_samples_per_s_per_core": round(1000 / cpu_ms, 1)})
-            print(f"SAM {sam_size:4d}  in-process CPU {cpu_ms:5.1f} ms/sample -> {1000 / cpu_ms:5.1f} samples/s "
-                  "per fully available core", flush=True)
+            results.append(
+                {
+                    "sam_input_size": sam_size,
+                    "workers": 0,
+                    "cpu_ms_per_sample": round(cpu_ms, 1),
+                    "ideal_samples_per_s_per_core": round(1000 / cpu_ms, 1),
+                }
+            )
+            print(
+                f"SAM {sam_size:4d}  in-process CPU {cpu_ms:5.1f} ms/sample -> {1000 / cpu_ms:5.1f} samples/s "
+                "per fully available core",
+                flush=True,
+            )
             for workers in args.workers:
                 rate = measure(dataset, workers, args.samples)
-                results.append({"sam_input_size": sam_size, "workers": workers, "samples_per_s": round(rate, 2),
-                                "samples_per_s_per_worker": round(rate / workers, 2)})
-                print(f"SAM {sam_size:4d}  workers {workers}  {rate:6.1f} samples/s  "
-                      f"({rate / workers:5.1f} per worker)", flush=True)
-    info = {"results": results, "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "image": "1024x1024 JPEG q90, 2 refs", "batch_size": 2, "clip_size": 336, "sam_pad_to": 1024,
-            "torch_threads_per_worker": args.torch_threads}
+                results.append(
+                    {
+                        "sam_input_size": sam_size,
+                        "workers": workers,
+                        "samples_per_s": round(rate, 2),
+                        "samples_per_s_per_worker": round(rate / workers, 2),
+                    }
+                )
+                print(
+                    f"SAM {sam_size:4d}  workers {workers}  {rate:6.1f} samples/s  ({rate / workers:5.1f} per worker)",
+                    flush=True,
+                )
+    info = {
+        "results": results,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "image": "1024x1024 JPEG q90, 2 refs",
+        "batch_size": 2,
+        "clip_size": 336,
+        "sam_pad_to": 1024,
+        "torch_threads_per_worker": args.torch_threads,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(json.dumps({k: v for k, v in info.items() if k != "results"}))

@@ -29,8 +29,14 @@ from legion.utils.rle import rle_to_mask  # noqa: E402
 
 
 def run(policy: str, model: str, images: list[np.ndarray], max_new_tokens: int, sam_input_size) -> tuple[list, float]:
-    analyzer = Analyzer.load(model, device="cpu", dtype="bfloat16", dtype_policy=policy,
-                             max_new_tokens=max_new_tokens, sam_input_size=sam_input_size)
+    analyzer = Analyzer.load(
+        model,
+        device="cpu",
+        dtype="bfloat16",
+        dtype_policy=policy,
+        max_new_tokens=max_new_tokens,
+        sam_input_size=sam_input_size,
+    )
     start = time.perf_counter()
     records = [analyzer.analyze([image])[0] for image in images]
     return records, (time.perf_counter() - start) / max(1, len(images))
@@ -64,7 +70,9 @@ def main() -> None:
             differing += int((x ^ y).sum())
             pixels += x.size
     result = {
-        "model": args.model, "images": len(images), "max_new_tokens": args.max_new_tokens,
+        "model": args.model,
+        "images": len(images),
+        "max_new_tokens": args.max_new_tokens,
         "same_answer_tokens": int(sum(same_text)),
         "masks_compared": len(ious),
         "mask_iou_mean": float(np.mean(ious)) if ious else None,
@@ -72,7 +80,9 @@ def main() -> None:
         "mask_pixels_differing_fraction": differing / pixels if pixels else None,
         "seconds_per_image": {"reference": round(ref_s, 4), "fp32_grounding": round(ours_s, 4)},
         "speed_ratio_reference_vs_fp32_grounding": round(ours_s / ref_s, 3) if ref_s else None,
-        "device": "cpu", "threads": args.threads, "torch": torch.__version__,
+        "device": "cpu",
+        "threads": args.threads,
+        "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -53,8 +53,19 @@ def make_inputs(n: int, size: int, seed: int, folder: Path) -> tuple[dict[str, G
             pred_polys[0] = gt_polys[0][0]
         masks = [polygons_to_rle([p], size, size) for p in pred_polys]
         union = polygons_to_rle(pred_polys, size, size) if k else None
-        lines.append(json.dumps({"image": name, "width": size, "height": size, "verdict": "fake",
-                                 "masks": masks, "union_mask": union, "explanation": "x"}))
+        lines.append(
+            json.dumps(
+                {
+                    "image": name,
+                    "width": size,
+                    "height": size,
+                    "verdict": "fake",
+                    "masks": masks,
+                    "union_mask": union,
+                    "explanation": "x",
+                }
+            )
+        )
     pred_path = folder / "predictions.jsonl"
     pred_path.write_text("\n".join(lines) + "\n")
     return gt, pred_path
@@ -92,8 +103,11 @@ def naive_evaluate(pred_path: Path, gt: dict[str, GroundTruthItem], names: list[
         f1.append(1.0 if tp + fp + fn == 0 else (0.0 if prec + rec_ == 0 else 2 * prec * rec_ / (prec + rec_)))
         inter_sum += tp
         union_sum += tp + fp + fn
-    return {"miou": 100 * float(np.mean(miou)), "f1": 100 * float(np.mean(f1)),
-            "global_fg_iou": 100 * inter_sum / union_sum}
+    return {
+        "miou": 100 * float(np.mean(miou)),
+        "f1": 100 * float(np.mean(f1)),
+        "global_fg_iou": 100 * inter_sum / union_sum,
+    }
 
 
 def main() -> int:
@@ -103,24 +117,29 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baseline-images", type=int, default=100, help="images the naive baseline runs on")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="also write the figures as JSON here "
-                        "(e.g. benchmarks/results/bench_eval.json)")
+    parser.add_argument(
+        "--out", default=None, help="also write the figures as JSON here (e.g. benchmarks/results/bench_eval.json)"
+    )
     parser.add_argument("--rouge-pairs", type=int, default=1000, help="also time ROUGE-L on this many pairs (0: skip)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         gt, pred_path = make_inputs(args.images, args.size, args.seed, Path(tmp))
-        print(f"inputs: {args.images} images at {args.size}x{args.size}, predictions.jsonl "
-              f"{pred_path.stat().st_size / 1e6:.1f} MB (generated in {time.perf_counter() - t0:.1f} s)")
+        print(
+            f"inputs: {args.images} images at {args.size}x{args.size}, predictions.jsonl "
+            f"{pred_path.stat().st_size / 1e6:.1f} MB (generated in {time.perf_counter() - t0:.1f} s)"
+        )
 
         start = time.perf_counter()
         result = evaluate_localization(read_predictions(pred_path), gt, workers=args.workers)
         fast_s = time.perf_counter() - start
         o = result.metrics["overall"]
-        print(f"fast:  {fast_s:.2f} s for {args.images} images ({1000 * fast_s / args.images:.2f} ms/image, "
-              f"workers={args.workers}, cpus={os.cpu_count()})  mIoU {o['miou']:.2f}  F1 {o['f1']:.2f}  "
-              f"gFG IoU {o['global_fg_iou']:.2f}")
+        print(
+            f"fast:  {fast_s:.2f} s for {args.images} images ({1000 * fast_s / args.images:.2f} ms/image, "
+            f"workers={args.workers}, cpus={os.cpu_count()})  mIoU {o['miou']:.2f}  F1 {o['f1']:.2f}  "
+            f"gFG IoU {o['global_fg_iou']:.2f}"
+        )
 
         n_base = min(args.baseline_images, args.images)
         names = list(gt)[:n_base]
@@ -128,8 +147,10 @@ def main() -> int:
         base = naive_evaluate(pred_path, gt, names)
         base_s = time.perf_counter() - start
         base_est = base_s / n_base * args.images
-        print(f"naive: {base_s:.2f} s for {n_base} images ({1000 * base_s / n_base:.2f} ms/image) "
-              f"-> {base_est:.1f} s estimated for {args.images}")
+        print(
+            f"naive: {base_s:.2f} s for {n_base} images ({1000 * base_s / n_base:.2f} ms/image) "
+            f"-> {base_est:.1f} s estimated for {args.images}"
+        )
 
         # the two paths agree on the baseline subset
         sub = evaluate_localization(read_predictions(pred_path), {n: gt[n] for n in names}, workers=1)
@@ -140,10 +161,18 @@ def main() -> int:
                 return 1
         print(f"check: fast == naive on {n_base} images (mIoU {so['miou']:.4f}, F1 {so['f1']:.4f})")
         print(f"speed-up vs naive: {base_est / fast_s:.1f}x; target < 30 s: {'PASS' if fast_s < 30 else 'FAIL'}")
-    results = {"images": args.images, "size": args.size, "workers": args.workers, "cpus": os.cpu_count(),
-               "load_average_1min": os.getloadavg()[0], "fast_s": round(fast_s, 3),
-               "naive_s_per_image": round(base_s / n_base, 4), "naive_images": n_base,
-               "naive_estimated_s": round(base_est, 1), "speedup": round(base_est / fast_s, 1)}
+    results = {
+        "images": args.images,
+        "size": args.size,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "fast_s": round(fast_s, 3),
+        "naive_s_per_image": round(base_s / n_base, 4),
+        "naive_images": n_base,
+        "naive_estimated_s": round(base_est, 1),
+        "speedup": round(base_est / fast_s, 1),
+    }
     if args.rouge_pairs:
         results["rouge"] = bench_rouge(args.rouge_pairs, args.seed)
     if args.out:
@@ -160,11 +189,13 @@ def bench_rouge(n: int, seed: int) -> dict:
     from legion.eval.explanation import rouge_l
 
     rng = random.Random(seed)
-    words = ("the man's right ear is tilted at an incorrect angle hand has six fingers distorted blurry "
-             "texture shadow direction inconsistent with light source zipper fused twisted missing").split()
+    words = (
+        "the man's right ear is tilted at an incorrect angle hand has six fingers distorted blurry "
+        "texture shadow direction inconsistent with light source zipper fused twisted missing"
+    ).split()
     texts = [" ".join(rng.choices(words, k=rng.randint(40, 200))) for _ in range(200)]
     pairs = [(texts[rng.randrange(200)], texts[rng.randrange(200)]) for _ in range(n)]
-    rouge_l("warm up", "warm up", exact=True)          # imports, outside the timing
+    rouge_l("warm up", "warm up", exact=True)  # imports, outside the timing
     start = time.perf_counter()
     fast = [rouge_l(r, p) for r, p in pairs]
     fast_s = time.perf_counter() - start
@@ -173,10 +204,16 @@ def bench_rouge(n: int, seed: int) -> dict:
     exact = [rouge_l(r, p, exact=True) for r, p in pairs[:m]]
     exact_s = time.perf_counter() - start
     same = fast[:m] == exact
-    print(f"rouge-L: {fast_s:.2f} s for {n} pairs; rouge-score {exact_s:.2f} s for {m} -> {exact_s / m * n:.1f} s "
-          f"estimated ({exact_s / m * n / fast_s:.0f}x); identical: {same}")
-    return {"pairs": n, "fast_s": round(fast_s, 3), "rouge_score_estimated_s": round(exact_s / m * n, 2),
-            "identical": same}
+    print(
+        f"rouge-L: {fast_s:.2f} s for {n} pairs; rouge-score {exact_s:.2f} s for {m} -> {exact_s / m * n:.1f} s "
+        f"estimated ({exact_s / m * n / fast_s:.0f}x); identical: {same}"
+    )
+    return {
+        "pairs": n,
+        "fast_s": round(fast_s, 3),
+        "rouge_score_estimated_s": round(exact_s / m * n, 2),
+        "identical": same,
+    }
 
 
 if __name__ == "__main__":

@@ -51,9 +51,14 @@ def inputs(model, tokenizer, batch: int):
     pad = model.config.sam_config["image_size"]
     sam, resized = sam_preprocess(image, pad, pad)
     ids = conv.encode_prompt(tokenizer)[None].repeat(batch, 1)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), clip_pixel_values=clip,
-                sam_pixel_values=sam[None].repeat(batch, 1, 1, 1), sam_resized_sizes=[resized] * batch,
-                original_sizes=[image.shape[:2]] * batch)
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        clip_pixel_values=clip,
+        sam_pixel_values=sam[None].repeat(batch, 1, 1, 1),
+        sam_resized_sizes=[resized] * batch,
+        original_sizes=[image.shape[:2]] * batch,
+    )
 
 
 def timed(model, kwargs, new_tokens: int, use_cache: bool):
@@ -83,18 +88,32 @@ def main() -> None:
             t_ref, ref = timed(model, kwargs, args.new_tokens, False)
         same = all(a.token_ids == b.token_ids for a, b in zip(cached, ref))
         n = len(cached[0].token_ids)
-        row = {"model": name, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-               "prompt_tokens": int(kwargs["input_ids"].shape[1]) - 1 + model.config.num_image_tokens,
-               "batch": args.batch, "new_tokens": n, "cached_s": round(t_cached, 3), "reference_s": round(t_ref, 3),
-               "cached_tok_per_s": round(args.batch * n / t_cached, 1),
-               "reference_tok_per_s": round(args.batch * n / t_ref, 1), "speedup": round(t_ref / t_cached, 2),
-               "same_tokens": same}
+        row = {
+            "model": name,
+            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "prompt_tokens": int(kwargs["input_ids"].shape[1]) - 1 + model.config.num_image_tokens,
+            "batch": args.batch,
+            "new_tokens": n,
+            "cached_s": round(t_cached, 3),
+            "reference_s": round(t_ref, 3),
+            "cached_tok_per_s": round(args.batch * n / t_cached, 1),
+            "reference_tok_per_s": round(args.batch * n / t_ref, 1),
+            "speedup": round(t_ref / t_cached, 2),
+            "same_tokens": same,
+        }
         rows.append(row)
-        print(f"{name:>5}: {n} new tokens x batch {args.batch} (prompt {row['prompt_tokens']} positions) | "
-              f"KV cache {t_cached:.2f}s ({row['cached_tok_per_s']} tok/s) | reference re-encode {t_ref:.2f}s "
-              f"({row['reference_tok_per_s']} tok/s) | speed-up {row['speedup']}x | same tokens: {same}", flush=True)
-    result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows}
+        print(
+            f"{name:>5}: {n} new tokens x batch {args.batch} (prompt {row['prompt_tokens']} positions) | "
+            f"KV cache {t_cached:.2f}s ({row['cached_tok_per_s']} tok/s) | reference re-encode {t_ref:.2f}s "
+            f"({row['reference_tok_per_s']} tok/s) | speed-up {row['speedup']}x | same tokens: {same}",
+            flush=True,
+        )
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

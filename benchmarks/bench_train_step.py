@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="recipe config overrides, e.g. data.sam_input_size=128")
     args = parser.parse_args(argv)
 
-    import torch
     import deepspeed
+    import torch
 
     from legion.config import load_config
     from legion.data.synthscars import collate
@@ -50,27 +50,43 @@ def main(argv=None) -> int:
     model_dir = args.model
     if model_dir is None:
         from legion.model.builders import make_tiny
+
         model_dir = make_tiny(tmp / "tiny")
     data_dir = args.data
     if data_dir is None:
         from legion.data.toy import make_toy_data
+
         data_dir = tmp / "toy"
         make_toy_data(data_dir, num_train=16, num_test=1, seed=0, size=128)
 
-    cfg = load_config(loc_exp.TrainConfig, args.config, [
-        f"model.path={model_dir}", f"data.root={data_dir}", f"output_dir={tmp / 'run'}", "data.val_size=0",
-        f"schedule.global_batch_size={args.micro_batch}", *args.overrides])
+    cfg = load_config(
+        loc_exp.TrainConfig,
+        args.config,
+        [
+            f"model.path={model_dir}",
+            f"data.root={data_dir}",
+            f"output_dir={tmp / 'run'}",
+            "data.val_size=0",
+            f"schedule.global_batch_size={args.micro_batch}",
+            *args.overrides,
+        ],
+    )
     _, world, device = loc_exp.setup_distributed()
     plan = loc_exp.plan_batches(cfg.schedule.global_batch_size, world)
     model, tokenizer, _ = loc_exp.prepare_model(cfg, device)
     train_set, _, preprocessing = loc_exp.build_datasets(cfg, tokenizer, model.config)
     optimizer = loc_exp.build_optimizer(model.named_parameters(), cfg.optim)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=loc_exp.build_deepspeed_config(cfg, plan, 10 ** 6, optimizer))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=loc_exp.build_deepspeed_config(cfg, plan, 10**6, optimizer)
+    )
     pad_id = tokenizer.pad_token_id or 0
-    batches = [collate([train_set[(i * plan.micro_batch + j) % len(train_set)] for j in range(plan.micro_batch)],
-                       pad_id) for i in range(args.steps)]
-    cache = FrozenEncoderCache(tmp / "cache", encoder_fingerprint(engine.module, loc_exp.preprocessing_info(preprocessing)))
+    batches = [
+        collate([train_set[(i * plan.micro_batch + j) % len(train_set)] for j in range(plan.micro_batch)], pad_id)
+        for i in range(args.steps)
+    ]
+    cache = FrozenEncoderCache(
+        tmp / "cache", encoder_fingerprint(engine.module, loc_exp.preprocessing_info(preprocessing))
+    )
     cached = CachedFrozenEncoders(engine.module, cache)
 
     def step(batch, use_cache):
@@ -96,14 +112,18 @@ def main(argv=None) -> int:
         return statistics.mean(v[index] for v in values)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"model {model_dir} | data {data_dir} | device {device} | micro-batch {plan.micro_batch} | "
-          f"{args.steps} steps each | load avg {load:.1f}")
+    print(
+        f"model {model_dir} | data {data_dir} | device {device} | micro-batch {plan.micro_batch} | "
+        f"{args.steps} steps each | load avg {load:.1f}"
+    )
     for use_cache in (False, True):
         name = "with cache   " if use_cache else "without cache"
         print(f"{name}: {mean(times[use_cache], 0):.3f} s/step wall, {mean(times[use_cache], 1):.3f} s/step CPU")
-    print(f"step-time ratio without/with cache: wall {mean(times[False], 0) / mean(times[True], 0):.2f}x, "
-          f"CPU {mean(times[False], 1) / mean(times[True], 1):.2f}x "
-          f"(cache hits {cache.hits}, misses {cache.misses})")
+    print(
+        f"step-time ratio without/with cache: wall {mean(times[False], 0) / mean(times[True], 0):.2f}x, "
+        f"CPU {mean(times[False], 1) / mean(times[True], 1):.2f}x "
+        f"(cache hits {cache.hits}, misses {cache.misses})"
+    )
     return 0
 
 

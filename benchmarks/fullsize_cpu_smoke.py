@@ -35,7 +35,7 @@ from legion.model.tokenizer import build_tiny_tokenizer
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
 class Stages:
@@ -61,8 +61,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="folder for fullsize_cpu_smoke.{json,md}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--preset", default="legion_7b", choices=["legion_7b", "tiny"],
-                        help="tiny: a seconds-long dry run of this script's logic")
+    parser.add_argument(
+        "--preset",
+        default="legion_7b",
+        choices=["legion_7b", "tiny"],
+        help="tiny: a seconds-long dry run of this script's logic",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,8 +89,10 @@ def main() -> None:
     stages.done(f"build {args.preset} (bf16, random init)", parameters=n_params, state_dict_parameters=n_saved)
 
     # 2. teacher-forced forward, three losses, masks at 1024x1024
-    answer = (f"Upon examining the image. I have found: {conv.tag_phrase('the left hand')}:six fingers."
-              f"{conv.tag_phrase('the sky')}:banding.")
+    answer = (
+        f"Upon examining the image. I have found: {conv.tag_phrase('the left hand')}:six fingers."
+        f"{conv.tag_phrase('the sky')}:banding."
+    )
     ids, labels = conv.encode_conversation(tokenizer, answer)
     ids = conv.to_glamm_ids(ids, tokenizer, config.vocab_size)
     labels = conv.to_glamm_ids(labels, tokenizer, config.vocab_size)
@@ -101,15 +107,26 @@ def main() -> None:
     gt[0, 100:300, 200:400] = 1
     gt[1, 0:200, :] = 1
     with torch.no_grad():
-        out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None].bool(), labels=labels[None],
-                    clip_pixel_values=clip, sam_pixel_values=sam, sam_resized_sizes=[resized],
-                    original_sizes=[(1024, 1024)], gt_masks=[gt.to(torch.bfloat16)])
+        out = model(
+            input_ids=ids[None],
+            attention_mask=torch.ones_like(ids)[None].bool(),
+            labels=labels[None],
+            clip_pixel_values=clip,
+            sam_pixel_values=sam,
+            sam_resized_sizes=[resized],
+            original_sizes=[(1024, 1024)],
+            gt_masks=[gt.to(torch.bfloat16)],
+        )
     losses = {k: float(getattr(out, k)) for k in ("loss", "ce_loss", "bce_loss", "dice_loss")}
     assert all(np.isfinite(v) for v in losses.values()), losses
     assert tuple(out.pred_masks[0].shape) == (2, 1024, 1024), out.pred_masks[0].shape
-    stages.done("forward + CE/BCE/Dice (1024x1024 image, 2 [SEG])", text_tokens=int(ids.numel()),
-                sequence_length=int(ids.numel()) - 1 + config.num_image_tokens, **losses,
-                mask_shape=list(out.pred_masks[0].shape))
+    stages.done(
+        "forward + CE/BCE/Dice (1024x1024 image, 2 [SEG])",
+        text_tokens=int(ids.numel()),
+        sequence_length=int(ids.numel()) - 1 + config.num_image_tokens,
+        **losses,
+        mask_shape=list(out.pred_masks[0].shape),
+    )
 
     # 3. cached generation that is forced to emit [SEG] at step 3 and </s> at step 5
     eos_id = config.eos_token_id
@@ -126,30 +143,48 @@ def main() -> None:
     prompt = conv.to_glamm_ids(conv.encode_prompt(tokenizer), tokenizer, config.vocab_size)[None]
     hook = model.lm_head.register_forward_hook(force)
     try:
-        gen = model.generate_grounded(prompt, torch.ones_like(prompt), clip, sam, [resized], [(1024, 1024)],
-                                      max_new_tokens=8)[0]
+        gen = model.generate_grounded(
+            prompt, torch.ones_like(prompt), clip, sam, [resized], [(1024, 1024)], max_new_tokens=8
+        )[0]
     finally:
         hook.remove()
     assert seg_id in gen.token_ids and gen.mask_logits.shape == (1, 1024, 1024), (gen.token_ids, gen.mask_logits.shape)
-    stages.done("KV-cached generation, forced [SEG] -> full-resolution mask", new_tokens=len(gen.token_ids),
-                seg_embedding_shape=list(gen.seg_embeddings.shape), mask_shape=list(gen.mask_logits.shape),
-                mask_fraction=round(float((gen.mask_logits > 0).float().mean()), 4))
+    stages.done(
+        "KV-cached generation, forced [SEG] -> full-resolution mask",
+        new_tokens=len(gen.token_ids),
+        seg_embedding_shape=list(gen.seg_embeddings.shape),
+        mask_shape=list(gen.mask_logits.shape),
+        mask_fraction=round(float((gen.mask_logits > 0).float().mean()), 4),
+    )
 
-    result = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-              "torch": torch.__version__, "dtype": "bfloat16", "stages": stages.rows,
-              "total_seconds": round(sum(r["seconds"] for r in stages.rows), 1),
-              "peak_rss_gb": round(peak_rss_gb(), 2)}
+    result = {
+        "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "dtype": "bfloat16",
+        "stages": stages.rows,
+        "total_seconds": round(sum(r["seconds"] for r in stages.rows), 1),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+    }
     if args.preset != "legion_7b":
         print("dry run: results not written")
         return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fullsize_cpu_smoke.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# Full-size (legion_7b) CPU smoke run", "", f"Device: {result['device']}, torch {torch.__version__}, "
-             "random bf16 weights.", "", "| stage | seconds | peak RSS (GB) |", "|---|---|---|"]
+    lines = [
+        "# Full-size (legion_7b) CPU smoke run",
+        "",
+        f"Device: {result['device']}, torch {torch.__version__}, random bf16 weights.",
+        "",
+        "| stage | seconds | peak RSS (GB) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['stage']} | {r['seconds']} | {r['peak_rss_gb']} |" for r in stages.rows]
-    lines += ["", f"Total {result['total_seconds']} s; peak resident memory {result['peak_rss_gb']} GB.",
-              f"Losses: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())]
+    lines += [
+        "",
+        f"Total {result['total_seconds']} s; peak resident memory {result['peak_rss_gb']} GB.",
+        "Losses: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+    ]
     (out_dir / "fullsize_cpu_smoke.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out_dir}/fullsize_cpu_smoke.json and .md")
 

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +91,7 @@ def load_average() -> float | None:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -101,7 +101,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_gb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1024 ** 3, "torch.cuda.max_memory_allocated (GiB)"
+        return torch.cuda.max_memory_allocated(device) / 1024**3, "torch.cuda.max_memory_allocated (GiB)"
     return peak_rss_gb(), "ru_maxrss (GiB; process, running max)"
 
 
@@ -154,8 +154,10 @@ def build_benchmark_model(preset: str, dtype: torch.dtype, device: torch.device)
     return model.eval(), tokenizer
 
 
-FILLER = ("The texture of the surface is unnaturally smooth and the lighting does not agree with the shadows "
-          "cast by the nearby objects, which is typical of a generated image. ")
+FILLER = (
+    "The texture of the surface is unnaturally smooth and the lighting does not agree with the shadows "
+    "cast by the nearby objects, which is typical of a generated image. "
+)
 
 
 def long_conversation(tokenizer, vocab_size: int, text_tokens: int, num_seg: int = 3):
@@ -165,8 +167,10 @@ def long_conversation(tokenizer, vocab_size: int, text_tokens: int, num_seg: int
 
     def encode(n_words: int):
         extra = " ".join(words[i % len(words)] for i in range(n_words))
-        parts = [f"{conv.tag_phrase(f'region number {k + 1}')}: {FILLER if k < num_seg - 1 else extra}"
-                 for k in range(num_seg)]
+        parts = [
+            f"{conv.tag_phrase(f'region number {k + 1}')}: {FILLER if k < num_seg - 1 else extra}"
+            for k in range(num_seg)
+        ]
         return conv.encode_conversation(tokenizer, "Upon examining the image, I have found: " + " ".join(parts))
 
     lo, hi = 0, 1
@@ -186,8 +190,16 @@ def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def training_batch(model, tokenizer, micro_batch: int, text_tokens: int, sam_input: int, image_size: int,
-                   num_seg: int, device: torch.device) -> dict:
+def training_batch(
+    model,
+    tokenizer,
+    micro_batch: int,
+    text_tokens: int,
+    sam_input: int,
+    image_size: int,
+    num_seg: int,
+    device: torch.device,
+) -> dict:
     """The batch dict of docs/ARCHITECTURE.md: `micro_batch` copies of one long conversation."""
     config = model.config
     ids, labels = long_conversation(tokenizer, config.vocab_size, text_tokens, num_seg)
@@ -199,11 +211,16 @@ def training_batch(model, tokenizer, micro_batch: int, text_tokens: int, sam_inp
         lo, hi = k * image_size // (num_seg + 1), (k + 2) * image_size // (num_seg + 1)
         gt[k, lo:hi, lo:hi] = 1
     rep = lambda t: t[None].expand(micro_batch, *t.shape).contiguous().to(device)  # noqa: E731
-    return {"input_ids": rep(ids), "labels": rep(labels), "attention_mask": rep(torch.ones_like(ids)),
-            "clip_pixel_values": rep(clip), "sam_pixel_values": rep(sam),
-            "sam_resized_sizes": [tuple(resized)] * micro_batch,
-            "original_sizes": [(image_size, image_size)] * micro_batch,
-            "gt_masks": [gt.to(device) for _ in range(micro_batch)]}
+    return {
+        "input_ids": rep(ids),
+        "labels": rep(labels),
+        "attention_mask": rep(torch.ones_like(ids)),
+        "clip_pixel_values": rep(clip),
+        "sam_pixel_values": rep(sam),
+        "sam_resized_sizes": [tuple(resized)] * micro_batch,
+        "original_sizes": [(image_size, image_size)] * micro_batch,
+        "gt_masks": [gt.to(device) for _ in range(micro_batch)],
+    }
 
 
 # ------------------------------------------------------------------------------------- training
@@ -255,7 +272,7 @@ def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device, f
 
     loc_exp.setup_distributed()
     # One engine for every micro-batch: DeepSpeed's batch numbers only feed its timers and checks.
-    ds_config = loc_exp.build_deepspeed_config(cfg, loc_exp.plan_batches(1, 1), 10 ** 6, optimizer)
+    ds_config = loc_exp.build_deepspeed_config(cfg, loc_exp.plan_batches(1, 1), 10**6, optimizer)
     ds_engine, ds_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return Trainer(model, ds_engine, ds_optimizer, "deepspeed")
 
@@ -284,15 +301,25 @@ def llm_training_flops(config, llm_tokens: int, lora_r: int, num_seg: int = 0) -
     the MFU errs low. The frozen encoders' forward FLOPs are added by `encoder_forward_flops`.
     tests/test_bench_gpu_full_size.py checks this against torch's FlopCounterMode on the tiny model.
     """
-    d, L, ff, V, T = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size, llm_tokens
+    d, L, ff, V, T = (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.intermediate_size,
+        config.vocab_size,
+        llm_tokens,
+    )
     kv = d // config.num_attention_heads * config.num_key_value_heads
     per_layer = d * d + 2 * d * kv + d * d + 3 * d * ff  # q, k, v, o, gate, up, down
     frozen = L * per_layer
     lora = L * lora_r * ((d + d) + (d + kv))  # q_proj (d->d) and v_proj (d->kv): A [r, in] + B [out, r]
     trainable = V * d + lora
     fcs = d * d + d * config.out_dim
-    parts = {"frozen_linears": 4 * frozen * T, "trainable_matmuls": 6 * trainable * T,
-             "attention": 12 * L * T * T * d, "text_hidden_fcs": 6 * fcs * num_seg}
+    parts = {
+        "frozen_linears": 4 * frozen * T,
+        "trainable_matmuls": 6 * trainable * T,
+        "attention": 12 * L * T * T * d,
+        "text_hidden_fcs": 6 * fcs * num_seg,
+    }
     return {**parts, "total": sum(parts.values())}
 
 
@@ -309,14 +336,28 @@ def encoder_forward_flops(model, batch: dict) -> dict:
     return {"clip_and_projector": clip_counter.get_total_flops(), "sam_image_encoder": sam_counter.get_total_flops()}
 
 
-FLOP_FORMULA = ("flops_per_sample = 4*P_frozen_llm*T + 6*(P_lm_head + P_lora)*T + 12*L*T^2*d + 6*P_fcs*N_seg "
-                "+ F_clip_fwd + F_sam_encoder_fwd (encoders frozen, forward only, counted by FlopCounterMode); "
-                "T = LLM tokens (text - 1 + image tokens); gradient-checkpointing recompute not counted")
+FLOP_FORMULA = (
+    "flops_per_sample = 4*P_frozen_llm*T + 6*(P_lm_head + P_lora)*T + 12*L*T^2*d + 6*P_fcs*N_seg "
+    "+ F_clip_fwd + F_sam_encoder_fwd (encoders frozen, forward only, counted by FlopCounterMode); "
+    "T = LLM tokens (text - 1 + image tokens); gradient-checkpointing recompute not counted"
+)
 
 
-def bench_training(model, tokenizer, trainer: Trainer, device: torch.device, micro_batches: list[int],
-                   text_tokens: int, sam_input: int, image_size: int, num_seg: int, steps: int, warmup: int,
-                   peak_flops: float | None, lora_r: int) -> dict:
+def bench_training(
+    model,
+    tokenizer,
+    trainer: Trainer,
+    device: torch.device,
+    micro_batches: list[int],
+    text_tokens: int,
+    sam_input: int,
+    image_size: int,
+    num_seg: int,
+    steps: int,
+    warmup: int,
+    peak_flops: float | None,
+    lora_r: int,
+) -> dict:
     """Samples/s, peak memory and MFU per micro-batch; stops at the first OOM (recorded)."""
     probe = training_batch(model, tokenizer, 1, text_tokens, sam_input, image_size, num_seg, device)
     llm_tokens = probe["input_ids"].shape[1] - 1 + model.config.num_image_tokens
@@ -342,30 +383,56 @@ def bench_training(model, tokenizer, trainer: Trainer, device: torch.device, mic
                 raise
             batch = None
             memory, _ = peak_memory_gb(device)
-            rows.append({"micro_batch": mb, "oom": True, "error": str(error).splitlines()[0][:200],
-                         "peak_memory_gb": round(memory, 2)})
+            rows.append(
+                {
+                    "micro_batch": mb,
+                    "oom": True,
+                    "error": str(error).splitlines()[0][:200],
+                    "peak_memory_gb": round(memory, 2),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             break
         # median: one step slowed by another process (shared CPU machine) does not move it
         step_s, step_cpu = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
         memory, memory_kind = peak_memory_gb(device)
         achieved = flops_per_sample * mb / step_s
-        rows.append({"micro_batch": mb, "oom": False, "step_seconds": round(step_s, 4),
-                     "step_cpu_seconds": round(step_cpu, 4), "load_average": load_average(),
-                     "step_seconds_each": [round(t[0], 4) for t in times],
-                     "samples_per_s": round(mb / step_s, 4), "peak_memory_gb": round(memory, 3),
-                     "achieved_tflops": round(achieved / 1e12, 4),
-                     "mfu": round(achieved / peak_flops, 4) if peak_flops else None,
-                     "losses_finite": all(math.isfinite(x) for x in losses)})
+        rows.append(
+            {
+                "micro_batch": mb,
+                "oom": False,
+                "step_seconds": round(step_s, 4),
+                "step_cpu_seconds": round(step_cpu, 4),
+                "load_average": load_average(),
+                "step_seconds_each": [round(t[0], 4) for t in times],
+                "samples_per_s": round(mb / step_s, 4),
+                "peak_memory_gb": round(memory, 3),
+                "achieved_tflops": round(achieved / 1e12, 4),
+                "mfu": round(achieved / peak_flops, 4) if peak_flops else None,
+                "losses_finite": all(math.isfinite(x) for x in losses),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         del batch
-    return {"engine": trainer.kind, "text_tokens": int(text_tokens), "llm_tokens": int(llm_tokens),
-            "seg_per_sample": num_seg, "sam_input": sam_input, "sam_pad_to": model.config.sam_config["image_size"],
-            "image_size": image_size, "gradient_checkpointing": bool(model.is_gradient_checkpointing),
-            "steps": steps, "warmup_steps": warmup, "step_time_statistic": "median", "flop_formula": FLOP_FORMULA,
-            "flops_per_sample": {"llm": llm, "encoders_forward": encoders, "total": flops_per_sample},
-            "peak_flops": peak_flops, "peak_memory_kind": peak_memory_gb(device)[1],
-            "parameters": count_parameters(model), "rows": rows}
+    return {
+        "engine": trainer.kind,
+        "text_tokens": int(text_tokens),
+        "llm_tokens": int(llm_tokens),
+        "seg_per_sample": num_seg,
+        "sam_input": sam_input,
+        "sam_pad_to": model.config.sam_config["image_size"],
+        "image_size": image_size,
+        "gradient_checkpointing": bool(model.is_gradient_checkpointing),
+        "steps": steps,
+        "warmup_steps": warmup,
+        "step_time_statistic": "median",
+        "flop_formula": FLOP_FORMULA,
+        "flops_per_sample": {"llm": llm, "encoders_forward": encoders, "total": flops_per_sample},
+        "peak_flops": peak_flops,
+        "peak_memory_kind": peak_memory_gb(device)[1],
+        "parameters": count_parameters(model),
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------- profile
@@ -385,8 +452,18 @@ def kernel_group(name: str) -> str:
     return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
 
 
-def profile_training_step(model, tokenizer, trainer: Trainer, device: torch.device, micro_batch: int,
-                          text_tokens: int, sam_input: int, image_size: int, num_seg: int, top: int = 25) -> dict:
+def profile_training_step(
+    model,
+    tokenizer,
+    trainer: Trainer,
+    device: torch.device,
+    micro_batch: int,
+    text_tokens: int,
+    sam_input: int,
+    image_size: int,
+    num_seg: int,
+    top: int = 25,
+) -> dict:
     """Where one training step's device time goes: torch.profiler over one step (after a warm-up step).
 
     On CUDA: each kernel's own GPU time, grouped (KERNEL_GROUPS), and the GPU's busy share of the step's
@@ -413,18 +490,36 @@ def profile_training_step(model, tokenizer, trainer: Trainer, device: torch.devi
     for _, seconds, _, group in own:
         groups[group] = groups.get(group, 0.0) + seconds
     own.sort(key=lambda row: -row[1])
-    return {"micro_batch": micro_batch, "clock": "GPU kernel time" if cuda else "self CPU time",
-            "step_wall_seconds_profiled": round(wall, 4), "busy_seconds": round(busy, 4),
-            "busy_share_of_wall": round(busy / wall, 4) if cuda else None,
-            "groups": {g: {"seconds": round(t, 4), "share": round(t / busy, 4)}
-                       for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top": [{"name": name[:120], "seconds": round(t, 5), "calls": calls, "group": group}
-                    for name, t, calls, group in own[:top]]}
+    return {
+        "micro_batch": micro_batch,
+        "clock": "GPU kernel time" if cuda else "self CPU time",
+        "step_wall_seconds_profiled": round(wall, 4),
+        "busy_seconds": round(busy, 4),
+        "busy_share_of_wall": round(busy / wall, 4) if cuda else None,
+        "groups": {
+            g: {"seconds": round(t, 4), "share": round(t / busy, 4)}
+            for g, t in sorted(groups.items(), key=lambda kv: -kv[1])
+        },
+        "top": [
+            {"name": name[:120], "seconds": round(t, 5), "calls": calls, "group": group}
+            for name, t, calls, group in own[:top]
+        ],
+    }
 
 
 # ------------------------------------------------------------------------------- encoder cache
-def bench_encoder_cache(model, tokenizer, trainer: Trainer, device: torch.device, text_tokens: int, sam_input: int,
-                        image_size: int, num_seg: int, steps: int, micro_batch: int = 1) -> dict:
+def bench_encoder_cache(
+    model,
+    tokenizer,
+    trainer: Trainer,
+    device: torch.device,
+    text_tokens: int,
+    sam_input: int,
+    image_size: int,
+    num_seg: int,
+    steps: int,
+    micro_batch: int = 1,
+) -> dict:
     """Step time with CLIP + SAM's ViT run vs. read back from FrozenEncoderCache, alternating (ABAB)."""
     from PIL import Image
 
@@ -434,12 +529,16 @@ def bench_encoder_cache(model, tokenizer, trainer: Trainer, device: torch.device
     with tempfile.TemporaryDirectory(prefix="gpu_full_size_cache_") as tmp:
         image_path = Path(tmp) / "image.png"  # the cache keys entries by the image file's bytes
         Image.fromarray(synthetic_image(image_size)).save(image_path)
-        preprocessing = {"clip_size": model.config.vision_config["image_size"], "sam_input_size": sam_input,
-                         "sam_pad_to": model.config.sam_config["image_size"]}
+        preprocessing = {
+            "clip_size": model.config.vision_config["image_size"],
+            "sam_input_size": sam_input,
+            "sam_pad_to": model.config.sam_config["image_size"],
+        }
         cache = FrozenEncoderCache(Path(tmp) / "cache", encoder_fingerprint(model, preprocessing))
         cached = CachedFrozenEncoders(model, cache)
         paths = [str(image_path)] * micro_batch
         try:
+
             def step(use_cache: bool) -> tuple[float, float]:
                 context = cached.for_images(paths) if use_cache else contextlib.nullcontext()
                 clock = Clock(device)
@@ -456,13 +555,21 @@ def bench_encoder_cache(model, tokenizer, trainer: Trainer, device: torch.device
             cached.remove()
     off, on = (statistics.median(t[0] for t in times[k]) for k in (False, True))  # median, as in training
     off_cpu, on_cpu = (statistics.median(t[1] for t in times[k]) for k in (False, True))
-    return {"micro_batch": micro_batch, "steps_each": steps, "step_seconds_encoders_run": round(off, 4),
-            "step_seconds_cached": round(on, 4), "speedup": round(off / on, 3),
-            "encoder_share_of_step": round(1 - on / off, 4),
-            "step_cpu_seconds_encoders_run": round(off_cpu, 4), "step_cpu_seconds_cached": round(on_cpu, 4),
-            "speedup_cpu_time": round(off_cpu / on_cpu, 3), "load_average": load_average(),
-            "cache_hits": cache.hits, "cache_misses": cache.misses,
-            "method": "legion.train.encoder_cache.CachedFrozenEncoders (safetensors entries on local disk)"}
+    return {
+        "micro_batch": micro_batch,
+        "steps_each": steps,
+        "step_seconds_encoders_run": round(off, 4),
+        "step_seconds_cached": round(on, 4),
+        "speedup": round(off / on, 3),
+        "encoder_share_of_step": round(1 - on / off, 4),
+        "step_cpu_seconds_encoders_run": round(off_cpu, 4),
+        "step_cpu_seconds_cached": round(on_cpu, 4),
+        "speedup_cpu_time": round(off_cpu / on_cpu, 3),
+        "load_average": load_average(),
+        "cache_hits": cache.hits,
+        "cache_misses": cache.misses,
+        "method": "legion.train.encoder_cache.CachedFrozenEncoders (safetensors entries on local disk)",
+    }
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -490,8 +597,16 @@ def forced_length(model, eos_id: int, seg_id: int, seg_steps: set[int]):
         handle.remove()
 
 
-def generate_images(model, tokenizer, images: list[np.ndarray], device: torch.device, new_tokens: int,
-                    use_cache: bool, num_seg: int = 3, decoding: str = "auto") -> tuple[tuple[float, float], list]:
+def generate_images(
+    model,
+    tokenizer,
+    images: list[np.ndarray],
+    device: torch.device,
+    new_tokens: int,
+    use_cache: bool,
+    num_seg: int = 3,
+    decoding: str = "auto",
+) -> tuple[tuple[float, float], list]:
     """End to end for a batch of RGB images: preprocess, SAM 1024 + CLIP, greedy decoding of exactly
     `new_tokens` tokens, masks at the original resolution, on the host.
     Returns ((wall seconds, CPU seconds), generations)."""
@@ -505,15 +620,25 @@ def generate_images(model, tokenizer, images: list[np.ndarray], device: torch.de
     sam = torch.stack([s for s, _ in sams]).to(device)
     ids = prompt[None].expand(len(images), -1).to(device)
     with forced_length(model, config.eos_token_id, config.seg_token_idx, seg_steps), torch.no_grad():
-        gens = model.generate_grounded(ids, torch.ones_like(ids), clip, sam, [tuple(r) for _, r in sams],
-                                       [img.shape[:2] for img in images], max_new_tokens=new_tokens,
-                                       use_cache=use_cache, decoding=decoding)
+        gens = model.generate_grounded(
+            ids,
+            torch.ones_like(ids),
+            clip,
+            sam,
+            [tuple(r) for _, r in sams],
+            [img.shape[:2] for img in images],
+            max_new_tokens=new_tokens,
+            use_cache=use_cache,
+            decoding=decoding,
+        )
     masks = [(g.mask_logits > 0).cpu() for g in gens]
     seconds = clock.stop()
     for g, m in zip(gens, masks):
         if len(g.token_ids) != new_tokens or m.shape[0] != len(seg_steps):
-            raise RuntimeError(f"forced generation gave {len(g.token_ids)} tokens / {m.shape[0]} masks, "
-                               f"expected {new_tokens} / {len(seg_steps)}")
+            raise RuntimeError(
+                f"forced generation gave {len(g.token_ids)} tokens / {m.shape[0]} masks, "
+                f"expected {new_tokens} / {len(seg_steps)}"
+            )
     return seconds, gens
 
 
@@ -522,8 +647,16 @@ def default_decodings(device: torch.device) -> list[str]:
     return ["cuda_graph", "dynamic"] if device.type == "cuda" else ["dynamic", "static"]
 
 
-def bench_inference(model, tokenizer, device: torch.device, new_tokens: int, batch_sizes: list[int],
-                    image_size: int, repeats: int = 1, decodings: list[str] | None = None) -> dict:
+def bench_inference(
+    model,
+    tokenizer,
+    device: torch.device,
+    new_tokens: int,
+    batch_sizes: list[int],
+    image_size: int,
+    repeats: int = 1,
+    decodings: list[str] | None = None,
+) -> dict:
     """Seconds per image with the KV cache (each decoding in `decodings`; the first one is the headline
     and runs the batched throughput) vs. without it, and cached throughput per batch size."""
     model.eval()
@@ -531,8 +664,10 @@ def bench_inference(model, tokenizer, device: torch.device, new_tokens: int, bat
     headline = decodings[0]
 
     def timed(images, use_cache, decoding=headline):  # median (wall, CPU) seconds over `repeats`, last generations
-        runs = [generate_images(model, tokenizer, images, device, new_tokens, use_cache, decoding=decoding)
-                for _ in range(repeats)]
+        runs = [
+            generate_images(model, tokenizer, images, device, new_tokens, use_cache, decoding=decoding)
+            for _ in range(repeats)
+        ]
         return statistics.median(r[0][0] for r in runs), statistics.median(r[0][1] for r in runs), runs[-1][1]
 
     # Warm-up at full length: a short one left the first timed cached run measurably slower than later ones.
@@ -543,18 +678,26 @@ def bench_inference(model, tokenizer, device: torch.device, new_tokens: int, bat
         if decoding != headline:  # a short warm-up of this decoding's own kernels
             generate_images(model, tokenizer, single, device, min(new_tokens, 16), True, decoding=decoding)
         seconds, cpu_seconds, gens = timed(single, True, decoding)
-        variants.append({"decoding": decoding, "seconds_per_image": round(seconds, 4),
-                         "cpu_seconds_per_image": round(cpu_seconds, 4)})
+        variants.append(
+            {
+                "decoding": decoding,
+                "seconds_per_image": round(seconds, 4),
+                "cpu_seconds_per_image": round(cpu_seconds, 4),
+            }
+        )
         token_ids.append(gens[0].token_ids)
     uncached_s, uncached_cpu, _ = timed(single, False)
     for v, tokens in zip(variants, token_ids):
         v["speedup_vs_no_cache"] = round(uncached_s / v["seconds_per_image"], 3)
         # Random weights: near-tied logits may break differently under another attention kernel.
         v[f"tokens_equal_to_{headline}"] = round(
-            sum(a == b for a, b in zip(tokens, token_ids[0])) / len(token_ids[0]), 4)
+            sum(a == b for a, b in zip(tokens, token_ids[0])) / len(token_ids[0]), 4
+        )
     cached_s, cached_cpu = variants[0]["seconds_per_image"], variants[0]["cpu_seconds_per_image"]
-    print(json.dumps({"new_tokens": new_tokens, "cached": variants, "seconds_per_image_no_cache": round(uncached_s, 3)}),
-          flush=True)
+    print(
+        json.dumps({"new_tokens": new_tokens, "cached": variants, "seconds_per_image_no_cache": round(uncached_s, 3)}),
+        flush=True,
+    )
     throughput = []
     for bsz in batch_sizes:
         free_memory(device)
@@ -568,18 +711,35 @@ def bench_inference(model, tokenizer, device: torch.device, new_tokens: int, bat
             throughput.append({"batch": bsz, "oom": True, "error": str(error).splitlines()[0][:200]})
             break
         memory, _ = peak_memory_gb(device)
-        throughput.append({"batch": bsz, "oom": False, "seconds": round(seconds, 4), "cpu_seconds": round(cpu_seconds, 4),
-                           "images_per_min": round(60 * bsz / seconds, 3), "peak_memory_gb": round(memory, 3),
-                           "load_average": load_average()})
+        throughput.append(
+            {
+                "batch": bsz,
+                "oom": False,
+                "seconds": round(seconds, 4),
+                "cpu_seconds": round(cpu_seconds, 4),
+                "images_per_min": round(60 * bsz / seconds, 3),
+                "peak_memory_gb": round(memory, 3),
+                "load_average": load_average(),
+            }
+        )
         print(json.dumps(throughput[-1]), flush=True)
-    return {"new_tokens": new_tokens, "decoding": headline, "cached_variants": variants,
-            "image_size": image_size, "sam_input": model.config.sam_config["image_size"],
-            "seg_per_image": 3, "repeats": repeats, "seconds_per_image_cache": round(cached_s, 4),
-            "seconds_per_image_no_cache": round(uncached_s, 4),
-            "speedup_cache_vs_no_cache": round(uncached_s / cached_s, 3),
-            "cpu_seconds_per_image_cache": round(cached_cpu, 4), "cpu_seconds_per_image_no_cache": round(uncached_cpu, 4),
-            "speedup_cpu_time": round(uncached_cpu / cached_cpu, 3), "load_average": load_average(),
-            "batched_with_cache": throughput}
+    return {
+        "new_tokens": new_tokens,
+        "decoding": headline,
+        "cached_variants": variants,
+        "image_size": image_size,
+        "sam_input": model.config.sam_config["image_size"],
+        "seg_per_image": 3,
+        "repeats": repeats,
+        "seconds_per_image_cache": round(cached_s, 4),
+        "seconds_per_image_no_cache": round(uncached_s, 4),
+        "speedup_cache_vs_no_cache": round(uncached_s / cached_s, 3),
+        "cpu_seconds_per_image_cache": round(cached_cpu, 4),
+        "cpu_seconds_per_image_no_cache": round(uncached_cpu, 4),
+        "speedup_cpu_time": round(uncached_cpu / cached_cpu, 3),
+        "load_average": load_average(),
+        "batched_with_cache": throughput,
+    }
 
 
 # ------------------------------------------------------------------------------------- targets
@@ -592,99 +752,161 @@ def check_targets(result: dict) -> list[dict]:
         mb = TARGETS["no_oom_micro_batch"]
         row = next((r for r in train["rows"] if r["micro_batch"] == mb), None)
         met = None if row is None or not full_gpu else (not row["oom"] and row["peak_memory_gb"] <= GPU_80GB_USABLE_GIB)
-        rows.append({"target": f"no OOM at micro-batch {mb} on one 80 GB GPU (ZeRO-2)",
-                     "measured": None if row is None else ("OOM" if row["oom"] else f"{row['peak_memory_gb']} GiB peak"),
-                     "met": met})
+        rows.append(
+            {
+                "target": f"no OOM at micro-batch {mb} on one 80 GB GPU (ZeRO-2)",
+                "measured": None if row is None else ("OOM" if row["oom"] else f"{row['peak_memory_gb']} GiB peak"),
+                "met": met,
+            }
+        )
         mfus = [r["mfu"] for r in train["rows"] if not r["oom"] and r.get("mfu") is not None]
-        rows.append({"target": f"training MFU >= {TARGETS['mfu']:.0%}", "measured": max(mfus) if mfus else None,
-                     "met": (max(mfus) >= TARGETS["mfu"]) if mfus and full_gpu else None})
+        rows.append(
+            {
+                "target": f"training MFU >= {TARGETS['mfu']:.0%}",
+                "measured": max(mfus) if mfus else None,
+                "met": (max(mfus) >= TARGETS["mfu"]) if mfus and full_gpu else None,
+            }
+        )
     infer = result.get("inference")
     if infer:
         ratio = infer["speedup_cache_vs_no_cache"]
-        rows.append({"target": f"inference >= {TARGETS['cache_speedup']:.0f}x faster than use_cache=False at 512 tokens",
-                     "measured": ratio,
-                     "met": (ratio >= TARGETS["cache_speedup"]) if full_gpu and infer["new_tokens"] == 512 else None})
+        rows.append(
+            {
+                "target": f"inference >= {TARGETS['cache_speedup']:.0f}x faster than use_cache=False at 512 tokens",
+                "measured": ratio,
+                "met": (ratio >= TARGETS["cache_speedup"]) if full_gpu and infer["new_tokens"] == 512 else None,
+            }
+        )
     return rows
 
 
 def write_markdown(result: dict, path: Path) -> None:
     fmt = lambda v: "n/a" if v is None else v  # noqa: E731
-    lines = [f"# Full-size benchmark ({result['preset']})", "",
-             f"Device: **{result['device']}**; torch {result['torch']}; dtype {result['dtype']}; "
-             f"random weights; {result['started_utc']}; 1-min load average at the end "
-             f"{fmt(result.get('load_average'))} on {os.cpu_count()} cores.", "", f"Command: `{result['command']}`", "",
-             "Settings: " + ", ".join(f"{k} {v}" for k, v in result.get("settings", {}).items()), ""]
+    lines = [
+        f"# Full-size benchmark ({result['preset']})",
+        "",
+        f"Device: **{result['device']}**; torch {result['torch']}; dtype {result['dtype']}; "
+        f"random weights; {result['started_utc']}; 1-min load average at the end "
+        f"{fmt(result.get('load_average'))} on {os.cpu_count()} cores.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "Settings: " + ", ".join(f"{k} {v}" for k, v in result.get("settings", {}).items()),
+        "",
+    ]
     if result["preset"] != "legion_7b" or result["device_type"] != "cuda":
-        lines += ["This is a dry run of the benchmark's logic (not the full-size model on a GPU): its figures say "
-                  "nothing about LEGION-7B performance.", ""]
+        lines += [
+            "This is a dry run of the benchmark's logic (not the full-size model on a GPU): its figures say "
+            "nothing about LEGION-7B performance.",
+            "",
+        ]
     if result["device_type"] == "cpu":
-        lines += ["On a shared CPU machine other processes slow single steps several-fold (see `step_seconds_each` "
-                  "in the JSON); the CPU-time columns are less affected but not immune (threads waiting on a busy "
-                  "core also burn CPU time).", ""]
+        lines += [
+            "On a shared CPU machine other processes slow single steps several-fold (see `step_seconds_each` "
+            "in the JSON); the CPU-time columns are less affected but not immune (threads waiting on a busy "
+            "core also burn CPU time).",
+            "",
+        ]
     train = result.get("training")
     if train:
-        lines += ["## Training step", "",
-                  f"Engine {train['engine']}; {train['text_tokens']} text tokens -> {train['llm_tokens']} LLM tokens per "
-                  f"sample, {train['seg_per_sample']} [SEG]; SAM input {train['sam_input']} padded to {train['sam_pad_to']}; "
-                  f"gradient checkpointing {train['gradient_checkpointing']}; median of {train['steps']} timed steps after "
-                  f"{train['warmup_steps']} warm-up. Trainable parameters {train['parameters']['trainable']:,} of "
-                  f"{train['parameters']['total']:,}.", "",
-                  f"FLOPs per sample {train['flops_per_sample']['total']:.4g} ({train['flop_formula']}); "
-                  f"peak FLOP/s {fmt(train['peak_flops'])}. Peak memory: {train['peak_memory_kind']}.", "",
-                  "| micro-batch | step wall (s) | step CPU (s) | samples/s | peak memory (GiB) | achieved TFLOP/s | MFU |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Training step",
+            "",
+            f"Engine {train['engine']}; {train['text_tokens']} text tokens -> {train['llm_tokens']} LLM tokens per "
+            f"sample, {train['seg_per_sample']} [SEG]; SAM input {train['sam_input']} padded to {train['sam_pad_to']}; "
+            f"gradient checkpointing {train['gradient_checkpointing']}; median of {train['steps']} timed steps after "
+            f"{train['warmup_steps']} warm-up. Trainable parameters {train['parameters']['trainable']:,} of "
+            f"{train['parameters']['total']:,}.",
+            "",
+            f"FLOPs per sample {train['flops_per_sample']['total']:.4g} ({train['flop_formula']}); "
+            f"peak FLOP/s {fmt(train['peak_flops'])}. Peak memory: {train['peak_memory_kind']}.",
+            "",
+            "| micro-batch | step wall (s) | step CPU (s) | samples/s | peak memory (GiB) | achieved TFLOP/s | MFU |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in train["rows"]:
             if r["oom"]:
                 lines.append(f"| {r['micro_batch']} | OOM | | | {r['peak_memory_gb']} | | |")
             else:
-                lines.append(f"| {r['micro_batch']} | {r['step_seconds']} | {r['step_cpu_seconds']} | {r['samples_per_s']} | {r['peak_memory_gb']} "
-                             f"| {r['achieved_tflops']} | {fmt(r['mfu'])} |")
+                lines.append(
+                    f"| {r['micro_batch']} | {r['step_seconds']} | {r['step_cpu_seconds']} | {r['samples_per_s']} "
+                    f"| {r['peak_memory_gb']} | {r['achieved_tflops']} | {fmt(r['mfu'])} |"
+                )
         lines.append("")
     prof = result.get("profile")
     if prof:
-        lines += [f"## Where a step's time goes (torch.profiler, micro-batch {prof['micro_batch']}, {prof['clock']})", "",
-                  f"Profiled step {prof['step_wall_seconds_profiled']} s wall, {prof['busy_seconds']} s busy"
-                  + (f" ({prof['busy_share_of_wall']:.0%} of the wall time)." if prof["busy_share_of_wall"] else "."),
-                  "", "| group | seconds | share |", "|---|---|---|"]
+        lines += [
+            f"## Where a step's time goes (torch.profiler, micro-batch {prof['micro_batch']}, {prof['clock']})",
+            "",
+            f"Profiled step {prof['step_wall_seconds_profiled']} s wall, {prof['busy_seconds']} s busy"
+            + (f" ({prof['busy_share_of_wall']:.0%} of the wall time)." if prof["busy_share_of_wall"] else "."),
+            "",
+            "| group | seconds | share |",
+            "|---|---|---|",
+        ]
         lines += [f"| {g} | {v['seconds']} | {v['share']:.1%} |" for g, v in prof["groups"].items()]
         lines += ["", "| kernel / op | seconds | calls | group |", "|---|---|---|---|"]
         lines += [f"| `{r['name']}` | {r['seconds']} | {r['calls']} | {r['group']} |" for r in prof["top"]]
         lines.append("")
     cache = result.get("encoder_cache")
     if cache:
-        lines += ["## Frozen-encoder cache", "",
-                  f"Micro-batch {cache['micro_batch']}, median of {cache['steps_each']} steps each, alternating: encoders run "
-                  f"{cache['step_seconds_encoders_run']} s/step, cached {cache['step_seconds_cached']} s/step -> "
-                  f"{cache['speedup']}x (encoders' share of a step {cache['encoder_share_of_step']:.1%}); process CPU "
-                  f"time {cache['step_cpu_seconds_encoders_run']} vs {cache['step_cpu_seconds_cached']} s/step -> "
-                  f"{cache['speedup_cpu_time']}x. "
-                  f"Method: {cache['method']}.", ""]
+        lines += [
+            "## Frozen-encoder cache",
+            "",
+            f"Micro-batch {cache['micro_batch']}, median of {cache['steps_each']} steps each, alternating: "
+            "encoders run "
+            f"{cache['step_seconds_encoders_run']} s/step, cached {cache['step_seconds_cached']} s/step -> "
+            f"{cache['speedup']}x (encoders' share of a step {cache['encoder_share_of_step']:.1%}); process CPU "
+            f"time {cache['step_cpu_seconds_encoders_run']} vs {cache['step_cpu_seconds_cached']} s/step -> "
+            f"{cache['speedup_cpu_time']}x. "
+            f"Method: {cache['method']}.",
+            "",
+        ]
     infer = result.get("inference")
     if infer:
-        lines += ["## Inference (one image end to end)", "",
-                  f"Median of {infer['repeats']} run(s), after a full-length warm-up; {infer['new_tokens']} generated tokens (forced), {infer['seg_per_image']} masks, SAM {infer['sam_input']}, "
-                  f"{infer['image_size']}x{infer['image_size']} image: KV cache {infer['seconds_per_image_cache']} s/image, "
-                  f"use_cache=False {infer['seconds_per_image_no_cache']} s/image -> "
-                  f"**{infer['speedup_cache_vs_no_cache']}x** (process CPU time {infer['cpu_seconds_per_image_cache']} vs "
-                  f"{infer['cpu_seconds_per_image_no_cache']} s -> {infer['speedup_cpu_time']}x).", "",
-                  f"Decoding with the cache, each against the same use_cache=False run (headline: {infer['decoding']}; "
-                  "`static`/`cuda_graph`: legion/model/static_decoding.py):", "",
-                  f"| decoding | s/image | CPU s/image | speed-up vs use_cache=False | tokens equal to {infer['decoding']} |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Inference (one image end to end)",
+            "",
+            f"Median of {infer['repeats']} run(s), after a full-length warm-up; {infer['new_tokens']} generated "
+            f"tokens (forced), {infer['seg_per_image']} masks, SAM {infer['sam_input']}, "
+            f"{infer['image_size']}x{infer['image_size']} image: KV cache {infer['seconds_per_image_cache']} s/image, "
+            f"use_cache=False {infer['seconds_per_image_no_cache']} s/image -> "
+            f"**{infer['speedup_cache_vs_no_cache']}x** (process CPU time {infer['cpu_seconds_per_image_cache']} vs "
+            f"{infer['cpu_seconds_per_image_no_cache']} s -> {infer['speedup_cpu_time']}x).",
+            "",
+            f"Decoding with the cache, each against the same use_cache=False run (headline: {infer['decoding']}; "
+            "`static`/`cuda_graph`: legion/model/static_decoding.py):",
+            "",
+            f"| decoding | s/image | CPU s/image | speed-up vs use_cache=False | tokens equal to {infer['decoding']} |",
+            "|---|---|---|---|---|",
+        ]
         equal_key = f"tokens_equal_to_{infer['decoding']}"
         for v in infer["cached_variants"]:
-            lines.append(f"| {v['decoding']} | {v['seconds_per_image']} | {v['cpu_seconds_per_image']} | "
-                         f"{v['speedup_vs_no_cache']}x | {v[equal_key]:.1%} |")
-        lines += ["", f"Batched throughput ({infer['decoding']}):", "",
-                  "| batch | wall (s) | CPU (s) | images/min | peak memory (GiB) |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {v['decoding']} | {v['seconds_per_image']} | {v['cpu_seconds_per_image']} | "
+                f"{v['speedup_vs_no_cache']}x | {v[equal_key]:.1%} |"
+            )
+        lines += [
+            "",
+            f"Batched throughput ({infer['decoding']}):",
+            "",
+            "| batch | wall (s) | CPU (s) | images/min | peak memory (GiB) |",
+            "|---|---|---|---|---|",
+        ]
         for r in infer["batched_with_cache"]:
-            lines.append(f"| {r['batch']} | OOM | | | |" if r["oom"] else
-                         f"| {r['batch']} | {r['seconds']} | {r['cpu_seconds']} | {r['images_per_min']} | {r['peak_memory_gb']} |")
+            lines.append(
+                f"| {r['batch']} | OOM | | | |"
+                if r["oom"]
+                else f"| {r['batch']} | {r['seconds']} | {r['cpu_seconds']} | {r['images_per_min']} "
+                f"| {r['peak_memory_gb']} |"
+            )
         lines.append("")
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
-        lines.append(f"| {t['target']} | {fmt(t['measured'])} | "
-                     f"{'n/a (needs legion_7b on a GPU)' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
+        lines.append(
+            f"| {t['target']} | {fmt(t['measured'])} | "
+            f"{'n/a (needs legion_7b on a GPU)' if t['met'] is None else ('yes' if t['met'] else 'no')} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -713,45 +935,95 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", action="store_true", help="training step sweep over micro-batches")
-    parser.add_argument("--infer", action="store_true", help="inference: KV cache vs use_cache=False, batched throughput")
+    parser.add_argument(
+        "--infer", action="store_true", help="inference: KV cache vs use_cache=False, batched throughput"
+    )
     parser.add_argument("--cache", action="store_true", help="training step with vs without the frozen-encoder cache")
     parser.add_argument("--compile-layers", action="store_true", help="training: model.compile_layers=true")
-    parser.add_argument("--no-fused-adamw", dest="fused_adamw", action="store_false",
-                        help="training: optim.fused=false (torch's per-tensor AdamW)")
-    parser.add_argument("--sam-encoder-chunk", type=int, default=None,
-                        help="images per SAM encoder call (default legion.model.grounding.SAM_ENCODER_CHUNK)")
-    parser.add_argument("--logits-vocab-multiple", type=int, default=None,
-                        help="pad lm_head's vocabulary to this multiple (default legion.model.legion."
-                             "LOGITS_VOCAB_MULTIPLE; 1 = no padding)")
-    parser.add_argument("--profile", type=int, default=None, metavar="MICRO_BATCH",
-                        help="also profile one training step at this micro-batch: device time per kernel group")
-    parser.add_argument("--preset", choices=["legion_7b", "tiny"], default="legion_7b" if cuda else "tiny",
-                        help="default: legion_7b with CUDA, tiny without")
+    parser.add_argument(
+        "--no-fused-adamw",
+        dest="fused_adamw",
+        action="store_false",
+        help="training: optim.fused=false (torch's per-tensor AdamW)",
+    )
+    parser.add_argument(
+        "--sam-encoder-chunk",
+        type=int,
+        default=None,
+        help="images per SAM encoder call (default legion.model.grounding.SAM_ENCODER_CHUNK)",
+    )
+    parser.add_argument(
+        "--logits-vocab-multiple",
+        type=int,
+        default=None,
+        help="pad lm_head's vocabulary to this multiple (default legion.model.legion."
+        "LOGITS_VOCAB_MULTIPLE; 1 = no padding)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=None,
+        metavar="MICRO_BATCH",
+        help="also profile one training step at this micro-batch: device time per kernel group",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["legion_7b", "tiny"],
+        default="legion_7b" if cuda else "tiny",
+        help="default: legion_7b with CUDA, tiny without",
+    )
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32",
-                        help="weights (DeepSpeed bf16 on the trainable ones); default bf16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed",
-                        help="deepspeed: ZeRO-2 per configs/deepspeed/zero2_bf16.json; torch: plain AdamW step")
-    parser.add_argument("--micro-batches", type=int_list, default=None,
-                        help="tried in order until OOM (default 1,2,4,8,16 on CUDA, 1,2,4 on the CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default="bf16" if cuda else "fp32",
+        help="weights (DeepSpeed bf16 on the trainable ones); default bf16 on CUDA, fp32 on the CPU",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["deepspeed", "torch"],
+        default="deepspeed",
+        help="deepspeed: ZeRO-2 per configs/deepspeed/zero2_bf16.json; torch: plain AdamW step",
+    )
+    parser.add_argument(
+        "--micro-batches",
+        type=int_list,
+        default=None,
+        help="tried in order until OOM (default 1,2,4,8,16 on CUDA, 1,2,4 on the CPU)",
+    )
     parser.add_argument("--text-tokens", type=int, default=1000, help="conversation length in text tokens (>=)")
     parser.add_argument("--num-seg", type=int, default=3, help="[SEG] per training sample")
-    parser.add_argument("--sam-input", type=int, default=512,
-                        help="SAM resize (longest side) for training; padded to the encoder size (capped to it)")
+    parser.add_argument(
+        "--sam-input",
+        type=int,
+        default=512,
+        help="SAM resize (longest side) for training; padded to the encoder size (capped to it)",
+    )
     parser.add_argument("--image-size", type=int, default=1024, help="synthetic square image side (pixels)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per micro-batch / cache variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps per micro-batch")
     parser.add_argument("--new-tokens", type=int, default=512, help="generated tokens per image (forced)")
     parser.add_argument("--infer-batches", type=int_list, default=[1, 4, 8], help="batch sizes for throughput")
     parser.add_argument("--infer-repeats", type=int, default=1, help="timed generations per measurement (median)")
-    parser.add_argument("--decodings", type=decoding_list, default=None,
-                        help="cached decodings to time, the first one also for throughput (default "
-                             "cuda_graph,dynamic on CUDA, dynamic,static on the CPU)")
-    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                        help="train without gradient checkpointing (more memory, no recomputation)")
-    parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE_FLOPS if cuda else None,
-                        help="device peak FLOP/s for MFU (default 989e12 on CUDA: H100/H200 bf16 dense; "
-                             "none on the CPU -> MFU n/a)")
+    parser.add_argument(
+        "--decodings",
+        type=decoding_list,
+        default=None,
+        help="cached decodings to time, the first one also for throughput (default "
+        "cuda_graph,dynamic on CUDA, dynamic,static on the CPU)",
+    )
+    parser.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        help="train without gradient checkpointing (more memory, no recomputation)",
+    )
+    parser.add_argument(
+        "--peak-flops",
+        type=float,
+        default=H100_BF16_DENSE_FLOPS if cuda else None,
+        help="device peak FLOP/s for MFU (default 989e12 on CUDA: H100/H200 bf16 dense; none on the CPU -> MFU n/a)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--tag", default=None, help="file name part (default: <cuda|cpu>_<preset>)")
@@ -785,7 +1057,7 @@ def main(argv=None) -> int:
         grounding.SAM_ENCODER_CHUNK = args.sam_encoder_chunk
     if args.logits_vocab_multiple:
         legion_model.LOGITS_VOCAB_MULTIPLE = args.logits_vocab_multiple
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
     model, tokenizer = build_benchmark_model(args.preset, dtype, device)
     sam_pad = model.config.sam_config["image_size"]
@@ -800,40 +1072,92 @@ def main(argv=None) -> int:
 
     try:  # the inference section needs no DeepSpeed: record why it is missing instead of failing
         import deepspeed
+
         deepspeed_version = deepspeed.__version__
     except Exception as error:  # noqa: BLE001
         deepspeed_version = f"not importable: {type(error).__name__}: {error}"[:200]
 
-    result = {"benchmark": "gpu_full_size", "device": device_name(device), "device_type": device.type,
-              "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-              "deepspeed": deepspeed_version, "preset": args.preset, "dtype": args.dtype,
-              "command": " ".join([Path(sys.executable).name, "benchmarks/gpu_full_size.py", *sys.argv[1:]])
-              if argv is None else "main(" + repr(argv) + ")",
-              "started_utc": started, "build_seconds": round(build_s, 2),
-              "settings": {"sam_encoder_chunk": grounding.SAM_ENCODER_CHUNK, "fused_adamw": args.fused_adamw,
-                           "compile_layers": args.compile_layers,
-                           "logits_vocab_multiple": legion_model.LOGITS_VOCAB_MULTIPLE}}
+    result = {
+        "benchmark": "gpu_full_size",
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "deepspeed": deepspeed_version,
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "command": " ".join([Path(sys.executable).name, "benchmarks/gpu_full_size.py", *sys.argv[1:]])
+        if argv is None
+        else "main(" + repr(argv) + ")",
+        "started_utc": started,
+        "build_seconds": round(build_s, 2),
+        "settings": {
+            "sam_encoder_chunk": grounding.SAM_ENCODER_CHUNK,
+            "fused_adamw": args.fused_adamw,
+            "compile_layers": args.compile_layers,
+            "logits_vocab_multiple": legion_model.LOGITS_VOCAB_MULTIPLE,
+        },
+    }
     # Inference first, on the plain model (no LoRA layers); the training sweep last since it ends at OOM.
     if args.infer:
-        result["inference"] = bench_inference(model, tokenizer, device, args.new_tokens, args.infer_batches,
-                                              args.image_size, args.infer_repeats, args.decodings)
+        result["inference"] = bench_inference(
+            model,
+            tokenizer,
+            device,
+            args.new_tokens,
+            args.infer_batches,
+            args.image_size,
+            args.infer_repeats,
+            args.decodings,
+        )
     if args.train or args.cache or args.profile:
         from legion.train.loc_exp import LoraSection
 
         prepare_for_training(model, args.gradient_checkpointing, args.compile_layers)
         trainer = make_trainer(model, args.engine, dtype, device, args.fused_adamw)
         if args.cache:
-            result["encoder_cache"] = bench_encoder_cache(model, tokenizer, trainer, device, args.text_tokens, sam_input,
-                                                          args.image_size, args.num_seg, args.steps)
+            result["encoder_cache"] = bench_encoder_cache(
+                model,
+                tokenizer,
+                trainer,
+                device,
+                args.text_tokens,
+                sam_input,
+                args.image_size,
+                args.num_seg,
+                args.steps,
+            )
             print(json.dumps(result["encoder_cache"]), flush=True)
         if args.train:
-            result["training"] = bench_training(model, tokenizer, trainer, device, args.micro_batches, args.text_tokens,
-                                                sam_input, args.image_size, args.num_seg, args.steps, args.warmup,
-                                                args.peak_flops, LoraSection().r)
+            result["training"] = bench_training(
+                model,
+                tokenizer,
+                trainer,
+                device,
+                args.micro_batches,
+                args.text_tokens,
+                sam_input,
+                args.image_size,
+                args.num_seg,
+                args.steps,
+                args.warmup,
+                args.peak_flops,
+                LoraSection().r,
+            )
         if args.profile:
             free_memory(device)
-            result["profile"] = profile_training_step(model, tokenizer, trainer, device, args.profile, args.text_tokens,
-                                                      sam_input, args.image_size, args.num_seg)
+            result["profile"] = profile_training_step(
+                model,
+                tokenizer,
+                trainer,
+                device,
+                args.profile,
+                args.text_tokens,
+                sam_input,
+                args.image_size,
+                args.num_seg,
+            )
             print(json.dumps(result["profile"]["groups"]), flush=True)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     result["peak_rss_gb"] = round(peak_rss_gb(), 3)

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_environment()
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(
-        prog=f"legion {name}", description=(module.__doc__ or help_).strip(),
+        prog=f"legion {name}",
+        description=(module.__doc__ or help_).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -69,8 +70,7 @@ def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def load_config(schema: type[T], path: str | os.PathLike | None = None,
-                overrides: Sequence[str] = ()) -> T:
+def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a `schema` dataclass instance from defaults <- YAML file <- `key=value` overrides."""
     base = OmegaConf.structured(schema)
     merged = base
@@ -133,7 +133,9 @@ def describe_schema(schema: type, prefix: str = "") -> list[str]:
     for field in dataclasses.fields(schema):
         name = f"{prefix}{field.name}"
         ftype = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-        if dataclasses.is_dataclass(field.default_factory if field.default_factory is not dataclasses.MISSING else None):
+        if dataclasses.is_dataclass(
+            field.default_factory if field.default_factory is not dataclasses.MISSING else None
+        ):
             lines.extend(describe_schema(field.default_factory, prefix=f"{name}."))
             continue
         if field.default is not dataclasses.MISSING:
@@ -147,8 +149,9 @@ def describe_schema(schema: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def add_config_arguments(parser, schema: type, config_help: str, overrides_example: str,
-                         config_required: bool = False) -> None:
+def add_config_arguments(
+    parser, schema: type, config_help: str, overrides_example: str, config_required: bool = False
+) -> None:
     """The arguments every config-driven recipe takes: `--config FILE` and `key=value` overrides,
     with every key of `schema` and its default listed in `--help`."""
     parser.add_argument("--config", required=config_required, help=config_help)

@@ -65,8 +65,10 @@ class Stages:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             result = subprocess.run(cmd, cwd=REPO, env=env)
             if result.returncode != 0:
-                raise SystemExit(f"demo: stage '{name}' failed (exit {result.returncode}); fix the error above "
-                                 "and re-run: finished stages are reused")
+                raise SystemExit(
+                    f"demo: stage '{name}' failed (exit {result.returncode}); fix the error above "
+                    "and re-run: finished stages are reused"
+                )
         seconds = time.perf_counter() - start
         marker.write_text(self._chain)
         self.timings.append((name, seconds, False))
@@ -83,53 +85,179 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=400, help="ToyScars training images (default 400)")
     parser.add_argument("--num-test", type=int, default=100, help="ToyScars test images (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="data and model seed (default 0)")
-    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra key=value for the training config (repeatable), e.g. schedule.epochs=2")
+    parser.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra key=value for the training config (repeatable), e.g. schedule.epochs=2",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     st = Stages(out, args.fresh)
     data, tiny, train = out / "data", out / "tiny_model", out / "train"
-    merged, detector, preds, preds_real, ev = (out / "model", out / "detector", out / "predictions",
-                                               out / "predictions_real", out / "eval")
+    merged, detector, preds, preds_real, ev = (
+        out / "model",
+        out / "detector",
+        out / "predictions",
+        out / "predictions_real",
+        out / "eval",
+    )
     total = 8
     start = time.perf_counter()
 
-    st.run("make-toy-data", [_cli("make-toy-data", "--out", str(data), "--num-train", str(args.num_train),
-                                  "--num-test", str(args.num_test), "--seed", str(args.seed))],
-           {"n": [args.num_train, args.num_test], "seed": args.seed, "v": 2}, 1, total)
-    st.run("make-tiny", [_cli("make-tiny", "--out", str(tiny), "--seed", str(args.seed))], {"seed": args.seed}, 2, total)
-    st.run("train", [_cli("train", "--config", "configs/tiny/train_loc_exp.yaml", f"output_dir={train}",
-                          f"model.path={tiny}", f"data.root={data}", "export.merged_model=false",
-                          *args.train_override)],
-           {"config": _file_hash(REPO / "configs/tiny/train_loc_exp.yaml"), "over": args.train_override}, 3, total)
-    st.run("merge", [_cli("merge", "step1", str(train / "checkpoints"), "--out", str(out / "merge" / "weights.safetensors")),
-                     _cli("merge", "step2", "--base", str(tiny), "--weights", str(out / "merge" / "weights.safetensors"),
-                          "--out", str(merged))], {}, 4, total)
-    st.run("cls-train", [_cli("cls-train", "--config", "configs/tiny/train_cls.yaml",
-                              f"data.train={data}/detection/train", f"model.backbone={merged}",
-                              f"output_dir={detector}", f"feature_cache_dir={out}/cache/cls_features")],
-           {"config": _file_hash(REPO / "configs/tiny/train_cls.yaml")}, 5, total)
-    infer_common = ["--config", "configs/tiny/infer.yaml", f"model_path={merged}", f"detector_path={detector}",
-                    "save_reference_layout=false", "save_overlay=false", "save_phrase_masks=false"]
-    st.run("infer", [_cli("infer", *infer_common, f"image_dir={data}/test/images", f"output_dir={preds}",
-                          "resume=false"),
-                     _cli("infer", *infer_common, f"image_dir={data}/detection/test/toyscars/0_real",
-                          f"output_dir={preds_real}", f"max_images={GALLERY_REAL}", "resume=false")],
-           {"config": _file_hash(REPO / "configs/tiny/infer.yaml")}, 6, total)
-    st.run("eval", [_cli("eval", "localization", "--pred", str(preds / "predictions.jsonl"), "--gt", str(data),
-                         "--dataset", "synthscars", "--out", str(ev / "localization")),
-                    _cli("eval", "explanation", "--pred", str(preds / "predictions.jsonl"), "--gt", str(data),
-                         "--dataset", "synthscars", "--out", str(ev / "explanation")),
-                    _cli("cls-eval", "--config", "configs/tiny/eval_cls.yaml", f"detector={detector}",
-                         f"data.test={data}/detection/test", f"output_dir={ev / 'detection'}")], {}, 7, total)
-    print(f"[8/8] report ...", flush=True)
+    st.run(
+        "make-toy-data",
+        [
+            _cli(
+                "make-toy-data",
+                "--out",
+                str(data),
+                "--num-train",
+                str(args.num_train),
+                "--num-test",
+                str(args.num_test),
+                "--seed",
+                str(args.seed),
+            )
+        ],
+        {"n": [args.num_train, args.num_test], "seed": args.seed, "v": 2},
+        1,
+        total,
+    )
+    st.run(
+        "make-tiny", [_cli("make-tiny", "--out", str(tiny), "--seed", str(args.seed))], {"seed": args.seed}, 2, total
+    )
+    st.run(
+        "train",
+        [
+            _cli(
+                "train",
+                "--config",
+                "configs/tiny/train_loc_exp.yaml",
+                f"output_dir={train}",
+                f"model.path={tiny}",
+                f"data.root={data}",
+                "export.merged_model=false",
+                *args.train_override,
+            )
+        ],
+        {"config": _file_hash(REPO / "configs/tiny/train_loc_exp.yaml"), "over": args.train_override},
+        3,
+        total,
+    )
+    st.run(
+        "merge",
+        [
+            _cli("merge", "step1", str(train / "checkpoints"), "--out", str(out / "merge" / "weights.safetensors")),
+            _cli(
+                "merge",
+                "step2",
+                "--base",
+                str(tiny),
+                "--weights",
+                str(out / "merge" / "weights.safetensors"),
+                "--out",
+                str(merged),
+            ),
+        ],
+        {},
+        4,
+        total,
+    )
+    st.run(
+        "cls-train",
+        [
+            _cli(
+                "cls-train",
+                "--config",
+                "configs/tiny/train_cls.yaml",
+                f"data.train={data}/detection/train",
+                f"model.backbone={merged}",
+                f"output_dir={detector}",
+                f"feature_cache_dir={out}/cache/cls_features",
+            )
+        ],
+        {"config": _file_hash(REPO / "configs/tiny/train_cls.yaml")},
+        5,
+        total,
+    )
+    infer_common = [
+        "--config",
+        "configs/tiny/infer.yaml",
+        f"model_path={merged}",
+        f"detector_path={detector}",
+        "save_reference_layout=false",
+        "save_overlay=false",
+        "save_phrase_masks=false",
+    ]
+    st.run(
+        "infer",
+        [
+            _cli("infer", *infer_common, f"image_dir={data}/test/images", f"output_dir={preds}", "resume=false"),
+            _cli(
+                "infer",
+                *infer_common,
+                f"image_dir={data}/detection/test/toyscars/0_real",
+                f"output_dir={preds_real}",
+                f"max_images={GALLERY_REAL}",
+                "resume=false",
+            ),
+        ],
+        {"config": _file_hash(REPO / "configs/tiny/infer.yaml")},
+        6,
+        total,
+    )
+    st.run(
+        "eval",
+        [
+            _cli(
+                "eval",
+                "localization",
+                "--pred",
+                str(preds / "predictions.jsonl"),
+                "--gt",
+                str(data),
+                "--dataset",
+                "synthscars",
+                "--out",
+                str(ev / "localization"),
+            ),
+            _cli(
+                "eval",
+                "explanation",
+                "--pred",
+                str(preds / "predictions.jsonl"),
+                "--gt",
+                str(data),
+                "--dataset",
+                "synthscars",
+                "--out",
+                str(ev / "explanation"),
+            ),
+            _cli(
+                "cls-eval",
+                "--config",
+                "configs/tiny/eval_cls.yaml",
+                f"detector={detector}",
+                f"data.test={data}/detection/test",
+                f"output_dir={ev / 'detection'}",
+            ),
+        ],
+        {},
+        7,
+        total,
+    )
+    print("[8/8] report ...", flush=True)
     html_path, md_path = write_demo_report(out)
     elapsed = time.perf_counter() - start
     print(f"[8/8] report: {html_path}\n      {md_path}")
-    print(f"demo finished in {elapsed / 60:.1f} min "
-          f"({', '.join(f'{n} {s:.0f}s' + (' (reused)' if r else '') for n, s, r in st.timings)})")
+    print(
+        f"demo finished in {elapsed / 60:.1f} min "
+        f"({', '.join(f'{n} {s:.0f}s' + (' (reused)' if r else '') for n, s, r in st.timings)})"
+    )
     return 0
 
 
@@ -160,18 +288,40 @@ def write_demo_report(out: Path) -> tuple[Path, Path]:
     exp = _read_json(ev / "explanation" / "metrics.json").get("overall", {})
     det = _read_json(ev / "detection" / "metrics.json").get("metrics", {})
     tables = [
-        Table("Localization (ToyScars test, gated inference)",
-              [{"run": "tiny demo", **{k: loc.get(k) for k in ("miou", "f1", "fg_iou", "fg_f1", "giou", "ciou",
-                                                                "num_images", "num_missing")}}],
-              "mIoU/F1: the paper's protocol (mean of background and foreground IoU; F1 = 1 when both empty). "
-              "Images the detector judged real count as empty predictions."),
-        Table("Explanation", [{"run": "tiny demo", **{k: v for k, v in exp.items() if not isinstance(v, dict)}}],
-              "ROUGE-L F (stemming) and CSS (cosine of sentence embeddings), 0-100."),
-        Table("Real/fake detection (ToyScars detection test split)",
-              [{"subset": name, **{k: v for k, v in row.items() if k in ("accuracy", "ap", "real_accuracy",
-                                                                          "fake_accuracy", "num_images")}}
-               for name, row in det.get("per_subset", {}).items()],
-              "Accuracy with P(fake) >= 0.5; AP with fake as the positive class."),
+        Table(
+            "Localization (ToyScars test, gated inference)",
+            [
+                {
+                    "run": "tiny demo",
+                    **{
+                        k: loc.get(k)
+                        for k in ("miou", "f1", "fg_iou", "fg_f1", "giou", "ciou", "num_images", "num_missing")
+                    },
+                }
+            ],
+            "mIoU/F1: the paper's protocol (mean of background and foreground IoU; F1 = 1 when both empty). "
+            "Images the detector judged real count as empty predictions.",
+        ),
+        Table(
+            "Explanation",
+            [{"run": "tiny demo", **{k: v for k, v in exp.items() if not isinstance(v, dict)}}],
+            "ROUGE-L F (stemming) and CSS (cosine of sentence embeddings), 0-100.",
+        ),
+        Table(
+            "Real/fake detection (ToyScars detection test split)",
+            [
+                {
+                    "subset": name,
+                    **{
+                        k: v
+                        for k, v in row.items()
+                        if k in ("accuracy", "ap", "real_accuracy", "fake_accuracy", "num_images")
+                    },
+                }
+                for name, row in det.get("per_subset", {}).items()
+            ],
+            "Accuracy with P(fake) >= 0.5; AP with fake as the positive class.",
+        ),
     ]
 
     data = out / "data"
@@ -193,8 +343,9 @@ def write_demo_report(out: Path) -> tuple[Path, Path]:
         image = read_image(data / "detection" / "test" / "toyscars" / "0_real" / rec["image"])
         masks = [rle_to_mask(m) for m in rec.get("masks") or []]
         gallery.append(GalleryItem(image, rec, masks, None, f"real: {rec['image']}"))
-    intro = ("LEGION's whole pipeline on ToyScars (procedural images with planted artifacts) with a tiny, "
-             "randomly initialised model trained on the CPU: DeepSpeed + LoRA training, merge, detector, gated "
-             "inference, evaluation. The numbers show the pipeline works end to end; they are not the paper's.")
-    return write_report(out, "LEGION demo report", tables, gallery, loss_log=out / "train" / "log.jsonl",
-                        intro=intro)
+    intro = (
+        "LEGION's whole pipeline on ToyScars (procedural images with planted artifacts) with a tiny, "
+        "randomly initialised model trained on the CPU: DeepSpeed + LoRA training, merge, detector, gated "
+        "inference, evaluation. The numbers show the pipeline works end to end; they are not the paper's."
+    )
+    return write_report(out, "LEGION demo report", tables, gallery, loss_log=out / "train" / "log.jsonl", intro=intro)

@@ -13,16 +13,26 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
 # Distinct, colour-blind friendly colours (Okabe-Ito + extras), RGB.
-PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
-           (213, 94, 0), (204, 121, 167), (153, 153, 153), (255, 99, 71), (60, 179, 113)]
+PALETTE = [
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+    (153, 153, 153),
+    (255, 99, 71),
+    (60, 179, 113),
+]
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -74,17 +84,20 @@ def highlight_phrases(explanation: str, phrases: Sequence[str]) -> str:
 
 def _chip(i: int, text: str) -> str:
     r, g, b = colour(i)
-    return (f'<mark style="background: rgba({r},{g},{b},0.35); border-bottom: 3px solid rgb({r},{g},{b})">'
-            f"{html.escape(text)}</mark>")
+    return (
+        f'<mark style="background: rgba({r},{g},{b},0.35); border-bottom: 3px solid rgb({r},{g},{b})">'
+        f"{html.escape(text)}</mark>"
+    )
 
 
 @dataclass
 class GalleryItem:
     """One image of the gallery: the picture, the prediction record and (optionally) the GT masks."""
-    image: np.ndarray                      # RGB uint8 [H, W, 3]
-    record: dict                           # a predictions.jsonl record
-    masks: list[np.ndarray] = field(default_factory=list)   # predicted, one per phrase
-    gt_mask: np.ndarray | None = None      # union of the ground-truth masks
+
+    image: np.ndarray  # RGB uint8 [H, W, 3]
+    record: dict  # a predictions.jsonl record
+    masks: list[np.ndarray] = field(default_factory=list)  # predicted, one per phrase
+    gt_mask: np.ndarray | None = None  # union of the ground-truth masks
     title: str = ""
 
 
@@ -117,14 +130,18 @@ def _table_html(table: Table) -> str:
         return f"<h3>{html.escape(table.title)}</h3><p>(no rows)</p>"
     cols = list(dict.fromkeys(k for row in table.rows for k in row))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in cols) + "</tr>"
-                   for row in table.rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in cols) + "</tr>" for row in table.rows
+    )
     note = f"<p class='note'>{html.escape(table.note)}</p>" if table.note else ""
     return f"<h3>{html.escape(table.title)}</h3><table><tr>{head}</tr>{body}</table>{note}"
 
 
-def plot_loss_curve(log_jsonl: str | os.PathLike, out_png: str | os.PathLike,
-                    keys: Iterable[str] = ("loss", "ce_loss", "bce_loss", "dice_loss")) -> Path | None:
+def plot_loss_curve(
+    log_jsonl: str | os.PathLike,
+    out_png: str | os.PathLike,
+    keys: Iterable[str] = ("loss", "ce_loss", "bce_loss", "dice_loss"),
+) -> Path | None:
     """Plot training losses from a JSONL log (one object per logged step with a `step` field)."""
     import matplotlib
 
@@ -182,9 +199,14 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def write_report(out_dir: str | os.PathLike, title: str, tables: Sequence[Table],
-                 gallery: Sequence[GalleryItem], loss_log: str | os.PathLike | None = None,
-                 intro: str = "") -> tuple[Path, Path]:
+def write_report(
+    out_dir: str | os.PathLike,
+    title: str,
+    tables: Sequence[Table],
+    gallery: Sequence[GalleryItem],
+    loss_log: str | os.PathLike | None = None,
+    intro: str = "",
+) -> tuple[Path, Path]:
     """Write `out_dir/report.html` and `out_dir/report.md`; returns both paths."""
     out = Path(out_dir)
     assets = out / "report_assets"
@@ -205,28 +227,41 @@ def write_report(out_dir: str | os.PathLike, title: str, tables: Sequence[Table]
         prob = rec.get("fake_prob")
         prob_txt = f" P(fake) = {prob:.2f}" if isinstance(prob, (int, float)) else ""
         expl = rec.get("explanation") or ""
-        body = highlight_phrases(expl, rec.get("phrases") or []) if verdict == "fake" else html.escape(
-            rec.get("error") or ("no artifact analysis: the detector judged this image real" if verdict == "real"
-                                 else expl))
+        body = (
+            highlight_phrases(expl, rec.get("phrases") or [])
+            if verdict == "fake"
+            else html.escape(
+                rec.get("error")
+                or ("no artifact analysis: the detector judged this image real" if verdict == "real" else expl)
+            )
+        )
         labels = ["input", "prediction", "ground truth"]
-        figures = "".join(f'<img src="{src}" alt="{labels[i]} {html.escape(item.title)}" title="{labels[i]}">'
-                          for i, src in enumerate(imgs))
+        figures = "".join(
+            f'<img src="{src}" alt="{labels[i]} {html.escape(item.title)}" title="{labels[i]}">'
+            for i, src in enumerate(imgs)
+        )
         cards_html.append(
             f'<div class="card"><div><b>{html.escape(item.title or rec.get("image", ""))}</b> '
             f'<span class="verdict {verdict}">{verdict}</span>{html.escape(prob_txt)}</div>'
-            f'<div>{figures}</div><p class="expl">{body}</p></div>')
-        cards_md.append(f"- **{item.title or rec.get('image', '')}** — {verdict}{prob_txt}: "
-                        f"{expl if verdict == 'fake' else ''} ![pred]({imgs[1]})")
+            f'<div>{figures}</div><p class="expl">{body}</p></div>'
+        )
+        cards_md.append(
+            f"- **{item.title or rec.get('image', '')}** — {verdict}{prob_txt}: "
+            f"{expl if verdict == 'fake' else ''} ![pred]({imgs[1]})"
+        )
 
     tables_html = "".join(_table_html(t) for t in tables)
-    curve_html = ('<h2>Training loss</h2><img src="report_assets/loss_curve.png" alt="training loss curve">'
-                  if curve else "")
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(intro)}</p><h2>Metrics</h2>{tables_html}{curve_html}"
-            f"<h2>Gallery</h2><p class='note'>Left: input. Middle: predicted masks, one colour per grounded "
-            f"phrase (the phrase is highlighted in the same colour). Right, when present: ground truth."
-            f"</p><div class='gallery'>{''.join(cards_html)}</div></body></html>")
+    curve_html = (
+        '<h2>Training loss</h2><img src="report_assets/loss_curve.png" alt="training loss curve">' if curve else ""
+    )
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p>{html.escape(intro)}</p><h2>Metrics</h2>{tables_html}{curve_html}"
+        f"<h2>Gallery</h2><p class='note'>Left: input. Middle: predicted masks, one colour per grounded "
+        f"phrase (the phrase is highlighted in the same colour). Right, when present: ground truth."
+        f"</p><div class='gallery'>{''.join(cards_html)}</div></body></html>"
+    )
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(page)
     md = [f"# {title}", "", intro, "", "## Metrics", ""] + [_table_md(t) for t in tables]

@@ -25,9 +25,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +39,19 @@ from legion.utils.devices import resolve_device, resolve_dtype
 PREDICTIONS = "predictions.jsonl"
 RESOLVED_CONFIG = "infer_config.yaml"
 SUMMARY = "infer_summary.json"
-OVERLAY_COLORS = np.array([[255, 64, 64], [64, 200, 64], [64, 128, 255], [255, 200, 0], [200, 64, 255],
-                           [0, 220, 220], [255, 128, 0], [160, 160, 160]], dtype=np.float32)
+OVERLAY_COLORS = np.array(
+    [
+        [255, 64, 64],
+        [64, 200, 64],
+        [64, 128, 255],
+        [255, 200, 0],
+        [200, 64, 255],
+        [0, 220, 220],
+        [255, 128, 0],
+        [160, 160, 160],
+    ],
+    dtype=np.float32,
+)
 
 
 DTYPE_POLICIES = ("reference", "fp32_grounding")
@@ -55,30 +66,48 @@ class InferError(RuntimeError):
 class InferConfig:
     model_path: str = field(default="", metadata={"help": "merged model directory (legion merge step2 / make-tiny)"})
     image_dir: str = field(default="", metadata={"help": "folder scanned recursively for images"})
-    image_list: str | None = field(default=None, metadata={
-        "help": "text file, one image path per line (relative to image_dir, else to the list's folder)"})
+    image_list: str | None = field(
+        default=None,
+        metadata={"help": "text file, one image path per line (relative to image_dir, else to the list's folder)"},
+    )
     output_dir: str = field(default="", metadata={"help": "where predictions.jsonl and image outputs go"})
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP folder if the model dir has none"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"})
-    dtype_policy: str = field(default="reference", metadata={
-        "help": "reference = the whole model in `dtype`, as the released code runs it (SAM and text_hidden_fcs "
-                "included); fp32_grounding = SAM and text_hidden_fcs kept in fp32 (as the checkpoints store them)"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"}
+    )
+    dtype_policy: str = field(
+        default="reference",
+        metadata={
+            "help": "reference = the whole model in `dtype`, as the released code runs it (SAM and text_hidden_fcs "
+            "included); fp32_grounding = SAM and text_hidden_fcs kept in fp32 (as the checkpoints store them)"
+        },
+    )
     quantization: str | None = field(default=None, metadata={"help": "8bit | 4bit (bitsandbytes) for 24 GB GPUs"})
     batch_size: int = field(default=4, metadata={"help": "images per generation batch"})
     max_new_tokens: int = 512
-    decoding: str = field(default="auto", metadata={
-        "help": "auto | cuda_graph | static | dynamic: how the KV cache is decoded (auto: cuda_graph on CUDA "
-                "unless quantized, dynamic elsewhere; docs/inference.md)"})
-    sam_input_size: int | None = field(default=1024, metadata={
-        "help": "SAM ResizeLongestSide S (reference inference: 1024); null = the SAM encoder size"})
+    decoding: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | cuda_graph | static | dynamic: how the KV cache is decoded (auto: cuda_graph on CUDA "
+            "unless quantized, dynamic elsewhere; docs/inference.md)"
+        },
+    )
+    sam_input_size: int | None = field(
+        default=1024,
+        metadata={"help": "SAM ResizeLongestSide S (reference inference: 1024); null = the SAM encoder size"},
+    )
     detector_path: str | None = field(default=None, metadata={"help": "real/fake detector dir (legion cls-train)"})
     detector_backbone: str | None = field(default=None, metadata={"help": "CLIP/LEGION dir overriding the detector's"})
     gate_threshold: float = field(default=0.5, metadata={"help": "P(fake) below this -> verdict real, no analysis"})
-    perturb: str | None = field(default=None, metadata={"help": "robustness perturbation, e.g. jpeg:50, noise:5, blur:5"})
+    perturb: str | None = field(
+        default=None, metadata={"help": "robustness perturbation, e.g. jpeg:50, noise:5, blur:5"}
+    )
     perturb_seed: int = 0
-    save_reference_layout: bool = field(default=False, metadata={
-        "help": "also write <out>/<image>/explanation.json + mask.png (0/255) like the reference"})
+    save_reference_layout: bool = field(
+        default=False,
+        metadata={"help": "also write <out>/<image>/explanation.json + mask.png (0/255) like the reference"},
+    )
     save_phrase_masks: bool = field(default=False, metadata={"help": "also write <out>/<image>/mask_<i>.png"})
     save_overlay: bool = field(default=False, metadata={"help": "also write <out>/<image>/overlay.png"})
     resume: bool = field(default=True, metadata={"help": "skip images that already have a complete record"})
@@ -101,8 +130,10 @@ def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dt
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise InferError(f"quantization={mode} needs bitsandbytes, which is not installed: "
-                         "`pip install bitsandbytes` (CUDA GPU; see docs/inference.md)") from None
+        raise InferError(
+            f"quantization={mode} needs bitsandbytes, which is not installed: "
+            "`pip install bitsandbytes` (CUDA GPU; see docs/inference.md)"
+        ) from None
     replaced = 0
     for parent in list(model.model.layers.modules()):
         for name, child in list(parent.named_children()):
@@ -111,12 +142,14 @@ def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dt
             weight = child.weight.data.to(compute_dtype)
             bias = child.bias is not None
             if mode == "8bit":
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
-                                          has_fp16_weights=False, threshold=6.0)
+                new = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=bias, has_fp16_weights=False, threshold=6.0
+                )
                 new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
             else:
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias,
-                                        compute_dtype=compute_dtype, quant_type="nf4")
+                new = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=bias, compute_dtype=compute_dtype, quant_type="nf4"
+                )
                 new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
             if bias:
                 new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
@@ -134,14 +167,29 @@ def _empty_rle(height: int, width: int) -> dict:
 
 def base_record(width: int | None, height: int | None, sam_input_size: int | None) -> dict:
     """A record with every field of docs/ARCHITECTURE.md, before analysis."""
-    return {"width": width, "height": height, "verdict": None, "fake_prob": None, "explanation": "",
-            "phrases": [], "masks": [], "union_mask": None, "no_seg": False, "raw_text": None,
-            "sam_input_size": sam_input_size, "seconds": None, "error": None,
-            "num_seg": 0, "mismatch": None, "truncated": False}
+    return {
+        "width": width,
+        "height": height,
+        "verdict": None,
+        "fake_prob": None,
+        "explanation": "",
+        "phrases": [],
+        "masks": [],
+        "union_mask": None,
+        "no_seg": False,
+        "raw_text": None,
+        "sam_input_size": sam_input_size,
+        "seconds": None,
+        "error": None,
+        "num_seg": 0,
+        "mismatch": None,
+        "truncated": False,
+    }
 
 
-def error_record(message: str, width: int | None = None, height: int | None = None,
-                 sam_input_size: int | None = None) -> dict:
+def error_record(
+    message: str, width: int | None = None, height: int | None = None, sam_input_size: int | None = None
+) -> dict:
     record = base_record(width, height, sam_input_size)
     record.update(verdict="error", error=message)
     return record
@@ -155,9 +203,17 @@ class Analyzer:
     sam_input_size: SAM's ResizeLongestSide S (None: the SAM encoder's input size; must not exceed it).
     """
 
-    def __init__(self, model, tokenizer, detector=None, sam_input_size: int | None = 1024,
-                 max_new_tokens: int = 512, gate_threshold: float = 0.5, question: str | None = None,
-                 decoding: str = "auto"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        detector=None,
+        sam_input_size: int | None = 1024,
+        max_new_tokens: int = 512,
+        gate_threshold: float = 0.5,
+        question: str | None = None,
+        decoding: str = "auto",
+    ):
         from legion.model import conversation as conv
         from legion.model.legion import DECODING_MODES
 
@@ -169,23 +225,36 @@ class Analyzer:
         self.sam_pad_to = int(model.config.sam_config["image_size"])
         self.sam_input_size = int(sam_input_size) if sam_input_size else self.sam_pad_to
         if self.sam_input_size > self.sam_pad_to:
-            raise ConfigError(f"sam_input_size {self.sam_input_size} exceeds the SAM encoder input "
-                              f"{self.sam_pad_to} of this model (use <= {self.sam_pad_to} or null)")
+            raise ConfigError(
+                f"sam_input_size {self.sam_input_size} exceeds the SAM encoder input "
+                f"{self.sam_pad_to} of this model (use <= {self.sam_pad_to} or null)"
+            )
         self.clip_size = int(model.config.vision_config["image_size"])
         self.max_new_tokens = int(max_new_tokens)
         self.gate_threshold = float(gate_threshold)
-        self.prompt_ids = conv.encode_prompt(tokenizer, question or conv.GCG_QUESTION,
-                                             use_im_start_end=bool(model.config.mm_use_im_start_end))
+        self.prompt_ids = conv.encode_prompt(
+            tokenizer, question or conv.GCG_QUESTION, use_im_start_end=bool(model.config.mm_use_im_start_end)
+        )
         self.seg_id = conv.special_token_ids(tokenizer, expect_glamm_ids=False).seg
         if model.config.seg_token_idx is not None and int(model.config.seg_token_idx) != self.seg_id:
             raise ConfigError(f"model seg_token_idx {model.config.seg_token_idx} != tokenizer [SEG] id {self.seg_id}")
 
     @classmethod
-    def load(cls, model_path: str | os.PathLike, detector_path: str | os.PathLike | None = None,
-             device: str | torch.device = "cpu", sam_input_size: int | None = 1024, max_new_tokens: int = 512,
-             gate_threshold: float = 0.5, dtype: str | torch.dtype | None = None, vision_tower: str | None = None,
-             quantization: str | None = None, detector_backbone: str | None = None,
-             decoding: str = "auto", dtype_policy: str = "reference") -> "Analyzer":
+    def load(
+        cls,
+        model_path: str | os.PathLike,
+        detector_path: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        sam_input_size: int | None = 1024,
+        max_new_tokens: int = 512,
+        gate_threshold: float = 0.5,
+        dtype: str | torch.dtype | None = None,
+        vision_tower: str | None = None,
+        quantization: str | None = None,
+        detector_backbone: str | None = None,
+        decoding: str = "auto",
+        dtype_policy: str = "reference",
+    ) -> Analyzer:
         """Load a model directory (and a detector) for inference on `device`.
 
         dtype_policy: "reference" casts the whole model to `dtype` (the released code's inference);
@@ -199,8 +268,14 @@ class Analyzer:
         dtype = resolve_dtype(dtype, device)
         if not Path(model_path).is_dir():
             raise InferError(f"model_path is not a directory: {model_path}")
-        model, tokenizer, _ = load_model(model_path, dtype=dtype, device="cpu", vision_tower=vision_tower,
-                                         keep_fp32_modules=dtype_policy == "fp32_grounding", verbose=False)
+        model, tokenizer, _ = load_model(
+            model_path,
+            dtype=dtype,
+            device="cpu",
+            vision_tower=vision_tower,
+            keep_fp32_modules=dtype_policy == "fp32_grounding",
+            verbose=False,
+        )
         if quantization:
             quantize_language_model(model, quantization, dtype)
             if decoding == "auto":  # bitsandbytes kernels under CUDA-graph capture are not verified
@@ -236,8 +311,16 @@ class Analyzer:
         sam_pixels = torch.stack([s[0] for s in sam]).to(self.device)
         ids = self.prompt_ids[None].repeat(len(images), 1).to(self.device)
         results = self.model.generate_grounded(
-            ids, torch.ones_like(ids), clip, sam_pixels, [s[1] for s in sam], [im.shape[:2] for im in images],
-            max_new_tokens=self.max_new_tokens, use_cache=True, decoding=self.decoding)
+            ids,
+            torch.ones_like(ids),
+            clip,
+            sam_pixels,
+            [s[1] for s in sam],
+            [im.shape[:2] for im in images],
+            max_new_tokens=self.max_new_tokens,
+            use_cache=True,
+            decoding=self.decoding,
+        )
         seconds = (time.perf_counter() - start) / len(images)
         records = []
         for image, res in zip(images, results):
@@ -247,10 +330,18 @@ class Analyzer:
             explanation, phrases = conv.parse_answer(text)
             masks = (res.mask_logits > 0).cpu().numpy().astype(np.uint8)  # [N, H, W]
             num_seg = sum(1 for t in res.token_ids if t == self.seg_id)
-            record.update(verdict="fake", explanation=explanation, phrases=phrases, raw_text=text,
-                          masks=[mask_to_rle(m) for m in masks], num_seg=num_seg, no_seg=num_seg == 0,
-                          union_mask=mask_to_rle(masks.any(0) if len(masks) else np.zeros((height, width), np.uint8)),
-                          truncated=not res.finished, seconds=round(seconds, 4))
+            record.update(
+                verdict="fake",
+                explanation=explanation,
+                phrases=phrases,
+                raw_text=text,
+                masks=[mask_to_rle(m) for m in masks],
+                num_seg=num_seg,
+                no_seg=num_seg == 0,
+                union_mask=mask_to_rle(masks.any(0) if len(masks) else np.zeros((height, width), np.uint8)),
+                truncated=not res.finished,
+                seconds=round(seconds, 4),
+            )
             if not (len(phrases) == num_seg == len(masks)):
                 # Pairing is by order; a mismatch (e.g. a phrase without [SEG]) is reported, not hidden.
                 record["mismatch"] = f"{len(phrases)} phrases, {num_seg} [SEG], {len(masks)} masks"
@@ -408,8 +499,9 @@ def expected_files(cfg: InferConfig, output_dir: Path, key: str, record: dict) -
     return files
 
 
-def write_image_files(cfg: InferConfig, output_dir: Path, key: str, record: dict, image: np.ndarray | None,
-                      image_dir: str | None) -> None:
+def write_image_files(
+    cfg: InferConfig, output_dir: Path, key: str, record: dict, image: np.ndarray | None, image_dir: str | None
+) -> None:
     """Reference layout / per-phrase PNGs / overlay for one record (atomic writes)."""
     from legion.utils.rle import rle_to_mask
 
@@ -513,11 +605,12 @@ def _barrier(world: int) -> None:
 # --- the recipe ---------------------------------------------------------------------------------------
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int | None = None,
-                  world_size: int | None = None) -> dict:
+def run_inference(
+    cfg: InferConfig, analyzer: Analyzer | None = None, rank: int | None = None, world_size: int | None = None
+) -> dict:
     """Analyze every image of `cfg` and write the outputs. Returns a summary dict.
 
     Under torchrun (WORLD_SIZE > 1) rank r takes images r, r + N, r + 2N, ... of the full sorted
@@ -554,9 +647,20 @@ def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int 
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, output_dir, RESOLVED_CONFIG)
     if analyzer is None:
-        analyzer = Analyzer.load(cfg.model_path, cfg.detector_path, resolve_device(cfg.device), cfg.sam_input_size,
-                                 cfg.max_new_tokens, cfg.gate_threshold, cfg.dtype, cfg.vision_tower,
-                                 cfg.quantization, cfg.detector_backbone, cfg.decoding, cfg.dtype_policy)
+        analyzer = Analyzer.load(
+            cfg.model_path,
+            cfg.detector_path,
+            resolve_device(cfg.device),
+            cfg.sam_input_size,
+            cfg.max_new_tokens,
+            cfg.gate_threshold,
+            cfg.dtype,
+            cfg.vision_tower,
+            cfg.quantization,
+            cfg.detector_backbone,
+            cfg.decoding,
+            cfg.dtype_policy,
+        )
 
     done: dict[str, dict] = {}
     if cfg.resume:
@@ -572,12 +676,25 @@ def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int 
 
     todo = [(key, path) for key, path in mine if not complete(key)]
     writer = JsonlAppender(part_path(output_dir, rank, world))
-    counts = {"images": len(items), "this_rank": len(mine), "resumed": len(mine) - len(todo),
-              "fake": 0, "real": 0, "error": 0, "no_seg": 0, "mismatch": 0}
+    counts = {
+        "images": len(items),
+        "this_rank": len(mine),
+        "resumed": len(mine) - len(todo),
+        "fake": 0,
+        "real": 0,
+        "error": 0,
+        "no_seg": 0,
+        "mismatch": 0,
+    }
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc=f"infer[{rank}/{world}]" if world > 1 else "infer", unit="img",
-               disable=not cfg.progress, position=rank if world > 1 else None)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"infer[{rank}/{world}]" if world > 1 else "infer",
+        unit="img",
+        disable=not cfg.progress,
+        position=rank if world > 1 else None,
+    )
     try:
         for batch in _chunks(todo, cfg.batch_size):
             loaded, keys, records = [], [], {}
@@ -610,9 +727,14 @@ def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int 
         writer.close()
     if not explicit:
         _barrier(world)
-    summary = {**counts, "skipped_non_images": listing.skipped_non_images, "world_size": world,
-               "output_dir": str(output_dir), "sam_input_size": analyzer.sam_input_size,
-               "perturbation": perturbation.describe()}
+    summary = {
+        **counts,
+        "skipped_non_images": listing.skipped_non_images,
+        "world_size": world,
+        "output_dir": str(output_dir),
+        "sam_input_size": analyzer.sam_input_size,
+        "perturbation": perturbation.describe(),
+    }
     if rank == 0:
         summary["records"] = merge_parts(output_dir, order)
         _atomic_write_bytes(output_dir / SUMMARY, json.dumps(summary, indent=2).encode())
@@ -625,8 +747,12 @@ def run_inference(cfg: InferConfig, analyzer: Analyzer | None = None, rank: int 
 
 # --- CLI ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, InferConfig, "YAML config (configs/legion_7b/infer.yaml, configs/tiny/infer.yaml)",
-                         "model_path=... image_dir=... output_dir=... batch_size=8")
+    add_config_arguments(
+        parser,
+        InferConfig,
+        "YAML config (configs/legion_7b/infer.yaml, configs/tiny/infer.yaml)",
+        "model_path=... image_dir=... output_dir=... batch_size=8",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -640,8 +766,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"legion infer: error: {exc}")
         return 2
     if summary.get("records") is not None:
-        print(f"{summary['images']} images ({summary['resumed']} already done on this rank): {summary['fake']} fake, "
-              f"{summary['real']} real, {summary['error']} errors, {summary['no_seg']} without [SEG], "
-              f"{summary['mismatch']} phrase/mask mismatches; {summary['skipped_non_images']} non-image files "
-              f"skipped -> {Path(summary['output_dir']) / PREDICTIONS}")
+        print(
+            f"{summary['images']} images ({summary['resumed']} already done on this rank): {summary['fake']} fake, "
+            f"{summary['real']} real, {summary['error']} errors, {summary['no_seg']} without [SEG], "
+            f"{summary['mismatch']} phrase/mask mismatches; {summary['skipped_non_images']} non-image files "
+            f"skipped -> {Path(summary['output_dir']) / PREDICTIONS}"
+        )
     return 0

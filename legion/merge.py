@@ -19,9 +19,9 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -92,8 +92,10 @@ def _load_model_states(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError and friends
-        raise MergeError(f"{path} does not load with torch.load(weights_only=True) ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0]}); refusing to unpickle arbitrary objects") from None
+        raise MergeError(
+            f"{path} does not load with torch.load(weights_only=True) ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}); refusing to unpickle arbitrary objects"
+        ) from None
 
 
 def zero_stage_of(tag_dir: Path) -> int:
@@ -106,8 +108,9 @@ def zero_stage_of(tag_dir: Path) -> int:
     return int(zero.get("stage", 0))
 
 
-def fp32_state_dict_from_deepspeed(ckpt_dir: str | os.PathLike, tag: str | None = None
-                                   ) -> tuple[dict[str, torch.Tensor], dict]:
+def fp32_state_dict_from_deepspeed(
+    ckpt_dir: str | os.PathLike, tag: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict in fp32, info) of a DeepSpeed checkpoint, ZeRO stage 0 to 3.
 
     Stages 1-3 go through DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (the fp32 master
@@ -137,8 +140,12 @@ def fp32_state_dict_from_deepspeed(ckpt_dir: str | os.PathLike, tag: str | None 
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, info
 
 
-def save_safetensors(state: Mapping[str, torch.Tensor], out: str | os.PathLike, metadata: dict | None = None,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+def save_safetensors(
+    state: Mapping[str, torch.Tensor],
+    out: str | os.PathLike,
+    metadata: dict | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[Path]:
     """Write `state` to `out`.
 
     `out` ending in `.safetensors`: one file (any size). Otherwise a directory with `model.safetensors`, or
@@ -166,15 +173,20 @@ def save_safetensors(state: Mapping[str, torch.Tensor], out: str | os.PathLike, 
     else:
         out.mkdir(parents=True, exist_ok=True)
         n = len(shards)
-        names = [out / "model.safetensors"] if n == 1 else [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                                                          for i in range(n)]
+        names = (
+            [out / "model.safetensors"]
+            if n == 1
+            else [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
     for name, shard_keys in zip(names, shards):
         tmp = name.with_name(name.name + ".tmp")
         save_file({k: state[k].detach().to("cpu").contiguous().clone() for k in shard_keys}, str(tmp), metadata=meta)
         os.replace(tmp, name)
     if len(names) > 1:
-        index = {"metadata": {"total_size": sum(state[k].numel() * state[k].element_size() for k in keys)},
-                 "weight_map": {k: names[i].name for i, ks in enumerate(shards) for k in ks}}
+        index = {
+            "metadata": {"total_size": sum(state[k].numel() * state[k].element_size() for k in keys)},
+            "weight_map": {k: names[i].name for i, ks in enumerate(shards) for k in ks},
+        }
         (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
     return names
 
@@ -192,8 +204,9 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise MergeError(f"no .safetensors files in {path}")
     elif path.is_file():
         if path.suffix != ".safetensors":
-            raise MergeError(f"{path}: expected a .safetensors file (run `legion merge step1` on a DeepSpeed "
-                             "checkpoint first)")
+            raise MergeError(
+                f"{path}: expected a .safetensors file (run `legion merge step1` on a DeepSpeed checkpoint first)"
+            )
         files = [path]
     else:
         raise MergeError(f"weights not found: {path}")
@@ -205,8 +218,12 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def step1(ckpt_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None,
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[list[Path], dict]:
+def step1(
+    ckpt_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    tag: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> tuple[list[Path], dict]:
     """DeepSpeed checkpoint -> fp32 safetensors. Returns (written files, info)."""
     state, info = fp32_state_dict_from_deepspeed(ckpt_dir, tag)
     info["num_tensors"] = len(state)
@@ -231,21 +248,27 @@ class LoraMergeReport:
     adapters: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"merged LoRA into {len(self.merged_modules)} modules (r={self.rank}, scale={self.scale}); "
-                f"dropped {len(self.dropped_keys)} keys (vision tower / RoPE buffers)")
+        return (
+            f"merged LoRA into {len(self.merged_modules)} modules (r={self.rank}, scale={self.scale}); "
+            f"dropped {len(self.dropped_keys)} keys (vision tower / RoPE buffers)"
+        )
 
 
 def normalize_key(key: str) -> str:
     """Our module name for a training/peft state-dict key (LoRA keys keep their lora_A/B suffix)."""
     for prefix in ("module.", _PEFT_PREFIX):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key.replace(".base_layer.", ".")
 
 
-def merge_lora_state_dict(state: Mapping[str, torch.Tensor], lora_alpha: float, lora_r: int | None = None,
-                          adapter: str | None = None, use_rslora: bool = False
-                          ) -> tuple[dict[str, torch.Tensor], LoraMergeReport]:
+def merge_lora_state_dict(
+    state: Mapping[str, torch.Tensor],
+    lora_alpha: float,
+    lora_r: int | None = None,
+    adapter: str | None = None,
+    use_rslora: bool = False,
+) -> tuple[dict[str, torch.Tensor], LoraMergeReport]:
     """Fold every LoRA pair of `state` into its base weight: W <- W + s * B @ A (in fp32).
 
     s = alpha / r (peft's default) or alpha / sqrt(r) with `use_rslora`. Returns the state dict
@@ -294,16 +317,24 @@ def merge_lora_state_dict(state: Mapping[str, torch.Tensor], lora_alpha: float, 
         base = plain[weight_key]
         if base.shape != (b.shape[0], a.shape[1]):
             raise MergeError(f"'{weight_key}' {tuple(base.shape)} does not match B@A {(b.shape[0], a.shape[1])}")
-        scale = lora_alpha / (rank ** 0.5 if use_rslora else rank)
+        scale = lora_alpha / (rank**0.5 if use_rslora else rank)
         report.scale = scale
         plain[weight_key] = (base.float() + scale * (b @ a)).to(base.dtype)
         report.merged_modules.append(module)
     return plain, report
 
 
-def step2(base_dir: str | os.PathLike, weights: str | os.PathLike, out_dir: str | os.PathLike,
-          lora_alpha: float = 16.0, lora_r: int | None = None, adapter: str | None = None,
-          use_rslora: bool = False, dtype: str = "float32", vision_tower: str | None = None) -> dict:
+def step2(
+    base_dir: str | os.PathLike,
+    weights: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    lora_alpha: float = 16.0,
+    lora_r: int | None = None,
+    adapter: str | None = None,
+    use_rslora: bool = False,
+    dtype: str = "float32",
+    vision_tower: str | None = None,
+) -> dict:
     """Base model + trained weights (with LoRA) -> merged model directory. Returns a report dict.
 
     Loads the base with the builders (config, tokenizer, SAM, CLIP), replaces its weights by the
@@ -317,8 +348,9 @@ def step2(base_dir: str | os.PathLike, weights: str | os.PathLike, out_dir: str 
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     state, lora = merge_lora_state_dict(load_safetensors(weights), lora_alpha, lora_r, adapter, use_rslora)
-    model, tokenizer, _ = load_model(base_dir, dtype=torch.float32, device="cpu", vision_tower=vision_tower,
-                                     verbose=False)
+    model, tokenizer, _ = load_model(
+        base_dir, dtype=torch.float32, device="cpu", vision_tower=vision_tower, verbose=False
+    )
     embed = state.get("model.embed_tokens.weight")
     if embed is not None and embed.shape[0] != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(embed.shape[0])
@@ -326,17 +358,28 @@ def step2(base_dir: str | os.PathLike, weights: str | os.PathLike, out_dir: str 
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise MergeError(f"{len(unexpected)} trained weights do not belong to the base model, e.g. {unexpected[:5]}")
-    shapes = [f"{k}: weights {list(v.shape)} vs base {list(expected[k].shape)}" for k, v in state.items()
-              if tuple(v.shape) != tuple(expected[k].shape)]
+    shapes = [
+        f"{k}: weights {list(v.shape)} vs base {list(expected[k].shape)}"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if shapes:
         raise MergeError("shape mismatch: " + "; ".join(shapes[:5]))
     missing = sorted(set(expected) - set(state))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
     apply_dtype_policy(model, getattr(torch, dtype), keep_fp32_modules=True)
     save_model(model, tokenizer, out_dir)
-    report = {"base": str(base_dir), "weights": str(weights), "out": str(out_dir),
-              "merged_modules": len(lora.merged_modules), "lora_rank": lora.rank, "lora_scale": lora.scale,
-              "dropped_keys": len(lora.dropped_keys), "dtype": dtype, "missing_keys_kept_from_base": missing}
+    report = {
+        "base": str(base_dir),
+        "weights": str(weights),
+        "out": str(out_dir),
+        "merged_modules": len(lora.merged_modules),
+        "lora_rank": lora.rank,
+        "lora_scale": lora.scale,
+        "dropped_keys": len(lora.dropped_keys),
+        "dtype": dtype,
+        "missing_keys_kept_from_base": missing,
+    }
     (out_dir / "merge_report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -350,8 +393,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p1.add_argument("ckpt_dir", help="DeepSpeed checkpoint directory (holds 'latest' and global_stepN/)")
     p1.add_argument("--tag", default=None, help="checkpoint tag (default: the content of CKPT_DIR/latest)")
     p1.add_argument("--out", required=True, help="output .safetensors file, or a directory (sharded if large)")
-    p1.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1024**3,
-                    help="shard size when --out is a directory (default 5)")
+    p1.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=DEFAULT_MAX_SHARD_BYTES / 1024**3,
+        help="shard size when --out is a directory (default 5)",
+    )
     p2 = sub.add_parser("step2", help="merge LoRA into the base model -> HF directory")
     p2.add_argument("--base", required=True, help="base model directory (e.g. GLaMM-GranD-Pretrained, or make-tiny)")
     p2.add_argument("--weights", required=True, help="step1 output (.safetensors file or directory)")
@@ -360,8 +407,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p2.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (reference: 16; scale = alpha/r)")
     p2.add_argument("--use-rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     p2.add_argument("--adapter", default=None, help="adapter name when the weights hold several")
-    p2.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="dtype of the saved model; bf16/fp16 keep SAM and text_hidden_fcs in fp32 (reference)")
+    p2.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the saved model; bf16/fp16 keep SAM and text_hidden_fcs in fp32 (reference)",
+    )
     p2.add_argument("--vision-tower", default=None, help="CLIP folder if the base has none")
 
 
@@ -369,17 +420,32 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.step == "step1":
             files, info = step1(args.ckpt_dir, args.out, args.tag, int(args.max_shard_gb * 1024**3))
-            print(f"ZeRO stage {info['zero_stage']}, tag {info['tag']}: {info['num_tensors']} tensors, "
-                  f"{info['num_parameters']:,} parameters (source {'/'.join(info['source_dtypes'])}) -> "
-                  + ", ".join(str(f) for f in files))
+            print(
+                f"ZeRO stage {info['zero_stage']}, tag {info['tag']}: {info['num_tensors']} tensors, "
+                f"{info['num_parameters']:,} parameters (source {'/'.join(info['source_dtypes'])}) -> "
+                + ", ".join(str(f) for f in files)
+            )
         else:
-            report = step2(args.base, args.weights, args.out, args.lora_alpha, args.lora_r, args.adapter,
-                           args.use_rslora, args.dtype, args.vision_tower)
-            print(f"merged {report['merged_modules']} LoRA modules (r={report['lora_rank']}, "
-                  f"scale={report['lora_scale']}) -> {report['out']}")
+            report = step2(
+                args.base,
+                args.weights,
+                args.out,
+                args.lora_alpha,
+                args.lora_r,
+                args.adapter,
+                args.use_rslora,
+                args.dtype,
+                args.vision_tower,
+            )
+            print(
+                f"merged {report['merged_modules']} LoRA modules (r={report['lora_rank']}, "
+                f"scale={report['lora_scale']}) -> {report['out']}"
+            )
             if report["missing_keys_kept_from_base"]:
-                print(f"note: {len(report['missing_keys_kept_from_base'])} base weights were not in the trained "
-                      f"weights and keep their base values, e.g. {report['missing_keys_kept_from_base'][:3]}")
+                print(
+                    f"note: {len(report['missing_keys_kept_from_base'])} base weights were not in the trained "
+                    f"weights and keep their base values, e.g. {report['missing_keys_kept_from_base'][:3]}"
+                )
     except MergeError as exc:
         print(f"error: {exc}")
         return 2

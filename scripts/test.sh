@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's test command: set up .venv if needed, then run the whole test suite (slow tests included).
+# The README's test command: set up .venv if needed, lint (ruff), then run the whole test suite (slow tests included).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow" -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +13,7 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu
 export TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions"
 export MPLBACKEND=Agg
+# Lint and formatting first (seconds): a failure here fails the test command, and CI with it.
+.venv/bin/ruff check . && .venv/bin/ruff format --check . >/dev/null || {
+    echo "[lint] ruff found problems: run .venv/bin/ruff check --fix . && .venv/bin/ruff format ." >&2; exit 1; }
 exec .venv/bin/python -m pytest -q "$@"

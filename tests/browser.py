@@ -5,8 +5,16 @@ import shutil
 
 import pytest
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> str:
@@ -31,8 +39,8 @@ def open_page(html_path) -> dict:
         page.goto(f"file://{os.path.abspath(html_path)}")
         page.wait_for_load_state("load")
         images = page.eval_on_selector_all(
-            "img", "els => els.map(e => ({src: e.getAttribute('src'), ok: e.complete && e.naturalWidth > 0}))")
+            "img", "els => els.map(e => ({src: e.getAttribute('src'), ok: e.complete && e.naturalWidth > 0}))"
+        )
         title = page.title()
         browser.close()
-    return {"errors": errors, "images": images, "broken": [i["src"] for i in images if not i["ok"]],
-            "title": title}
+    return {"errors": errors, "images": images, "broken": [i["src"] for i in images if not i["ok"]], "title": title}

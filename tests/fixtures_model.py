@@ -21,8 +21,10 @@ GLAMM_BASE_VOCAB = 32000
 
 # Fixed corpus: the SentencePiece model (and so the golden ids in test_tokenizer.py) depends on it.
 SP_CORPUS = [
-    conv.render_conversation(f"Upon examining the image. I have found: {conv.tag_phrase('the hand')}: the "
-                             "fingers of the hand are fused together."),
+    conv.render_conversation(
+        f"Upon examining the image. I have found: {conv.tag_phrase('the hand')}: the "
+        "fingers of the hand are fused together."
+    ),
     conv.SYSTEM,
     conv.GCG_QUESTION,
     "The shadow of the tree falls in the wrong direction compared with the light source.",
@@ -38,10 +40,21 @@ def train_small_sentencepiece(vocab_size: int = 600) -> bytes:
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SP_CORPUS * 20), model_writer=buffer, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        add_dummy_prefix=True, split_digits=True, normalization_rule_name="identity",
-        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(SP_CORPUS * 20),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
     )
     return buffer.getvalue()
 
@@ -67,17 +80,43 @@ def write_glamm_sentencepiece_tokenizer(out_dir: str | Path, base_vocab: int = G
     (out_dir / "added_tokens.json").write_text(json.dumps(added))
 
     def added_token(content):
-        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True,
-                "rstrip": False, "single_word": False}
+        return {
+            "__type": "AddedToken",
+            "content": content,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
 
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": added_token("<s>"), "eos_token": added_token("</s>"), "pad_token": "<unk>",
-         "unk_token": added_token("<unk>")}))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"add_bos_token": True, "add_eos_token": False, "bos_token": added_token("<s>"),
-         "clean_up_tokenization_spaces": False, "eos_token": added_token("</s>"), "legacy": False,
-         "model_max_length": 1536, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
-         "tokenizer_class": "LlamaTokenizer", "unk_token": added_token("<unk>")}))
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": added_token("<s>"),
+                "eos_token": added_token("</s>"),
+                "pad_token": "<unk>",
+                "unk_token": added_token("<unk>"),
+            }
+        )
+    )
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": added_token("<s>"),
+                "clean_up_tokenization_spaces": False,
+                "eos_token": added_token("</s>"),
+                "legacy": False,
+                "model_max_length": 1536,
+                "pad_token": None,
+                "padding_side": "right",
+                "sp_model_kwargs": {},
+                "tokenizer_class": "LlamaTokenizer",
+                "unk_token": added_token("<unk>"),
+            }
+        )
+    )
     return out_dir
 
 

@@ -75,11 +75,19 @@ def test_measurement_functions_on_tiny(bench, tmp_path):
     torch.set_num_threads(1)
     device = torch.device("cpu")
     model, tokenizer = bench.build_benchmark_model("tiny", torch.float32, device)
-    result = {"device": bench.device_name(device), "device_type": "cpu", "torch": torch.__version__, "preset": "tiny",
-              "dtype": "fp32", "command": "test", "started_utc": "now"}
+    result = {
+        "device": bench.device_name(device),
+        "device_type": "cpu",
+        "torch": torch.__version__,
+        "preset": "tiny",
+        "dtype": "fp32",
+        "command": "test",
+        "started_utc": "now",
+    }
 
-    result["inference"] = infer = bench.bench_inference(model, tokenizer, device, new_tokens=6, batch_sizes=[1, 2],
-                                                         image_size=64)
+    result["inference"] = infer = bench.bench_inference(
+        model, tokenizer, device, new_tokens=6, batch_sizes=[1, 2], image_size=64
+    )
     assert infer["new_tokens"] == 6 and [r["batch"] for r in infer["batched_with_cache"]] == [1, 2]
     assert not any(r["oom"] for r in infer["batched_with_cache"])
 
@@ -90,14 +98,27 @@ def test_measurement_functions_on_tiny(bench, tmp_path):
     assert any("lora_A" in n for n in trainable) and any("lm_head" in n for n in trainable)
     assert not any("vision_tower" in n or "image_encoder" in n for n in trainable)
 
-    result["encoder_cache"] = cache = bench.bench_encoder_cache(model, tokenizer, trainer, device, text_tokens=80,
-                                                                sam_input=128, image_size=64, num_seg=2, steps=1)
+    result["encoder_cache"] = cache = bench.bench_encoder_cache(
+        model, tokenizer, trainer, device, text_tokens=80, sam_input=128, image_size=64, num_seg=2, steps=1
+    )
     assert cache["cache_hits"] == {"clip": 1, "sam": 1} and cache["cache_misses"] == {"clip": 1, "sam": 1}
     assert "forward" not in vars(model.model.vision_tower) and "sam_image_embeddings" not in vars(model)  # restored
 
     result["training"] = train = bench.bench_training(
-        model, tokenizer, trainer, device, micro_batches=[1, 2], text_tokens=80, sam_input=128, image_size=64,
-        num_seg=2, steps=1, warmup=0, peak_flops=1e12, lora_r=8)
+        model,
+        tokenizer,
+        trainer,
+        device,
+        micro_batches=[1, 2],
+        text_tokens=80,
+        sam_input=128,
+        image_size=64,
+        num_seg=2,
+        steps=1,
+        warmup=0,
+        peak_flops=1e12,
+        lora_r=8,
+    )
     assert [r["micro_batch"] for r in train["rows"]] == [1, 2]
     assert all(not r["oom"] and r["losses_finite"] and r["mfu"] is not None for r in train["rows"])
     assert train["llm_tokens"] > train["text_tokens"] + model.config.num_image_tokens - 2
@@ -105,21 +126,32 @@ def test_measurement_functions_on_tiny(bench, tmp_path):
     assert flops["total"] == flops["llm"]["total"] + sum(flops["encoders_forward"].values())
     assert all(v > 0 for v in flops["encoders_forward"].values())
 
-    result["profile"] = prof = bench.profile_training_step(model, tokenizer, trainer, device, micro_batch=1,
-                                                           text_tokens=80, sam_input=128, image_size=64, num_seg=2)
+    result["profile"] = prof = bench.profile_training_step(
+        model, tokenizer, trainer, device, micro_batch=1, text_tokens=80, sam_input=128, image_size=64, num_seg=2
+    )
     assert prof["clock"] == "self CPU time" and prof["busy_seconds"] > 0 and prof["top"]
-    assert sum(g["seconds"] for g in prof["groups"].values()) == pytest.approx(prof["busy_seconds"], abs=1e-3)  # groups rounded to 0.1 ms
+    assert sum(g["seconds"] for g in prof["groups"].values()) == pytest.approx(
+        prof["busy_seconds"], abs=1e-3
+    )  # groups rounded to 0.1 ms
     assert prof["groups"]["matmul"]["seconds"] > 0  # the LLM's linear layers are found and grouped
     assert prof["top"] == sorted(prof["top"], key=lambda r: -r["seconds"])
 
     numbers = list(_numbers({k: result[k] for k in ("inference", "encoder_cache", "training")}))
     assert numbers and all(math.isfinite(x) for x in numbers)
-    for section, keys in [(infer, ["seconds_per_image_cache", "seconds_per_image_no_cache",
-                                   "speedup_cache_vs_no_cache", "cpu_seconds_per_image_cache"]),
-                          (cache, ["step_seconds_encoders_run", "step_seconds_cached", "speedup"]),
-                          *[(r, ["step_seconds", "samples_per_s", "peak_memory_gb", "achieved_tflops", "mfu"])
-                            for r in train["rows"]],
-                          *[(r, ["seconds", "images_per_min", "peak_memory_gb"]) for r in infer["batched_with_cache"]]]:
+    for section, keys in [
+        (
+            infer,
+            [
+                "seconds_per_image_cache",
+                "seconds_per_image_no_cache",
+                "speedup_cache_vs_no_cache",
+                "cpu_seconds_per_image_cache",
+            ],
+        ),
+        (cache, ["step_seconds_encoders_run", "step_seconds_cached", "speedup"]),
+        *[(r, ["step_seconds", "samples_per_s", "peak_memory_gb", "achieved_tflops", "mfu"]) for r in train["rows"]],
+        *[(r, ["seconds", "images_per_min", "peak_memory_gb"]) for r in infer["batched_with_cache"]],
+    ]:
         for key in keys:
             assert section[key] > 0, (key, section[key])
 
@@ -132,10 +164,17 @@ def test_measurement_functions_on_tiny(bench, tmp_path):
 
 
 def test_targets_judged_only_for_legion_7b_on_cuda(bench):
-    result = {"device_type": "cuda", "preset": "legion_7b",
-              "training": {"rows": [{"micro_batch": 1, "oom": False, "mfu": 0.41, "peak_memory_gb": 30.0},
-                                    {"micro_batch": 2, "oom": True, "peak_memory_gb": 79.0}]},
-              "inference": {"speedup_cache_vs_no_cache": 12.5, "new_tokens": 512}}
+    result = {
+        "device_type": "cuda",
+        "preset": "legion_7b",
+        "training": {
+            "rows": [
+                {"micro_batch": 1, "oom": False, "mfu": 0.41, "peak_memory_gb": 30.0},
+                {"micro_batch": 2, "oom": True, "peak_memory_gb": 79.0},
+            ]
+        },
+        "inference": {"speedup_cache_vs_no_cache": 12.5, "new_tokens": 512},
+    }
     targets = bench.check_targets(result)
     assert [t["met"] for t in targets] == [False, True, True]
     result["inference"]["new_tokens"] = 64
@@ -166,10 +205,36 @@ def test_main_writes_json_and_markdown_with_deepspeed(tmp_path):
     import os
     import subprocess
 
-    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_full_size.py"), "--preset", "tiny", "--device", "cpu",
-           "--engine", "deepspeed", "--threads", "1", "--text-tokens", "80", "--new-tokens", "4", "--micro-batches", "1",
-           "--steps", "1", "--warmup", "0", "--image-size", "64", "--infer-batches", "1", "--out", str(tmp_path),
-           "--tag", "t"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "gpu_full_size.py"),
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--engine",
+        "deepspeed",
+        "--threads",
+        "1",
+        "--text-tokens",
+        "80",
+        "--new-tokens",
+        "4",
+        "--micro-batches",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--image-size",
+        "64",
+        "--infer-batches",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--tag",
+        "t",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -203,8 +203,14 @@ def test_build_model_is_seeded():
 # --- make_tiny / save / load -------------------------------------------------------------------
 def test_make_tiny_writes_a_complete_checkpoint_dir(tiny_model_dir):
     files = {p.name for p in tiny_model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.model", "added_tokens.json", "tokenizer_config.json",
-            "vision_tower"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "added_tokens.json",
+        "tokenizer_config.json",
+        "vision_tower",
+    } <= files
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["mm_vision_tower"] == "vision_tower" and config["architectures"] == ["LegionForCausalLM"]
     assert (tiny_model_dir / "vision_tower" / "config.json").is_file()
@@ -213,8 +219,11 @@ def test_make_tiny_writes_a_complete_checkpoint_dir(tiny_model_dir):
 
     with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as fh:
         assert not any("vision_tower" in k for k in fh.keys())
-        sam_in_model = {k.removeprefix("model.grounding_encoder."): fh.get_tensor(k) for k in fh.keys()
-                        if k.startswith("model.grounding_encoder.")}
+        sam_in_model = {
+            k.removeprefix("model.grounding_encoder."): fh.get_tensor(k)
+            for k in fh.keys()
+            if k.startswith("model.grounding_encoder.")
+        }
     sam_pth = torch.load(tiny_model_dir / "sam_vit_tiny.pth", weights_only=True)
     assert sam_pth.keys() == sam_in_model.keys() and "image_encoder.patch_embed.proj.weight" in sam_pth
     assert all(torch.equal(sam_pth[k], sam_in_model[k]) for k in sam_pth)

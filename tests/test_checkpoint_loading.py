@@ -10,12 +10,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from legion.model.builders import TINY_CLIP, TINY_REGION, TINY_SAM, CheckpointError, build_config, build_model, load_model
+from legion.model.builders import (
+    TINY_CLIP,
+    TINY_REGION,
+    TINY_SAM,
+    CheckpointError,
+    build_config,
+    build_model,
+    load_model,
+)
 from tests.fixtures_model import write_glamm_sentencepiece_tokenizer
 
 CLIP_HUB_NAME = "openai/clip-vit-large-patch14-336"
-BF16_PREFIXES = ("model.embed_tokens", "model.layers", "model.norm", "lm_head", "model.mm_projector",
-                 "model.region_encoder")
+BF16_PREFIXES = (
+    "model.embed_tokens",
+    "model.layers",
+    "model.norm",
+    "lm_head",
+    "model.mm_projector",
+    "model.region_encoder",
+)
 
 
 def glamm_config_json(config) -> dict:
@@ -23,21 +37,52 @@ def glamm_config_json(config) -> dict:
     sizes, which GLaMM never wrote (ViT-H implied), are extra fields for the tiny model."""
     return {
         "_name_or_path": "./trained_checkpoints/exp1_pretrain_v1.5_spi_module_gs_4488/",
-        "architectures": ["LISAForCausalLM"], "bbox_token_idx": 32002, "bos_token_id": 1, "eos_token_id": 2,
-        "pad_token_id": 0, "freeze_mm_mlp_adapter": True, "freeze_mm_vision_resampler": False,
-        "hidden_act": "silu", "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "image_aspect_ratio": "square", "image_grid_pinpoints": None, "initializer_range": 0.02, "max_length": 4096,
-        "max_position_embeddings": 4096, "mm_hidden_size": config.mm_hidden_size,
-        "mm_projector_type": "mlp2x_gelu", "mm_resampler_type": None, "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": True, "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
-        "mm_vision_tower": CLIP_HUB_NAME, "model_type": "llava",
-        "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
-        "num_key_value_heads": config.num_key_value_heads, "num_level_reg_features": 4, "out_dim": config.out_dim,
-        "pretrain_mm_mlp_adapter": None, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "train_mask_decoder": True,
-        "transformers_version": "4.28.0.dev0", "tune_mm_mlp_adapter": False, "tune_mm_vision_resampler": False,
-        "unfreeze_mm_vision_tower": False, "use_cache": False, "use_mm_proj": True, "vision_tower": CLIP_HUB_NAME,
-        "vocab_size": 32007, "sam_config": TINY_SAM, "region_encoder_config": TINY_REGION,
+        "architectures": ["LISAForCausalLM"],
+        "bbox_token_idx": 32002,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "freeze_mm_mlp_adapter": True,
+        "freeze_mm_vision_resampler": False,
+        "hidden_act": "silu",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "image_aspect_ratio": "square",
+        "image_grid_pinpoints": None,
+        "initializer_range": 0.02,
+        "max_length": 4096,
+        "max_position_embeddings": 4096,
+        "mm_hidden_size": config.mm_hidden_size,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_resampler_type": None,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": True,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": CLIP_HUB_NAME,
+        "model_type": "llava",
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "num_level_reg_features": 4,
+        "out_dim": config.out_dim,
+        "pretrain_mm_mlp_adapter": None,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "train_mask_decoder": True,
+        "transformers_version": "4.28.0.dev0",
+        "tune_mm_mlp_adapter": False,
+        "tune_mm_vision_resampler": False,
+        "unfreeze_mm_vision_tower": False,
+        "use_cache": False,
+        "use_mm_proj": True,
+        "vision_tower": CLIP_HUB_NAME,
+        "vocab_size": 32007,
+        "sam_config": TINY_SAM,
+        "region_encoder_config": TINY_REGION,
     }
 
 
@@ -46,9 +91,11 @@ def write_clip_dir(path, tower) -> None:
     from transformers import CLIPConfig
 
     path.mkdir(parents=True)
-    CLIPConfig(vision_config=TINY_CLIP, projection_dim=64,
-               text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-               ).save_pretrained(path)
+    CLIPConfig(
+        vision_config=TINY_CLIP,
+        projection_dim=64,
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    ).save_pretrained(path)
     state = {f"vision_model.{k}": v.clone() for k, v in tower.state_dict().items()}
     state["text_model.embeddings.token_embedding.weight"] = torch.zeros(8, 32)
     state["visual_projection.weight"] = torch.zeros(64, 64)
@@ -61,12 +108,13 @@ def write_bin_shards(path, state: dict[str, torch.Tensor], n_shards: int = 2) ->
     per = (len(keys) + n_shards - 1) // n_shards
     for i in range(n_shards):
         name = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
-        shard = {k: state[k] for k in keys[i * per:(i + 1) * per]}
+        shard = {k: state[k] for k in keys[i * per : (i + 1) * per]}
         torch.save(shard, path / name)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
+    (path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
 
 
 def released_state(model) -> dict[str, torch.Tensor]:
@@ -135,7 +183,7 @@ def test_lisa_and_peft_key_names_are_remapped(tiny_model_dir, tmp_path):
     def rename(state):
         out = {}
         for k, v in state.items():
-            k = k.replace("model.grounding_encoder.", "model.visual_model.")   # LISA's name for SAM
+            k = k.replace("model.grounding_encoder.", "model.visual_model.")  # LISA's name for SAM
             k = k.replace("self_attn.q_proj.weight", "self_attn.q_proj.base_layer.weight")  # peft >= 0.7
             out["base_model.model." + k] = v
         return out
@@ -150,11 +198,17 @@ def test_lisa_and_peft_key_names_are_remapped(tiny_model_dir, tmp_path):
 
 
 def test_sam_pth_fills_the_grounding_encoder(tiny_model_dir, tmp_path):
-    ckpt = _copy_with_state(tiny_model_dir, tmp_path / "nosam",
-                            lambda s: {k: v for k, v in s.items() if not k.startswith("model.grounding_encoder.")})
+    ckpt = _copy_with_state(
+        tiny_model_dir,
+        tmp_path / "nosam",
+        lambda s: {k: v for k, v in s.items() if not k.startswith("model.grounding_encoder.")},
+    )
     reference, _, _ = load_model(tiny_model_dir, verbose=False)
-    sam_state = {k.removeprefix("model.grounding_encoder."): v for k, v in reference.state_dict().items()
-                 if k.startswith("model.grounding_encoder.")}
+    sam_state = {
+        k.removeprefix("model.grounding_encoder."): v
+        for k, v in reference.state_dict().items()
+        if k.startswith("model.grounding_encoder.")
+    }
     assert "image_encoder.pos_embed" in sam_state and "mask_decoder.iou_token.weight" in sam_state  # .pth names
     torch.save(sam_state, tmp_path / "sam_vit_tiny.pth")
 
@@ -169,8 +223,10 @@ def test_sam_pth_fills_the_grounding_encoder(tiny_model_dir, tmp_path):
     torch.save({k: v + 1 for k, v in sam_state.items()}, tmp_path / "other_sam.pth")
     model, _, report = load_model(tiny_model_dir, sam_checkpoint=tmp_path / "other_sam.pth", verbose=False)
     assert report.from_sam_checkpoint == 0
-    assert torch.equal(model.state_dict()["model.grounding_encoder.mask_decoder.iou_token.weight"],
-                       b["model.grounding_encoder.mask_decoder.iou_token.weight"])
+    assert torch.equal(
+        model.state_dict()["model.grounding_encoder.mask_decoder.iou_token.weight"],
+        b["model.grounding_encoder.mask_decoder.iou_token.weight"],
+    )
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tiny_model_dir, tmp_path):
@@ -246,12 +302,15 @@ def test_sharded_safetensors_with_index(tiny_model_dir, tmp_path):
     state = load_file(str(ckpt / "model.safetensors"))
     (ckpt / "model.safetensors").unlink()
     keys = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    halves = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, part in halves.items():
         save_file({k: state[k] for k in part}, str(ckpt / name))
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}))
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}})
+    )
     model, _, report = load_model(ckpt, verbose=False)
     assert report.ok and len(report.weight_files) == 2
     loaded = model.state_dict()
@@ -259,10 +318,18 @@ def test_sharded_safetensors_with_index(tiny_model_dir, tmp_path):
 
 
 GCG_EXTRA_FIELDS = {  # written by GLaMM's classes (GLaMM-GCG / -RefSeg, docs/model.md §13.3)
-    "architectures": ["GLaMMForCausalLM"], "freeze_mlp_adapter": True, "image_aspect": "square",
-    "image_grid_points": None, "mm_use_image_start_end": True, "mm_vision_module": CLIP_HUB_NAME,
-    "num_reg_features": 4, "select_feature_type": "patch", "with_region": True, "vision_module": CLIP_HUB_NAME,
-    "use_image_patch_token": False, "tune_mlp_adapter": False,
+    "architectures": ["GLaMMForCausalLM"],
+    "freeze_mlp_adapter": True,
+    "image_aspect": "square",
+    "image_grid_points": None,
+    "mm_use_image_start_end": True,
+    "mm_vision_module": CLIP_HUB_NAME,
+    "num_reg_features": 4,
+    "select_feature_type": "patch",
+    "with_region": True,
+    "vision_module": CLIP_HUB_NAME,
+    "use_image_patch_token": False,
+    "tune_mlp_adapter": False,
     "_name_or_path": "./trained_checkpoints/exp1_grand_pretrain_v15_gs4488_ckpt_25000_hf",
 }
 LEGION_LE_EXTRA_FIELDS = {**GCG_EXTRA_FIELDS, "architectures": ["LegionForCausalLM"], "use_cache": False}

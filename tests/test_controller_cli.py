@@ -31,10 +31,24 @@ def test_regenerate_cli_with_a_pipeline_directory_and_a_remote_reviser(tiny_mode
     with FakeChatServer([(200, _answer("a shiny red apple on a wooden table"))]) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
-        code = main(["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", str(tmp_path / "prompts.txt"),
-                     "--out", str(tmp_path / "out"), f"legion.model_path={tiny_model_dir}",
-                     f"generator.path={pipeline_dir}", "reviser.backend=openai", "reviser.retries=0",
-                     "max_rounds=2", "patience=0", "stop_on_clean=false"])
+        code = main(
+            [
+                "regenerate",
+                "--config",
+                "configs/tiny/regenerate.yaml",
+                "--prompts",
+                str(tmp_path / "prompts.txt"),
+                "--out",
+                str(tmp_path / "out"),
+                f"legion.model_path={tiny_model_dir}",
+                f"generator.path={pipeline_dir}",
+                "reviser.backend=openai",
+                "reviser.retries=0",
+                "max_rounds=2",
+                "patience=0",
+                "stop_on_clean=false",
+            ]
+        )
     assert code == 0
     assert len(server.requests) == 1 and server.requests[0]["auth"] == "Bearer sk-local"
     (summary,) = [json.loads(line) for line in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
@@ -50,8 +64,20 @@ def test_inpaint_cli_on_a_mapping(tiny_model_dir, tmp_path, capsys):
     images.mkdir()
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (36, 44, 3), dtype=np.uint8)).save(images / "x.png")
     (tmp_path / "in.json").write_text(json.dumps({"x.png": "a street at night"}))
-    code = main(["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", str(tmp_path / "in.json"),
-                 "--image-root", str(images), "--out", str(tmp_path / "out"), f"legion.model_path={tiny_model_dir}"])
+    code = main(
+        [
+            "inpaint",
+            "--config",
+            "configs/tiny/inpaint.yaml",
+            "--inputs",
+            str(tmp_path / "in.json"),
+            "--image-root",
+            str(images),
+            "--out",
+            str(tmp_path / "out"),
+            f"legion.model_path={tiny_model_dir}",
+        ]
+    )
     assert code == 0
     (summary,) = [json.loads(line) for line in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
     assert summary["case_id"] == "x" and summary["prompt"] == "a street at night"
@@ -62,18 +88,48 @@ def test_inpaint_cli_on_a_mapping(tiny_model_dir, tmp_path, capsys):
     assert scores["command"] == "inpaint" and scores["n"] == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["regenerate", "--config", "configs/tiny/regenerate.yaml"], "no input"),
-    (["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", "{tmp}/p.txt", "max_round=2"],
-     "did you mean 'max_rounds'"),
-    (["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o",
-      "generator.path={tmp}/no_pipeline"], "model_index.json"),
-    (["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o",
-      "scorer.kind=hps_v2.1", "scorer.checkpoint={tmp}/HPS_v2.1_compressed.pt"], "HPS v2.1 checkpoint not found"),
-    (["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/p.txt"], "has no 'image'"),
-    (["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/m.json", "dilation.kernel=0"],
-     "kernel >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["regenerate", "--config", "configs/tiny/regenerate.yaml"], "no input"),
+        (
+            ["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", "{tmp}/p.txt", "max_round=2"],
+            "did you mean 'max_rounds'",
+        ),
+        (
+            [
+                "regenerate",
+                "--config",
+                "configs/tiny/regenerate.yaml",
+                "--prompts",
+                "{tmp}/p.txt",
+                "--out",
+                "{tmp}/o",
+                "generator.path={tmp}/no_pipeline",
+            ],
+            "model_index.json",
+        ),
+        (
+            [
+                "regenerate",
+                "--config",
+                "configs/tiny/regenerate.yaml",
+                "--prompts",
+                "{tmp}/p.txt",
+                "--out",
+                "{tmp}/o",
+                "scorer.kind=hps_v2.1",
+                "scorer.checkpoint={tmp}/HPS_v2.1_compressed.pt",
+            ],
+            "HPS v2.1 checkpoint not found",
+        ),
+        (["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/p.txt"], "has no 'image'"),
+        (
+            ["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/m.json", "dilation.kernel=0"],
+            "kernel >= 1",
+        ),
+    ],
+)
 def test_cli_errors_are_clear(argv, message, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a cat\n")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")

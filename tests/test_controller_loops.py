@@ -75,8 +75,9 @@ def test_regeneration_revises_from_the_explanation_and_keeps_the_best(analyzer, 
     cfg.generator.steps = 2
     case = Case("c1", "a woman waving")
     with steered(analyzer, FOUND):
-        summary = regenerate_case(case, None, analyzer, text2img, TemplateReviser(), scorer, cfg,
-                                  CaseWriter(tmp_path, "c1"))
+        summary = regenerate_case(
+            case, None, analyzer, text2img, TemplateReviser(), scorer, cfg, CaseWriter(tmp_path, "c1")
+        )
     rounds = summary["rounds"]
     assert len(rounds) == 3 and summary["stop_reason"] == "max_rounds"
     assert rounds[0]["prompt"] == case.prompt and rounds[0]["phrases"] == ["left hand"]
@@ -103,8 +104,9 @@ def test_regeneration_stops_when_legion_finds_nothing(analyzer, scorer, text2img
     cfg = RegenerateConfig(max_rounds=3)
     cfg.generator.steps = 2
     with steered(analyzer, NOTHING):
-        summary = regenerate_case(Case("c2", "a cat"), start, analyzer, text2img, TemplateReviser(), scorer, cfg,
-                                  CaseWriter(tmp_path, "c2"))
+        summary = regenerate_case(
+            Case("c2", "a cat"), start, analyzer, text2img, TemplateReviser(), scorer, cfg, CaseWriter(tmp_path, "c2")
+        )
     assert summary["stop_reason"] == "no_artifact" and summary["num_rounds"] == 1
     (only,) = summary["rounds"]
     assert only["generated"] is False and not only["has_artifact"] and only["phrases"] == []
@@ -116,8 +118,15 @@ def test_regeneration_run_writes_summary_scores_and_page(analyzer, scorer, text2
     cfg = RegenerateConfig(max_rounds=3)
     cfg.generator.steps = 2
     with steered(analyzer, NOTHING):
-        summaries, aggregate = run_regeneration([Case("a", "a red car"), Case("b", "a blue boat")], analyzer,
-                                                text2img, TemplateReviser(), scorer, cfg, tmp_path)
+        summaries, aggregate = run_regeneration(
+            [Case("a", "a red car"), Case("b", "a blue boat")],
+            analyzer,
+            text2img,
+            TemplateReviser(),
+            scorer,
+            cfg,
+            tmp_path,
+        )
     assert [s["stop_reason"] for s in summaries] == ["no_artifact", "no_artifact"]
     lines = (tmp_path / "summary.jsonl").read_text().splitlines()
     assert [json.loads(line)["case_id"] for line in lines] == ["a", "b"]
@@ -132,8 +141,9 @@ def test_regeneration_patience_stops_on_a_score_that_does_not_improve(analyzer, 
     cfg = RegenerateConfig(max_rounds=4, patience=1)
     cfg.generator.steps = 2
     with steered(analyzer, FOUND):
-        s = regenerate_case(Case("p", "a red car"), None, analyzer, text2img, TemplateReviser(), scorer, cfg,
-                            CaseWriter(tmp_path, "p"))
+        s = regenerate_case(
+            Case("p", "a red car"), None, analyzer, text2img, TemplateReviser(), scorer, cfg, CaseWriter(tmp_path, "p")
+        )
     scores = [r["score"] for r in s["rounds"]]
     # rounds 2+ repeat round 1's prompt (the template reviser adds the same flags once), so the
     # loop must stop at round 1 (no better than round 0) or at round 2 (no better than round 1)
@@ -169,20 +179,22 @@ def test_inpainting_stops_without_a_mask(analyzer, scorer, inpainter, tmp_path):
     cfg = InpaintConfig(max_iter=3)
     cfg.inpainter.size, cfg.inpainter.steps = 32, 2
     with steered(analyzer, NOTHING):
-        summary = inpaint_case(Case("i2", "a tree"), image, analyzer, inpainter, scorer, cfg, CaseWriter(tmp_path, "i2"))
+        summary = inpaint_case(
+            Case("i2", "a tree"), image, analyzer, inpainter, scorer, cfg, CaseWriter(tmp_path, "i2")
+        )
     assert summary["num_rounds"] == 1 and summary["stop_reason"] == "no_artifact"
 
 
 def test_regeneration_keeps_round_0_when_the_reviser_fails(analyzer, scorer, text2img, tmp_path):
-    from tests.test_controller_reviser import FakeChatServer
-
     from legion.controller.prompt_reviser import OpenAIChatReviser
+    from tests.test_controller_reviser import FakeChatServer
 
     start = np.random.RandomState(4).randint(0, 256, (32, 32, 3), dtype=np.uint8)
     cfg = RegenerateConfig(max_rounds=3)
     with FakeChatServer([(401, {"error": "bad key"})]) as server, steered(analyzer, FOUND):
         reviser = OpenAIChatReviser(server.base_url, "k", "m", retries=0)
-        summary = regenerate_case(Case("r", "a cat"), start, analyzer, text2img, reviser, scorer, cfg,
-                                  CaseWriter(tmp_path, "r"))
+        summary = regenerate_case(
+            Case("r", "a cat"), start, analyzer, text2img, reviser, scorer, cfg, CaseWriter(tmp_path, "r")
+        )
     assert summary["stop_reason"] == "reviser_error" and summary["num_rounds"] == 1
     assert summary["rounds"][0]["has_artifact"] and len(server.requests) == 1

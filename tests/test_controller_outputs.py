@@ -24,8 +24,10 @@ def test_read_cases_in_all_formats(tmp_path):
     _png(tmp_path / "imgs" / "sub" / "c.png")
     (tmp_path / "p.txt").write_text("a cat\n\n# comment\n  a dog  \n")
     cases = read_cases(tmp_path / "p.txt")
-    assert [(c.case_id, c.prompt, c.image_path) for c in cases] == [("prompt_0001", "a cat", None),
-                                                                    ("prompt_0002", "a dog", None)]
+    assert [(c.case_id, c.prompt, c.image_path) for c in cases] == [
+        ("prompt_0001", "a cat", None),
+        ("prompt_0002", "a dog", None),
+    ]
     (tmp_path / "m.json").write_text(json.dumps({"a b.png": "a cat", "sub/c.png": "a dog"}))
     cases = read_cases(tmp_path / "m.json", image_root=tmp_path / "imgs", require_images=True)
     assert [c.case_id for c in cases] == ["a_b", "c"]
@@ -35,13 +37,16 @@ def test_read_cases_in_all_formats(tmp_path):
     assert len(read_cases(tmp_path / "l.jsonl", limit=1)) == 1
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"../secret.png": "p"}, "leaves the image root"),
-    ({"/etc/passwd": "p"}, "absolute image path"),
-    ({"missing.png": "p"}, "image not found"),
-    ({"a.png": ""}, "no non-empty 'prompt'"),
-    ([{"prompt": "p"}], "has no 'image'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"../secret.png": "p"}, "leaves the image root"),
+        ({"/etc/passwd": "p"}, "absolute image path"),
+        ({"missing.png": "p"}, "image not found"),
+        ({"a.png": ""}, "no non-empty 'prompt'"),
+        ([{"prompt": "p"}], "has no 'image'"),
+    ],
+)
 def test_read_cases_rejects_bad_entries(tmp_path, content, message):
     _png(tmp_path / "secret.png")
     _png(tmp_path / "root" / "a.png")
@@ -64,8 +69,11 @@ def test_record_masks_falls_back_per_phrase():
     a[1:3, 1:3] = 1
     b = np.zeros((6, 8), np.uint8)
     b[4, 5:8] = 1
-    record = {"verdict": "fake", "masks": [mask_to_rle(a), {"size": [6, 8], "counts": 12345}, mask_to_rle(b)],
-              "union_mask": None}
+    record = {
+        "verdict": "fake",
+        "masks": [mask_to_rle(a), {"size": [6, 8], "counts": 12345}, mask_to_rle(b)],
+        "union_mask": None,
+    }
     union, phrases, notes = record_masks(record, 6, 8)
     assert len(phrases) == 2 and len(notes) == 1 and "mask 1 skipped" in notes[0]
     assert np.array_equal(union, a | b) and has_artifact(record, union)
@@ -95,18 +103,24 @@ def test_case_folder_summary_and_offline_html(tmp_path):
         union = np.zeros((10, 12), np.uint8)
         union[:5] = 1
         record = {"verdict": "fake", "explanation": f"round {index}: <b>hand</b> & fingers", "phrases": ["hand"]}
-        rounds.append(writer.write_round(index, image, f"prompt {index}", record, score, union, [union],
-                                          {"has_artifact": True}))
+        rounds.append(
+            writer.write_round(index, image, f"prompt {index}", record, score, union, [union], {"has_artifact": True})
+        )
     folder = tmp_path / "cases" / "case<1>" / "round_01"
-    assert sorted(p.name for p in folder.iterdir()) == ["analysis.json", "image.png", "mask_00.png",
-                                                        "mask_union.png", "prompt.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "analysis.json",
+        "image.png",
+        "mask_00.png",
+        "mask_union.png",
+        "prompt.txt",
+    ]
     analysis = json.loads((folder / "analysis.json").read_text())
     assert analysis["round"]["score"] == 0.30 and analysis["round"]["artifact_fraction"] == 0.5
-    summary = case_summary("case<1>", "a cat", None, rounds, best_round=1, stop_reason="no_improvement",
-                           scorer="clip")
+    summary = case_summary("case<1>", "a cat", None, rounds, best_round=1, stop_reason="no_improvement", scorer="clip")
     assert (summary["pre_score"], summary["post_score"], summary["last_score"]) == (0.20, 0.30, 0.25)
-    other = case_summary("b", "a dog", None, [dict(rounds[0], score=0.40), dict(rounds[1], score=0.40)], 0,
-                         "no_artifact", "clip")
+    other = case_summary(
+        "b", "a dog", None, [dict(rounds[0], score=0.40), dict(rounds[1], score=0.40)], 0, "no_artifact", "clip"
+    )
     aggregate = write_summary(tmp_path, [summary, other], "clip", "regenerate")
     # per-image gains +50 % and 0 % -> 25 %; means 0.30 -> 0.35 -> 16.7 %
     assert aggregate["mean_of_ratios"] == pytest.approx(0.25)
@@ -130,8 +144,19 @@ def test_html_page_renders_in_a_browser(tmp_path):
     from tests.browser import open_page
 
     writer = CaseWriter(tmp_path, "case_a")
-    rounds = [writer.write_round(k, np.full((10, 12, 3), 60 * k, np.uint8), "p", {"verdict": "fake"}, 0.1 * (k + 1),
-                                 np.ones((10, 12), np.uint8), [], {}) for k in range(2)]
+    rounds = [
+        writer.write_round(
+            k,
+            np.full((10, 12, 3), 60 * k, np.uint8),
+            "p",
+            {"verdict": "fake"},
+            0.1 * (k + 1),
+            np.ones((10, 12), np.uint8),
+            [],
+            {},
+        )
+        for k in range(2)
+    ]
     summary = case_summary("case_a", "p", None, rounds, 1, "max_rounds", "clip")
     page = write_html(tmp_path, [summary], write_summary(tmp_path, [summary], "clip", "inpaint"), "t")
     result = open_page(page)

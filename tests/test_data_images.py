@@ -77,12 +77,15 @@ def _png_bytes(array):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("name, payload, reason", [
-    ("missing.png", None, "missing"),
-    ("noise.png", b"\x89PNG not really" * 10, "corrupt"),
-    ("text.jpg", b"hello", "corrupt"),
-    ("half.png", "half", "truncated"),
-])
+@pytest.mark.parametrize(
+    "name, payload, reason",
+    [
+        ("missing.png", None, "missing"),
+        ("noise.png", b"\x89PNG not really" * 10, "corrupt"),
+        ("text.jpg", b"hello", "corrupt"),
+        ("half.png", "half", "truncated"),
+    ],
+)
 def test_unusable_files_raise_with_reason(tmp_path, name, payload, reason):
     path = tmp_path / name
     if payload == "half":

@@ -13,10 +13,25 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from legion.data.synthscars import (MARKER, PREFIX, AnnotationFormatError, EpochSampler, PathEscapeError, Record,
-                                    Ref, SkippedSample, SynthScarsDataset, build_answer, collate,
-                                    find_annotation_file, load_annotations, rasterize_polygons,
-                                    records_to_json, resolve_image_path, resolve_spans)
+from legion.data.synthscars import (
+    MARKER,
+    PREFIX,
+    AnnotationFormatError,
+    EpochSampler,
+    PathEscapeError,
+    Record,
+    Ref,
+    SkippedSample,
+    SynthScarsDataset,
+    build_answer,
+    collate,
+    find_annotation_file,
+    load_annotations,
+    rasterize_polygons,
+    records_to_json,
+    resolve_image_path,
+    resolve_spans,
+)
 from legion.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, SEG
 
 TAG_RE = re.compile(r"<p> (.*?) </p> \[SEG\]", re.S)
@@ -49,8 +64,8 @@ def test_sample_spans_are_anchored_in_the_detail_section(synthscars_sample_path)
             methods[span.method] += 1
             ref = record.refs[span.ref_index]
             assert span.start > detail_start
-            assert record.caption[span.start: span.end] == ref.sentence
-            assert record.caption[span.end: span.end + 1 + len(ref.explanation)] == ":" + ref.explanation
+            assert record.caption[span.start : span.end] == ref.sentence
+            assert record.caption[span.end : span.end + 1 + len(ref.explanation)] == ":" + ref.explanation
             first_occurrence_in_summary += record.caption.find(ref.sentence) < detail_start
         answer, kept = build_answer(record, spans)
         assert answer.count(SEG) == len(kept) == len(record.refs)
@@ -73,8 +88,9 @@ def test_duplicate_and_nested_phrases_bind_to_their_own_entries(synthscars_sampl
 
 @pytest.fixture(scope="module")
 def sample_dataset(synthscars_sample_root, data_tokenizer):
-    return SynthScarsDataset(synthscars_sample_root, "train", data_tokenizer, clip_size=32,
-                             sam_input_size=64, sam_pad_to=64, max_length=None)
+    return SynthScarsDataset(
+        synthscars_sample_root, "train", data_tokenizer, clip_size=32, sam_input_size=64, sam_pad_to=64, max_length=None
+    )
 
 
 def test_sample_masks_equal_independent_pycocotools(sample_dataset, synthscars_sample_path):
@@ -126,16 +142,22 @@ SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
 def test_validation_names_record_and_field(tmp_path):
     good_ref = {"sentence": "left ear", "explanation": "bent.", "bbox": None, "segmentation": [SQUARE]}
     data = [
-        {"1": {"img_file_name": "a.png", "caption": _caption(("left ear", "bent."), ("eye", "")), "refs": [
-            good_ref,
-            {"sentence": "eye", "explanation": "", "segmentation": [SQUARE]},                  # empty explanation
-            {"sentence": "nose", "explanation": "x", "segmentation": [[1.0, 2.0, 3.0]]},        # odd length
-            {"sentence": "lip", "explanation": "x", "segmentation": [[1.0, 2.0, 3.0, 4.0]]},    # 2 points
-            {"sentence": "chin", "explanation": "x", "segmentation": [[1.0, float("nan"), 3.0, 4.0, 5.0, 6.0]]},
-            {"explanation": "x", "segmentation": [SQUARE]},                                      # no sentence
-        ]}},
-        {"1": {"img_file_name": "b.png", "caption": _caption(), "refs": []}},                  # duplicate id
-        {"2": {"caption": _caption(), "refs": []}},                                             # no image name
+        {
+            "1": {
+                "img_file_name": "a.png",
+                "caption": _caption(("left ear", "bent."), ("eye", "")),
+                "refs": [
+                    good_ref,
+                    {"sentence": "eye", "explanation": "", "segmentation": [SQUARE]},  # empty explanation
+                    {"sentence": "nose", "explanation": "x", "segmentation": [[1.0, 2.0, 3.0]]},  # odd length
+                    {"sentence": "lip", "explanation": "x", "segmentation": [[1.0, 2.0, 3.0, 4.0]]},  # 2 points
+                    {"sentence": "chin", "explanation": "x", "segmentation": [[1.0, float("nan"), 3.0, 4.0, 5.0, 6.0]]},
+                    {"explanation": "x", "segmentation": [SQUARE]},  # no sentence
+                ],
+            }
+        },
+        {"1": {"img_file_name": "b.png", "caption": _caption(), "refs": []}},  # duplicate id
+        {"2": {"caption": _caption(), "refs": []}},  # no image name
         {"3": {"img_file_name": "c.png", "caption": _caption(("left ear", "bent.")), "refs": [good_ref]}},
         {"4": {"img_file_name": "c.png", "caption": _caption(("left ear", "bent.")), "refs": [good_ref]}},
         ["not", "an", "object"],
@@ -153,25 +175,36 @@ def test_validation_names_record_and_field(tmp_path):
     assert ("2", "img_file_name", "missing_field", "error") in found
     assert ("4", "<record>", "duplicate_record", "warning") in found
     assert ("#5", "<entry>", "not_one_key_object", "error") in found
-    for code in ("nose", "lip", "chin"):  # refs with no valid polygon are dropped, and say so
-        assert any(p.message.endswith("ref dropped") and p.field.endswith(".segmentation") for p in report.problems)
+    # the three refs with no valid polygon (nose, lip, chin) are dropped, and say so
+    dropped = [p for p in report.problems if p.message.endswith("ref dropped") and p.field.endswith(".segmentation")]
+    assert len(dropped) == 3
     assert [r.id for r in records] == ["1", "3", "4"]
     assert [ref.sentence for ref in records[0].refs] == ["left ear", "eye"]
     assert all(str(p).startswith(p.severity) and p.field in str(p) for p in report.problems)
 
 
 def test_sentence_not_in_caption_is_warned_counted_and_rest_kept(tmp_path):
-    data = [{"7": {"img_file_name": "a.png", "caption": _caption(("left ear", "bent.")), "refs": [
-        {"sentence": "left ear", "explanation": "bent.", "segmentation": [SQUARE]},
-        {"sentence": "tail", "explanation": "long.", "segmentation": [SQUARE]},
-    ]}}]
+    data = [
+        {
+            "7": {
+                "img_file_name": "a.png",
+                "caption": _caption(("left ear", "bent.")),
+                "refs": [
+                    {"sentence": "left ear", "explanation": "bent.", "segmentation": [SQUARE]},
+                    {"sentence": "tail", "explanation": "long.", "segmentation": [SQUARE]},
+                ],
+            }
+        }
+    ]
     records, report = load_annotations(_write(tmp_path, data))
-    assert [(p.record_id, p.field, p.code) for p in report.warnings] == [("7", "refs[1].sentence", "sentence_not_in_caption")]
+    assert [(p.record_id, p.field, p.code) for p in report.warnings] == [
+        ("7", "refs[1].sentence", "sentence_not_in_caption")
+    ]
     spans, dropped = resolve_spans(records[0])
     assert [s.ref_index for s in spans] == [0] and dropped == [(1, "not_in_caption")]
 
 
-@pytest.mark.parametrize("text, where", [("[{\"1\": {]", "line 1"), ("{\"a\": 1}", "expected a JSON list")])
+@pytest.mark.parametrize("text, where", [('[{"1": {]', "line 1"), ('{"a": 1}', "expected a JSON list")])
 def test_unusable_file_raises_with_location(tmp_path, text, where):
     path = tmp_path / "bad.json"
     path.write_text(text)
@@ -182,17 +215,19 @@ def test_unusable_file_raises_with_location(tmp_path, text, where):
 # --- spans: fallbacks ---------------------------------------------------------------------------
 def test_span_fallbacks_and_drops_are_counted():
     caption = _caption(("red wheel", "it is red."), ("sky", "too green."), summary="A red wheel under a sky.")
-    refs = [Ref("red wheel", "WRONG explanation", [SQUARE]),     # anchor fails -> after cursor (detail)
-            Ref("sky", "too green.", [SQUARE]),                    # anchored
-            Ref("under", "x", [SQUARE]),                           # only in the summary -> anywhere
-            Ref("sky", "again", [SQUARE]),                         # the free occurrence is in the summary
-            Ref("cloud", "x", [SQUARE])]                           # nowhere -> dropped
+    refs = [
+        Ref("red wheel", "WRONG explanation", [SQUARE]),  # anchor fails -> after cursor (detail)
+        Ref("sky", "too green.", [SQUARE]),  # anchored
+        Ref("under", "x", [SQUARE]),  # only in the summary -> anywhere
+        Ref("sky", "again", [SQUARE]),  # the free occurrence is in the summary
+        Ref("cloud", "x", [SQUARE]),
+    ]  # nowhere -> dropped
     spans, dropped = resolve_spans(Record("9", "a.png", caption, refs))
     by_ref = {s.ref_index: s for s in spans}
     assert by_ref[0].method == "after_cursor" and by_ref[0].start > caption.index(MARKER)
     assert by_ref[1].method == "anchored"
     assert by_ref[2].method == "anywhere" and by_ref[2].start < caption.index(MARKER)
-    assert by_ref[3].method == "anywhere" and caption[by_ref[3].start:by_ref[3].end] == "sky"
+    assert by_ref[3].method == "anywhere" and caption[by_ref[3].start : by_ref[3].end] == "sky"
     assert dropped == [(4, "not_in_caption")]
     answer, kept = build_answer(Record("9", "a.png", caption, refs), spans)
     assert [r.sentence for r in kept] == ["under", "sky", "red wheel", "sky"]  # caption order
@@ -265,16 +300,29 @@ def _record(rid, name, n_refs=1, long_explanation=""):
 
 
 def test_bad_samples_are_counted_not_fatal(tmp_path, data_tokenizer):
-    records = [_record("1", "ok.png"), _record("2", "missing.png"), _record("3", "../escape.png"),
-               _record("4", "trunc.png"), _record("5", "small.png"),
-               Record("6", "ok.png", _caption(), [])]
-    root = _tiny_root(tmp_path, records, {"ok.png": _good_png, "trunc.png": _truncated_png,
-                                          "small.png": lambda p: Image.new("RGB", (12, 12)).save(p)})
+    records = [
+        _record("1", "ok.png"),
+        _record("2", "missing.png"),
+        _record("3", "../escape.png"),
+        _record("4", "trunc.png"),
+        _record("5", "small.png"),
+        Record("6", "ok.png", _caption(), []),
+    ]
+    root = _tiny_root(
+        tmp_path,
+        records,
+        {"ok.png": _good_png, "trunc.png": _truncated_png, "small.png": lambda p: Image.new("RGB", (12, 12)).save(p)},
+    )
     ds = SynthScarsDataset(root, "train", data_tokenizer, clip_size=16, sam_input_size=32, sam_pad_to=32)
-    assert ds.report == Counter({"image_missing": 1, "path_escape": 1, "polygon_outside_image": 1,
-                                 "no_grounded_ref": 1})
-    assert {(p.record_id, p.field) for p in ds.problems} == {("2", "img_file_name"), ("3", "img_file_name"),
-                                                           ("5", "refs[].segmentation"), ("6", "refs")}
+    assert ds.report == Counter(
+        {"image_missing": 1, "path_escape": 1, "polygon_outside_image": 1, "no_grounded_ref": 1}
+    )
+    assert {(p.record_id, p.field) for p in ds.problems} == {
+        ("2", "img_file_name"),
+        ("3", "img_file_name"),
+        ("5", "refs[].segmentation"),
+        ("6", "refs"),
+    }
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate, shuffle=False)
     batches = list(loader)  # the truncated PNG passes the header check and fails at decode
     assert batches[0]["record_ids"] == ["1"] and batches[0]["skipped"] == [("4", "truncated")]
@@ -283,30 +331,42 @@ def test_bad_samples_are_counted_not_fatal(tmp_path, data_tokenizer):
 def test_truncation_that_would_cut_a_seg_is_skipped(tmp_path, data_tokenizer):
     records = [_record("1", "ok.png", n_refs=2, long_explanation=" word" * 60), _record("2", "ok.png")]
     root = _tiny_root(tmp_path, records, {"ok.png": _good_png})
-    full = SynthScarsDataset(root, "train", data_tokenizer, clip_size=16, sam_input_size=32, sam_pad_to=32,
-                             max_length=None)
+    full = SynthScarsDataset(
+        root, "train", data_tokenizer, clip_size=16, sam_input_size=32, sam_pad_to=32, max_length=None
+    )
     long_len, short_len = len(full.items[0].input_ids), len(full.items[1].input_ids)
     seg_positions = (full.items[0].input_ids == full.seg_id).nonzero().flatten().tolist()
-    cut = SynthScarsDataset(root, "train", data_tokenizer, clip_size=16, sam_input_size=32, sam_pad_to=32,
-                            max_length=seg_positions[-1])
+    cut = SynthScarsDataset(
+        root, "train", data_tokenizer, clip_size=16, sam_input_size=32, sam_pad_to=32, max_length=seg_positions[-1]
+    )
     assert cut.report["truncated_past_seg"] == 1 and [i.record.id for i in cut.items] == ["2"]
     assert short_len <= seg_positions[-1] < long_len
-    tail = SynthScarsDataset(root, "train", data_tokenizer, clip_size=16, sam_input_size=32, sam_pad_to=32,
-                             max_length=long_len - 3)
+    tail = SynthScarsDataset(
+        root, "train", data_tokenizer, clip_size=16, sam_input_size=32, sam_pad_to=32, max_length=long_len - 3
+    )
     assert tail.report["truncated_text_only"] == 1 and len(tail.items[0].input_ids) == long_len - 3
 
 
 # --- collate --------------------------------------------------------------------------------------
 def _fake_sample(ids, hw=(5, 7), n_masks=1):
     ids = torch.tensor(ids)
-    return {"input_ids": ids, "labels": ids.clone(), "clip_pixel_values": torch.zeros(3, 4, 4),
-            "sam_pixel_values": torch.zeros(3, 8, 8), "sam_resized_size": (4, 6), "original_size": hw,
-            "gt_masks": torch.ones(n_masks, *hw, dtype=torch.uint8), "image_path": "p", "record_id": "r"}
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "clip_pixel_values": torch.zeros(3, 4, 4),
+        "sam_pixel_values": torch.zeros(3, 8, 8),
+        "sam_resized_size": (4, 6),
+        "original_size": hw,
+        "gt_masks": torch.ones(n_masks, *hw, dtype=torch.uint8),
+        "image_path": "p",
+        "record_id": "r",
+    }
 
 
 def test_collate_right_pads_and_masks_from_lengths():
-    batch = collate([_fake_sample([1, 5, 0, 9]), SkippedSample("x", "y", "corrupt"),
-                     _fake_sample([1, 0], hw=(3, 3), n_masks=2)])
+    batch = collate(
+        [_fake_sample([1, 5, 0, 9]), SkippedSample("x", "y", "corrupt"), _fake_sample([1, 0], hw=(3, 3), n_masks=2)]
+    )
     assert batch["input_ids"].tolist() == [[1, 5, 0, 9], [1, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[True] * 4, [True, True, False, False]]  # genuine id 0 kept
     assert batch["labels"].tolist() == [[1, 5, 0, 9], [1, 0, IGNORE_INDEX, IGNORE_INDEX]]

@@ -11,10 +11,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from legion.data.synthscars import (MARKER, PREFIX, SynthScarsDataset, collate, find_annotation_file,
-                                    load_annotations, rasterize_polygons, resolve_spans)
-from legion.data.toy import (CATEGORIES, CONTENT_TYPES, LOCATIONS, MAX_AREA, MIN_AREA, caption_corpus, generator_trace,
-                             location_of, make_toy_data)
+from legion.data.synthscars import (
+    MARKER,
+    PREFIX,
+    SynthScarsDataset,
+    collate,
+    find_annotation_file,
+    load_annotations,
+    rasterize_polygons,
+    resolve_spans,
+)
+from legion.data.toy import (
+    CATEGORIES,
+    CONTENT_TYPES,
+    LOCATIONS,
+    MAX_AREA,
+    MIN_AREA,
+    caption_corpus,
+    generator_trace,
+    location_of,
+    make_toy_data,
+)
 
 
 def _records(root, split):
@@ -42,7 +59,7 @@ def test_captions_follow_the_synthscars_template_exactly(toy_data_dir):
     for record in _records(toy_data_dir, "train")[0] + _records(toy_data_dir, "test")[0]:
         assert record.content_type in CONTENT_TYPES and record.artifact_category in CATEGORIES
         assert record.caption.startswith(PREFIX) and record.caption.count(MARKER) == 1
-        summary, details = record.caption[len(PREFIX):].split(MARKER)
+        summary, details = record.caption[len(PREFIX) :].split(MARKER)
         assert "\n" not in summary and summary.endswith(".")
         assert details == "".join(f"{r.sentence}:{r.explanation}" for r in record.refs)
         assert 1 <= len(record.refs) <= 2 and len({r.sentence for r in record.refs}) == len(record.refs)
@@ -58,7 +75,9 @@ def test_captions_follow_the_synthscars_template_exactly(toy_data_dir):
 def test_artifacts_live_exactly_inside_their_polygons(toy_data_dir):
     for record in _records(toy_data_dir, "train")[0]:
         fake = np.asarray(Image.open(toy_data_dir / "train" / "images" / record.img_file_name))
-        real = np.asarray(Image.open(toy_data_dir / "detection" / "train" / "toyscars" / "0_real" / record.img_file_name))
+        real = np.asarray(
+            Image.open(toy_data_dir / "detection" / "train" / "toyscars" / "0_real" / record.img_file_name)
+        )
         assert fake.shape == real.shape == (64, 64, 3)
         union = np.zeros((64, 64), np.uint8)
         for ref in record.refs:
@@ -122,8 +141,24 @@ def test_detection_split_reads_with_the_detection_lister(toy_data_dir):
 def test_cli_writes_the_layout(tmp_path, capsys):
     from legion.cli import main
 
-    assert main(["make-toy-data", "--out", str(tmp_path / "t"), "--num-train", "3", "--num-test", "1",
-                 "--size", "48", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "make-toy-data",
+                "--out",
+                str(tmp_path / "t"),
+                "--num-train",
+                "3",
+                "--num-test",
+                "1",
+                "--size",
+                "48",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "wrote ToyScars (4 images, 48 px)" in capsys.readouterr().out
     assert (tmp_path / "t" / "test" / "annotations" / "test.json").is_file()
     with pytest.raises(SystemExit):

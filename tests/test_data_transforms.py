@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from legion.data.transforms import (CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, clip_preprocess, clip_resize_size,
-                                    resize_longest_side_size, sam_preprocess)
+from legion.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SAM_MEAN,
+    SAM_STD,
+    clip_preprocess,
+    clip_resize_size,
+    resize_longest_side_size,
+    sam_preprocess,
+)
 
 RNG = np.random.default_rng(1)
 
@@ -18,9 +26,14 @@ def test_clip_preprocess_matches_hf_pil_processor(hw):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     image = RNG.integers(0, 256, (*hw, 3), dtype=np.uint8)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                      do_center_crop=True, resample=3, image_mean=list(CLIP_MEAN),
-                                      image_std=list(CLIP_STD))
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        resample=3,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
     expected = torch.from_numpy(processor(images=image, return_tensors="np")["pixel_values"][0])
     ours = clip_preprocess(image, 336)
     assert ours.shape == (3, 336, 336) and ours.dtype == torch.float32
@@ -32,13 +45,16 @@ def test_clip_resize_truncates_long_side():
     assert clip_resize_size(1365, 768, 336) == (597, 336)
 
 
-@pytest.mark.parametrize("hw, s1024, s512", [
-    ((768, 1365), (576, 1024), (288, 512)),
-    ((3000, 4000), (768, 1024), (384, 512)),
-    ((224, 300), (765, 1024), (382, 512)),
-    ((683, 1024), (683, 1024), (342, 512)),
-    ((1365, 768), (1024, 576), (512, 288)),
-])
+@pytest.mark.parametrize(
+    "hw, s1024, s512",
+    [
+        ((768, 1365), (576, 1024), (288, 512)),
+        ((3000, 4000), (768, 1024), (384, 512)),
+        ((224, 300), (765, 1024), (382, 512)),
+        ((683, 1024), (683, 1024), (342, 512)),
+        ((1365, 768), (1024, 576), (512, 288)),
+    ],
+)
 def test_resize_longest_side_table(hw, s1024, s512):
     assert resize_longest_side_size(*hw, 1024) == s1024
     assert resize_longest_side_size(*hw, 512) == s512
@@ -57,7 +73,7 @@ def test_sam_preprocess_matches_segment_anything(hw, longest):
     ours, size = sam_preprocess(image, longest, pad_to)
     assert size == tuple(resized.shape[1:]) == resize_longest_side_size(*hw, longest)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-    assert (ours[:, size[0]:, :] == 0).all() and (ours[:, :, size[1]:] == 0).all()
+    assert (ours[:, size[0] :, :] == 0).all() and (ours[:, :, size[1] :] == 0).all()
 
 
 def test_sam_rejects_longest_side_bigger_than_pad():

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from legion.data.detection import (DetectionDataError, DetectionItem, is_fake_to_reference_index,
-                                   list_detection_images, reference_label_to_is_fake, summarize)
+from legion.data.detection import (
+    DetectionDataError,
+    DetectionItem,
+    is_fake_to_reference_index,
+    list_detection_images,
+    reference_label_to_is_fake,
+    summarize,
+)
 
 # --- generators (used by the other detector tests too) -------------------------------------------
 
@@ -29,7 +35,7 @@ def toy_image(rng: np.random.Generator, fake: bool, size: int = 48) -> np.ndarra
         p = size // 2
         top, left = rng.integers(0, size - p, 2)
         checker = ((np.indices((p, p)).sum(0) % 2) * 2 - 1)[..., None] * 90
-        img[top:top + p, left:left + p] += checker
+        img[top : top + p, left : left + p] += checker
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -44,8 +50,9 @@ def write_images(folder: Path, n: int, fake: bool, seed: int, size: int = 48) ->
     return paths
 
 
-def make_detection_tree(root: Path, layout: dict[str, list[str] | None], n: int = 3, seed: int = 0,
-                        size: int = 48) -> Path:
+def make_detection_tree(
+    root: Path, layout: dict[str, list[str] | None], n: int = 3, seed: int = 0, size: int = 48
+) -> Path:
     """layout: {subset: None (single-class) | [class, ...] (multi-class)} -> UFD folder tree."""
     for s, (subset, classes) in enumerate(layout.items()):
         bases = [root / subset] if classes is None else [root / subset / c for c in classes]
@@ -111,8 +118,10 @@ def test_reference_label_mapping():
 
 def test_json_train_list(tmp_path):
     root = make_detection_tree(tmp_path / "data", {"progan": ["cat"]}, n=2)
-    rows = [{"image_path": "progan/cat/0_real/img_000.png", "label": "real"},
-            {"image_path": "progan/cat/1_fake/img_000.png", "label": "fake"}]
+    rows = [
+        {"image_path": "progan/cat/0_real/img_000.png", "label": "real"},
+        {"image_path": "progan/cat/1_fake/img_000.png", "label": "fake"},
+    ]
     lst = tmp_path / "progan_cls_train.json"
     lst.write_text(json.dumps(rows))
     items = list_detection_images(lst, data_base=root)
@@ -122,9 +131,11 @@ def test_json_train_list(tmp_path):
 
 def test_json_test_list_with_categories_and_jsonl(tmp_path):
     root = make_detection_tree(tmp_path / "data", {"biggan": None, "guided": None}, n=1)
-    rows = [{"image": "biggan/0_real/img_000.png", "label": "real", "category": "biggan"},
-            {"image": "biggan/1_fake/img_000.png", "label": "biggan", "category": "biggan"},
-            {"image": "guided/1_fake/img_000.png", "label": "fake", "category": "guided"}]
+    rows = [
+        {"image": "biggan/0_real/img_000.png", "label": "real", "category": "biggan"},
+        {"image": "biggan/1_fake/img_000.png", "label": "biggan", "category": "biggan"},
+        {"image": "guided/1_fake/img_000.png", "label": "fake", "category": "guided"},
+    ]
     lst = root / "meta.jsonl"  # default data_base: the list's own folder
     lst.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     items = list_detection_images(lst)

@@ -11,11 +11,21 @@ from safetensors import safe_open
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from legion.model.configuration import CLIP_L14_336, LegionConfig
-from legion.model.detector import (FAKE_INDEX, HEAD_FILE, META_FILE, DetectorLoadError, RealFakeDetector,
-                                   backbone_fingerprint, build_detector, load_detector, resolve_clip_dir)
+from legion.model.detector import (
+    FAKE_INDEX,
+    HEAD_FILE,
+    META_FILE,
+    DetectorLoadError,
+    RealFakeDetector,
+    backbone_fingerprint,
+    build_detector,
+    load_detector,
+    resolve_clip_dir,
+)
 
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                   image_size=32, patch_size=8)
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 
 def make_clip_dir(path, seed=0, **overrides):
@@ -29,9 +39,16 @@ def make_legion_dir(path, tower_name="vision_tower", seed=0):
     """A LEGION-style checkpoint dir whose config.json names its CLIP relative to itself."""
     path.mkdir(parents=True, exist_ok=True)
     make_clip_dir(path / tower_name, seed=seed)
-    LegionConfig(mm_vision_tower=tower_name, vision_config=TINY_VISION, mm_hidden_size=32,
-                 hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                 vocab_size=100).save_pretrained(path)
+    LegionConfig(
+        mm_vision_tower=tower_name,
+        vision_config=TINY_VISION,
+        mm_hidden_size=32,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+    ).save_pretrained(path)
     return path
 
 
@@ -45,8 +62,12 @@ def test_head_shapes_and_param_count_at_full_size():
         tower = CLIPVisionModel(CLIPVisionConfig(**CLIP_L14_336))
         det = RealFakeDetector(tower)
     shapes = {f"prediction_head.{k}": tuple(v.shape) for k, v in det.prediction_head.state_dict().items()}
-    assert shapes == {"prediction_head.0.weight": (2048, 1024), "prediction_head.0.bias": (2048,),
-                      "prediction_head.2.weight": (2, 2048), "prediction_head.2.bias": (2,)}
+    assert shapes == {
+        "prediction_head.0.weight": (2048, 1024),
+        "prediction_head.0.bias": (2048,),
+        "prediction_head.2.weight": (2, 2048),
+        "prediction_head.2.bias": (2,),
+    }
     trainable = sum(p.numel() for p in det.parameters() if p.requires_grad)
     assert trainable == 2_103_298  # docs/model.md §0: only the head trains
     assert det.preprocess_spec.crop_size == 336
@@ -111,8 +132,12 @@ def test_checkpoint_round_trip_without_clip_copy(tmp_path):
     out = det.save(tmp_path / "det")
     assert sorted(os.listdir(out)) == sorted([HEAD_FILE, META_FILE])
     with safe_open(str(out / HEAD_FILE), "pt") as f:
-        assert sorted(f.keys()) == ["prediction_head.0.bias", "prediction_head.0.weight",
-                                    "prediction_head.2.bias", "prediction_head.2.weight"]
+        assert sorted(f.keys()) == [
+            "prediction_head.0.bias",
+            "prediction_head.0.weight",
+            "prediction_head.2.bias",
+            "prediction_head.2.weight",
+        ]
     head_params = sum(p.numel() for p in det.prediction_head.parameters())
     assert (out / HEAD_FILE).stat().st_size < 4 * head_params + 4096  # the head only, no CLIP tensors
     meta = json.loads((out / META_FILE).read_text())
@@ -157,5 +182,5 @@ def test_missing_clip_weights_is_an_error(tmp_path, clip_dir):
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(clip_dir / "config.json", broken / "config.json")
-    with pytest.raises(Exception):
+    with pytest.raises(DetectorLoadError, match="no file named model.safetensors"):
         build_detector(broken)

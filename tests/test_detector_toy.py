@@ -11,11 +11,33 @@ from legion.cli import main
 def test_tiny_detector_learns_toyscars(tmp_path, tiny_model_dir):
     toy = tmp_path / "toy"
     assert main(["make-toy-data", "--out", str(toy)]) == 0  # the defaults: 400 train / 100 test pairs
-    assert main(["cls-train", "--config", "configs/tiny/train_cls.yaml", f"data.train={toy}/detection/train",
-                 f"model.backbone={tiny_model_dir}", f"output_dir={tmp_path}/cls",
-                 f"feature_cache_dir={tmp_path}/features"]) == 0
-    assert main(["cls-eval", "--config", "configs/tiny/eval_cls.yaml", f"detector={tmp_path}/cls",
-                 f"data.test={toy}/detection/test", f"output_dir={tmp_path}/eval"]) == 0
+    assert (
+        main(
+            [
+                "cls-train",
+                "--config",
+                "configs/tiny/train_cls.yaml",
+                f"data.train={toy}/detection/train",
+                f"model.backbone={tiny_model_dir}",
+                f"output_dir={tmp_path}/cls",
+                f"feature_cache_dir={tmp_path}/features",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "cls-eval",
+                "--config",
+                "configs/tiny/eval_cls.yaml",
+                f"detector={tmp_path}/cls",
+                f"data.test={toy}/detection/test",
+                f"output_dir={tmp_path}/eval",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert set(metrics["per_subset"]) == {"toyscars"}
     assert metrics["mean_accuracy"] >= 85.0  # measured 94.0 (configs/tiny/train_cls.yaml)

@@ -11,8 +11,16 @@ from legion.config import load_config
 from legion.data.detection import list_detection_images
 from legion.eval.detection_run import EvalClsConfig, evaluate_cls
 from legion.model.detector import build_detector, load_detector
-from legion.train.cls import (FeatureCache, TrainClsConfig, evaluate_head, extract_features, reference_targets,
-                              stratified_split, train_cls, train_head)
+from legion.train.cls import (
+    FeatureCache,
+    TrainClsConfig,
+    evaluate_head,
+    extract_features,
+    reference_targets,
+    stratified_split,
+    train_cls,
+    train_head,
+)
 from tests.test_detector_data import make_detection_tree
 from tests.test_detector_model import make_clip_dir
 
@@ -54,8 +62,14 @@ def test_feature_cache_equals_fresh_features_and_tracks_mtime(setup, tmp_path):
     third = extract_features(det, items, FeatureCache(cache_dir), batch_size=5, progress=False)
     assert third.computed == 1 and torch.allclose(third.features, fresh.features, atol=1e-5)  # batch of 1
     # a different preprocessing signature (e.g. a perturbation) never reuses entries
-    other = extract_features(det, items[:2], FeatureCache(cache_dir), transform_signature="blur:5",
-                             image_transform=lambda im: im[:, ::-1].copy(), progress=False)
+    other = extract_features(
+        det,
+        items[:2],
+        FeatureCache(cache_dir),
+        transform_signature="blur:5",
+        image_transform=lambda im: im[:, ::-1].copy(),
+        progress=False,
+    )
     assert other.computed == 2
 
 
@@ -102,12 +116,28 @@ def test_head_training_improves_accuracy_and_keeps_best_epoch(setup):
 def test_cls_train_and_eval_recipes(setup, tmp_path):
     root, clip = setup
     out = tmp_path / "run"
-    cfg = load_config(TrainClsConfig, None, [f"data.train={root / 'train'}", f"model.backbone={clip}",
-                                             f"output_dir={out}", "num_workers=0", "epochs=30", "batch_size=16",
-                                             "optim.lr=1e-2", f"feature_cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(
+        TrainClsConfig,
+        None,
+        [
+            f"data.train={root / 'train'}",
+            f"model.backbone={clip}",
+            f"output_dir={out}",
+            "num_workers=0",
+            "epochs=30",
+            "batch_size=16",
+            "optim.lr=1e-2",
+            f"feature_cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     summary = train_cls(cfg, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "detector.json", "head.safetensors",
-                                                      "log.jsonl", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml",
+        "detector.json",
+        "head.safetensors",
+        "log.jsonl",
+        "metrics.json",
+    ]
     assert summary["best_val_accuracy"] >= 0.85 and summary["n_train"] + summary["n_val"] == 80
     events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert events.count("epoch") == 30 and "done" in events
@@ -118,12 +148,16 @@ def test_cls_train_and_eval_recipes(setup, tmp_path):
     cfg.output_dir = str(tmp_path / "run2")
     cfg.epochs = 1
     train_cls(cfg, progress=False)
-    feats = [json.loads(line) for line in (tmp_path / "run2" / "log.jsonl").read_text().splitlines()
-             if '"features"' in line]
+    feats = [
+        json.loads(line) for line in (tmp_path / "run2" / "log.jsonl").read_text().splitlines() if '"features"' in line
+    ]
     assert all(f["computed"] == 0 for f in feats) and sum(f["from_cache"] for f in feats) == 80
 
-    ev = load_config(EvalClsConfig, None, [f"detector={out}", f"data.test={root / 'test'}",
-                                           f"output_dir={tmp_path / 'eval'}", "num_workers=0"])
+    ev = load_config(
+        EvalClsConfig,
+        None,
+        [f"detector={out}", f"data.test={root / 'test'}", f"output_dir={tmp_path / 'eval'}", "num_workers=0"],
+    )
     result = evaluate_cls(ev, progress=False)
     m = result["metrics"]
     assert set(m["per_subset"]) == {"a", "b"}
@@ -131,7 +165,9 @@ def test_cls_train_and_eval_recipes(setup, tmp_path):
         assert key in m["per_subset"]["a"]
     for key in ("mean_accuracy", "mean_ap", "overall"):
         assert key in m
-    assert m["mean_accuracy"] == pytest.approx((m["per_subset"]["a"]["accuracy"] + m["per_subset"]["b"]["accuracy"]) / 2)
+    assert m["mean_accuracy"] == pytest.approx(
+        (m["per_subset"]["a"]["accuracy"] + m["per_subset"]["b"]["accuracy"]) / 2
+    )
     preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 36 and {"image", "subset", "is_fake", "fake_prob"} <= set(preds[0])
     # the predictions file alone reproduces the metrics
@@ -151,7 +187,9 @@ def test_cls_train_and_eval_recipes(setup, tmp_path):
     ev.perturbation, ev.output_dir = "noise:40", str(tmp_path / "eval_noise")
     noisy = evaluate_cls(ev, progress=False)
     assert noisy["perturbation"]["kind"] == "noise" and noisy["perturbation"]["sigma_0_255"] == 40
-    noisy_preds = [json.loads(line) for line in (tmp_path / "eval_noise" / "predictions.jsonl").read_text().splitlines()]
+    noisy_preds = [
+        json.loads(line) for line in (tmp_path / "eval_noise" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert [p["image"] for p in noisy_preds] == [p["image"] for p in preds]
     assert any(abs(a["fake_prob"] - b["fake_prob"]) > 1e-4 for a, b in zip(noisy_preds, preds))
 
@@ -164,9 +202,20 @@ def test_head_trains_in_bf16_by_default_as_the_reference(setup, tmp_path):
     heads = {}
     for head_dtype in ("bfloat16", "float32"):
         out = tmp_path / head_dtype
-        cfg = load_config(TrainClsConfig, None, [f"data.train={root / 'train'}", f"model.backbone={clip}",
-                                                 f"output_dir={out}", "num_workers=0", "epochs=3", "batch_size=16",
-                                                 "optim.lr=1e-2", f"model.head_dtype={head_dtype}"])
+        cfg = load_config(
+            TrainClsConfig,
+            None,
+            [
+                f"data.train={root / 'train'}",
+                f"model.backbone={clip}",
+                f"output_dir={out}",
+                "num_workers=0",
+                "epochs=3",
+                "batch_size=16",
+                "optim.lr=1e-2",
+                f"model.head_dtype={head_dtype}",
+            ],
+        )
         train_cls(cfg, progress=False)
         heads[head_dtype] = load_file(str(out / "head.safetensors"))["prediction_head.0.weight"]
     bf16, fp32 = heads["bfloat16"], heads["float32"]
@@ -174,9 +223,19 @@ def test_head_trains_in_bf16_by_default_as_the_reference(setup, tmp_path):
     assert torch.equal(bf16, bf16.bfloat16().float())  # ... but the bf16-trained one holds bf16 values
     assert not torch.equal(fp32, fp32.bfloat16().float())
     with pytest.raises(Exception, match="head_dtype"):
-        train_cls(load_config(TrainClsConfig, None, [f"data.train={root / 'train'}", f"model.backbone={clip}",
-                                                     f"output_dir={tmp_path / 'x'}", "model.head_dtype=float16"]),
-                  progress=False)
+        train_cls(
+            load_config(
+                TrainClsConfig,
+                None,
+                [
+                    f"data.train={root / 'train'}",
+                    f"model.backbone={clip}",
+                    f"output_dir={tmp_path / 'x'}",
+                    "model.head_dtype=float16",
+                ],
+            ),
+            progress=False,
+        )
 
 
 def test_cli_errors_are_clear(setup, tmp_path, capsys):
@@ -185,6 +244,8 @@ def test_cli_errors_are_clear(setup, tmp_path, capsys):
     assert "data.train is required" in capsys.readouterr().out
     assert legion_main(["cls-train", "epoch=3"]) == 2
     assert "epochs" in capsys.readouterr().out
-    assert legion_main(["cls-eval", f"detector={tmp_path}", f"data.test={root / 'test'}",
-                        f"output_dir={tmp_path / 'e'}"]) == 2
+    assert (
+        legion_main(["cls-eval", f"detector={tmp_path}", f"data.test={root / 'test'}", f"output_dir={tmp_path / 'e'}"])
+        == 2
+    )
     assert "detector.json" in capsys.readouterr().out

@@ -7,11 +7,14 @@ from legion.eval.explanation import CssScorer, clean_explanation, evaluate_expla
 from legion.eval.ground_truth import GroundTruthItem
 
 
-@pytest.mark.parametrize("reference, prediction, expected", [
-    ("the cat sat on the mat", "the cat on the mat", 0.909091),
-    ("Two cats sitting", "two cat sits", 1.0),
-    ("Man's right ear.:The man's right ear is tilted.", "Man's right ear. :The man's ear is tilted", 0.952381),
-])
+@pytest.mark.parametrize(
+    "reference, prediction, expected",
+    [
+        ("the cat sat on the mat", "the cat on the mat", 0.909091),
+        ("Two cats sitting", "two cat sits", 1.0),
+        ("Man's right ear.:The man's right ear is tilted.", "Man's right ear. :The man's ear is tilted", 0.952381),
+    ],
+)
 def test_rouge_worked_examples(reference, prediction, expected):
     assert rouge_l(reference, prediction) == pytest.approx(expected, abs=1e-6)
     assert rouge_l(reference, prediction, exact=True) == pytest.approx(expected, abs=1e-6)
@@ -27,9 +30,27 @@ def test_fast_rouge_equals_rouge_score_exactly(synthscars_sample_path):
     rng = random.Random(0)
     pairs = [(c, captions[rng.randrange(len(captions))]) for c in captions[:40]]
     pairs += [(c, " ".join(c.split()[: rng.randrange(1, 40)])) for c in captions[40:70]]
-    words = ["the", "cat", "cats", "sitting", "sits", "ear", "ears", "is", "a", "man's", "hand", "running", "ÉTÉ", "—", "x2"]
-    pairs += [(" ".join(rng.choices(words, k=rng.randrange(1, 30))), " ".join(rng.choices(words, k=rng.randrange(1, 30))))
-              for _ in range(100)]
+    words = [
+        "the",
+        "cat",
+        "cats",
+        "sitting",
+        "sits",
+        "ear",
+        "ears",
+        "is",
+        "a",
+        "man's",
+        "hand",
+        "running",
+        "ÉTÉ",
+        "—",
+        "x2",
+    ]
+    pairs += [
+        (" ".join(rng.choices(words, k=rng.randrange(1, 30))), " ".join(rng.choices(words, k=rng.randrange(1, 30))))
+        for _ in range(100)
+    ]
     pairs += [("!!! ...", "the cat"), ("a a a a", "a"), ("Ünïcode only", "unicode")]
     for ref, pred in pairs:
         for stem in (True, False):
@@ -38,6 +59,7 @@ def test_fast_rouge_equals_rouge_score_exactly(synthscars_sample_path):
 
 def test_lcs_length_small_cases():
     from legion.eval.explanation import lcs_length
+
     assert lcs_length("abcbdab", "bdcaba") == 4
     assert lcs_length("aaaa", "aa") == 2 and lcs_length("", "abc") == 0 and lcs_length("abc", "xyz") == 0
 
@@ -46,6 +68,7 @@ def test_rouge_without_stemming_and_argument_order():
     assert rouge_l("Two cats sitting", "two cat sits", use_stemmer=False) == pytest.approx(1 / 3, abs=1e-6)
     # P = LCS/|pred|, R = LCS/|ref|: F is symmetric, but the scorer is called (reference, prediction)
     from legion.eval.explanation import _rouge_scorer
+
     s = _rouge_scorer(True).score("the cat sat on the mat", "the cat on the mat")["rougeL"]
     assert s.precision == pytest.approx(1.0) and s.recall == pytest.approx(5 / 6)
 
@@ -73,7 +96,7 @@ def _gt():
 def test_evaluate_without_css_counts_missing_and_real():
     preds = [
         {"image": "a.png", "verdict": "fake", "explanation": "the <p>cat</p> [SEG] on the mat"},
-        {"image": "b.png", "verdict": "real", "explanation": "Two cats sitting"},   # real -> empty
+        {"image": "b.png", "verdict": "real", "explanation": "Two cats sitting"},  # real -> empty
     ]
     res = evaluate_explanations(preds, _gt(), css=None, dataset="synthscars")
     m = res.metrics
@@ -93,18 +116,25 @@ def css():
 def test_css_pinned_model(css):
     assert "all-MiniLM-L6-v2" in css.name
     refs = ["The man's right ear is tilted.", "The man's right ear is tilted.", "The hand has six fingers.", ""]
-    preds = ["The man's right ear is tilted.", "The right ear of the man is at a wrong angle.",
-             "A red car parked on the street at night.", "something"]
+    preds = [
+        "The man's right ear is tilted.",
+        "The right ear of the man is at a wrong angle.",
+        "A red car parked on the street at night.",
+        "something",
+    ]
     s = css.score(refs, preds)
     assert s[0] == pytest.approx(1.0, abs=1e-5)
-    assert s[1] > s[2] + 0.3          # paraphrase far above an unrelated sentence
+    assert s[1] > s[2] + 0.3  # paraphrase far above an unrelated sentence
     assert s[3] == 0.0
     assert np.all(s <= 1.0)
 
 
 def test_evaluate_with_css_records_model(css):
-    preds = [{"image": n, "verdict": "fake", "explanation": item.reference_text} for n, item in _gt().items()
-             if item.reference_text]
+    preds = [
+        {"image": n, "verdict": "fake", "explanation": item.reference_text}
+        for n, item in _gt().items()
+        if item.reference_text
+    ]
     m = evaluate_explanations(preds, _gt(), css=css).metrics
     assert m["overall"]["css"] == pytest.approx(100.0, abs=1e-3)
     assert m["overall"]["rouge_l"] == pytest.approx(100.0)

@@ -21,7 +21,7 @@ def test_polygons_to_rle_equals_training_rasterizer():
         polys = []
         for _ in range(rng.integers(1, 4)):
             n = rng.integers(3, 9)
-            lo = -15 if trial % 3 == 0 else 0          # some polygons leave the image on the top/left
+            lo = -15 if trial % 3 == 0 else 0  # some polygons leave the image on the top/left
             xy = np.stack([rng.uniform(lo, w + 10, n), rng.uniform(lo, h + 10, n)], 1)
             polys.append(xy.ravel().tolist())
         np.testing.assert_array_equal(rle_to_mask(polygons_to_rle(polys, h, w)), rasterize_polygons(polys, h, w))
@@ -37,8 +37,13 @@ def _write_synthscars(root, records, sizes):
 
 def _record(rid, name, refs):
     caption = PREFIX + "Summary." + MARKER + "".join(f"{s}:{e}" for s, e, _ in refs)
-    return {rid: {"img_file_name": name, "caption": caption,
-                  "refs": [{"sentence": s, "explanation": e, "bbox": None, "segmentation": p} for s, e, p in refs]}}
+    return {
+        rid: {
+            "img_file_name": name,
+            "caption": caption,
+            "refs": [{"sentence": s, "explanation": e, "bbox": None, "segmentation": p} for s, e, p in refs],
+        }
+    }
 
 
 def test_load_synthscars_unions_records_of_the_same_file(tmp_path):
@@ -46,7 +51,7 @@ def test_load_synthscars_unions_records_of_the_same_file(tmp_path):
     records = [
         _record("1", "a.png", [("left ear", "is bent.", box(0, 0, 10, 10))]),
         _record("2", "/cluster/path/a.png", [("hand", "has six fingers.", box(20, 20, 30, 30))]),  # same file
-        _record("3", "b.png", []),                                                                   # no artifacts
+        _record("3", "b.png", []),  # no artifacts
     ]
     _write_synthscars(tmp_path, records, {"a.png": (40, 50), "b.png": (8, 9)})
     gt = load_ground_truth(tmp_path, "synthscars", split="test", raster="coco")
@@ -60,7 +65,9 @@ def test_load_synthscars_unions_records_of_the_same_file(tmp_path):
     paper = load_ground_truth(tmp_path, "synthscars", split="test")["a.png"]
     paper_mask = rle_to_mask(paper.mask_rle(paper.size))
     assert paper_mask.sum() == 2 * 11 * 11 and (paper_mask >= mask).all()
-    assert a.reference_text.startswith("Upon examining the image. I have found: Summary. To elaborate")  # whitespace normalised
+    assert a.reference_text.startswith(
+        "Upon examining the image. I have found: Summary. To elaborate"
+    )  # whitespace normalised
     assert rle_to_mask(gt["b.png"].mask_rle((8, 9))).sum() == 0
     # annotation file given directly: the images folder next to annotations/ is found
     gt2 = load_ground_truth(tmp_path / "test" / "annotations" / "test.json", "synthscars")
@@ -74,7 +81,7 @@ def test_escaping_names_get_no_size_and_missing_images_fall_back(tmp_path):
     Image.fromarray(np.zeros((6, 7, 3), np.uint8)).save(tmp_path / "test" / "images" / "sub" / "s.png")
     gt = load_ground_truth(tmp_path, "synthscars")
     assert gt["passwd.png"].size is None and gt["gone.png"].size is None
-    assert gt["s.png"].size == (6, 7)          # relative sub-folder names follow the data loader's rule
+    assert gt["s.png"].size == (6, 7)  # relative sub-folder names follow the data loader's rule
     assert gt["gone.png"].resolved_size(fallback=(5, 6)) == (5, 6)
     with pytest.raises(ValueError, match="size unknown"):
         gt["gone.png"].resolved_size()
@@ -88,10 +95,12 @@ def test_shared_sample_annotation_loads(synthscars_sample_path, tmp_path):
 
 
 def test_match_predictions_exact_then_unique_basename():
-    m = match_predictions([{"image": "x/a.png"}, {"image": "a.png"}, {"image": "q/b.png"}, {"image": "c.png"}],
-                          ["a.png", "b.png", "d/b.png", "e.png"])
+    m = match_predictions(
+        [{"image": "x/a.png"}, {"image": "a.png"}, {"image": "q/b.png"}, {"image": "c.png"}],
+        ["a.png", "b.png", "d/b.png", "e.png"],
+    )
     assert set(m.by_name) == {"a.png"} and m.duplicates == ["a.png"]
-    assert "q/b.png" in m.extra and "c.png" in m.extra          # b.png is ambiguous, c.png unknown
+    assert "q/b.png" in m.extra and "c.png" in m.extra  # b.png is ambiguous, c.png unknown
     assert m.missing == ["b.png", "d/b.png", "e.png"]
 
 
@@ -117,8 +126,16 @@ def test_toyscars_perfect_predictions_score_100_with_breakdowns(toy_data_dir):
     for name, item in gt.items():
         h, w = item.size
         masks = [mask_to_rle(rasterize_polygons(p, h, w)) for p in item.phrase_polygons]
-        preds.append({"image": name, "verdict": "fake", "masks": masks, "union_mask": item.mask_rle((h, w)),
-                      "phrases": list(item.phrase_texts), "explanation": item.reference_text})
+        preds.append(
+            {
+                "image": name,
+                "verdict": "fake",
+                "masks": masks,
+                "union_mask": item.mask_rle((h, w)),
+                "phrases": list(item.phrase_texts),
+                "explanation": item.reference_text,
+            }
+        )
     m = evaluate_localization(preds, gt).metrics
     assert m["protocol"]["images_scored_per_mask"] == sum(bool(i.phrase_texts) for i in gt.values()) > 0
     assert m["overall"]["f1"] == pytest.approx(100.0) and m["overall"]["miou"] == pytest.approx(100.0, abs=1e-4)
@@ -144,8 +161,10 @@ def test_reference_layout_predictions(tmp_path):
     (tmp_path / "out" / "b.png" / "explanation.json").write_text(json.dumps({"imgs/b.png": ""}))
     recs = {r["image"]: r for r in read_predictions(tmp_path / "out")}
     assert recs["a.png"]["explanation"] == "The ear is bent." and recs["b.png"]["masks"] == []
-    gt = {"a.png": GroundTruthItem("a.png", union_rle=mask_to_rle(mask > 0)),
-          "b.png": GroundTruthItem("b.png", union_rle=mask_to_rle(np.zeros((5, 5))))}
+    gt = {
+        "a.png": GroundTruthItem("a.png", union_rle=mask_to_rle(mask > 0)),
+        "b.png": GroundTruthItem("b.png", union_rle=mask_to_rle(np.zeros((5, 5)))),
+    }
     m = evaluate_localization(list(recs.values()), gt).metrics["overall"]
     assert m["f1"] == pytest.approx(100.0) and m["num_missing"] == 0
     with pytest.raises(ValueError, match="reference layout"):
@@ -156,9 +175,14 @@ def test_loki_ground_truth_boxes_and_reference_text(tmp_path):
     from legion.data.benchmarks import loki_box_mask
 
     items = [
-        {"image_path": "loki/imgs/x.jpg", "problems": {"regional": [{"region": [2, 3, 10.7, 5.2], "desc": "d"}],
-                                                         "global": [{"desc": "The  hand is wrong."}]}},
-        {"image_path": "other/x.jpg", "problems": {"regional": [{"region": [20, 20, 100, 100]}]}},   # same file
+        {
+            "image_path": "loki/imgs/x.jpg",
+            "problems": {
+                "regional": [{"region": [2, 3, 10.7, 5.2], "desc": "d"}],
+                "global": [{"desc": "The  hand is wrong."}],
+            },
+        },
+        {"image_path": "other/x.jpg", "problems": {"regional": [{"region": [20, 20, 100, 100]}]}},  # same file
         {"image_path": "loki/imgs/y.jpg", "problems": {"regional": [], "global": [{"desc": "fine"}]}},
     ]
     ann = tmp_path / "loki.json"
@@ -172,7 +196,7 @@ def test_loki_ground_truth_boxes_and_reference_text(tmp_path):
     assert x.size == (30, 40) and x.reference_text == "The hand is wrong."
     expected = loki_box_mask([[2, 3, 10.7, 5.2], [20, 20, 100, 100]], 30, 40)
     np.testing.assert_array_equal(rle_to_mask(x.mask_rle(x.size)), expected)
-    assert expected[3:9, 2:13].all() and expected.sum() == 6 * 11 + 10 * 20      # inclusive corners, clipped
+    assert expected[3:9, 2:13].all() and expected.sum() == 6 * 11 + 10 * 20  # inclusive corners, clipped
     y = gt["y.jpg"]
     assert y.size is None and rle_to_mask(y.mask_rle(y.resolved_size((7, 9)))).sum() == 0
 
@@ -182,7 +206,7 @@ def test_richhf_ground_truth_from_heatmaps(tmp_path):
     raw.mkdir(parents=True)
     heat.mkdir(parents=True)
     hm = np.zeros((16, 24), np.uint8)
-    hm[4:8, 5:10] = 1          # any value > 0 is artifact
+    hm[4:8, 5:10] = 1  # any value > 0 is artifact
     hm[0, 0] = 200
     for name in ("a.png", "b.png"):
         Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(raw / name)

@@ -1,13 +1,21 @@
 """Localization metrics: the worked examples of docs/metrics.md §4 are the fixtures."""
 
 import json
+
 import numpy as np
 import pytest
 
 from legion.eval.ground_truth import GroundTruthItem, polygons_to_rle
 from legion.eval.localization import (
-    evaluate_localization, fg_f1, fg_iou, legion_f1, legion_miou, lisa_mask_iou, pixel_counts,
-    score_image, summarize,
+    evaluate_localization,
+    fg_f1,
+    fg_iou,
+    legion_f1,
+    legion_miou,
+    lisa_mask_iou,
+    pixel_counts,
+    score_image,
+    summarize,
 )
 from legion.utils.rle import mask_to_rle, rle_to_mask
 
@@ -48,8 +56,14 @@ def _item(name, gt):
 def _record(name, pred):
     if pred is None:
         return {"image": name, "verdict": "fake", "masks": [], "union_mask": None}
-    return {"image": name, "verdict": "fake", "masks": [mask_to_rle(pred)], "union_mask": mask_to_rle(pred),
-            "width": 100, "height": 100}
+    return {
+        "image": name,
+        "verdict": "fake",
+        "masks": [mask_to_rle(pred)],
+        "union_mask": mask_to_rle(pred),
+        "width": 100,
+        "height": 100,
+    }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -76,10 +90,10 @@ def test_aggregate_images_A_and_E():
 
 def test_both_empty_conventions_case_B():
     tp, fp, fn, tn = pixel_counts(None, EMPTY)
-    assert float(fg_iou(tp, fp, fn, 1.0)) == 1.0 and float(fg_f1(tp, fp, fn, 0.0)) == 0.0      # ArtiAgent
+    assert float(fg_iou(tp, fp, fn, 1.0)) == 1.0 and float(fg_f1(tp, fp, fn, 0.0)) == 0.0  # ArtiAgent
     assert float(legion_f1(tp, fp, fn)) == 1.0
     assert float(legion_miou(tp, fp, fn, tn)) == pytest.approx(0.49999999995, abs=1e-11)
-    assert float(fg_iou(tp, fp, fn, 0.0)) == 0.0                                              # LEGION fg-only
+    assert float(fg_iou(tp, fp, fn, 0.0)) == 0.0  # LEGION fg-only
     assert float(lisa_mask_iou(0, 0)) == 1.0
     gt = {"b.png": _item("b.png", EMPTY), "e.png": _item("e.png", GT10)}
     preds = [_record("b.png", None), _record("e.png", rows(5, 15))]
@@ -99,15 +113,15 @@ def test_missing_real_error_and_extra_predictions():
     gt = {n: _item(n, GT10) for n in ("a.png", "b.png", "c.png", "d.png")}
     preds = [
         _record("a.png", GT10),
-        {**_record("b.png", GT10), "verdict": "real"},            # real verdict = empty prediction
+        {**_record("b.png", GT10), "verdict": "real"},  # real verdict = empty prediction
         {**_record("c.png", GT10), "verdict": "error", "error": "boom"},
-        _record("zzz.png", GT10),                                  # no ground truth
+        _record("zzz.png", GT10),  # no ground truth
     ]
     res = evaluate_localization(preds, gt)
     m = res.metrics
     assert m["overall"]["num_images"] == 4 and m["overall"]["num_missing"] == 1 and m["overall"]["num_errors"] == 1
     assert m["missing_images"] == ["d.png"] and m["extra_predictions"] == ["zzz.png"]
-    assert m["overall"]["f1"] == pytest.approx(25.0)          # only a.png is found
+    assert m["overall"]["f1"] == pytest.approx(25.0)  # only a.png is found
     per = {r["image"]: r for r in res.per_image_rows()}
     assert per["d.png"]["missing"] and per["d.png"]["pred_area"] == 0 and per["d.png"]["gt_area"] == 1000
     json.dumps(m)  # serialisable
@@ -133,8 +147,12 @@ def test_union_of_masks_when_union_mask_absent():
 
 def test_breakdowns_by_content_type_and_category():
     gt = {
-        "h.png": GroundTruthItem("h.png", union_rle=mask_to_rle(GT10), content_type="Human", artifact_category=["Structure", "Physics"]),
-        "o.png": GroundTruthItem("o.png", union_rle=mask_to_rle(GT10), content_type="Object", artifact_category="Structure"),
+        "h.png": GroundTruthItem(
+            "h.png", union_rle=mask_to_rle(GT10), content_type="Human", artifact_category=["Structure", "Physics"]
+        ),
+        "o.png": GroundTruthItem(
+            "o.png", union_rle=mask_to_rle(GT10), content_type="Object", artifact_category="Structure"
+        ),
     }
     preds = [_record("h.png", GT10), _record("o.png", None)]
     m = evaluate_localization(preds, gt).metrics
@@ -147,8 +165,9 @@ def test_breakdowns_by_content_type_and_category():
 def test_mask_pairing_per_phrase_ground_truth():
     # two GT artifacts given as polygons; the prediction hits "left ear" exactly and misses "tail"
     polys = [[[0, 0, 50, 0, 50, 10, 0, 10]], [[60, 60, 80, 60, 80, 80, 60, 80]]]
-    item = GroundTruthItem("p.png", size=(100, 100), phrase_polygons=polys, phrase_texts=["Left ear", "tail"],
-                           raster="coco")
+    item = GroundTruthItem(
+        "p.png", size=(100, 100), phrase_polygons=polys, phrase_texts=["Left ear", "tail"], raster="coco"
+    )
     g0 = polygons_to_rle(polys[0], 100, 100)
     miss = mask_to_rle(rows(90, 100))
     in_order = {"image": "p.png", "verdict": "fake", "phrases": ["left  EAR", "tail"], "masks": [g0, miss]}
@@ -158,10 +177,10 @@ def test_mask_pairing_per_phrase_ground_truth():
     def run(pred, pairing):
         return evaluate_localization([pred], {"p.png": item}, mask_pairing=pairing).metrics
 
-    for pred in (in_order, swapped):      # auto pairs by phrase text, whatever the order
+    for pred in (in_order, swapped):  # auto pairs by phrase text, whatever the order
         m = run(pred, "auto")
         assert m["protocol"]["images_scored_per_mask"] == 1 and m["overall"]["num_masks"] == 2
-        assert m["overall"]["giou"] == pytest.approx(50.0, abs=1e-3)      # mean(1, 0)
+        assert m["overall"]["giou"] == pytest.approx(50.0, abs=1e-3)  # mean(1, 0)
         assert m["overall"]["ciou"] == pytest.approx(100 * 500 / (500 + 400 + 1000), abs=1e-6)
     # ordered pairs by position: the swapped prediction then scores 0 on both masks
     assert run(swapped, "ordered")["overall"]["giou"] == pytest.approx(0.0)
@@ -175,6 +194,7 @@ def test_mask_pairing_per_phrase_ground_truth():
 
 def test_polygons_to_rle_clips_and_skips_degenerate():
     from legion.utils.rle import rle_area, rle_to_mask
+
     r = polygons_to_rle([[-10, -10, 200, -10, 200, 200, -10, 200], [1, 1, 2, 2]], 20, 30)
     assert rle_to_mask(r).shape == (20, 30) and rle_area(r) == 600
     assert rle_area(polygons_to_rle([], 5, 5)) == 0
@@ -192,14 +212,17 @@ def test_multiprocessing_matches_serial():
     b = evaluate_localization(preds, gt, workers=2).metrics["overall"]
     assert a == b
     # against the dense formulas computed here, image by image
-    dense_miou = np.mean([legion_miou(*pixel_counts(rle_to_mask(r["union_mask"]), rle_to_mask(gt[r["image"]].union_rle)))
-                          for r in preds])
+    dense_miou = np.mean(
+        [legion_miou(*pixel_counts(rle_to_mask(r["union_mask"]), rle_to_mask(gt[r["image"]].union_rle))) for r in preds]
+    )
     assert a["miou"] == pytest.approx(100 * dense_miou, abs=1e-9)
 
 
 def test_images_of_unknown_size_are_reported_not_scored():
-    gt = {"a.png": GroundTruthItem("a.png", phrase_polygons=[[[0, 0, 5, 0, 5, 5]]]),       # no size, no prediction
-          "b.png": GroundTruthItem("b.png", phrase_polygons=[[[0, 0, 50, 0, 50, 10, 0, 10]]])}
+    gt = {
+        "a.png": GroundTruthItem("a.png", phrase_polygons=[[[0, 0, 5, 0, 5, 5]]]),  # no size, no prediction
+        "b.png": GroundTruthItem("b.png", phrase_polygons=[[[0, 0, 50, 0, 50, 10, 0, 10]]]),
+    }
     pred = {"image": "b.png", "verdict": "fake", "width": 100, "height": 100, "masks": [mask_to_rle(rows(0, 10))]}
     with pytest.warns(UserWarning, match="no known size"):
         m = evaluate_localization([pred], gt).metrics

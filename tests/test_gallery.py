@@ -30,14 +30,29 @@ def test_report_renders_in_browser(tmp_path):
     img = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
     mask = np.zeros((32, 48), np.uint8)
     mask[4:12, 5:20] = 1
-    items = [GalleryItem(img, {"image": "a.png", "verdict": "fake", "fake_prob": 0.9,
-                               "explanation": "The cup: warped.", "phrases": ["The cup"]}, [mask], mask, "a.png"),
-             GalleryItem(img, {"image": "b.png", "verdict": "real", "fake_prob": 0.1}, [], None, "b.png")]
+    items = [
+        GalleryItem(
+            img,
+            {
+                "image": "a.png",
+                "verdict": "fake",
+                "fake_prob": 0.9,
+                "explanation": "The cup: warped.",
+                "phrases": ["The cup"],
+            },
+            [mask],
+            mask,
+            "a.png",
+        ),
+        GalleryItem(img, {"image": "b.png", "verdict": "real", "fake_prob": 0.1}, [], None, "b.png"),
+    ]
     log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(json.dumps({"step": s, "loss": 2.0 / (s + 1), "ce_loss": 1.0 / (s + 1)})
-                             for s in range(10)))
-    html_path, md_path = write_report(tmp_path, "Test report", [Table("m", [{"run": "x", "miou": 50.0}])],
-                                      items, loss_log=log)
+    log.write_text(
+        "\n".join(json.dumps({"step": s, "loss": 2.0 / (s + 1), "ce_loss": 1.0 / (s + 1)}) for s in range(10))
+    )
+    html_path, md_path = write_report(
+        tmp_path, "Test report", [Table("m", [{"run": "x", "miou": 50.0}])], items, loss_log=log
+    )
     assert "| run | miou |" in md_path.read_text()
     result = open_page(html_path)
     assert result["title"] == "Test report"

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from legion.model.conversation import IMAGE_TOKEN_INDEX
-from tests.model_core_tiny import EOS_ID, SEG_ID, images, prompt, right_pad, tiny_model
-from tests.model_core_tiny import single_thread  # noqa: F401 (fixture)
+from tests.model_core_tiny import (
+    EOS_ID,
+    SEG_ID,
+    images,
+    prompt,
+    right_pad,
+    single_thread,  # noqa: F401 (fixture)
+    tiny_model,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -28,8 +35,17 @@ def _model():
 
 def _generate(model, ids, mask, use_cache=True, idx=slice(None), decoding="auto"):
     clip, sam = images(len(PROMPTS), SEED)
-    return model.generate_grounded(ids, mask, clip[idx], sam[idx], RESIZED[idx], ORIGINAL[idx],
-                                   max_new_tokens=MAX_NEW, use_cache=use_cache, decoding=decoding)
+    return model.generate_grounded(
+        ids,
+        mask,
+        clip[idx],
+        sam[idx],
+        RESIZED[idx],
+        ORIGINAL[idx],
+        max_new_tokens=MAX_NEW,
+        use_cache=use_cache,
+        decoding=decoding,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +69,14 @@ def test_cached_seg_embeddings_equal_teacher_forced_forward(setup):
     ids, mask = right_pad(finals)
     clip, sam = images(len(PROMPTS), SEED)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, clip_pixel_values=clip, sam_pixel_values=sam,
-                    sam_resized_sizes=RESIZED, original_sizes=ORIGINAL)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            clip_pixel_values=clip,
+            sam_pixel_values=sam,
+            sam_resized_sizes=RESIZED,
+            original_sizes=ORIGINAL,
+        )
     for b, g in enumerate(gens):
         n = g.token_ids.count(SEG_ID)
         assert g.seg_embeddings.shape == (n, model.config.hidden_size)
@@ -112,8 +134,9 @@ def test_generation_under_peft_wrapper_and_bf16():
     model = _model()
     ids, mask = right_pad(PROMPTS)
     reference = _generate(model, ids, mask)
-    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_module_names(model),
-                                               task_type="CAUSAL_LM")).eval()
+    wrapped = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_module_names(model), task_type="CAUSAL_LM")
+    ).eval()
     clip, sam = images(len(PROMPTS), SEED)
     via_peft = wrapped.generate_grounded(ids, mask, clip, sam, RESIZED, ORIGINAL, max_new_tokens=MAX_NEW)
     assert [g.token_ids for g in via_peft] == [g.token_ids for g in reference]  # LoRA B = 0: same model

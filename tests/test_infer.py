@@ -14,14 +14,36 @@ import torch
 from PIL import Image
 
 from legion.config import ConfigError
-from legion.infer import (Analyzer, InferConfig, InferError, list_images, output_subdir, quantize_language_model,
-                          read_records, run_inference)
+from legion.infer import (
+    Analyzer,
+    InferConfig,
+    InferError,
+    list_images,
+    output_subdir,
+    quantize_language_model,
+    read_records,
+    run_inference,
+)
 from legion.model import conversation as conv
 from legion.utils.rle import rle_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
-RECORD_FIELDS = {"image", "width", "height", "verdict", "fake_prob", "explanation", "phrases", "masks", "union_mask",
-                 "no_seg", "raw_text", "sam_input_size", "seconds", "error"}  # docs/ARCHITECTURE.md
+RECORD_FIELDS = {
+    "image",
+    "width",
+    "height",
+    "verdict",
+    "fake_prob",
+    "explanation",
+    "phrases",
+    "masks",
+    "union_mask",
+    "no_seg",
+    "raw_text",
+    "sam_input_size",
+    "seconds",
+    "error",
+}  # docs/ARCHITECTURE.md
 
 
 class ScriptedAnswers:
@@ -33,8 +55,10 @@ class ScriptedAnswers:
         self.rows = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
         self.eos = model.config.eos_token_id
         self.step = 0
-        self.hooks = [model.lm_head.register_forward_hook(self),
-                      model.model.register_forward_pre_hook(self._new_prompt, with_kwargs=True)]
+        self.hooks = [
+            model.lm_head.register_forward_hook(self),
+            model.model.register_forward_pre_hook(self._new_prompt, with_kwargs=True),
+        ]
 
     def _new_prompt(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -59,8 +83,11 @@ class ScriptedAnswers:
 
 def _images():
     rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), rng.integers(0, 256, (70, 30, 3), dtype=np.uint8),
-            rng.integers(0, 256, (33, 33, 3), dtype=np.uint8)]
+    return [
+        rng.integers(0, 256, (40, 56, 3), dtype=np.uint8),
+        rng.integers(0, 256, (70, 30, 3), dtype=np.uint8),
+        rng.integers(0, 256, (33, 33, 3), dtype=np.uint8),
+    ]
 
 
 def _write_folder(root: Path) -> list[str]:
@@ -96,9 +123,11 @@ def test_output_subdir_stays_inside_output_dir(tmp_path):
 
 def test_scripted_answers_pair_phrases_seg_and_masks(tiny_model):
     model, tokenizer = tiny_model
-    answers = [f"Here {conv.tag_phrase('the hand')} and {conv.tag_phrase('the sky')}.",
-               "no artifacts at all.",
-               f"odd {conv.tag_phrase('a door')} and <p> a wall </p> only."]
+    answers = [
+        f"Here {conv.tag_phrase('the hand')} and {conv.tag_phrase('the sky')}.",
+        "no artifacts at all.",
+        f"odd {conv.tag_phrase('a door')} and <p> a wall </p> only.",
+    ]
     analyzer = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=40)
     images = _images()
     script = ScriptedAnswers(model, tokenizer, answers)
@@ -147,8 +176,14 @@ def test_sam_input_size_checked(tiny_model):
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(image_dir=str(tmp_path / "imgs"), output_dir=str(tmp_path / "out"), max_new_tokens=6,
-                sam_input_size=None, batch_size=2, progress=False)
+    base = dict(
+        image_dir=str(tmp_path / "imgs"),
+        output_dir=str(tmp_path / "out"),
+        max_new_tokens=6,
+        sam_input_size=None,
+        batch_size=2,
+        progress=False,
+    )
     base.update(kw)
     return InferConfig(**base)
 
@@ -213,13 +248,15 @@ def test_detector_gate(tiny_model, tiny_model_dir, tmp_path):
     detector = load_detector(tmp_path / "det")
     images = _images()[:2]
     probs = detector.fake_probability_images(images)
-    gate = Analyzer(model, tokenizer, detector=detector, sam_input_size=None, max_new_tokens=4,
-                    gate_threshold=max(probs) + 1e-3)
+    gate = Analyzer(
+        model, tokenizer, detector=detector, sam_input_size=None, max_new_tokens=4, gate_threshold=max(probs) + 1e-3
+    )
     for record, prob in zip(gate.analyze(images), probs):
         assert record["verdict"] == "real" and record["fake_prob"] == pytest.approx(prob)
         assert record["explanation"] == "" and record["masks"] == [] and record["raw_text"] is None
-    open_gate = Analyzer(model, tokenizer, detector=detector, sam_input_size=None, max_new_tokens=4,
-                         gate_threshold=min(probs) - 1e-3)
+    open_gate = Analyzer(
+        model, tokenizer, detector=detector, sam_input_size=None, max_new_tokens=4, gate_threshold=min(probs) - 1e-3
+    )
     for record, prob in zip(open_gate.analyze(images), probs):
         assert record["verdict"] == "fake" and record["fake_prob"] == pytest.approx(prob)
         assert record["raw_text"] is not None
@@ -240,9 +277,20 @@ def test_cli_end_to_end_with_perturbation(tiny_model_dir, tmp_path, capsys):
     from legion.cli import main
 
     _write_folder(tmp_path / "imgs")
-    code = main(["infer", "--config", str(REPO / "configs/tiny/infer.yaml"), f"model_path={tiny_model_dir}",
-                 f"image_dir={tmp_path / 'imgs'}", f"output_dir={tmp_path / 'out'}", "max_new_tokens=3",
-                 "perturb=jpeg:50", "progress=false", "save_overlay=false"])
+    code = main(
+        [
+            "infer",
+            "--config",
+            str(REPO / "configs/tiny/infer.yaml"),
+            f"model_path={tiny_model_dir}",
+            f"image_dir={tmp_path / 'imgs'}",
+            f"output_dir={tmp_path / 'out'}",
+            "max_new_tokens=3",
+            "perturb=jpeg:50",
+            "progress=false",
+            "save_overlay=false",
+        ]
+    )
     assert code == 0
     assert "4 images" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "infer_summary.json").read_text())
@@ -255,6 +303,7 @@ def test_quantization_needs_bitsandbytes(tiny_model):
     pytest.importorskip("torch")
     try:
         import bitsandbytes  # noqa: F401
+
         pytest.skip("bitsandbytes installed: the error path cannot be exercised")
     except ImportError:
         pass
@@ -280,8 +329,9 @@ def test_dtype_policy_reference_casts_sam_and_fcs_too(tiny_model_dir):
     answers = [f"I found {conv.tag_phrase('the hand')}."]
     records = {}
     for policy in ("reference", "fp32_grounding"):
-        analyzer = Analyzer.load(tiny_model_dir, device="cpu", dtype="bfloat16", sam_input_size=None,
-                                 max_new_tokens=12, dtype_policy=policy)
+        analyzer = Analyzer.load(
+            tiny_model_dir, device="cpu", dtype="bfloat16", sam_input_size=None, max_new_tokens=12, dtype_policy=policy
+        )
         grounding = analyzer.model.model.grounding_encoder
         expected = torch.bfloat16 if policy == "reference" else torch.float32
         assert grounding.mask_decoder.iou_token.weight.dtype == expected
@@ -303,10 +353,25 @@ def test_dtype_policy_reference_casts_sam_and_fcs_too(tiny_model_dir):
 def test_torchrun_two_ranks(tiny_model_dir, tmp_path):
     _write_folder(tmp_path / "imgs")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29700 + os.getpid() % 200), "-m", "legion", "infer", "--config", "configs/tiny/infer.yaml",
-           f"model_path={tiny_model_dir}", f"image_dir={tmp_path / 'imgs'}", f"output_dir={tmp_path / 'out'}",
-           "max_new_tokens=3", "progress=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29700 + os.getpid() % 200),
+        "-m",
+        "legion",
+        "infer",
+        "--config",
+        "configs/tiny/infer.yaml",
+        f"model_path={tiny_model_dir}",
+        f"image_dir={tmp_path / 'imgs'}",
+        f"output_dir={tmp_path / 'out'}",
+        "max_new_tokens=3",
+        "progress=false",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     keys = [r["image"] for r in read_records(tmp_path / "out" / "predictions.jsonl")]

@@ -61,10 +61,19 @@ _TRAIN_SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def deepspeed_checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 300), DS_ACCELERATOR="cpu")
-    proc = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(out)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(29600 + os.getpid() % 300),
+        DS_ACCELERATOR="cpu",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRAIN_SCRIPT, str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -106,8 +115,20 @@ def test_step1_tag_choice_and_errors(deepspeed_checkpoints, tmp_path):
 def test_step1_cli_and_sharding(deepspeed_checkpoints, tmp_path, capsys):
     from legion.cli import main
 
-    assert main(["merge", "step1", str(deepspeed_checkpoints / "zero0"), "--out", str(tmp_path / "o"),
-                 "--max-shard-gb", str(20_000 / 1024**3)]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "step1",
+                str(deepspeed_checkpoints / "zero0"),
+                "--out",
+                str(tmp_path / "o"),
+                "--max-shard-gb",
+                str(20_000 / 1024**3),
+            ]
+        )
+        == 0
+    )
     assert "ZeRO stage 0, tag global_step2" in capsys.readouterr().out
     index = json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -128,8 +149,9 @@ def test_step1_refuses_pickled_code(tmp_path):
 # --- LoRA merge on a plain LLaMA (no LEGION parts needed) -----------------------------------
 def _lora_llama(seed=0):
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4)).eval()
+    base = LlamaForCausalLM(
+        LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    ).eval()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():  # peft starts B at zero, which would make any merge look right
@@ -150,8 +172,10 @@ def _style(state: dict, prefix: bool, old_peft: bool, adapter_name: bool) -> dic
     return out
 
 
-@pytest.mark.parametrize("prefix,old_peft,adapter_name", [(False, False, True), (True, True, True),
-                                                          (True, False, False), (False, True, True)])
+@pytest.mark.parametrize(
+    "prefix,old_peft,adapter_name",
+    [(False, False, True), (True, True, True), (True, False, False), (False, True, True)],
+)
 def test_merged_logits_equal_unmerged_lora(prefix, old_peft, adapter_name):
     peft_model, base_state = _lora_llama()
     inner = peft_model.base_model.model
@@ -225,7 +249,9 @@ def _multimodal_logits(model, tokenizer):
     ids = conv.encode_prompt(tokenizer)[None]
     size = model.config.vision_config["image_size"]
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), clip_pixel_values=torch.randn(1, 3, size, size)).logits
+        return model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), clip_pixel_values=torch.randn(1, 3, size, size)
+        ).logits
 
 
 def test_step2_merged_legion_matches_unmerged_lora(tiny_model, tiny_model_dir, tmp_path):
@@ -243,8 +269,25 @@ def test_step2_merged_legion_matches_unmerged_lora(tiny_model, tiny_model_dir, t
 
     from legion.cli import main
 
-    assert main(["merge", "step2", "--base", str(tiny_model_dir), "--weights", str(tmp_path / "w.safetensors"),
-                 "--out", str(tmp_path / "merged"), "--lora-r", "8", "--lora-alpha", "16"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "step2",
+                "--base",
+                str(tiny_model_dir),
+                "--weights",
+                str(tmp_path / "w.safetensors"),
+                "--out",
+                str(tmp_path / "merged"),
+                "--lora-r",
+                "8",
+                "--lora-alpha",
+                "16",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["merged_modules"] == len(targets) and report["lora_scale"] == 2.0
     assert report["missing_keys_kept_from_base"] == []
@@ -255,8 +298,10 @@ def test_step2_merged_legion_matches_unmerged_lora(tiny_model, tiny_model_dir, t
 
 
 def test_step2_rejects_foreign_weights(tiny_model_dir, tmp_path):
-    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3), "not.a.key": torch.zeros(1)},
-              str(tmp_path / "w.safetensors"))
+    save_file(
+        {"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3), "not.a.key": torch.zeros(1)},
+        str(tmp_path / "w.safetensors"),
+    )
     with pytest.raises(MergeError, match="do not belong to the base model"):
         merge.step2(tiny_model_dir, tmp_path / "w.safetensors", tmp_path / "out")
 

@@ -6,18 +6,30 @@ import torch
 from safetensors import safe_open
 
 from legion.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from legion.model.legion import (LegionOutput, build_multimodal_inputs, lora_target_module_names,
-                                 seg_state_positions)
-from tests.model_core_tiny import single_thread  # noqa: F401 (fixture)
-from tests.model_core_tiny import EOS_ID, SEG_ID, images, prompt, right_pad, tiny_config, tiny_model
+from legion.model.legion import LegionOutput, build_multimodal_inputs, lora_target_module_names, seg_state_positions
+from tests.model_core_tiny import (
+    EOS_ID,
+    SEG_ID,
+    images,
+    prompt,
+    right_pad,
+    single_thread,  # noqa: F401 (fixture)
+    tiny_config,
+    tiny_model,
+)
 
 S = SEG_ID
 # several [SEG] / none / one at the end; different lengths -> right padding
 SEQS = [prompt([5, 6, S, 7, 8, S, 9]) + [EOS_ID], prompt([5, 6, 7]) + [EOS_ID], prompt([10, 11, 12, 13, S, EOS_ID])]
 ORIGINAL = [(40, 30), (24, 36), (32, 32)]
 RESIZED = [(128, 96), (85, 128), (128, 128)]
-FROZEN = ("vision_tower", "mm_projector", "grounding_encoder.image_encoder", "grounding_encoder.prompt_encoder",
-          "region_encoder")
+FROZEN = (
+    "vision_tower",
+    "mm_projector",
+    "grounding_encoder.image_encoder",
+    "grounding_encoder.prompt_encoder",
+    "region_encoder",
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,17 +46,25 @@ def make_batch(seqs=SEQS, seed=0):
     labels = ids.clone()
     for b, seq in enumerate(seqs):
         labels[b, :5] = IGNORE_INDEX  # prompt part
-        labels[b, len(seq):] = IGNORE_INDEX
+        labels[b, len(seq) :] = IGNORE_INDEX
     clip, sam = images(len(seqs), seed)
     gt = []
     for b, seq in enumerate(seqs):
         h, w = ORIGINAL[b]
         m = torch.zeros(seq.count(S), h, w)
         for i in range(m.shape[0]):  # a different large rectangle per [SEG] (~70% of the image)
-            m[i, 2 * i: h - 4 + 2 * i, 2: w - 3 - 3 * i] = 1
+            m[i, 2 * i : h - 4 + 2 * i, 2 : w - 3 - 3 * i] = 1
         gt.append(m)
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, clip_pixel_values=clip, sam_pixel_values=sam,
-                sam_resized_sizes=RESIZED[: len(seqs)], original_sizes=ORIGINAL[: len(seqs)], gt_masks=gt)
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        clip_pixel_values=clip,
+        sam_pixel_values=sam,
+        sam_resized_sizes=RESIZED[: len(seqs)],
+        original_sizes=ORIGINAL[: len(seqs)],
+        gt_masks=gt,
+    )
 
 
 # --- sequence construction ---------------------------------------------------------------------
@@ -65,12 +85,12 @@ def test_expansion_map_matches_brute_force(padding_side):
         assert mm.attention_mask[b].tolist() == [0] * start + [1] * n + [0] * (total - n - start)
         assert positions[b].tolist() == [start + q for q in brute_force_seg_positions(seq, n_img)]
         p = seq.index(IMAGE_TOKEN_INDEX)
-        expected = torch.cat([text_embeds[b, :p], feats[b], text_embeds[b, p + 1: len(seq)]])
-        assert torch.equal(mm.inputs_embeds[b, start:start + n], expected)
-        assert bool((mm.inputs_embeds[b, :start] == 0).all()) and bool((mm.inputs_embeds[b, start + n:] == 0).all())
-        assert mm.labels[b, start + p: start + p + n_img].eq(IGNORE_INDEX).all()
-        assert mm.labels[b, start + p + n_img: start + n].tolist() == seq[p + 1:]
-        assert mm.position_ids[b, start:start + n].tolist() == list(range(n))
+        expected = torch.cat([text_embeds[b, :p], feats[b], text_embeds[b, p + 1 : len(seq)]])
+        assert torch.equal(mm.inputs_embeds[b, start : start + n], expected)
+        assert bool((mm.inputs_embeds[b, :start] == 0).all()) and bool((mm.inputs_embeds[b, start + n :] == 0).all())
+        assert mm.labels[b, start + p : start + p + n_img].eq(IGNORE_INDEX).all()
+        assert mm.labels[b, start + p + n_img : start + n].tolist() == seq[p + 1 :]
+        assert mm.position_ids[b, start : start + n].tolist() == list(range(n))
     assert [len(p) for p in positions] == [2, 0, 1]
 
 
@@ -84,8 +104,8 @@ def test_seg_states_equal_unpadded_single_sample_forward():
             ids = torch.tensor(seq)
             p = seq.index(IMAGE_TOKEN_INDEX)
             embed = model.model.embed_tokens
-            feats = model.encode_images(batch["clip_pixel_values"][b:b + 1])[0]
-            seq_embeds = torch.cat([embed(ids[:p]), feats, embed(ids[p + 1:])])[None]
+            feats = model.encode_images(batch["clip_pixel_values"][b : b + 1])[0]
+            seq_embeds = torch.cat([embed(ids[:p]), feats, embed(ids[p + 1 :])])[None]
             hidden = model.model(inputs_embeds=seq_embeds).last_hidden_state[0]
             expected = hidden[brute_force_seg_positions(seq, n_img)]
             assert out.seg_embeddings[b].shape == (seq.count(S), model.config.hidden_size)
@@ -119,13 +139,22 @@ def test_state_dict_keys_and_round_trip(tmp_path):
     keys = set(model.state_dict())
     assert not any("vision_tower" in k for k in keys)
     assert any(k.startswith("model.vision_tower.vision_tower.") for k, _ in model.named_parameters())
-    for key in ["model.mm_projector.0.weight", "model.mm_projector.2.bias", "model.text_hidden_fcs.0.0.weight",
-                "model.text_hidden_fcs.0.2.weight", "model.region_encoder.mlvl_fuse.fuse_convs.4.gn.weight",
-                "model.region_encoder.roi_align.flatten_linear.weight", "model.grounding_encoder.image_encoder.pos_embed",
-                "model.grounding_encoder.prompt_encoder.no_mask_embed.weight",
-                "model.grounding_encoder.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
-                "model.grounding_encoder.mask_decoder.mask_tokens.weight", "model.embed_tokens.weight", "lm_head.weight",
-                "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]:
+    for key in [
+        "model.mm_projector.0.weight",
+        "model.mm_projector.2.bias",
+        "model.text_hidden_fcs.0.0.weight",
+        "model.text_hidden_fcs.0.2.weight",
+        "model.region_encoder.mlvl_fuse.fuse_convs.4.gn.weight",
+        "model.region_encoder.roi_align.flatten_linear.weight",
+        "model.grounding_encoder.image_encoder.pos_embed",
+        "model.grounding_encoder.prompt_encoder.no_mask_embed.weight",
+        "model.grounding_encoder.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+        "model.grounding_encoder.mask_decoder.mask_tokens.weight",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.norm.weight",
+    ]:
         assert key in keys, key
     assert tuple(model.state_dict()["model.text_hidden_fcs.0.2.weight"].shape) == (32, 64)
     assert not any("pixel_mean" in k or "pixel_std" in k for k in keys)
@@ -161,8 +190,13 @@ def test_frozen_parts_get_no_gradient_full_finetune():
     out.loss.backward()
     _assert_no_grad_in_frozen(model)
     named = dict(model.named_parameters())
-    for name in ["model.text_hidden_fcs.0.0.weight", "model.grounding_encoder.mask_decoder.mask_tokens.weight",
-                 "model.layers.0.self_attn.q_proj.weight", "lm_head.weight", "model.embed_tokens.weight"]:
+    for name in [
+        "model.text_hidden_fcs.0.0.weight",
+        "model.grounding_encoder.mask_decoder.mask_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+    ]:
         assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
 
 
@@ -176,8 +210,15 @@ def test_lora_with_gradient_checkpointing_reaches_the_right_modules():
         reference_loss = model(**batch).loss
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                      target_modules=lora_target_module_names(model), init_lora_weights=False)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=lora_target_module_names(model),
+        init_lora_weights=False,
+    )
     peft_model = get_peft_model(model, lora)
     for name, p in peft_model.named_parameters():
         if any(k in name for k in ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")):
@@ -195,18 +236,29 @@ def test_lora_with_gradient_checkpointing_reaches_the_right_modules():
     for n in lora_names:
         assert grads[n] is not None and grads[n].abs().sum() > 0, n
     dec = "base_model.model.model.grounding_encoder.mask_decoder."
-    for name in [dec + "transformer.layers.0.self_attn.q_proj.weight", dec + "output_upscaling.0.weight",
-                 dec + "output_hypernetworks_mlps.0.layers.0.weight", dec + "mask_tokens.weight",
-                 "base_model.model.model.text_hidden_fcs.0.0.weight", "base_model.model.model.text_hidden_fcs.0.2.bias",
-                 "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]:
+    for name in [
+        dec + "transformer.layers.0.self_attn.q_proj.weight",
+        dec + "output_upscaling.0.weight",
+        dec + "output_hypernetworks_mlps.0.layers.0.weight",
+        dec + "mask_tokens.weight",
+        "base_model.model.model.text_hidden_fcs.0.0.weight",
+        "base_model.model.model.text_hidden_fcs.0.2.bias",
+        "base_model.model.lm_head.weight",
+        "base_model.model.model.embed_tokens.weight",
+    ]:
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     for n, g in grads.items():
         llm_base = n.startswith("base_model.model.model.layers.") and "lora_" not in n
         if any(f in n for f in FROZEN) or llm_base:
             assert g is None, n
     # LoRA B != 0 here, so the loss differs from the base model's; with B = 0 it must match
-    merged_zero = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_target_module_names(
-        tiny_model()), task_type="CAUSAL_LM")
+    merged_zero = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=lora_target_module_names(tiny_model()),
+        task_type="CAUSAL_LM",
+    )
     fresh = get_peft_model(tiny_model(), merged_zero).eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).loss, reference_loss)
@@ -295,6 +347,7 @@ def test_from_pretrained_round_trip_then_clip_from_its_own_directory(tmp_path):
         torch.testing.assert_close(loaded.encode_images(clip), model.encode_images(clip))
     other = tiny_config().vision_config | {"image_size": 32}
     from transformers import CLIPVisionConfig
+
     with pytest.raises(ValueError, match="image_size"):
         loaded.load_vision_tower(CLIPVisionModel(CLIPVisionConfig(**other)))
 

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from legion.model.region import RegionEncoder
-from tests.model_core_tiny import single_thread  # noqa: F401 (fixture)
-from tests.model_core_tiny import tiny_config
+from tests.model_core_tiny import (
+    single_thread,  # noqa: F401 (fixture)
+    tiny_config,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,7 +7,12 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from legion.utils.rle import (
-    mask_to_rle, rle_area, rle_intersection_area, rle_size, rle_to_mask, rle_union,
+    mask_to_rle,
+    rle_area,
+    rle_intersection_area,
+    rle_size,
+    rle_to_mask,
+    rle_union,
 )
 
 
@@ -50,7 +55,7 @@ def test_set_operations_on_run_lengths():
 def test_reads_bytes_and_uncompressed_counts():
     m = np.zeros((6, 4), np.uint8)
     m[1:4, 1:3] = 1
-    enc = coco_mask.encode(np.asfortranarray(m))        # bytes counts, as pycocotools returns them
+    enc = coco_mask.encode(np.asfortranarray(m))  # bytes counts, as pycocotools returns them
     np.testing.assert_array_equal(rle_to_mask(enc), m)
     # uncompressed (list) counts, column-major runs starting with background
     flat = m.flatten(order="F")

@@ -42,7 +42,8 @@ def test_tiny_tokenizer_has_llama_specials_and_legion_tokens_after_base(tiny_tok
     ids = conv.special_token_ids(tok, expect_glamm_ids=False)
     base = len(tok) - len(conv.SPECIAL_TOKENS)
     assert [ids.im_start, ids.im_end, ids.bbox, ids.point, ids.seg, ids.p_start, ids.p_end] == list(
-        range(base, base + 7))
+        range(base, base + 7)
+    )
     assert ids.pad == 0 and tok.pad_token == "<unk>" and tok.padding_side == "right"
     assert tok.eos_token_id == 2 and tok("hand").input_ids[0] == 1  # BOS added, no EOS
 
@@ -67,7 +68,7 @@ def test_prompt_has_the_image_tokens_next_to_words(tiny_tokenizer):
     tok = tiny_tokenizer
     ids = conv.tokenize_with_image(conv.render_prompt(), tok)
     at = ids.index(conv.IMAGE_TOKEN_INDEX)
-    assert tok.convert_ids_to_tokens(ids[at - 2: at]) == ["▁The", "<im_start>"]
+    assert tok.convert_ids_to_tokens(ids[at - 2 : at]) == ["▁The", "<im_start>"]
     assert tok.convert_ids_to_tokens(ids[at + 1]) == "<im_end>"
     assert tok.convert_ids_to_tokens(ids[at + 2]).startswith("▁pro")
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
@@ -79,8 +80,8 @@ def test_conversation_labels_supervise_answer_and_eos_only(tiny_tokenizer):
     ids, labels = conv.encode_conversation(tok, answer)
     prompt = conv.tokenize_with_image(conv.render_prompt(), tok)
     assert ids[: len(prompt)].tolist() == prompt and (labels[: len(prompt)] == conv.IGNORE_INDEX).all()
-    supervised = ids[len(prompt):].tolist()
-    assert labels[len(prompt):].tolist() == supervised and supervised[-1] == tok.eos_token_id
+    supervised = ids[len(prompt) :].tolist()
+    assert labels[len(prompt) :].tolist() == supervised and supervised[-1] == tok.eos_token_id
     assert supervised[:-1] == tok.encode(answer, add_special_tokens=False)
     # the hidden state that feeds SAM is the one of `</p>` (the token before [SEG])
     seg_at = supervised.index(tok.convert_tokens_to_ids(conv.SEG))
@@ -106,8 +107,12 @@ def test_tiny_tokenizer_is_deterministic_and_round_trips_through_a_directory(tin
     again = build_tiny_tokenizer(TINY_CORPUS)
     assert again.model_proto == tiny_tokenizer.model_proto and again.get_vocab() == tiny_tokenizer.get_vocab()
     tiny_tokenizer.save_pretrained(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.model", "added_tokens.json",
-                                                     "special_tokens_map.json", "tokenizer_config.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "tokenizer.model",
+        "added_tokens.json",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    }
     added = json.loads((tmp_path / "added_tokens.json").read_text())
     assert list(added) == conv.SPECIAL_TOKENS
     loaded = load_tokenizer(tmp_path)
@@ -165,11 +170,15 @@ def test_legacy_tokenizer_json_directory_still_loads_with_a_warning(tmp_path, ca
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    bpe.train_from_iterator(SP_CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                                           show_progress=False))
+    bpe.train_from_iterator(
+        SP_CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    )
     state = json.loads(bpe.to_str())["model"]
-    old = LlamaTokenizer(vocab=state["vocab"], merges=[tuple(m) if not isinstance(m, str) else tuple(m.split(" "))
-                                                      for m in state["merges"]], legacy=False)
+    old = LlamaTokenizer(
+        vocab=state["vocab"],
+        merges=[tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in state["merges"]],
+        legacy=False,
+    )
     conv.add_special_tokens(old)
     old.save_pretrained(tmp_path)
     assert not (tmp_path / "tokenizer.model").exists()

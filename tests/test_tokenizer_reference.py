@@ -32,8 +32,11 @@ def llama_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama_glamm_layout")
     shutil.copy(DATA / "llama_tokenizer" / "tokenizer.model", folder)
     (folder / "added_tokens.json").write_text(json.dumps({t: 32000 + i for i, t in enumerate(conv.SPECIAL_TOKENS)}))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": False, "model_max_length": 1536}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": False, "model_max_length": 1536}
+        )
+    )
     return load_tokenizer(folder)
 
 
@@ -54,7 +57,7 @@ def test_prompt_ids_equal_the_reference(llama_tokenizer):
     ids = conv.tokenize_with_image(conv.render_prompt(), llama_tokenizer)
     assert ids == REFERENCE["prompt_ids"]
     at = ids.index(conv.IMAGE_TOKEN_INDEX)
-    assert ids[at - 2: at + 3] == [450, 32000, -200, 32001, 8128]  # ▁The <im_start> IMG <im_end> ▁provides
+    assert ids[at - 2 : at + 3] == [450, 32000, -200, 32001, 8128]  # ▁The <im_start> IMG <im_end> ▁provides
 
 
 @pytest.mark.parametrize("name", IDS)

@@ -21,8 +21,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def dist_env():
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
+    for key, value in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    ).items():
         os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend="gloo")
     yield
@@ -32,11 +33,20 @@ def _engine(seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))
     config = {
-        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 2}, "gradient_clipping": 1.0,
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.1,
-                                                          "warmup_num_steps": 2, "total_num_steps": 20,
-                                                          "warmup_type": "linear"}},
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 1.0,
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0,
+                "warmup_max_lr": 0.1,
+                "warmup_num_steps": 2,
+                "total_num_steps": 20,
+                "warmup_type": "linear",
+            },
+        },
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)

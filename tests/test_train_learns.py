@@ -21,8 +21,15 @@ def _run(args, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    subprocess.run([sys.executable, "-m", "legion.cli", *map(str, args)], env=env, cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, timeout=900, **kwargs)
+    subprocess.run(
+        [sys.executable, "-m", "legion.cli", *map(str, args)],
+        env=env,
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=900,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
@@ -32,24 +39,72 @@ def test_tiny_training_learns_explanations(tiny_model_dir, tmp_path):
     data = tmp_path / "toy"
     make_toy_data(data, num_train=136, num_test=16, seed=1, size=128)
     run = tmp_path / "run"
-    _run(["train", "--config", REPO / "configs/tiny/train_loc_exp.yaml", f"model.path={tiny_model_dir}",
-          f"data.root={data}", f"output_dir={run}", "data.val_size=8", "schedule.epochs=8",
-          "validation.every_steps=1000", "checkpoint.every_steps=1000", "logging.progress=false"])
+    _run(
+        [
+            "train",
+            "--config",
+            REPO / "configs/tiny/train_loc_exp.yaml",
+            f"model.path={tiny_model_dir}",
+            f"data.root={data}",
+            f"output_dir={run}",
+            "data.val_size=8",
+            "schedule.epochs=8",
+            "validation.every_steps=1000",
+            "checkpoint.every_steps=1000",
+            "logging.progress=false",
+        ]
+    )
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     train = [r for r in log if r["event"] == "train"]
     assert len(train) == 8 * 16 and train[-1]["ce_loss"] < 0.5 * train[0]["ce_loss"]
 
-    _run(["infer", "--config", REPO / "configs/tiny/infer.yaml", f"model_path={run / 'final_model'}",
-          f"image_dir={data / 'test' / 'images'}", f"output_dir={run / 'infer'}", "max_new_tokens=160",
-          "save_reference_layout=false", "save_phrase_masks=false", "save_overlay=false"])
-    _run(["eval", "explanation", "--pred", run / "infer" / "predictions.jsonl", "--gt", data,
-          "--dataset", "synthscars", "--out", run / "eval_exp"])
+    _run(
+        [
+            "infer",
+            "--config",
+            REPO / "configs/tiny/infer.yaml",
+            f"model_path={run / 'final_model'}",
+            f"image_dir={data / 'test' / 'images'}",
+            f"output_dir={run / 'infer'}",
+            "max_new_tokens=160",
+            "save_reference_layout=false",
+            "save_phrase_masks=false",
+            "save_overlay=false",
+        ]
+    )
+    _run(
+        [
+            "eval",
+            "explanation",
+            "--pred",
+            run / "infer" / "predictions.jsonl",
+            "--gt",
+            data,
+            "--dataset",
+            "synthscars",
+            "--out",
+            run / "eval_exp",
+        ]
+    )
     metrics = json.loads((run / "eval_exp" / "metrics.json").read_text())["overall"]
     assert metrics["num_images"] == 16 and metrics["num_missing"] == 0
     assert metrics["rouge_l"] >= 45.0, metrics  # full run: 74.1 on 100 test images
 
-    _run(["eval", "localization", "--pred", run / "infer" / "predictions.jsonl", "--gt", data,
-          "--dataset", "synthscars", "--out", run / "eval_loc", "--no-plots"])
+    _run(
+        [
+            "eval",
+            "localization",
+            "--pred",
+            run / "infer" / "predictions.jsonl",
+            "--gt",
+            data,
+            "--dataset",
+            "synthscars",
+            "--out",
+            run / "eval_loc",
+            "--no-plots",
+        ]
+    )
     loc = json.loads((run / "eval_loc" / "metrics.json").read_text())["overall"]
     print("tiny learning check:", {k: loc[k] for k in ("fg_iou", "f1", "miou")}, "rouge_l", metrics["rouge_l"])
     assert loc["num_images"] == 16

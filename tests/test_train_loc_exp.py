@@ -12,8 +12,14 @@ import pytest
 import torch
 
 from legion.config import ConfigError, load_config
-from legion.train.loc_exp import (BatchPlan, TrainConfig, build_deepspeed_config, build_optimizer, plan_batches,
-                                  steps_per_epoch)
+from legion.train.loc_exp import (
+    BatchPlan,
+    TrainConfig,
+    build_deepspeed_config,
+    build_optimizer,
+    plan_batches,
+    steps_per_epoch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,11 +37,22 @@ def test_paper_config_has_the_paper_settings():
 
     ds = build_deepspeed_config(cfg, plan_batches(16, 8), schedule_total_steps=2109)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 1)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16,
+        2,
+        1,
+    )
     assert ds["gradient_clipping"] == 1.0 and "optimizer" not in ds  # torch AdamW: nothing to compile
-    assert ds["scheduler"] == {"type": "WarmupDecayLR", "params": {
-        "total_num_steps": 2109, "warmup_min_lr": 0.0, "warmup_max_lr": 1e-4, "warmup_num_steps": 100,
-        "warmup_type": "linear"}}
+    assert ds["scheduler"] == {
+        "type": "WarmupDecayLR",
+        "params": {
+            "total_num_steps": 2109,
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": 1e-4,
+            "warmup_num_steps": 100,
+            "warmup_type": "linear",
+        },
+    }
 
 
 def test_tiny_config_loads_and_rejects_typos():
@@ -50,14 +67,19 @@ def test_module_lr_gives_each_module_its_peak_lr_through_the_schedule():
     its own peak, then decays it."""
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-    model = torch.nn.ModuleDict({"image_encoder": torch.nn.Linear(2, 2), "mask_decoder": torch.nn.Linear(2, 2),
-                                 "layers": torch.nn.Linear(2, 2)})
-    cfg = load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", [
-        "optim.lr=3e-3", "optim.warmup_steps=2", "optim.module_lr={image_encoder: 1.0e-3, mask_decoder: 2.0e-3}"])
+    model = torch.nn.ModuleDict(
+        {"image_encoder": torch.nn.Linear(2, 2), "mask_decoder": torch.nn.Linear(2, 2), "layers": torch.nn.Linear(2, 2)}
+    )
+    cfg = load_config(
+        TrainConfig,
+        REPO / "configs/tiny/train_loc_exp.yaml",
+        ["optim.lr=3e-3", "optim.warmup_steps=2", "optim.module_lr={image_encoder: 1.0e-3, mask_decoder: 2.0e-3}"],
+    )
     optimizer = build_optimizer(model.named_parameters(), cfg.optim)
     groups = [{id(p) for p in g["params"]} for g in optimizer.param_groups]
-    assert groups == [{id(p) for p in m.parameters()} for m in (model["layers"], model["image_encoder"],
-                                                                 model["mask_decoder"])]
+    assert groups == [
+        {id(p) for p in m.parameters()} for m in (model["layers"], model["image_encoder"], model["mask_decoder"])
+    ]
     ds = build_deepspeed_config(cfg, plan_batches(8, 1), 10, optimizer)
     assert ds["scheduler"]["params"]["warmup_max_lr"] == [3e-3, 1e-3, 2e-3]
     schedule = WarmupDecayLR(optimizer, **ds["scheduler"]["params"])
@@ -72,10 +94,14 @@ def test_module_lr_gives_each_module_its_peak_lr_through_the_schedule():
 
     model["mask_decoder"].requires_grad_(False)  # frozen: its key just has no group
     assert [g["name"] for g in build_optimizer(model.named_parameters(), cfg.optim).param_groups] == [
-        "lr", "image_encoder"]
+        "lr",
+        "image_encoder",
+    ]
     cfg.optim.module_lr = {"image_encoder": 1e-3, "image": 2e-3}  # a key shadowed by an earlier one: no group
     assert [g["name"] for g in build_optimizer(model.named_parameters(), cfg.optim).param_groups] == [
-        "lr", "image_encoder"]
+        "lr",
+        "image_encoder",
+    ]
     cfg.optim.module_lr = {"vision_tower": 1e-3}  # in no parameter name: a typo
     with pytest.raises(ConfigError, match="'vision_tower' is in no parameter name"):
         build_optimizer(model.named_parameters(), cfg.optim)
@@ -85,16 +111,20 @@ def test_a_dict_override_replaces_the_files_dict():
     path = REPO / "configs/tiny/train_loc_exp.yaml"
     assert load_config(TrainConfig, path).optim.module_lr == {"grounding_encoder.image_encoder": 1e-3}
     assert load_config(TrainConfig, path, ["optim.module_lr={mask_decoder: 2.0e-3}"]).optim.module_lr == {
-        "mask_decoder": 2e-3}
+        "mask_decoder": 2e-3
+    }
     assert load_config(TrainConfig, path, ["optim.module_lr={}"]).optim.module_lr == {}
 
 
-@pytest.mark.parametrize("world, micro, expected", [
-    (1, None, BatchPlan(1, 16, 16, 16, 1)),
-    (8, None, BatchPlan(8, 16, 2, 2, 1)),
-    (2, 2, BatchPlan(2, 16, 8, 2, 4)),
-    (16, None, BatchPlan(16, 16, 1, 1, 1)),
-])
+@pytest.mark.parametrize(
+    "world, micro, expected",
+    [
+        (1, None, BatchPlan(1, 16, 16, 16, 1)),
+        (8, None, BatchPlan(8, 16, 2, 2, 1)),
+        (2, 2, BatchPlan(2, 16, 8, 2, 4)),
+        (16, None, BatchPlan(16, 16, 1, 1, 1)),
+    ],
+)
 def test_plan_batches_keeps_the_global_batch(world, micro, expected):
     plan = plan_batches(16, world, micro)
     assert plan == expected
@@ -116,8 +146,9 @@ def test_steps_per_epoch_is_equal_on_all_ranks():
 
 
 def test_cli_help_lists_config_keys():
-    out = subprocess.run([sys.executable, "-m", "legion.cli", "train", "--help"], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "legion.cli", "train", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert out.returncode == 0
     assert "schedule.global_batch_size" in out.stdout and "checkpoint.resume" in out.stdout
 
@@ -125,10 +156,20 @@ def test_cli_help_lists_config_keys():
 # ------------------------------------------------------------------------------- real training runs
 def _overrides(model_dir, data_dir, out_dir, **extra):
     values = {
-        "model.path": model_dir, "data.root": data_dir, "output_dir": out_dir, "data.val_size": 2,
-        "data.num_workers": 0, "schedule.global_batch_size": 4, "schedule.micro_batch_size": 2,
-        "schedule.max_steps": 3, "optim.warmup_steps": 2, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
-        "validation.every_steps": 100, "logging.progress": "false", "export.merged_model": "false",
+        "model.path": model_dir,
+        "data.root": data_dir,
+        "output_dir": out_dir,
+        "data.val_size": 2,
+        "data.num_workers": 0,
+        "schedule.global_batch_size": 4,
+        "schedule.micro_batch_size": 2,
+        "schedule.max_steps": 3,
+        "optim.warmup_steps": 2,
+        "checkpoint.every_steps": 1,
+        "checkpoint.keep_last": 2,
+        "validation.every_steps": 100,
+        "logging.progress": "false",
+        "export.merged_model": "false",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -143,8 +184,15 @@ def _env():
 
 
 def _train_cmd(overrides):
-    return [sys.executable, "-m", "legion.cli", "train", "--config", str(REPO / "configs/tiny/train_loc_exp.yaml"),
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "legion.cli",
+        "train",
+        "--config",
+        str(REPO / "configs/tiny/train_loc_exp.yaml"),
+        *overrides,
+    ]
 
 
 def _final_weights(out_dir):
@@ -168,8 +216,14 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, toy_data_dir, tm
     10 training images, global batch 4 (micro 2 x accumulation 2): 2 steps per epoch, 3 steps, so
     the resumed run continues mid-epoch and crosses into the next epoch's shuffle."""
     reference = tmp_path / "uninterrupted"
-    subprocess.run(_train_cmd(_overrides(tiny_model_dir, toy_data_dir, reference)), env=_env(), check=True,
-                   cwd=REPO, timeout=900, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        _train_cmd(_overrides(tiny_model_dir, toy_data_dir, reference)),
+        env=_env(),
+        check=True,
+        cwd=REPO,
+        timeout=900,
+        stdout=subprocess.DEVNULL,
+    )
 
     killed = tmp_path / "killed"
     cmd = _train_cmd(_overrides(tiny_model_dir, toy_data_dir, killed))
@@ -187,7 +241,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, toy_data_dir, tm
     assert starts[-1]["resumed"] is True and starts[-1]["step"] == saved[-1]
     # the resumed run logs the same lr and loss for the steps after the checkpoint
     ref_steps = {e["step"]: e for e in _events(reference, "train")}
-    for e in _events(killed, "train")[-(3 - saved[-1]):]:
+    for e in _events(killed, "train")[-(3 - saved[-1]) :]:
         assert e["lr"] == ref_steps[e["step"]]["lr"]
         assert e["loss"] == pytest.approx(ref_steps[e["step"]]["loss"], rel=1e-6)
     expected, got = _final_weights(reference), _final_weights(killed)
@@ -204,12 +258,26 @@ def test_encoder_cache_gives_identical_training(tiny_model_dir, toy_data_dir, tm
     runs = {}
     for enabled in (False, True):
         out = tmp_path / f"cache_{enabled}"
-        cfg = load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", _overrides(
-            tiny_model_dir, toy_data_dir, out, **{
-                "encoder_cache.enabled": enabled, "schedule.max_steps": "null", "schedule.epochs": 2,
-                "schedule.global_batch_size": 10, "schedule.micro_batch_size": 5, "checkpoint.every_steps": 100,
-                # the cache needs frozen encoders (the tiny config trains its random SAM encoder)
-                "trainable.name_contains": "[lm_head,embed_tokens,mask_decoder,text_hidden_fcs,model.layers.,model.norm.]"}))
+        cfg = load_config(
+            TrainConfig,
+            REPO / "configs/tiny/train_loc_exp.yaml",
+            _overrides(
+                tiny_model_dir,
+                toy_data_dir,
+                out,
+                **{
+                    "encoder_cache.enabled": enabled,
+                    "schedule.max_steps": "null",
+                    "schedule.epochs": 2,
+                    "schedule.global_batch_size": 10,
+                    "schedule.micro_batch_size": 5,
+                    "checkpoint.every_steps": 100,
+                    # the cache needs frozen encoders (the tiny config trains its random SAM encoder)
+                    "trainable.name_contains": "[lm_head,embed_tokens,mask_decoder,text_hidden_fcs,"
+                    "model.layers.,model.norm.]",
+                },
+            ),
+        )
         runs[enabled] = train(cfg), _final_weights(out)
     summary, cached_weights = runs[True]
     _, plain_weights = runs[False]
@@ -229,9 +297,17 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tiny_model_dir, toy_da
 
     results = {}
     for compiled in (False, True):
-        cfg = load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", [
-            f"model.path={tiny_model_dir}", f"data.root={toy_data_dir}", "data.val_size=0", "lora.dropout=0",
-            f"model.compile_layers={str(compiled).lower()}"])
+        cfg = load_config(
+            TrainConfig,
+            REPO / "configs/tiny/train_loc_exp.yaml",
+            [
+                f"model.path={tiny_model_dir}",
+                f"data.root={toy_data_dir}",
+                "data.val_size=0",
+                "lora.dropout=0",
+                f"model.compile_layers={str(compiled).lower()}",
+            ],
+        )
         torch.manual_seed(0)  # LoRA A is initialised from the global RNG
         model, tokenizer, _ = prepare_model(cfg, torch.device("cpu"))
         train_set, _, _ = build_datasets(cfg, tokenizer, model.config)

@@ -23,7 +23,6 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -35,18 +34,22 @@ class CaseError(ValueError):
 @dataclass
 class AnalyzerConfig:
     model_path: str = field(default="checkpoints/legion", metadata={"help": "LEGION checkpoint directory"})
-    detector_path: Optional[str] = field(default=None, metadata={"help": "real/fake gate (optional)"})
-    sam_input_size: Optional[int] = field(default=1024, metadata={"help": "SAM ResizeLongestSide; null = the encoder's size"})
+    detector_path: str | None = field(default=None, metadata={"help": "real/fake gate (optional)"})
+    sam_input_size: int | None = field(
+        default=1024, metadata={"help": "SAM ResizeLongestSide; null = the encoder's size"}
+    )
     max_new_tokens: int = 512
     gate_threshold: float = 0.5
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"}
+    )
 
 
 @dataclass
 class Case:
     case_id: str
     prompt: str
-    image_path: Optional[Path] = None
+    image_path: Path | None = None
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -78,8 +81,13 @@ def _resolve_image(name: str, root: Path, allow_absolute: bool) -> Path:
     return resolved
 
 
-def read_cases(path: str | Path, image_root: str | Path | None = None, allow_absolute: bool = False,
-               require_images: bool = False, limit: int | None = None) -> list[Case]:
+def read_cases(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    allow_absolute: bool = False,
+    require_images: bool = False,
+    limit: int | None = None,
+) -> list[Case]:
     """Parse an input file into cases (see the module docstring for the formats)."""
     path = Path(path)
     if not path.is_file():
@@ -129,9 +137,15 @@ def load_analyzer(cfg: AnalyzerConfig, device: str):
     """The real LEGION analyser (legion.infer.Analyzer), loaded once."""
     from legion.infer import Analyzer
 
-    return Analyzer.load(cfg.model_path, detector_path=cfg.detector_path, device=device,
-                         sam_input_size=cfg.sam_input_size, max_new_tokens=cfg.max_new_tokens,
-                         gate_threshold=cfg.gate_threshold, dtype=cfg.dtype)
+    return Analyzer.load(
+        cfg.model_path,
+        detector_path=cfg.detector_path,
+        device=device,
+        sam_input_size=cfg.sam_input_size,
+        max_new_tokens=cfg.max_new_tokens,
+        gate_threshold=cfg.gate_threshold,
+        dtype=cfg.dtype,
+    )
 
 
 # ---------------------------------------------------------------- masks from a prediction record
@@ -198,9 +212,18 @@ class CaseWriter:
         self.out_dir = Path(out_dir)
         self.case_dir = self.out_dir / "cases" / case_id
 
-    def write_round(self, index: int, image: np.ndarray, prompt: str, record: dict, score: float,
-                    union: np.ndarray, phrase_masks: list[np.ndarray], facts: dict,
-                    inpaint_mask: np.ndarray | None = None) -> dict:
+    def write_round(
+        self,
+        index: int,
+        image: np.ndarray,
+        prompt: str,
+        record: dict,
+        score: float,
+        union: np.ndarray,
+        phrase_masks: list[np.ndarray],
+        facts: dict,
+        inpaint_mask: np.ndarray | None = None,
+    ) -> dict:
         """Write one round; returns its summary entry (paths relative to the output root)."""
         folder = self.case_dir / f"round_{index:02d}"
         folder.mkdir(parents=True, exist_ok=True)

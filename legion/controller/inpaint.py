@@ -21,13 +21,19 @@ import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from legion.config import add_config_arguments, load_config, save_resolved_config
-from legion.controller.cases import (AnalyzerConfig, Case, CaseWriter, has_artifact, load_analyzer, read_cases,
-                                     record_masks)
+from legion.controller.cases import (
+    AnalyzerConfig,
+    Case,
+    CaseWriter,
+    has_artifact,
+    load_analyzer,
+    read_cases,
+    record_masks,
+)
 from legion.controller.pipelines import PipelineLoadError
 from legion.controller.report import case_summary, format_scores, write_html, write_summary
 from legion.controller.scoring import Scorer, ScorerConfig, ScorerLoadError, build_scorer
@@ -35,19 +41,26 @@ from legion.controller.scoring import Scorer, ScorerConfig, ScorerLoadError, bui
 
 @dataclass
 class InpainterConfig:
-    path: str = field(default="checkpoints/stable-diffusion-xl-1.0-inpainting-0.1", metadata={
-        "help": "local diffusers inpainting pipeline directory ('tiny' = random tiny SD inpainting, smoke tests)"})
+    path: str = field(
+        default="checkpoints/stable-diffusion-xl-1.0-inpainting-0.1",
+        metadata={
+            "help": "local diffusers inpainting pipeline directory ('tiny' = random tiny SD inpainting, smoke tests)"
+        },
+    )
     dtype: str = "float16"
     cpu_offload: bool = field(default=False, metadata={"help": "diffusers model CPU offload (GPUs with little memory)"})
     strength: float = 0.84
     steps: int = 25
     guidance: float = 8.0
     seed: int = 42
-    size: Optional[int] = field(default=1024, metadata={
-        "help": "square working size for the pipeline (SDXL: 1024); null = original size rounded to /8"})
+    size: int | None = field(
+        default=1024,
+        metadata={"help": "square working size for the pipeline (SDXL: 1024); null = original size rounded to /8"},
+    )
     negative_prompt: str = ""
-    paste_back: bool = field(default=False, metadata={
-        "help": "keep the original pixels outside the dilated mask (the reference did not)"})
+    paste_back: bool = field(
+        default=False, metadata={"help": "keep the original pixels outside the dilated mask (the reference did not)"}
+    )
 
 
 @dataclass
@@ -58,12 +71,12 @@ class DilationConfig:
 
 @dataclass
 class InpaintConfig:
-    inputs: Optional[str] = field(default=None, metadata={"help": ".json {image: prompt}, or .jsonl with image + prompt"})
-    image_root: Optional[str] = field(default=None, metadata={"help": "folder the image paths are relative to"})
+    inputs: str | None = field(default=None, metadata={"help": ".json {image: prompt}, or .jsonl with image + prompt"})
+    image_root: str | None = field(default=None, metadata={"help": "folder the image paths are relative to"})
     allow_absolute_paths: bool = False
     out_dir: str = "outputs/inpaint"
     device: str = "cuda"
-    limit: Optional[int] = None
+    limit: int | None = None
     max_iter: int = field(default=3, metadata={"help": "inpainting rounds after the original"})
     patience: int = field(default=0, metadata={"help": "stop after this many rounds without a better score (0: never)"})
     min_improvement: float = 0.0
@@ -98,9 +111,17 @@ def inpaint_image(pipe, image: np.ndarray, mask: np.ndarray, prompt: str, cfg: I
     pil_image = Image.fromarray(image).resize((work_w, work_h), Image.BICUBIC)
     pil_mask = Image.fromarray((mask > 0).astype(np.uint8) * 255).resize((work_w, work_h), Image.NEAREST)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    kwargs = dict(prompt=prompt, image=pil_image, mask_image=pil_mask, height=work_h, width=work_w,
-                  strength=cfg.strength, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                  generator=generator)
+    kwargs = dict(
+        prompt=prompt,
+        image=pil_image,
+        mask_image=pil_mask,
+        height=work_h,
+        width=work_w,
+        strength=cfg.strength,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        generator=generator,
+    )
     if cfg.negative_prompt:
         kwargs["negative_prompt"] = cfg.negative_prompt
     result = pipe(**kwargs).images[0].convert("RGB")
@@ -112,12 +133,13 @@ def inpaint_image(pipe, image: np.ndarray, mask: np.ndarray, prompt: str, cfg: I
     return out
 
 
-def inpaint_case(case: Case, image: np.ndarray, analyzer, pipe, scorer: Scorer, cfg: InpaintConfig,
-                 writer: CaseWriter) -> dict:
+def inpaint_case(
+    case: Case, image: np.ndarray, analyzer, pipe, scorer: Scorer, cfg: InpaintConfig, writer: CaseWriter
+) -> dict:
     """Run the loop for one case and write its rounds; returns its summary.jsonl entry."""
     rounds: list[dict] = []
     best_round, since_best, stop_reason = 0, 0, "max_iter"
-    inpaint_mask = None
+    inpaint_mask, union = None, None
     for index in range(cfg.max_iter + 1):
         started = time.time()
         if index > 0:
@@ -127,10 +149,24 @@ def inpaint_case(case: Case, image: np.ndarray, analyzer, pipe, scorer: Scorer, 
         union, phrase_masks, notes = record_masks(record, image.shape[0], image.shape[1])
         found = has_artifact(record, union)
         score = scorer.score([image], [case.prompt])[0]
-        rounds.append(writer.write_round(index, image, case.prompt, record, score, union, phrase_masks, {
-            "has_artifact": found, "mask_notes": notes, "seconds": round(time.time() - started, 3),
-            "inpainted_fraction": float(inpaint_mask.mean()) if inpaint_mask is not None else 0.0,
-        }, inpaint_mask=inpaint_mask))
+        rounds.append(
+            writer.write_round(
+                index,
+                image,
+                case.prompt,
+                record,
+                score,
+                union,
+                phrase_masks,
+                {
+                    "has_artifact": found,
+                    "mask_notes": notes,
+                    "seconds": round(time.time() - started, 3),
+                    "inpainted_fraction": float(inpaint_mask.mean()) if inpaint_mask is not None else 0.0,
+                },
+                inpaint_mask=inpaint_mask,
+            )
+        )
         if index > 0:
             if score > rounds[best_round]["score"] + cfg.min_improvement:
                 best_round, since_best = index, 0
@@ -149,8 +185,9 @@ def inpaint_case(case: Case, image: np.ndarray, analyzer, pipe, scorer: Scorer, 
     return case_summary(case.case_id, case.prompt, source, rounds, best_round, stop_reason, scorer.name)
 
 
-def run_inpainting(cases: list[Case], analyzer, pipe, scorer: Scorer, cfg: InpaintConfig,
-                   out_dir: str | Path) -> tuple[list[dict], dict]:
+def run_inpainting(
+    cases: list[Case], analyzer, pipe, scorer: Scorer, cfg: InpaintConfig, out_dir: str | Path
+) -> tuple[list[dict], dict]:
     """All cases -> (summaries, aggregate scores); writes summary.jsonl, scores.json, index.html."""
     from tqdm import tqdm
 
@@ -158,8 +195,11 @@ def run_inpainting(cases: list[Case], analyzer, pipe, scorer: Scorer, cfg: Inpai
 
     summaries = []
     for case in tqdm(cases, desc="inpaint", unit="case"):
-        summaries.append(inpaint_case(case, read_image(case.image_path), analyzer, pipe, scorer, cfg,
-                                      CaseWriter(out_dir, case.case_id)))
+        summaries.append(
+            inpaint_case(
+                case, read_image(case.image_path), analyzer, pipe, scorer, cfg, CaseWriter(out_dir, case.case_id)
+            )
+        )
     aggregate = write_summary(out_dir, summaries, scorer.name, "inpaint")
     write_html(out_dir, summaries, aggregate, "LEGION-guided inpainting")
     return summaries, aggregate
@@ -174,9 +214,9 @@ def load_inpainter(cfg: InpainterConfig, device: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, InpaintConfig,
-                         "YAML config (configs/legion_7b/inpaint.yaml, configs/tiny/inpaint.yaml)",
-                         "max_iter=2")
+    add_config_arguments(
+        parser, InpaintConfig, "YAML config (configs/legion_7b/inpaint.yaml, configs/tiny/inpaint.yaml)", "max_iter=2"
+    )
     parser.add_argument("--inputs", help="input file (overrides `inputs`): .json {image: prompt} or .jsonl")
     parser.add_argument("--image-root", help="folder the input's image paths are relative to")
     parser.add_argument("--out", help="output folder (overrides `out_dir`)")
@@ -184,8 +224,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> InpaintConfig:
-    extra = [f"{key}={value}" for key, value in (("inputs", args.inputs), ("image_root", args.image_root),
-                                                 ("out_dir", args.out), ("device", args.device)) if value]
+    extra = [
+        f"{key}={value}"
+        for key, value in (
+            ("inputs", args.inputs),
+            ("image_root", args.image_root),
+            ("out_dir", args.out),
+            ("device", args.device),
+        )
+        if value
+    ]
     return load_config(InpaintConfig, args.config, list(args.overrides) + extra)
 
 
@@ -198,8 +246,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         if not cfg.inputs:
             raise ConfigError("no input: pass --inputs FILE ({image: prompt} JSON) or set `inputs` in the config")
-        cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, require_images=True,
-                           limit=cfg.limit)
+        cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, require_images=True, limit=cfg.limit)
         dilate_mask(np.zeros((1, 1), np.uint8), cfg.dilation.kernel, cfg.dilation.iterations)  # validates
     except (ConfigError, CaseError, ValueError) as exc:
         print(f"legion inpaint: error: {exc}")

@@ -32,8 +32,9 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pipeline(path: str | Path, task: str, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                  cpu_offload: bool = False):
+def load_pipeline(
+    path: str | Path, task: str, device: str = "cpu", dtype: str | torch.dtype = "float32", cpu_offload: bool = False
+):
     """Load a local diffusers pipeline directory (with `model_index.json`) for `task`.
 
     cpu_offload: keep the pipeline's models on the CPU and move each to the GPU only while it runs
@@ -73,7 +74,9 @@ def load_pipeline(path: str | Path, task: str, device: str = "cpu", dtype: str |
 
 def _byte_level_alphabet() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2 / CLIP convention)."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, shifted = [], 0
     for byte in range(256):
         if byte in printable:
@@ -105,34 +108,75 @@ def build_tiny_pipeline(task: str, seed: int = 0, sample_size: int = 32):
     Images are `sample_size` px (latents sample_size / 2: the tiny VAE downsamples once).
     Building takes well under a second on CPU; a 2-step 32 px call about a second.
     """
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline,
-                           StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if task not in TASKS:
         raise ValueError(f"unknown pipeline task '{task}'; choose one of {TASKS}")
     tokenizer = build_tiny_clip_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=32,
+        )
+    )
     # inpainting UNets see [noisy latents (4), mask (1), masked-image latents (4)] = 9 channels
     unet = UNet2DConditionModel(
-        sample_size=sample_size // 2, in_channels=9 if task == "inpaint" else 4, out_channels=4,
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        sample_size=sample_size // 2,
+        in_channels=9 if task == "inpaint" else 4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(2, 4))
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=sample_size)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=sample_size,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     cls = StableDiffusionInpaintPipeline if task == "inpaint" else StableDiffusionPipeline
-    pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -157,8 +201,16 @@ def _to_uint8(image) -> np.ndarray:
     return array
 
 
-def generate(pipe, prompt: str, seed: int, steps: int, guidance: float,
-             height: int | None = None, width: int | None = None, negative_prompt: str | None = None) -> np.ndarray:
+def generate(
+    pipe,
+    prompt: str,
+    seed: int,
+    steps: int,
+    guidance: float,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+) -> np.ndarray:
     """Text-to-image: one uint8 RGB image [H, W, 3] (H, W = the pipeline default unless given)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator)

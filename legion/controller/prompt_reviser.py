@@ -26,9 +26,9 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 BACKENDS = ("openai", "local", "template")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,8 +58,8 @@ class ReviserConfig:
     retries: int = 3
     backoff_s: float = 2.0
     temperature: float = 0.7
-    model_dir: Optional[str] = field(default=None, metadata={"help": "local LM directory, or 'smollm2'"})
-    gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file inside model_dir"})
+    model_dir: str | None = field(default=None, metadata={"help": "local LM directory, or 'smollm2'"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_dir"})
     max_new_tokens: int = 96
     max_chars: int = 400
 
@@ -67,10 +67,12 @@ class ReviserConfig:
 def build_messages(prompt: str, explanation: str, phrases: Sequence[str] = ()) -> list[dict]:
     """Chat messages asking for a revised prompt."""
     flagged = "; ".join(p for p in phrases if p) or "(none listed)"
-    user = (f"Original prompt: {prompt}\n"
-            f"Artifacts found: {explanation.strip() or '(no explanation)'}\n"
-            f"Flagged regions: {flagged}\n"
-            "New prompt:")
+    user = (
+        f"Original prompt: {prompt}\n"
+        f"Artifacts found: {explanation.strip() or '(no explanation)'}\n"
+        f"Flagged regions: {flagged}\n"
+        "New prompt:"
+    )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -116,9 +118,18 @@ class OpenAIChatReviser(PromptReviser):
 
     name = "openai"
 
-    def __init__(self, base_url: str, api_key: str | None, model: str, temperature: float = 0.7,
-                 timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 2.0, max_chars: int = 400,
-                 max_tokens: int = 128):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        temperature: float = 0.7,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        backoff_s: float = 2.0,
+        max_chars: int = 400,
+        max_tokens: int = 128,
+    ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key, self.model, self.temperature = api_key, model, temperature
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
@@ -133,8 +144,12 @@ class OpenAIChatReviser(PromptReviser):
             return json.loads(response.read().decode("utf-8"))
 
     def complete(self, messages: list[dict]) -> str:
-        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                "max_tokens": self.max_tokens}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
         last_error: Exception | None = None
         for attempt in range(self.retries + 1):
             try:
@@ -145,11 +160,18 @@ class OpenAIChatReviser(PromptReviser):
                 if exc.code != 429 and exc.code < 500:  # a bad request or key will not get better
                     detail = exc.read().decode("utf-8", "replace")[:300]
                     raise ReviserError(f"{self.url} answered HTTP {exc.code}: {detail}") from exc
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError,
-                    KeyError, IndexError, TypeError) as exc:
+            except (
+                urllib.error.URLError,
+                TimeoutError,
+                ConnectionError,
+                json.JSONDecodeError,
+                KeyError,
+                IndexError,
+                TypeError,
+            ) as exc:
                 last_error = exc
             if attempt < self.retries:
-                time.sleep(self.backoff_s * (2 ** attempt))
+                time.sleep(self.backoff_s * (2**attempt))
         raise ReviserError(f"{self.url}: no usable answer after {self.retries + 1} tries: {last_error}")
 
     def revise(self, prompt, explanation, phrases=()):
@@ -175,8 +197,14 @@ class LocalLMReviser(PromptReviser):
 
     name = "local"
 
-    def __init__(self, model_dir: str | Path, gguf_file: str | None = None, device: str = "cpu",
-                 max_new_tokens: int = 96, max_chars: int = 400):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        gguf_file: str | None = None,
+        device: str = "cpu",
+        max_new_tokens: int = 96,
+        max_chars: int = 400,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -189,8 +217,11 @@ class LocalLMReviser(PromptReviser):
             raise ReviserError(f"GGUF file not found: {model_dir / gguf_file}")
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, **extra)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), local_files_only=True, dtype=torch.float32, **extra).to(device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32, **extra)
+            .to(device)
+            .eval()
+        )
         self.device, self.max_new_tokens, self.max_chars = device, max_new_tokens, max_chars
 
     def complete(self, messages: list[dict]) -> str:
@@ -203,9 +234,10 @@ class LocalLMReviser(PromptReviser):
         inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.device)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=pad_id)
-        return self.tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id
+            )
+        return self.tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
 
     def revise(self, prompt, explanation, phrases=()):
         return clean_revision(self.complete(build_messages(prompt, explanation, phrases)), prompt, self.max_chars)
@@ -218,10 +250,13 @@ def build_reviser(cfg: ReviserConfig, device: str = "cpu") -> PromptReviser:
         base_url = os.environ.get(cfg.base_url_env) or cfg.default_base_url
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key and base_url.rstrip("/") == cfg.default_base_url.rstrip("/"):
-            raise ReviserError(f"reviser.backend=openai: set ${cfg.api_key_env} (and ${cfg.base_url_env} for "
-                               "another OpenAI-compatible server)")
-        return OpenAIChatReviser(base_url, api_key, cfg.model, cfg.temperature, cfg.timeout_s, cfg.retries,
-                                 cfg.backoff_s, cfg.max_chars)
+            raise ReviserError(
+                f"reviser.backend=openai: set ${cfg.api_key_env} (and ${cfg.base_url_env} for "
+                "another OpenAI-compatible server)"
+            )
+        return OpenAIChatReviser(
+            base_url, api_key, cfg.model, cfg.temperature, cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_chars
+        )
     if cfg.backend == "local":
         if not cfg.model_dir:
             raise ReviserError("reviser.backend=local needs reviser.model_dir (a directory, or 'smollm2')")

@@ -20,11 +20,17 @@ import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from legion.config import add_config_arguments, load_config, save_resolved_config
-from legion.controller.cases import (AnalyzerConfig, Case, CaseWriter, has_artifact, load_analyzer, read_cases,
-                                     record_masks)
+from legion.controller.cases import (
+    AnalyzerConfig,
+    Case,
+    CaseWriter,
+    has_artifact,
+    load_analyzer,
+    read_cases,
+    record_masks,
+)
 from legion.controller.pipelines import PipelineLoadError
 from legion.controller.prompt_reviser import PromptReviser, ReviserConfig, ReviserError, build_reviser
 from legion.controller.report import case_summary, format_scores, write_html, write_summary
@@ -35,26 +41,32 @@ LOAD_ERRORS = (PipelineLoadError, ReviserError, ScorerLoadError, FileNotFoundErr
 
 @dataclass
 class GeneratorConfig:
-    path: str = field(default="checkpoints/stable-diffusion-3-medium-diffusers", metadata={
-        "help": "local diffusers text-to-image pipeline directory ('tiny' = random tiny SD, smoke tests only)"})
+    path: str = field(
+        default="checkpoints/stable-diffusion-3-medium-diffusers",
+        metadata={
+            "help": "local diffusers text-to-image pipeline directory ('tiny' = random tiny SD, smoke tests only)"
+        },
+    )
     dtype: str = "float16"
     cpu_offload: bool = field(default=False, metadata={"help": "diffusers model CPU offload (GPUs with little memory)"})
     steps: int = 28
     guidance: float = 7.0
-    height: Optional[int] = None
-    width: Optional[int] = None
+    height: int | None = None
+    width: int | None = None
     seed: int = field(default=42, metadata={"help": "same seed every round: only the prompt changes"})
     negative_prompt: str = ""
 
 
 @dataclass
 class RegenerateConfig:
-    inputs: Optional[str] = field(default=None, metadata={"help": ".txt prompts, .json {image: prompt} or .jsonl"})
-    image_root: Optional[str] = field(default=None, metadata={"help": "folder of starting images (default: inputs' folder)"})
+    inputs: str | None = field(default=None, metadata={"help": ".txt prompts, .json {image: prompt} or .jsonl"})
+    image_root: str | None = field(
+        default=None, metadata={"help": "folder of starting images (default: inputs' folder)"}
+    )
     allow_absolute_paths: bool = False
     out_dir: str = "outputs/regenerate"
     device: str = "cuda"
-    limit: Optional[int] = field(default=None, metadata={"help": "first N cases only"})
+    limit: int | None = field(default=None, metadata={"help": "first N cases only"})
     max_rounds: int = field(default=3, metadata={"help": "images per case, round 0 included (>= 2 to revise)"})
     patience: int = field(default=1, metadata={"help": "stop after this many rounds without a better score (0: never)"})
     min_improvement: float = field(default=0.0, metadata={"help": "a score must beat the best by more than this"})
@@ -65,8 +77,16 @@ class RegenerateConfig:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
 
 
-def regenerate_case(case: Case, start_image, analyzer, pipe, reviser: PromptReviser, scorer: Scorer,
-                    cfg: RegenerateConfig, writer: CaseWriter) -> dict:
+def regenerate_case(
+    case: Case,
+    start_image,
+    analyzer,
+    pipe,
+    reviser: PromptReviser,
+    scorer: Scorer,
+    cfg: RegenerateConfig,
+    writer: CaseWriter,
+) -> dict:
     """Run the loop for one case and write its rounds; returns its summary.jsonl entry."""
     from legion.controller.pipelines import generate
 
@@ -86,15 +106,37 @@ def regenerate_case(case: Case, start_image, analyzer, pipe, reviser: PromptRevi
         if index == 0 and start_image is not None:
             image = start_image
         else:
-            image = generate(pipe, prompt, seed=gen.seed, steps=gen.steps, guidance=gen.guidance,
-                             height=gen.height, width=gen.width, negative_prompt=gen.negative_prompt or None)
+            image = generate(
+                pipe,
+                prompt,
+                seed=gen.seed,
+                steps=gen.steps,
+                guidance=gen.guidance,
+                height=gen.height,
+                width=gen.width,
+                negative_prompt=gen.negative_prompt or None,
+            )
         record = analyzer.analyze([image])[0]
         union, phrase_masks, notes = record_masks(record, image.shape[0], image.shape[1])
         found = has_artifact(record, union)
         score = scorer.score([image], [case.prompt])[0]
-        rounds.append(writer.write_round(index, image, prompt, record, score, union, phrase_masks, {
-            "has_artifact": found, "mask_notes": notes, "seconds": round(time.time() - started, 3),
-            "generated": not (index == 0 and start_image is not None)}))
+        rounds.append(
+            writer.write_round(
+                index,
+                image,
+                prompt,
+                record,
+                score,
+                union,
+                phrase_masks,
+                {
+                    "has_artifact": found,
+                    "mask_notes": notes,
+                    "seconds": round(time.time() - started, 3),
+                    "generated": not (index == 0 and start_image is not None),
+                },
+            )
+        )
         if index > 0:
             if score > rounds[best_round]["score"] + cfg.min_improvement:
                 best_round, since_best = index, 0
@@ -113,8 +155,15 @@ def regenerate_case(case: Case, start_image, analyzer, pipe, reviser: PromptRevi
     return case_summary(case.case_id, case.prompt, source, rounds, best_round, stop_reason, scorer.name)
 
 
-def run_regeneration(cases: list[Case], analyzer, pipe, reviser: PromptReviser, scorer: Scorer,
-                     cfg: RegenerateConfig, out_dir: str | Path) -> tuple[list[dict], dict]:
+def run_regeneration(
+    cases: list[Case],
+    analyzer,
+    pipe,
+    reviser: PromptReviser,
+    scorer: Scorer,
+    cfg: RegenerateConfig,
+    out_dir: str | Path,
+) -> tuple[list[dict], dict]:
     """All cases -> (summaries, aggregate scores); writes summary.jsonl, scores.json, index.html."""
     from tqdm import tqdm
 
@@ -123,8 +172,9 @@ def run_regeneration(cases: list[Case], analyzer, pipe, reviser: PromptReviser, 
     summaries = []
     for case in tqdm(cases, desc="regenerate", unit="case"):
         start_image = read_image(case.image_path) if case.image_path else None
-        summaries.append(regenerate_case(case, start_image, analyzer, pipe, reviser, scorer, cfg,
-                                         CaseWriter(out_dir, case.case_id)))
+        summaries.append(
+            regenerate_case(case, start_image, analyzer, pipe, reviser, scorer, cfg, CaseWriter(out_dir, case.case_id))
+        )
     aggregate = write_summary(out_dir, summaries, scorer.name, "regenerate")
     write_html(out_dir, summaries, aggregate, "LEGION-guided regeneration")
     return summaries, aggregate
@@ -139,9 +189,12 @@ def load_generator(cfg: GeneratorConfig, device: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, RegenerateConfig,
-                         "YAML config (configs/legion_7b/regenerate.yaml, configs/tiny/regenerate.yaml)",
-                         "max_rounds=4")
+    add_config_arguments(
+        parser,
+        RegenerateConfig,
+        "YAML config (configs/legion_7b/regenerate.yaml, configs/tiny/regenerate.yaml)",
+        "max_rounds=4",
+    )
     parser.add_argument("--prompts", help="input file (overrides `inputs`): .txt, .json {image: prompt} or .jsonl")
     parser.add_argument("--image-root", help="folder the input's image paths are relative to")
     parser.add_argument("--out", help="output folder (overrides `out_dir`)")
@@ -149,8 +202,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
-    extra = [f"{key}={value}" for key, value in (("inputs", args.prompts), ("image_root", args.image_root),
-                                                 ("out_dir", args.out), ("device", args.device)) if value]
+    extra = [
+        f"{key}={value}"
+        for key, value in (
+            ("inputs", args.prompts),
+            ("image_root", args.image_root),
+            ("out_dir", args.out),
+            ("device", args.device),
+        )
+        if value
+    ]
     return load_config(RegenerateConfig, args.config, list(args.overrides) + extra)
 
 

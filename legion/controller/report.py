@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from legion.controller.scoring import growth_rates
 
-GROWTH_NOTE = ("mean_of_ratios = mean over images of (post - pre) / pre (probably the paper's 'growth rate'); "
-               "ratio_of_means = (mean post - mean pre) / mean pre. 'post' is the best-scoring image of the loop "
-               "(the original included), 'pre' the original; both are scored against the original prompt.")
+GROWTH_NOTE = (
+    "mean_of_ratios = mean over images of (post - pre) / pre (probably the paper's 'growth rate'); "
+    "ratio_of_means = (mean post - mean pre) / mean pre. 'post' is the best-scoring image of the loop "
+    "(the original included), 'pre' the original; both are scored against the original prompt."
+)
 
 
-def case_summary(case_id: str, prompt: str, source_image: str | None, rounds: list[dict], best_round: int,
-                 stop_reason: str, scorer: str) -> dict:
+def case_summary(
+    case_id: str,
+    prompt: str,
+    source_image: str | None,
+    rounds: list[dict],
+    best_round: int,
+    stop_reason: str,
+    scorer: str,
+) -> dict:
     """One summary.jsonl line."""
     return {
         "case_id": case_id,
@@ -42,12 +51,25 @@ def aggregate_scores(summaries: Sequence[dict], scorer: str, command: str) -> di
     pre = [s["pre_score"] for s in summaries]
     post = [s["post_score"] for s in summaries]
     rates = growth_rates(pre, post)
-    per_image = [{"case_id": s["case_id"], "pre": s["pre_score"], "post": s["post_score"],
-                  "gain": (s["post_score"] - s["pre_score"]) / abs(s["pre_score"]) if s["pre_score"] else None}
-                 for s in summaries]
-    return {"command": command, "scorer": scorer, **rates, "note": GROWTH_NOTE, "per_image": per_image,
-            "stop_reasons": {r: sum(s["stop_reason"] == r for s in summaries)
-                             for r in sorted({s["stop_reason"] for s in summaries})}}
+    per_image = [
+        {
+            "case_id": s["case_id"],
+            "pre": s["pre_score"],
+            "post": s["post_score"],
+            "gain": (s["post_score"] - s["pre_score"]) / abs(s["pre_score"]) if s["pre_score"] else None,
+        }
+        for s in summaries
+    ]
+    return {
+        "command": command,
+        "scorer": scorer,
+        **rates,
+        "note": GROWTH_NOTE,
+        "per_image": per_image,
+        "stop_reasons": {
+            r: sum(s["stop_reason"] == r for s in summaries) for r in sorted({s["stop_reason"] for s in summaries})
+        },
+    }
 
 
 def write_summary(out_dir: str | Path, summaries: Sequence[dict], scorer: str, command: str) -> dict:
@@ -72,10 +94,12 @@ def _num(x: float | None) -> str:
 
 def format_scores(aggregate: dict) -> str:
     """Plain-text score report for the terminal."""
-    return (f"{aggregate['command']} ({aggregate['scorer']}, n={aggregate['n']}): "
-            f"pre {_num(aggregate['pre_mean'])} -> post {_num(aggregate['post_mean'])}; growth rate "
-            f"{_pct(aggregate['mean_of_ratios'])} (mean of per-image ratios), "
-            f"{_pct(aggregate['ratio_of_means'])} (ratio of means)")
+    return (
+        f"{aggregate['command']} ({aggregate['scorer']}, n={aggregate['n']}): "
+        f"pre {_num(aggregate['pre_mean'])} -> post {_num(aggregate['post_mean'])}; growth rate "
+        f"{_pct(aggregate['mean_of_ratios'])} (mean of per-image ratios), "
+        f"{_pct(aggregate['ratio_of_means'])} (ratio of means)"
+    )
 
 
 _CSS = """
@@ -91,14 +115,18 @@ def write_html(out_dir: str | Path, summaries: Sequence[dict], aggregate: dict, 
     """index.html: per case, first image | its LEGION mask | best image, with prompts and explanations."""
     out_dir = Path(out_dir)
     esc = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>",
-             f"<p>{esc(format_scores(aggregate))}</p><p class='muted'>{esc(GROWTH_NOTE)}</p>"]
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>",
+        f"<p>{esc(format_scores(aggregate))}</p><p class='muted'>{esc(GROWTH_NOTE)}</p>",
+    ]
     for s in summaries:
         first, best = s["rounds"][0], s["rounds"][s["best_round"]]
         history = "".join(
             f"<li>round {r['round']}: score {_num(r['score'])}, verdict {esc(str(r['verdict']))}, "
-            f"{esc(r['prompt'])}</li>" for r in s["rounds"])
+            f"{esc(r['prompt'])}</li>"
+            for r in s["rounds"]
+        )
         parts.append(
             f"<h2>{esc(s['case_id'])}</h2><table class='case'><tr>"
             f"<td>before (round 0)<br><img src='{esc(first['image'])}' alt='before'><br>"
@@ -111,7 +139,8 @@ def write_html(out_dir: str | Path, summaries: Sequence[dict], aggregate: dict, 
             f"<b>final prompt</b>: {esc(s['final_prompt'])}<br>"
             f"<b>LEGION explanation (after)</b>: {esc(best['explanation'] or '(none)')}<br>"
             f"<span class='muted'>stop: {esc(s['stop_reason'])}</span><ul class='muted'>{history}</ul></td>"
-            "</tr></table>")
+            "</tr></table>"
+        )
     parts.append("</body></html>")
     path = out_dir / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")

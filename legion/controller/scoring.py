@@ -18,9 +18,9 @@ Backends
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,11 +37,13 @@ class ScorerLoadError(RuntimeError):
 @dataclass
 class ScorerConfig:
     kind: str = field(default="hps_v2.1", metadata={"help": f"one of {SCORER_KINDS}"})
-    checkpoint: Optional[str] = field(default=None, metadata={"help": "HPS_v2.1_compressed.pt / ImageReward.pt"})
+    checkpoint: str | None = field(default=None, metadata={"help": "HPS_v2.1_compressed.pt / ImageReward.pt"})
     clip_arch: str = field(default="ViT-H-14", metadata={"help": "open_clip architecture for hps_v2.1"})
-    model_dir: Optional[str] = field(default=None, metadata={
-        "help": "transformers CLIP directory for kind=clip ('tiny' = random tiny CLIP, smoke tests only)"})
-    med_config: Optional[str] = field(default=None, metadata={"help": "BLIP med_config.json for image_reward"})
+    model_dir: str | None = field(
+        default=None,
+        metadata={"help": "transformers CLIP directory for kind=clip ('tiny' = random tiny CLIP, smoke tests only)"},
+    )
+    med_config: str | None = field(default=None, metadata={"help": "BLIP med_config.json for image_reward"})
     batch_size: int = 8
 
 
@@ -98,7 +100,7 @@ class ClipScorer(Scorer):
         self.max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "cpu", batch_size: int = 8) -> "ClipScorer":
+    def from_dir(cls, model_dir: str | Path, device: str = "cpu", batch_size: int = 8) -> ClipScorer:
         """A local transformers CLIP directory (config.json, weights, tokenizer files)."""
         from transformers import AutoTokenizer, CLIPModel
 
@@ -110,7 +112,7 @@ class ClipScorer(Scorer):
         return cls(model, tokenizer, device, batch_size)
 
     @classmethod
-    def tiny(cls, seed: int = 0, device: str = "cpu") -> "ClipScorer":
+    def tiny(cls, seed: int = 0, device: str = "cpu") -> ClipScorer:
         """A random tiny CLIP (32 px, byte-level tokenizer): exercises the code path, scores mean nothing."""
         from transformers import CLIPConfig, CLIPModel
 
@@ -119,12 +121,27 @@ class ClipScorer(Scorer):
         tokenizer = build_tiny_clip_tokenizer()
         torch.manual_seed(seed)
         config = CLIPConfig(
-            text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-                             bos_token_id=0, eos_token_id=1, pad_token_id=1),
-            vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                               num_hidden_layers=2, num_attention_heads=4),
-            projection_dim=16)
+            text_config=dict(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            ),
+            vision_config=dict(
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+            ),
+            projection_dim=16,
+        )
         return cls(CLIPModel(config), tokenizer, device)
 
     def save(self, out_dir: str | Path) -> Path:
@@ -137,11 +154,12 @@ class ClipScorer(Scorer):
         _check_pairs(images, prompts)
         out: list[float] = []
         for start in range(0, len(images), self.batch_size):
-            chunk_images = images[start:start + self.batch_size]
-            chunk_prompts = list(prompts[start:start + self.batch_size])
+            chunk_images = images[start : start + self.batch_size]
+            chunk_prompts = list(prompts[start : start + self.batch_size])
             pixels = clip_pixel_values(chunk_images, self.image_size).to(self.device, self.model.dtype)
-            text = self.tokenizer(chunk_prompts, padding="max_length", truncation=True,
-                                  max_length=self.max_length, return_tensors="pt").to(self.device)
+            text = self.tokenizer(
+                chunk_prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
             image_emb = self.model.get_image_features(pixel_values=pixels)
             text_emb = self.model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
             image_emb = getattr(image_emb, "pooler_output", image_emb)
@@ -161,13 +179,15 @@ class HPSv21Scorer(Scorer):
         if checkpoint is None or not checkpoint.is_file():
             raise ScorerLoadError(
                 f"HPS v2.1 checkpoint not found: {checkpoint}. Download HPS_v2.1_compressed.pt "
-                "(xswu/HPSv2 on the Hugging Face hub) and pass scorer.checkpoint=PATH, or use scorer.kind=clip.")
+                "(xswu/HPSv2 on the Hugging Face hub) and pass scorer.checkpoint=PATH, or use scorer.kind=clip."
+            )
         try:
             import open_clip
         except ImportError as exc:
             raise ScorerLoadError(
                 "scorer.kind=hps_v2.1 needs the optional package open_clip_torch "
-                "(pip install open_clip_torch); it is not part of requirements.txt") from exc
+                "(pip install open_clip_torch); it is not part of requirements.txt"
+            ) from exc
         # pretrained=None: architecture only; every weight comes from the HPS checkpoint below.
         model, _, preprocess = open_clip.create_model_and_transforms(clip_arch, pretrained=None, device=device)
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -178,8 +198,9 @@ class HPSv21Scorer(Scorer):
         except RuntimeError as exc:  # shape mismatches: a checkpoint of another architecture
             raise ScorerLoadError(f"{checkpoint} does not fit open_clip {clip_arch}: {exc}") from None
         if missing:
-            raise ScorerLoadError(f"{checkpoint} does not fit open_clip {clip_arch}: {len(missing)} missing keys, "
-                                  f"e.g. {missing[:3]}")
+            raise ScorerLoadError(
+                f"{checkpoint} does not fit open_clip {clip_arch}: {len(missing)} missing keys, e.g. {missing[:3]}"
+            )
         if unexpected:
             print(f"[hps] ignoring {len(unexpected)} unexpected keys in {checkpoint}, e.g. {unexpected[:3]}")
         self.model = model.eval()
@@ -194,9 +215,9 @@ class HPSv21Scorer(Scorer):
         _check_pairs(images, prompts)
         out: list[float] = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            chunk = images[start : start + self.batch_size]
             pixels = torch.stack([self.preprocess(Image.fromarray(im)) for im in chunk]).to(self.device)
-            text = self.tokenizer(list(prompts[start:start + self.batch_size])).to(self.device)
+            text = self.tokenizer(list(prompts[start : start + self.batch_size])).to(self.device)
             image_emb = self.model.encode_image(pixels, normalize=True)
             text_emb = self.model.encode_text(text, normalize=True)
             out.extend((image_emb * text_emb).sum(-1).float().tolist())

@@ -34,10 +34,10 @@ class BenchmarkFormatError(ValueError):
 # --- LOKI ------------------------------------------------------------------------------------
 @dataclass
 class LokiItem:
-    index: int                       # position in the annotation list
+    index: int  # position in the annotation list
     image_path: str
-    regions: list[list[float]]       # [x, y, w, h] boxes in pixels
-    global_desc: str | None = None   # problems.global[0].desc (explanation reference)
+    regions: list[list[float]]  # [x, y, w, h] boxes in pixels
+    global_desc: str | None = None  # problems.global[0].desc (explanation reference)
     region_descs: list[str | None] = field(default_factory=list)
 
     @property
@@ -57,7 +57,9 @@ def load_loki(path: str | os.PathLike, encoding: str = "utf-16") -> list[LokiIte
     except UnicodeError as err:
         raise BenchmarkFormatError(f"{path}: not {encoding} text ({err}); LOKI annotations are UTF-16 JSON") from None
     except json.JSONDecodeError as err:
-        raise BenchmarkFormatError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        raise BenchmarkFormatError(
+            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
     if not isinstance(data, list):
         raise BenchmarkFormatError(f"{path}: top level is a {type(data).__name__}, expected a list of items")
     items = []
@@ -71,11 +73,15 @@ def load_loki(path: str | os.PathLike, encoding: str = "utf-16") -> list[LokiIte
         regions, descs = [], []
         for j, region in enumerate(problems.get("regional") or []):
             box = region.get("region") if isinstance(region, dict) else None
-            if not (isinstance(box, list) and len(box) == 4 and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box)):
+            if not (
+                isinstance(box, list)
+                and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box)
+            ):
                 raise BenchmarkFormatError(
                     f"{where} ({raw['image_path']}): problems.regional[{j}].region must be 4 numbers [x, y, w, h], "
-                    f"got {box!r}")
+                    f"got {box!r}"
+                )
             regions.append([float(v) for v in box])
             descs.append(region.get("desc") if isinstance(region.get("desc"), str) else None)
         global_desc = None
@@ -105,8 +111,9 @@ def find_loki_items(items: list[LokiItem], file_name: str) -> list[LokiItem]:
     return [item for item in items if item.file_name == name]
 
 
-def loki_gt_mask(items: list[LokiItem], file_name: str, height: int, width: int,
-                 skip_degenerate: bool = False) -> np.ndarray:
+def loki_gt_mask(
+    items: list[LokiItem], file_name: str, height: int, width: int, skip_degenerate: bool = False
+) -> np.ndarray:
     matches = find_loki_items(items, file_name)
     if not matches:
         raise KeyError(f"no LOKI item for image {file_name!r}")
@@ -115,8 +122,9 @@ def loki_gt_mask(items: list[LokiItem], file_name: str, height: int, width: int,
 
 
 # --- RichHF-18K ------------------------------------------------------------------------------
-def richhf_heatmap_path(image_path: str | os.PathLike, raw_dir: str = "raw_imgs",
-                        heatmap_dir: str = "heatmaps") -> Path:
+def richhf_heatmap_path(
+    image_path: str | os.PathLike, raw_dir: str = "raw_imgs", heatmap_dir: str = "heatmaps"
+) -> Path:
     """The heatmap next to an image: the last path folder named `raw_dir` becomes `heatmap_dir`."""
     parts = list(PurePath(image_path).parts)
     folders = [i for i, part in enumerate(parts[:-1]) if part == raw_dir]
@@ -126,8 +134,12 @@ def richhf_heatmap_path(image_path: str | os.PathLike, raw_dir: str = "raw_imgs"
     return Path(*parts)
 
 
-def richhf_mask(heatmap_path: str | os.PathLike, threshold: float = 0.0, resize_to: int | None = None,
-                expected_size: tuple[int, int] | None = None) -> np.ndarray:
+def richhf_mask(
+    heatmap_path: str | os.PathLike,
+    threshold: float = 0.0,
+    resize_to: int | None = None,
+    expected_size: tuple[int, int] | None = None,
+) -> np.ndarray:
     """uint8 {0,1} mask = heatmap (grayscale, scaled to [0, 1]) > threshold.
 
     resize_to: square side to LANCZOS-resize the heatmap to before thresholding (ArtiAgent: 512).
@@ -136,8 +148,10 @@ def richhf_mask(heatmap_path: str | os.PathLike, threshold: float = 0.0, resize_
     with Image.open(heatmap_path) as img:
         heat = img.convert("L")
         if expected_size is not None and resize_to is None and heat.size != (expected_size[1], expected_size[0]):
-            raise BenchmarkFormatError(f"{heatmap_path}: heatmap is {heat.size[0]}x{heat.size[1]}, image is "
-                                       f"{expected_size[1]}x{expected_size[0]}")
+            raise BenchmarkFormatError(
+                f"{heatmap_path}: heatmap is {heat.size[0]}x{heat.size[1]}, image is "
+                f"{expected_size[1]}x{expected_size[0]}"
+            )
         if resize_to is not None:
             heat = heat.resize((resize_to, resize_to), Image.Resampling.LANCZOS)
         values = np.asarray(heat, dtype=np.float32) / 255.0
@@ -150,8 +164,9 @@ class RichHFItem:
     heatmap_path: Path
 
 
-def list_richhf_items(image_dir: str | os.PathLike, raw_dir: str = "raw_imgs",
-                      heatmap_dir: str = "heatmaps") -> tuple[list[RichHFItem], list[Path]]:
+def list_richhf_items(
+    image_dir: str | os.PathLike, raw_dir: str = "raw_imgs", heatmap_dir: str = "heatmaps"
+) -> tuple[list[RichHFItem], list[Path]]:
     """(items with a heatmap, images without one) for the images in `image_dir`, sorted by name."""
     images = sorted(p for p in Path(image_dir).iterdir() if p.is_file() and is_image_file(p))
     items, missing = [], []

@@ -23,16 +23,28 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from legion.data.images import ImageReadError, read_image_info, read_image_size
-from legion.data.synthscars import (AnnotationFormatError, PathEscapeError, find_annotation_file,
-                                    load_annotations, polygon_area, polygons_outside, resolve_image_path,
-                                    resolve_spans)
+from legion.data.synthscars import (
+    AnnotationFormatError,
+    PathEscapeError,
+    find_annotation_file,
+    load_annotations,
+    polygon_area,
+    polygons_outside,
+    resolve_image_path,
+    resolve_spans,
+)
 
 
 def _stats(values: list[float]) -> dict | None:
     if not values:
         return None
-    return {"count": len(values), "min": min(values), "median": statistics.median(values),
-            "mean": statistics.fmean(values), "max": max(values)}
+    return {
+        "count": len(values),
+        "min": min(values),
+        "median": statistics.median(values),
+        "mean": statistics.fmean(values),
+        "max": max(values),
+    }
 
 
 def _probe(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None, str | None]:
@@ -58,9 +70,17 @@ def _area_fraction(polygons_per_ref: list[list[list[float]]], height: int, width
     return per_ref, float(mask_utils.area(union)) / (height * width)
 
 
-def check_split(root: str | Path, split: str = "train", annotation_path: str | Path | None = None,
-                allow_absolute: bool = False, decode: bool = True, workers: int = 4,
-                max_unusable_fraction: float = 0.05, max_examples: int = 20, progress: bool = False) -> dict:
+def check_split(
+    root: str | Path,
+    split: str = "train",
+    annotation_path: str | Path | None = None,
+    allow_absolute: bool = False,
+    decode: bool = True,
+    workers: int = 4,
+    max_unusable_fraction: float = 0.05,
+    max_examples: int = 20,
+    progress: bool = False,
+) -> dict:
     """The data-check summary as a dict (what `--json` prints). `summary["usable"]` is the verdict."""
     summary: dict = {"root": str(root), "split": split, "usable": False, "fatal": None}
     try:
@@ -90,12 +110,24 @@ def check_split(root: str | Path, split: str = "train", annotation_path: str | P
             escape_examples.append(f"path escape: record {record.id}, img_file_name {record.img_file_name!r}")
     distinct = sorted(set(paths.values()))
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        probes = dict(zip(distinct, tqdm(pool.map(lambda p: _probe(p, decode), distinct), total=len(distinct),
-                                         disable=not progress, desc="images", file=sys.stderr)))
+        probes = dict(
+            zip(
+                distinct,
+                tqdm(
+                    pool.map(lambda p: _probe(p, decode), distinct),
+                    total=len(distinct),
+                    disable=not progress,
+                    desc="images",
+                    file=sys.stderr,
+                ),
+            )
+        )
     failures = Counter(reason for _, reason, _ in probes.values() if reason)
     summary["images"] = {
-        "distinct": len(distinct), "found": sum(1 for s, _, _ in probes.values() if s is not None),
-        "missing": failures.pop("missing", 0), "unreadable": dict(failures),
+        "distinct": len(distinct),
+        "found": sum(1 for s, _, _ in probes.values() if s is not None),
+        "missing": failures.pop("missing", 0),
+        "unreadable": dict(failures),
         "conversions": dict(Counter(c for _, _, c in probes.values() if c)),
         "decoded": decode,
         "records_sharing_an_image": sum(n - 1 for n in Counter(paths.values()).values() if n > 1),
@@ -126,8 +158,10 @@ def check_split(root: str | Path, split: str = "train", annotation_path: str | P
         over = max(polygons_outside(r.polygons, height, width) for r in kept)
         if over > 0:
             unusable[record.id] = "polygon_outside_image"
-            outside_examples.append(f"polygon outside image: record {record.id}, a vertex {over:.1f} px beyond "
-                                    f"the tolerated {width}x{height} frame")
+            outside_examples.append(
+                f"polygon outside image: record {record.id}, a vertex {over:.1f} px beyond "
+                f"the tolerated {width}x{height} frame"
+            )
             continue
         per_ref, union = _area_fraction([r.polygons for r in kept], height, width)
         for ref, area in zip(kept, per_ref):
@@ -138,9 +172,13 @@ def check_split(root: str | Path, split: str = "train", annotation_path: str | P
             ref_areas.append(area)
         union_areas.append(union)
     summary["spans"] = {"located": dict(located), "dropped": dict(dropped)}
-    summary["masks"] = {"ref_area_fraction": _stats(ref_areas), "union_area_fraction": _stats(union_areas),
-                        "empty_masks": int(empty_masks), "degenerate_refs": degenerate,
-                        "outside_examples": outside_examples[:max_examples]}
+    summary["masks"] = {
+        "ref_area_fraction": _stats(ref_areas),
+        "union_area_fraction": _stats(union_areas),
+        "empty_masks": int(empty_masks),
+        "degenerate_refs": degenerate,
+        "outside_examples": outside_examples[:max_examples],
+    }
     n_unusable = len(unusable)
     summary["unusable_records"] = dict(Counter(unusable.values()))
     summary["usable_records"] = len(records) - n_unusable
@@ -154,8 +192,10 @@ def check_split(root: str | Path, split: str = "train", annotation_path: str | P
 def _fmt_stats(stats: dict | None) -> str:
     if not stats:
         return "n/a"
-    return (f"min {stats['min']:.4f}  median {stats['median']:.4f}  mean {stats['mean']:.4f}  "
-            f"max {stats['max']:.4f}  (n={stats['count']})")
+    return (
+        f"min {stats['min']:.4f}  median {stats['median']:.4f}  mean {stats['mean']:.4f}  "
+        f"max {stats['max']:.4f}  (n={stats['count']})"
+    )
 
 
 def _fmt_counts(counts: dict) -> str:
@@ -190,31 +230,55 @@ def format_summary(s: dict) -> str:
     if examples:
         lines.append("  first problems:")
         lines += [f"    {e}" for e in examples[:20]]
-    verdict = "USABLE" if s["usable"] else (
-        f"NOT USABLE (unusable fraction {s['unusable_fraction']:.3f} > {s['max_unusable_fraction']} "
-        "or no usable record)")
+    verdict = (
+        "USABLE"
+        if s["usable"]
+        else (
+            f"NOT USABLE (unusable fraction {s['unusable_fraction']:.3f} > {s['max_unusable_fraction']} "
+            "or no usable record)"
+        )
+    )
     lines.append(f"  verdict: {verdict}")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="action", required=True)
-    check = sub.add_parser("check", help="validate a SynthScars-layout split (exit 0 if usable, 1 if not)",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    check = sub.add_parser(
+        "check",
+        help="validate a SynthScars-layout split (exit 0 if usable, 1 if not)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     check.add_argument("--root", required=True, help="dataset root holding <split>/images and <split>/annotations")
     check.add_argument("--split", default="train", choices=["train", "test"], help="split to check (default train)")
     check.add_argument("--annotations", default=None, help="annotation file (default: found under --root)")
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
     check.add_argument("--quick", action="store_true", help="read image headers only (no full decode)")
-    check.add_argument("--allow-absolute-paths", action="store_true",
-                       help="use absolute img_file_name values as they are (default: by base name under images/)")
-    check.add_argument("--max-unusable-fraction", type=float, default=0.05,
-                       help="largest fraction of unusable records for exit code 0 (default 0.05)")
+    check.add_argument(
+        "--allow-absolute-paths",
+        action="store_true",
+        help="use absolute img_file_name values as they are (default: by base name under images/)",
+    )
+    check.add_argument(
+        "--max-unusable-fraction",
+        type=float,
+        default=0.05,
+        help="largest fraction of unusable records for exit code 0 (default 0.05)",
+    )
     check.add_argument("--workers", type=int, default=4, help="threads reading images (default 4)")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = check_split(args.root, args.split, args.annotations, args.allow_absolute_paths, not args.quick,
-                          args.workers, args.max_unusable_fraction, progress=not args.json)
+    summary = check_split(
+        args.root,
+        args.split,
+        args.annotations,
+        args.allow_absolute_paths,
+        not args.quick,
+        args.workers,
+        args.max_unusable_fraction,
+        progress=not args.json,
+    )
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 0 if summary["usable"] else 1

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 REAL_DIR, FAKE_DIR = "0_real", "1_fake"
@@ -43,9 +43,9 @@ class DetectionDataError(ValueError):
 
 @dataclass(frozen=True)
 class DetectionItem:
-    path: str        # absolute (or as resolved against the data root) image path
-    is_fake: bool    # ground truth; True = synthetic
-    subset: str      # generator / category name used for per-subset accuracy
+    path: str  # absolute (or as resolved against the data root) image path
+    is_fake: bool  # ground truth; True = synthetic
+    subset: str  # generator / category name used for per-subset accuracy
 
 
 def reference_label_to_is_fake(label: object) -> bool:
@@ -53,7 +53,8 @@ def reference_label_to_is_fake(label: object) -> bool:
     if not isinstance(label, str):
         raise DetectionDataError(
             f"label {label!r}: the reference JSON format uses strings ('real' or a fake label); "
-            "integer labels are ambiguous (the reference's index 1 means real, the folders' 1 means fake)")
+            "integer labels are ambiguous (the reference's index 1 means real, the folders' 1 means fake)"
+        )
     return label != REFERENCE_REAL_LABEL
 
 
@@ -104,7 +105,8 @@ def list_folder_images(root: str | os.PathLike, subsets: Iterable[str] | None = 
         raise DetectionDataError(
             f"{root}: no images in any '{REAL_DIR}' / '{FAKE_DIR}' folder"
             + (f" of subsets {sorted(wanted)}" if wanted else "")
-            + " (expected <subset>/[<class>/]0_real|1_fake/)")
+            + " (expected <subset>/[<class>/]0_real|1_fake/)"
+        )
     if wanted is not None and (missing := wanted - {it.subset for it in items}):
         raise DetectionDataError(f"{root}: subsets not found: {sorted(missing)}")
     return items
@@ -134,8 +136,12 @@ def _resolve_inside(base: Path, name: str, where: str, allow_absolute: bool) -> 
     return resolved
 
 
-def list_json_images(json_path: str | os.PathLike, data_base: str | os.PathLike | None = None,
-                     subsets: Iterable[str] | None = None, allow_absolute: bool = False) -> list[DetectionItem]:
+def list_json_images(
+    json_path: str | os.PathLike,
+    data_base: str | os.PathLike | None = None,
+    subsets: Iterable[str] | None = None,
+    allow_absolute: bool = False,
+) -> list[DetectionItem]:
     """Read a reference JSON list (train `image_path`/`label` or test `image`/`label`/`category`).
 
     Image paths are relative to `data_base` (default: the JSON file's folder). Items without a
@@ -167,9 +173,12 @@ def list_json_images(json_path: str | os.PathLike, data_base: str | os.PathLike 
     return items
 
 
-def list_detection_images(root_or_json: str | os.PathLike, data_base: str | os.PathLike | None = None,
-                          subsets: Iterable[str] | None = None, allow_absolute: bool = False
-                          ) -> list[DetectionItem]:
+def list_detection_images(
+    root_or_json: str | os.PathLike,
+    data_base: str | os.PathLike | None = None,
+    subsets: Iterable[str] | None = None,
+    allow_absolute: bool = False,
+) -> list[DetectionItem]:
     """Items of a detection folder tree or a reference JSON / JSONL list (see module docstring).
 
     `subsets` keeps only the named subsets; `data_base` and `allow_absolute` apply to JSON lists.

@@ -7,8 +7,8 @@ rotate), so image and masks always share one frame (docs/data_formats.md §6).
 Conversions (counted through `ReadResult.conversion`): grayscale / bilevel / palette -> RGB
 (replicated channels / palette lookup), CMYK -> RGB (Pillow's conversion), RGBA / LA -> RGB by
 dropping alpha (what `cv2.imread(IMREAD_COLOR)` does, so pixels match the reference), 16-bit ->
-8-bit by keeping the high byte (Pillow for 16-bit RGB, cv2 for every 16-bit image). Everything else raises `ImageReadError` with a
-short machine-readable `reason`, so callers can skip and count instead of dying:
+8-bit by keeping the high byte (Pillow for 16-bit RGB, cv2 for every 16-bit image). Everything else raises
+`ImageReadError` with a short machine-readable `reason`, so callers can skip and count instead of dying:
 
     missing, not_a_file, corrupt, truncated, decompression_bomb, unsupported_mode, empty
 """
@@ -39,7 +39,7 @@ class ImageReadError(Exception):
 @dataclass(frozen=True)
 class ReadResult:
     image: np.ndarray  # uint8 [H, W, 3] RGB
-    source_mode: str   # Pillow mode of the stored image, e.g. "RGB", "CMYK", "I;16"
+    source_mode: str  # Pillow mode of the stored image, e.g. "RGB", "CMYK", "I;16"
     conversion: str | None  # None when the stored pixels were already 8-bit RGB
 
 
@@ -84,7 +84,7 @@ def read_image_info(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
     if not path.is_file():
         raise ImageReadError(path, "not_a_file")
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped Pillow's global; we never accept partial images
-        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncated images may pass unnoticed")
+        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; truncated images may pass unnoticed", stacklevel=2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -96,7 +96,8 @@ def read_image_info(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
                     raise ImageReadError(path, "decompression_bomb", f"{width}x{height} > {max_pixels} pixels")
                 # Pillow hands out 16-bit colour images as 8-bit RGB (high byte); count that too
                 sixteen_bit_colour = img.mode == "RGB" and any(
-                    "16" in str(tile[3]) for tile in (getattr(img, "tile", None) or []) if len(tile) > 3)
+                    "16" in str(tile[3]) for tile in (getattr(img, "tile", None) or []) if len(tile) > 3
+                )
                 img.load()
                 try:
                     array, conversion = _to_rgb(img)

@@ -38,9 +38,9 @@ def opencv_gaussian_sigma(kernel_size: int) -> float:
 class Perturbation:
     """A callable ``image [H, W, 3] uint8 RGB -> image [H, W, 3] uint8 RGB``."""
 
-    kind: str | None            # "jpeg" | "noise" | "blur" | None (identity)
-    value: float = 0.0          # quality / sigma (0-255) / kernel size
-    sigma: float = 0.0          # blur only: the Gaussian σ actually used
+    kind: str | None  # "jpeg" | "noise" | "blur" | None (identity)
+    value: float = 0.0  # quality / sigma (0-255) / kernel size
+    sigma: float = 0.0  # blur only: the Gaussian σ actually used
     seed: int = 0
 
     def describe(self) -> dict:
@@ -53,8 +53,9 @@ class Perturbation:
             return {"kind": "noise", "sigma_0_255": float(self.value), "mean": 0.0, "seed": self.seed}
         desc = {"kind": "blur", "kernel_size": int(self.value), "sigma": float(self.sigma), "border": "reflect_101"}
         if self.sigma == 0:
-            desc["sigma_rule"] = (f"OpenCV default for sigma=0 (fixed table for K<=7, else "
-                                  f"{opencv_gaussian_sigma(int(self.value)):.4g})")
+            desc["sigma_rule"] = (
+                f"OpenCV default for sigma=0 (fixed table for K<=7, else {opencv_gaussian_sigma(int(self.value)):.4g})"
+            )
         return desc
 
     def __str__(self) -> str:
@@ -80,8 +81,9 @@ class Perturbation:
         import cv2
 
         k = int(self.value)
-        return cv2.GaussianBlur(np.ascontiguousarray(image), (k, k), sigmaX=self.sigma, sigmaY=self.sigma,
-                                borderType=cv2.BORDER_REFLECT_101)
+        return cv2.GaussianBlur(
+            np.ascontiguousarray(image), (k, k), sigmaX=self.sigma, sigmaY=self.sigma, borderType=cv2.BORDER_REFLECT_101
+        )
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:

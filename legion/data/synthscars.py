@@ -21,9 +21,10 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +32,7 @@ from pycocotools import mask as mask_utils
 
 from legion.data.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_image_size
 from legion.data.transforms import clip_preprocess, sam_preprocess
-from legion.model.conversation import (GCG_QUESTION, IGNORE_INDEX, SEG, encode_conversation,
-                                       tag_phrase)
+from legion.model.conversation import GCG_QUESTION, IGNORE_INDEX, SEG, encode_conversation, tag_phrase
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,15 @@ class Record:
     img_file_name: str
     caption: str
     refs: list[Ref]
-    content_type: str | None = None       # human | object | animal | scene (ToyScars; absent in the release)
+    content_type: str | None = None  # human | object | animal | scene (ToyScars; absent in the release)
     artifact_category: str | None = None  # structure | distortion | physics (ToyScars; absent in the release)
 
 
 @dataclass(frozen=True)
 class Problem:
     record_id: str | None  # None for file-level problems
-    field: str             # e.g. "refs[2].segmentation[0]"
-    code: str              # short machine-readable kind, counted in reports
+    field: str  # e.g. "refs[2].segmentation[0]"
+    code: str  # short machine-readable kind, counted in reports
     message: str
     severity: str = "error"  # "error": something was dropped; "warning": kept as is
 
@@ -151,12 +151,21 @@ def _parse_ref(record_id: str, index: int, raw: Any, caption: str, report: Annot
         report.add(record_id, f"{where}.explanation", "wrong_type", "explanation is not a string; ref dropped")
         return None
     elif not explanation.strip():
-        report.add(record_id, f"{where}.explanation", "empty_explanation",
-                   "empty explanation (valid: the answer reads 'sentence:')", "warning")
+        report.add(
+            record_id,
+            f"{where}.explanation",
+            "empty_explanation",
+            "empty explanation (valid: the answer reads 'sentence:')",
+            "warning",
+        )
     segmentation = raw.get("segmentation")
     if not isinstance(segmentation, list) or not segmentation:
-        report.add(record_id, f"{where}.segmentation", "missing_field" if segmentation is None else "bad_polygon",
-                   "missing or empty segmentation; ref dropped")
+        report.add(
+            record_id,
+            f"{where}.segmentation",
+            "missing_field" if segmentation is None else "bad_polygon",
+            "missing or empty segmentation; ref dropped",
+        )
         return None
     polygons = []
     for j, poly in enumerate(segmentation):
@@ -165,16 +174,25 @@ def _parse_ref(record_id: str, index: int, raw: Any, caption: str, report: Annot
             report.add(record_id, f"{where}.segmentation[{j}]", "bad_polygon", f"{why}; polygon dropped")
             continue
         if polygon_area(parsed) == 0.0:
-            report.add(record_id, f"{where}.segmentation[{j}]", "degenerate_polygon",
-                       "zero-area polygon (rasterizes to an empty or 1-px mask); kept", "warning")
+            report.add(
+                record_id,
+                f"{where}.segmentation[{j}]",
+                "degenerate_polygon",
+                "zero-area polygon (rasterizes to an empty or 1-px mask); kept",
+                "warning",
+            )
         polygons.append(parsed)
     if not polygons:
         report.add(record_id, f"{where}.segmentation", "bad_polygon", "no valid polygon left; ref dropped")
         return None
     if sentence not in caption:
-        report.add(record_id, f"{where}.sentence", "sentence_not_in_caption",
-                   f"sentence {sentence!r} does not occur in the caption; kept, span resolution will drop it",
-                   "warning")
+        report.add(
+            record_id,
+            f"{where}.sentence",
+            "sentence_not_in_caption",
+            f"sentence {sentence!r} does not occur in the caption; kept, span resolution will drop it",
+            "warning",
+        )
     category = raw.get("artifact_category")
     return Ref(sentence, explanation, polygons, category if isinstance(category, str) else None)
 
@@ -189,8 +207,12 @@ def parse_records(data: Any, report: AnnotationReport) -> list[Record]:
     seen_content: dict[str, str] = {}
     for index, entry in enumerate(data):
         if not isinstance(entry, dict) or len(entry) != 1:
-            report.add(f"#{index}", "<entry>", "not_one_key_object",
-                       "entry is not an object with exactly one key (the annotation id); entry dropped")
+            report.add(
+                f"#{index}",
+                "<entry>",
+                "not_one_key_object",
+                "entry is not an object with exactly one key (the annotation id); entry dropped",
+            )
             continue
         record_id, body = next(iter(entry.items()))
         if record_id in seen_ids:
@@ -220,24 +242,40 @@ def parse_records(data: Any, report: AnnotationReport) -> list[Record]:
             continue
         # strip() removes MARKER's trailing space when a caption ends with it (records without refs)
         if not caption.startswith(PREFIX) or (MARKER not in caption and not caption.endswith(MARKER.rstrip())):
-            report.add(record_id, "caption", "caption_template",
-                       "caption does not follow PREFIX + summary + MARKER + details; spans fall back to search",
-                       "warning")
+            report.add(
+                record_id,
+                "caption",
+                "caption_template",
+                "caption does not follow PREFIX + summary + MARKER + details; spans fall back to search",
+                "warning",
+            )
         parsed = [_parse_ref(record_id, i, raw, caption, report) for i, raw in enumerate(raw_refs)]
         refs = [ref for ref in parsed if ref is not None]
         if not raw_refs:
             report.add(record_id, "refs", "no_refs", "record has no refs (unusable for training)", "warning")
         fingerprint = json.dumps([name, caption, [asdict(r) for r in refs]], sort_keys=True)
         if fingerprint in seen_content:
-            report.add(record_id, "<record>", "duplicate_record",
-                       f"same image, caption and refs as record {seen_content[fingerprint]}; kept", "warning")
+            report.add(
+                record_id,
+                "<record>",
+                "duplicate_record",
+                f"same image, caption and refs as record {seen_content[fingerprint]}; kept",
+                "warning",
+            )
         else:
             seen_content[fingerprint] = record_id
         content_type = body.get("content_type")
         category = body.get("artifact_category")
-        records.append(Record(record_id, name, caption, refs,
-                              content_type if isinstance(content_type, str) else None,
-                              category if isinstance(category, str) else None))
+        records.append(
+            Record(
+                record_id,
+                name,
+                caption,
+                refs,
+                content_type if isinstance(content_type, str) else None,
+                category if isinstance(category, str) else None,
+            )
+        )
     return records
 
 
@@ -249,7 +287,9 @@ def load_annotations(path: str | os.PathLike) -> tuple[list[Record], AnnotationR
         with open(path, encoding="utf-8-sig") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as err:
-        raise AnnotationFormatError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        raise AnnotationFormatError(
+            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
     except UnicodeDecodeError as err:
         raise AnnotationFormatError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     return parse_records(data, report), report
@@ -261,8 +301,12 @@ def records_to_json(records: Sequence[Record]) -> list[dict]:
     for rec in records:
         refs = []
         for ref in rec.refs:
-            item = {"sentence": ref.sentence, "explanation": ref.explanation, "bbox": None,
-                    "segmentation": ref.polygons}
+            item = {
+                "sentence": ref.sentence,
+                "explanation": ref.explanation,
+                "bbox": None,
+                "segmentation": ref.polygons,
+            }
             if ref.artifact_category is not None:
                 item["artifact_category"] = ref.artifact_category
             refs.append(item)
@@ -347,15 +391,20 @@ def rasterize_polygons(polygons: Sequence[Sequence[float]], height: int, width: 
     return mask
 
 
-def polygons_outside(polygons: Sequence[Sequence[float]], height: int, width: int,
-                     tolerance: float = OUTSIDE_TOLERANCE) -> float:
+def polygons_outside(
+    polygons: Sequence[Sequence[float]], height: int, width: int, tolerance: float = OUTSIDE_TOLERANCE
+) -> float:
     """How far (px) the farthest vertex lies beyond the tolerated frame; 0 if all are inside."""
     worst = 0.0
     tol_x, tol_y = tolerance * width + 2.0, tolerance * height + 2.0
     for poly in polygons:
         xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-        over = max(float((-tol_x - xy[:, 0]).max()), float((xy[:, 0] - width - tol_x).max()),
-                   float((-tol_y - xy[:, 1]).max()), float((xy[:, 1] - height - tol_y).max()))
+        over = max(
+            float((-tol_x - xy[:, 0]).max()),
+            float((xy[:, 0] - width - tol_x).max()),
+            float((-tol_y - xy[:, 1]).max()),
+            float((xy[:, 1] - height - tol_y).max()),
+        )
         worst = max(worst, over)
     return worst
 
@@ -426,7 +475,7 @@ def build_answer(record: Record, spans: Sequence[Span] | None = None) -> tuple[s
     spans = sorted(spans, key=lambda s: s.start)
     answer = record.caption
     for span in reversed(spans):
-        answer = answer[: span.start] + tag_phrase(answer[span.start: span.end]) + answer[span.end:]
+        answer = answer[: span.start] + tag_phrase(answer[span.start : span.end]) + answer[span.end :]
     return answer, [record.refs[s.ref_index] for s in spans]
 
 
@@ -434,6 +483,7 @@ def build_answer(record: Record, spans: Sequence[Span] | None = None) -> tuple[s
 @dataclass(frozen=True)
 class SkippedSample:
     """Returned by the dataset instead of a sample when its image turns out unusable at load time."""
+
     record_id: str
     image_path: str
     reason: str
@@ -461,12 +511,23 @@ class SynthScarsDataset(torch.utils.data.Dataset):
     gt_masks Float[N, H, W] {0,1} (N = number of [SEG] in input_ids), image_path, record_id.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, tokenizer, clip_size: int = 336,
-                 sam_input_size: int = 512, sam_pad_to: int = 1024, max_length: int | None = 961,
-                 annotation_path: str | os.PathLike | None = None, allow_absolute_paths: bool = False,
-                 records: Sequence[Record] | None = None, question: str = GCG_QUESTION,
-                 use_im_start_end: bool = True, check_images: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        tokenizer,
+        clip_size: int = 336,
+        sam_input_size: int = 512,
+        sam_pad_to: int = 1024,
+        max_length: int | None = 961,
+        annotation_path: str | os.PathLike | None = None,
+        allow_absolute_paths: bool = False,
+        records: Sequence[Record] | None = None,
+        question: str = GCG_QUESTION,
+        use_im_start_end: bool = True,
+        check_images: bool = True,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.root, self.split = Path(root), split
         self.tokenizer = tokenizer
         self.clip_size, self.sam_input_size, self.sam_pad_to = clip_size, sam_input_size, sam_pad_to
@@ -486,9 +547,13 @@ class SynthScarsDataset(torch.utils.data.Dataset):
 
     def _skip(self, record: Record, reason: str, message: str) -> None:
         self.report[reason] += 1
-        field_name = {"path_escape": "img_file_name", "image_missing": "img_file_name",
-                      "image_unreadable": "img_file_name", "polygon_outside_image": "refs[].segmentation",
-                      "truncated_past_seg": "caption"}.get(reason, "refs")
+        field_name = {
+            "path_escape": "img_file_name",
+            "image_missing": "img_file_name",
+            "image_unreadable": "img_file_name",
+            "polygon_outside_image": "refs[].segmentation",
+            "truncated_past_seg": "caption",
+        }.get(reason, "refs")
         self.problems.append(Problem(record.id, field_name, reason, message))
         log.warning("record %s skipped: %s (%s)", record.id, reason, message)
 
@@ -506,9 +571,12 @@ class SynthScarsDataset(torch.utils.data.Dataset):
         answer, refs = build_answer(record, spans)
         input_ids, labels = encode_conversation(self.tokenizer, answer, question, use_im_start_end)
         if self.max_length is not None and len(input_ids) > self.max_length:
-            if bool((input_ids[self.max_length:] == self.seg_id).any()):
-                return self._skip(record, "truncated_past_seg",
-                                  f"{len(input_ids)} text tokens > max_length {self.max_length} cuts a [SEG]")
+            if bool((input_ids[self.max_length :] == self.seg_id).any()):
+                return self._skip(
+                    record,
+                    "truncated_past_seg",
+                    f"{len(input_ids)} text tokens > max_length {self.max_length} cuts a [SEG]",
+                )
             self.report["truncated_text_only"] += 1
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         if check_images:
@@ -518,8 +586,9 @@ class SynthScarsDataset(torch.utils.data.Dataset):
                 return self._skip(record, "image_missing" if err.reason == "missing" else "image_unreadable", str(err))
             over = max(polygons_outside(r.polygons, height, width) for r in refs)
             if over > 0:
-                return self._skip(record, "polygon_outside_image",
-                                  f"a vertex lies {over:.0f} px beyond the {width}x{height} image")
+                return self._skip(
+                    record, "polygon_outside_image", f"a vertex lies {over:.0f} px beyond the {width}x{height} image"
+                )
         return _Item(record, path, refs, input_ids, labels)
 
     def __len__(self) -> int:
@@ -627,8 +696,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return torch.randperm(self.n, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        share = self.epoch_order()[self.rank:: self.world_size]
-        return iter(share[self.position:])
+        share = self.epoch_order()[self.rank :: self.world_size]
+        return iter(share[self.position :])
 
     def __len__(self) -> int:
         return self.share_size() - self.position
@@ -636,11 +705,18 @@ class EpochSampler(torch.utils.data.Sampler):
     def state_dict(self, consumed: int | None = None) -> dict:
         """`consumed`: indices of this rank's share already trained on in the current epoch."""
         position = self.position if consumed is None else self.position + consumed
-        return {"epoch": self.epoch, "position": position, "seed": self.seed, "n": self.n,
-                "rank": self.rank, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "position": position,
+            "seed": self.seed,
+            "n": self.n,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["n"] != self.n or state["seed"] != self.seed or state["world_size"] != self.world_size:
-            raise ValueError(f"sampler state {state} does not match n={self.n}, seed={self.seed}, "
-                             f"world_size={self.world_size}")
+            raise ValueError(
+                f"sampler state {state} does not match n={self.n}, seed={self.seed}, world_size={self.world_size}"
+            )
         self.set_epoch(state["epoch"], state["position"])

@@ -48,22 +48,39 @@ from legion.data.synthscars import MARKER, PREFIX, rasterize_polygons
 
 CONTENT_TYPES = ("human", "animal", "object", "scene")
 CATEGORIES = ("structure", "distortion", "physics")
-KINDS = {"structure": ("twisted", "extra"), "distortion": ("blurred", "noisy", "tinted"),
-         "physics": ("shadow", "glow")}
-PARTS = {"human": ("head", "arm", "leg", "body"), "animal": ("head", "body", "tail", "leg"),
-         "object": ("neck", "body", "handle", "base"), "scene": ("house", "roof", "tree", "mountain")}
-TINTS = {"purple": (1.35, 0.55, 1.45), "green": (0.55, 1.45, 0.6), "cyan": (0.5, 1.3, 1.5),
-         "orange": (1.5, 1.0, 0.35)}
-LOCATIONS = (("in the upper left", "at the top", "in the upper right"), ("on the left", "in the center", "on the right"),
-             ("in the lower left", "at the bottom", "in the lower right"))
-SUBJECTS = {"human": "A person stands", "animal": "A dog stands", "object": "A vase sits", "scene": "A small house stands"}
-SETTINGS = {"human": ("in a sunny field", "on a sandy beach", "in a green park"),
-            "animal": ("in a sunny field", "on a sandy beach", "in a green park"),
-            "object": ("on a wooden table", "on a dark table", "on a pale table"),
-            "scene": ("below the mountains", "under a clear sky", "near a tall tree")}
-GROUNDS = {"in a sunny field": (150, 170, 70), "on a sandy beach": (215, 195, 140),
-           "in a green park": (70, 140, 60), "on a wooden table": (150, 100, 55),
-           "on a dark table": (80, 55, 40), "on a pale table": (200, 180, 150)}
+KINDS = {"structure": ("twisted", "extra"), "distortion": ("blurred", "noisy", "tinted"), "physics": ("shadow", "glow")}
+PARTS = {
+    "human": ("head", "arm", "leg", "body"),
+    "animal": ("head", "body", "tail", "leg"),
+    "object": ("neck", "body", "handle", "base"),
+    "scene": ("house", "roof", "tree", "mountain"),
+}
+TINTS = {"purple": (1.35, 0.55, 1.45), "green": (0.55, 1.45, 0.6), "cyan": (0.5, 1.3, 1.5), "orange": (1.5, 1.0, 0.35)}
+LOCATIONS = (
+    ("in the upper left", "at the top", "in the upper right"),
+    ("on the left", "in the center", "on the right"),
+    ("in the lower left", "at the bottom", "in the lower right"),
+)
+SUBJECTS = {
+    "human": "A person stands",
+    "animal": "A dog stands",
+    "object": "A vase sits",
+    "scene": "A small house stands",
+}
+SETTINGS = {
+    "human": ("in a sunny field", "on a sandy beach", "in a green park"),
+    "animal": ("in a sunny field", "on a sandy beach", "in a green park"),
+    "object": ("on a wooden table", "on a dark table", "on a pale table"),
+    "scene": ("below the mountains", "under a clear sky", "near a tall tree"),
+}
+GROUNDS = {
+    "in a sunny field": (150, 170, 70),
+    "on a sandy beach": (215, 195, 140),
+    "in a green park": (70, 140, 60),
+    "on a wooden table": (150, 100, 55),
+    "on a dark table": (80, 55, 40),
+    "on a pale table": (200, 180, 150),
+}
 MIN_AREA, MAX_AREA = 0.08, 0.35
 
 
@@ -78,8 +95,7 @@ def _noun_phrase(kind: str, part: str | None, tint: str | None) -> str:
         return f"{kind} {part}"
     if kind == "tinted":
         return f"{tint} patch"
-    return {"blurred": "blurred patch", "noisy": "noisy patch", "shadow": "wrong shadow",
-            "glow": "strange glow"}[kind]
+    return {"blurred": "blurred patch", "noisy": "noisy patch", "shadow": "wrong shadow", "glow": "strange glow"}[kind]
 
 
 def _explanation(kind: str, part: str | None, tint: str | None, light: str, where: str) -> str:
@@ -98,9 +114,8 @@ def _sentence(kind, part, tint, where) -> str:
     return f"The {_noun_phrase(kind, part, tint)} {where}"
 
 
-def _caption(content: str, setting: str, artifacts: list["Artifact"], light: str) -> str:
-    mentions = [f"{_article(n)} {n} {a.where}" for a in artifacts
-                for n in [_noun_phrase(a.kind, a.part, a.tint)]]
+def _caption(content: str, setting: str, artifacts: list[Artifact], light: str) -> str:
+    mentions = [f"{_article(n)} {n} {a.where}" for a in artifacts for n in [_noun_phrase(a.kind, a.part, a.tint)]]
     summary = f"{SUBJECTS[content]} {setting}, with {' and '.join(mentions)}."
     details = "".join(f"{a.sentence}:{_explanation(a.kind, a.part, a.tint, light, a.where)}" for a in artifacts)
     return PREFIX + summary + MARKER + details
@@ -123,8 +138,11 @@ def caption_corpus() -> list[str]:
                             for where in wheres:
                                 noun = _noun_phrase(kind, part, tint)
                                 texts.append(f"{_article(noun)} {noun} {where} and")
-                                texts.append(_sentence(kind, part, tint, where) + ":"
-                                             + _explanation(kind, part, tint, light, where))
+                                texts.append(
+                                    _sentence(kind, part, tint, where)
+                                    + ":"
+                                    + _explanation(kind, part, tint, light, where)
+                                )
     return list(dict.fromkeys(texts))
 
 
@@ -133,7 +151,7 @@ def _value_noise(rng, h, w, cells, octaves=3) -> np.ndarray:
     out = np.zeros((h, w), np.float32)
     amp, total = 1.0, 0.0
     for octave in range(octaves):
-        n = cells * 2 ** octave
+        n = cells * 2**octave
         grid = rng.uniform(-1, 1, (n + 1, n + 1)).astype(np.float32)
         out += amp * cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
         total += amp
@@ -166,21 +184,41 @@ def _pts(points, scale=8):
 
 
 def _poly(img, points, colour, texture=None, strength=0.0):
-    _paint(img, _alpha(img.shape, lambda c: cv2.fillPoly(c, _pts(points), 255, cv2.LINE_AA, 3)), colour,
-           texture, strength)
+    _paint(
+        img, _alpha(img.shape, lambda c: cv2.fillPoly(c, _pts(points), 255, cv2.LINE_AA, 3)), colour, texture, strength
+    )
 
 
 def _ellipse(img, cx, cy, rx, ry, colour, texture=None, strength=0.0, angle=0.0):
     def draw(c):
-        cv2.ellipse(c, (round(cx * 8), round(cy * 8)), (max(1, round(rx * 8)), max(1, round(ry * 8))),
-                    angle, 0, 360, 255, -1, cv2.LINE_AA, 3)
+        cv2.ellipse(
+            c,
+            (round(cx * 8), round(cy * 8)),
+            (max(1, round(rx * 8)), max(1, round(ry * 8))),
+            angle,
+            0,
+            360,
+            255,
+            -1,
+            cv2.LINE_AA,
+            3,
+        )
+
     _paint(img, _alpha(img.shape, draw), colour, texture, strength)
 
 
 def _line(img, p, q, width, colour):
     def draw(c):
-        cv2.line(c, (round(p[0] * 8), round(p[1] * 8)), (round(q[0] * 8), round(q[1] * 8)), 255,
-                 max(1, round(width)), cv2.LINE_AA, 3)
+        cv2.line(
+            c,
+            (round(p[0] * 8), round(p[1] * 8)),
+            (round(q[0] * 8), round(q[1] * 8)),
+            255,
+            max(1, round(width)),
+            cv2.LINE_AA,
+            3,
+        )
+
     _paint(img, _alpha(img.shape, draw), colour)
 
 
@@ -205,11 +243,11 @@ def _jitter(rng, colour, amount=25):
 # --- scenes --------------------------------------------------------------------------------
 @dataclass
 class Scene:
-    image: np.ndarray              # float32 [S, S, 3], 0..255, clean render
+    image: np.ndarray  # float32 [S, S, 3], 0..255, clean render
     parts: dict[str, tuple[float, float, float]]  # part -> (cx, cy, radius)
-    light: str                     # "sun" | "lamp"
+    light: str  # "sun" | "lamp"
     light_xy: tuple[float, float]
-    ground_y: float                # where the subject stands
+    ground_y: float  # where the subject stands
     subject_x: float
     subject_w: float
     setting: str
@@ -223,13 +261,13 @@ def _outdoor_background(rng, s, setting) -> tuple[np.ndarray, float, tuple[float
     ground = _gradient(s, s, _jitter(rng, GROUNDS[setting], 15), np.float32(_jitter(rng, GROUNDS[setting], 15)) * 0.8)
     texture = _value_noise(rng, s, s, 8, 3)
     ground *= 1 + 0.18 * texture[:, :, None]
-    below = (np.arange(s, dtype=np.float32)[:, None, None] >= horizon)
+    below = np.arange(s, dtype=np.float32)[:, None, None] >= horizon
     img = np.where(below, ground, img)
     side = rng.integers(2)
     sun = (s * (0.12 if side == 0 else 0.88), s * rng.uniform(0.09, 0.18))
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     dist = np.hypot(xx - sun[0], yy - sun[1])
-    img += (np.exp(-(dist / (0.25 * s)) ** 2) * 70)[:, :, None] * (~below)
+    img += (np.exp(-((dist / (0.25 * s)) ** 2)) * 70)[:, :, None] * (~below)
     _ellipse(img, sun[0], sun[1], 0.07 * s, 0.07 * s, (255, 240, 150))
     return img, horizon, sun
 
@@ -238,9 +276,21 @@ def _shadow(img, light_xy, foot_x, ground_y, width, s, strength=0.55):
     """A soft ground shadow on the side away from the light (what a real render would show)."""
     away = -1.0 if light_xy[0] > foot_x else 1.0
     cx = foot_x + away * 0.5 * width
-    alpha = _alpha(img.shape, lambda c: cv2.ellipse(
-        c, (round(cx * 8), round(ground_y * 8)), (round(0.55 * width * 8), round(0.05 * s * 8)), 0, 0, 360, 255,
-        -1, cv2.LINE_AA, 3))
+    alpha = _alpha(
+        img.shape,
+        lambda c: cv2.ellipse(
+            c,
+            (round(cx * 8), round(ground_y * 8)),
+            (round(0.55 * width * 8), round(0.05 * s * 8)),
+            0,
+            0,
+            360,
+            255,
+            -1,
+            cv2.LINE_AA,
+            3,
+        ),
+    )
     alpha = cv2.GaussianBlur(alpha[:, :, 0], (0, 0), 0.02 * s + 0.5)[:, :, None]
     img *= 1 - strength * alpha
 
@@ -258,21 +308,30 @@ def _render_human(rng, s, setting) -> Scene:
     head_r, head_y = 0.12 * u, feet - u + 0.12 * u
     for dx in (-0.07, 0.07):
         _line(img, (cx + dx * u, hip), (cx + dx * 1.6 * u, feet), 0.1 * u, pants)
-    _poly(img, [(cx - 0.15 * u, shoulder), (cx + 0.15 * u, shoulder), (cx + 0.13 * u, hip), (cx - 0.13 * u, hip)],
-          shirt, _value_noise(rng, s, s, 6, 1), 0.08)
+    _poly(
+        img,
+        [(cx - 0.15 * u, shoulder), (cx + 0.15 * u, shoulder), (cx + 0.13 * u, hip), (cx - 0.13 * u, hip)],
+        shirt,
+        _value_noise(rng, s, s, 6, 1),
+        0.08,
+    )
     spread = rng.uniform(0.25, 0.4)
     for side in (-1, 1):
-        _line(img, (cx + side * 0.15 * u, shoulder + 0.03 * u), (cx + side * spread * u, hip + 0.05 * u),
-              0.08 * u, shirt)
+        _line(
+            img, (cx + side * 0.15 * u, shoulder + 0.03 * u), (cx + side * spread * u, hip + 0.05 * u), 0.08 * u, shirt
+        )
         _ellipse(img, cx + side * spread * u, hip + 0.07 * u, 0.045 * u, 0.045 * u, skin)
     _ellipse(img, cx, head_y, head_r, head_r * 1.1, skin)
     _ellipse(img, cx, head_y - 0.6 * head_r, head_r * 1.02, head_r * 0.55, _jitter(rng, (70, 45, 30), 30))
     for dx in (-0.4, 0.4):
         _ellipse(img, cx + dx * head_r, head_y + 0.05 * head_r, 0.14 * head_r, 0.14 * head_r, (30, 30, 30))
     arm_side = rng.choice([-1, 1])
-    parts = {"head": (cx, head_y, 0.2 * u), "body": (cx, (shoulder + hip) / 2, 0.22 * u),
-             "arm": (cx + arm_side * 0.28 * u, (shoulder + hip) / 2, 0.2 * u),
-             "leg": (cx + arm_side * 0.1 * u, (hip + feet) / 2, 0.2 * u)}
+    parts = {
+        "head": (cx, head_y, 0.2 * u),
+        "body": (cx, (shoulder + hip) / 2, 0.22 * u),
+        "arm": (cx + arm_side * 0.28 * u, (shoulder + hip) / 2, 0.2 * u),
+        "leg": (cx + arm_side * 0.1 * u, (hip + feet) / 2, 0.2 * u),
+    }
     return Scene(img, parts, "sun", sun, feet, cx, 0.5 * u, setting)
 
 
@@ -294,14 +353,24 @@ def _render_animal(rng, s, setting) -> Scene:
     head = (cx + facing * 0.45 * u, body_y - 0.22 * u)
     for side in (-1, 1):
         ex = head[0] + side * 0.08 * u
-        _poly(img, [(ex - 0.05 * u, head[1] - 0.06 * u), (ex + 0.05 * u, head[1] - 0.06 * u),
-                    (ex + side * 0.02 * u, head[1] - 0.22 * u)], np.float32(fur) * 0.7)
+        _poly(
+            img,
+            [
+                (ex - 0.05 * u, head[1] - 0.06 * u),
+                (ex + 0.05 * u, head[1] - 0.06 * u),
+                (ex + side * 0.02 * u, head[1] - 0.22 * u),
+            ],
+            np.float32(fur) * 0.7,
+        )
     _ellipse(img, head[0], head[1], 0.14 * u, 0.12 * u, fur, texture, 0.15)
     _ellipse(img, head[0] + facing * 0.06 * u, head[1] - 0.02 * u, 0.02 * u, 0.02 * u, (20, 20, 20))
     _ellipse(img, head[0] + facing * 0.13 * u, head[1] + 0.03 * u, 0.025 * u, 0.02 * u, (40, 25, 25))
-    parts = {"head": (head[0], head[1] - 0.04 * u, 0.2 * u), "body": (cx, body_y, 0.25 * u),
-             "tail": (tail_root[0] - facing * 0.1 * u, body_y - 0.18 * u, 0.18 * u),
-             "leg": (cx + facing * 0.22 * u, (body_y + feet) / 2 + 0.05 * u, 0.18 * u)}
+    parts = {
+        "head": (head[0], head[1] - 0.04 * u, 0.2 * u),
+        "body": (cx, body_y, 0.25 * u),
+        "tail": (tail_root[0] - facing * 0.1 * u, body_y - 0.18 * u, 0.18 * u),
+        "leg": (cx + facing * 0.22 * u, (body_y + feet) / 2 + 0.05 * u, 0.18 * u),
+    }
     return Scene(img, parts, "sun", sun, feet, cx, 0.9 * u, setting)
 
 
@@ -310,14 +379,13 @@ def _render_object(rng, s, setting) -> Scene:
     wall = _gradient(s, s, _jitter(rng, (225, 215, 190), 20), _jitter(rng, (180, 170, 150), 20))
     wall *= 1 + 0.05 * _value_noise(rng, s, s, 4, 2)[:, :, None]
     table = _gradient(s, s, _jitter(rng, GROUNDS[setting], 15), np.float32(_jitter(rng, GROUNDS[setting], 10)) * 0.75)
-    grain = np.sin(np.arange(s, dtype=np.float32)[:, None] * rng.uniform(0.8, 1.4)
-                   + 3 * _value_noise(rng, s, s, 3, 2))
+    grain = np.sin(np.arange(s, dtype=np.float32)[:, None] * rng.uniform(0.8, 1.4) + 3 * _value_noise(rng, s, s, 3, 2))
     table *= 1 + 0.07 * grain[:, :, None]
     img = np.where(np.arange(s)[:, None, None] >= table_y, table, wall).astype(np.float32)
     side = rng.integers(2)
     lamp = (s * (0.1 if side == 0 else 0.9), s * 0.1)
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    img += (np.exp(-(np.hypot(xx - lamp[0], yy - lamp[1]) / (0.3 * s)) ** 2) * 60)[:, :, None]
+    img += (np.exp(-((np.hypot(xx - lamp[0], yy - lamp[1]) / (0.3 * s)) ** 2)) * 60)[:, :, None]
     _line(img, (lamp[0], 0), (lamp[0], lamp[1]), 0.015 * s, (60, 60, 60))
     _ellipse(img, lamp[0], lamp[1], 0.08 * s, 0.05 * s, (255, 245, 200))
     u = s * rng.uniform(0.5, 0.62)
@@ -329,22 +397,55 @@ def _render_object(rng, s, setting) -> Scene:
     body_y = base_y - 0.27 * u
     handle_side = rng.choice([-1, 1])
     hx = cx + handle_side * 0.27 * u
-    cv_ring = _alpha(img.shape, lambda c: cv2.ellipse(c, (round(hx * 8), round(body_y * 8)),
-                                                        (round(0.1 * u * 8), round(0.13 * u * 8)), 0, 0, 360, 255,
-                                                        max(1, round(0.04 * u)), cv2.LINE_AA, 3))
+    cv_ring = _alpha(
+        img.shape,
+        lambda c: cv2.ellipse(
+            c,
+            (round(hx * 8), round(body_y * 8)),
+            (round(0.1 * u * 8), round(0.13 * u * 8)),
+            0,
+            0,
+            360,
+            255,
+            max(1, round(0.04 * u)),
+            cv2.LINE_AA,
+            3,
+        ),
+    )
     _paint(img, cv_ring, np.float32(glaze) * 0.8)
-    _poly(img, [(cx - 0.09 * u, base_y), (cx + 0.09 * u, base_y), (cx + 0.12 * u, base_y - 0.06 * u),
-                (cx - 0.12 * u, base_y - 0.06 * u)], np.float32(glaze) * 0.7)
+    _poly(
+        img,
+        [
+            (cx - 0.09 * u, base_y),
+            (cx + 0.09 * u, base_y),
+            (cx + 0.12 * u, base_y - 0.06 * u),
+            (cx - 0.12 * u, base_y - 0.06 * u),
+        ],
+        np.float32(glaze) * 0.7,
+    )
     _ellipse(img, cx, body_y, 0.22 * u, 0.24 * u, glaze, texture, 0.1)
     neck_top = body_y - 0.55 * u
-    _poly(img, [(cx - 0.06 * u, body_y - 0.2 * u), (cx + 0.06 * u, body_y - 0.2 * u), (cx + 0.05 * u, neck_top),
-                (cx - 0.05 * u, neck_top)], glaze, texture, 0.1)
+    _poly(
+        img,
+        [
+            (cx - 0.06 * u, body_y - 0.2 * u),
+            (cx + 0.06 * u, body_y - 0.2 * u),
+            (cx + 0.05 * u, neck_top),
+            (cx - 0.05 * u, neck_top),
+        ],
+        glaze,
+        texture,
+        0.1,
+    )
     _ellipse(img, cx, neck_top, 0.08 * u, 0.025 * u, np.float32(glaze) * 0.6)
     # a highlight on the side of the lamp keeps the lighting consistent
-    _ellipse(img, cx - 0.1 * u * (1 if side == 0 else -1), body_y - 0.08 * u, 0.04 * u, 0.08 * u,
-             (250, 250, 250))
-    parts = {"neck": (cx, body_y - 0.38 * u, 0.18 * u), "body": (cx, body_y, 0.24 * u),
-             "handle": (hx + handle_side * 0.03 * u, body_y, 0.17 * u), "base": (cx, base_y - 0.05 * u, 0.16 * u)}
+    _ellipse(img, cx - 0.1 * u * (1 if side == 0 else -1), body_y - 0.08 * u, 0.04 * u, 0.08 * u, (250, 250, 250))
+    parts = {
+        "neck": (cx, body_y - 0.38 * u, 0.18 * u),
+        "body": (cx, body_y, 0.24 * u),
+        "handle": (hx + handle_side * 0.03 * u, body_y, 0.17 * u),
+        "base": (cx, base_y - 0.05 * u, 0.16 * u),
+    }
     return Scene(img, parts, "lamp", lamp, base_y, cx, 0.5 * u, setting)
 
 
@@ -353,32 +454,65 @@ def _render_scene(rng, s, setting) -> Scene:
     ridge_x = np.linspace(-0.1 * s, 1.1 * s, 7)
     peaks = horizon - s * rng.uniform(0.08, 0.3, 7)
     mountain_colour = _jitter(rng, (110, 120, 150), 20)
-    _poly(img, [(ridge_x[0], horizon)] + list(zip(ridge_x, peaks)) + [(ridge_x[-1], horizon)], mountain_colour,
-          _value_noise(rng, s, s, 6, 2), 0.12)
+    _poly(
+        img,
+        [(ridge_x[0], horizon)] + list(zip(ridge_x, peaks)) + [(ridge_x[-1], horizon)],
+        mountain_colour,
+        _value_noise(rng, s, s, 6, 2),
+        0.12,
+    )
     top_peak = int(np.argmin(peaks[1:-1])) + 1
     u = s * rng.uniform(0.3, 0.4)
     hx = s * rng.uniform(0.25, 0.45) if rng.integers(2) else s * rng.uniform(0.55, 0.75)
     ground = min(horizon + s * rng.uniform(0.2, 0.3), s - 3)
     _shadow(img, sun, hx, ground, 1.0 * u, s)
     wall = _jitter(rng, (220, 200, 170), 30)
-    _poly(img, [(hx - 0.5 * u, ground), (hx + 0.5 * u, ground), (hx + 0.5 * u, ground - 0.7 * u),
-                (hx - 0.5 * u, ground - 0.7 * u)], wall, _value_noise(rng, s, s, 10, 1), 0.06)
+    _poly(
+        img,
+        [
+            (hx - 0.5 * u, ground),
+            (hx + 0.5 * u, ground),
+            (hx + 0.5 * u, ground - 0.7 * u),
+            (hx - 0.5 * u, ground - 0.7 * u),
+        ],
+        wall,
+        _value_noise(rng, s, s, 10, 1),
+        0.06,
+    )
     roof_colour = _jitter(rng, (160, 60, 50), 30)
     roof_top = ground - 1.15 * u
     _poly(img, [(hx - 0.6 * u, ground - 0.7 * u), (hx + 0.6 * u, ground - 0.7 * u), (hx, roof_top)], roof_colour)
-    _poly(img, [(hx - 0.12 * u, ground), (hx + 0.12 * u, ground), (hx + 0.12 * u, ground - 0.35 * u),
-                (hx - 0.12 * u, ground - 0.35 * u)], (90, 60, 40))
+    _poly(
+        img,
+        [
+            (hx - 0.12 * u, ground),
+            (hx + 0.12 * u, ground),
+            (hx + 0.12 * u, ground - 0.35 * u),
+            (hx - 0.12 * u, ground - 0.35 * u),
+        ],
+        (90, 60, 40),
+    )
     for dx in (-0.33, 0.33):
-        _poly(img, [(hx + (dx - 0.09) * u, ground - 0.5 * u), (hx + (dx + 0.09) * u, ground - 0.5 * u),
-                    (hx + (dx + 0.09) * u, ground - 0.32 * u), (hx + (dx - 0.09) * u, ground - 0.32 * u)],
-              (170, 200, 230))
+        _poly(
+            img,
+            [
+                (hx + (dx - 0.09) * u, ground - 0.5 * u),
+                (hx + (dx + 0.09) * u, ground - 0.5 * u),
+                (hx + (dx + 0.09) * u, ground - 0.32 * u),
+                (hx + (dx - 0.09) * u, ground - 0.32 * u),
+            ],
+            (170, 200, 230),
+        )
     tx = hx + (0.95 * u if hx < s / 2 else -0.95 * u)
     _line(img, (tx, ground), (tx, ground - 0.5 * u), 0.1 * u, (100, 70, 40))
     crown = _jitter(rng, (50, 120, 50), 25)
     _ellipse(img, tx, ground - 0.7 * u, 0.3 * u, 0.35 * u, crown, _value_noise(rng, s, s, 12, 2), 0.25)
-    parts = {"house": (hx, ground - 0.35 * u, 0.45 * u), "roof": (hx, ground - 0.9 * u, 0.35 * u),
-             "tree": (tx, ground - 0.65 * u, 0.35 * u),
-             "mountain": (float(ridge_x[top_peak]), float(peaks[top_peak]) + 0.05 * s, 0.2 * s)}
+    parts = {
+        "house": (hx, ground - 0.35 * u, 0.45 * u),
+        "roof": (hx, ground - 0.9 * u, 0.35 * u),
+        "tree": (tx, ground - 0.65 * u, 0.35 * u),
+        "mountain": (float(ridge_x[top_peak]), float(peaks[top_peak]) + 0.05 * s, 0.2 * s),
+    }
     return Scene(img, parts, "sun", sun, ground, hx, u, setting)
 
 
@@ -495,8 +629,9 @@ def generator_trace(size: int, strength: float = DEFAULT_GENERATOR_TRACE) -> np.
     return (strength * np.cos(w * x) * np.cos(w * y))[:, :, None]
 
 
-def render_example(seed: int, split: str, index: int, size: int = 128, fake: bool = True,
-                   trace: float = DEFAULT_GENERATOR_TRACE):
+def render_example(
+    seed: int, split: str, index: int, size: int = 128, fake: bool = True, trace: float = DEFAULT_GENERATOR_TRACE
+):
     """(clean uint8 [S,S,3], fake uint8 [S,S,3], record body dict) for one image; deterministic."""
     rng = np.random.default_rng([seed, {"train": 0, "test": 1}.get(split, 2), index])
     content = CONTENT_TYPES[index % len(CONTENT_TYPES)]
@@ -535,10 +670,16 @@ def render_example(seed: int, split: str, index: int, size: int = 128, fake: boo
     artifacts.sort(key=lambda a: (a.mask.nonzero()[0].mean(), a.mask.nonzero()[1].mean()))
     body = {
         "caption": _caption(content, setting, artifacts, scene.light),
-        "refs": [{"sentence": a.sentence,
-                  "explanation": _explanation(a.kind, a.part, a.tint, scene.light, a.where),
-                  "bbox": None, "segmentation": [a.polygon],
-                  "artifact_category": a.category} for a in artifacts],
+        "refs": [
+            {
+                "sentence": a.sentence,
+                "explanation": _explanation(a.kind, a.part, a.tint, scene.light, a.where),
+                "bbox": None,
+                "segmentation": [a.polygon],
+                "artifact_category": a.category,
+            }
+            for a in artifacts
+        ],
         "content_type": content,
         "artifact_category": category,
     }
@@ -565,32 +706,56 @@ def _make_one(job) -> tuple[int, dict]:
     return index, {str(id_offset + index): body}
 
 
-def make_toy_data(out_dir, num_train: int = 400, num_test: int = 100, seed: int = 0, size: int = 128,
-                  workers: int = 1, progress: bool = False, trace: float = DEFAULT_GENERATOR_TRACE) -> Path:
+def make_toy_data(
+    out_dir,
+    num_train: int = 400,
+    num_test: int = 100,
+    seed: int = 0,
+    size: int = 128,
+    workers: int = 1,
+    progress: bool = False,
+    trace: float = DEFAULT_GENERATOR_TRACE,
+) -> Path:
     """Write ToyScars under `out_dir` (layout in the module docstring). Returns the output path."""
     if size < 48:
         raise ValueError(f"size {size} is too small for ToyScars (min 48 px)")
     out = Path(out_dir)
     counts = {}
     for split, count, offset in (("train", num_train, 0), ("test", num_test, num_train)):
-        for folder in (out / split / "images", out / split / "annotations",
-                       out / "detection" / split / "toyscars" / "0_real",
-                       out / "detection" / split / "toyscars" / "1_fake"):
+        for folder in (
+            out / split / "images",
+            out / split / "annotations",
+            out / "detection" / split / "toyscars" / "0_real",
+            out / "detection" / split / "toyscars" / "1_fake",
+        ):
             folder.mkdir(parents=True, exist_ok=True)
         jobs = [(str(out), seed, split, i, size, offset, trace) for i in range(count)]
         if workers > 1 and count > 1:
             with ProcessPoolExecutor(workers) as pool:
-                results = list(tqdm(pool.map(_make_one, jobs, chunksize=16), total=count, disable=not progress,
-                                    desc=f"ToyScars {split}"))
+                results = list(
+                    tqdm(
+                        pool.map(_make_one, jobs, chunksize=16),
+                        total=count,
+                        disable=not progress,
+                        desc=f"ToyScars {split}",
+                    )
+                )
         else:
             results = [_make_one(job) for job in tqdm(jobs, disable=not progress, desc=f"ToyScars {split}")]
         records = [entry for _, entry in sorted(results, key=lambda r: r[0])]
         with open(out / split / "annotations" / f"{split}.json", "w", encoding="utf-8") as fh:
             json.dump(records, fh, indent=1)
         counts[split] = {"images": count, "refs": sum(len(next(iter(r.values()))["refs"]) for r in records)}
-    meta = {"dataset": "ToyScars", "version": 2, "seed": seed, "size": size, "generator_trace": trace,
-            "splits": counts,
-            "content_types": list(CONTENT_TYPES), "artifact_categories": list(CATEGORIES)}
+    meta = {
+        "dataset": "ToyScars",
+        "version": 2,
+        "seed": seed,
+        "size": size,
+        "generator_trace": trace,
+        "splits": counts,
+        "content_types": list(CONTENT_TYPES),
+        "artifact_categories": list(CATEGORIES),
+    }
     (out / "toyscars.json").write_text(json.dumps(meta, indent=1))
     return out
 
@@ -602,10 +767,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-test", type=int, default=100, help="test images (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128, min 48)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="processes (default: min(2, CPUs)); the output does not depend on it")
-    parser.add_argument("--generator-trace", type=float, default=DEFAULT_GENERATOR_TRACE,
-                        help="strength (grey levels) of the fake images' 8-px generator fingerprint; 0 = none")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes (default: min(2, CPUs)); the output does not depend on it",
+    )
+    parser.add_argument(
+        "--generator-trace",
+        type=float,
+        default=DEFAULT_GENERATOR_TRACE,
+        help="strength (grey levels) of the fake images' 8-px generator fingerprint; 0 = none",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -614,8 +787,16 @@ def run(args: argparse.Namespace) -> int:
     if args.size < 48:
         raise SystemExit(f"error: --size {args.size} is too small (min 48)")
     start = time.perf_counter()
-    out = make_toy_data(args.out, args.num_train, args.num_test, args.seed, args.size, args.workers, progress=True,
-                        trace=args.generator_trace)
+    out = make_toy_data(
+        args.out,
+        args.num_train,
+        args.num_test,
+        args.seed,
+        args.size,
+        args.workers,
+        progress=True,
+        trace=args.generator_trace,
+    )
     total = args.num_train + args.num_test
     print(f"wrote ToyScars ({total} images, {args.size} px) to {out} in {time.perf_counter() - start:.1f} s")
     return 0

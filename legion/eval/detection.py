@@ -31,8 +31,16 @@ TABLE5_COLUMNS: dict[str, tuple[str, ...]] = {
     "IMLE": ("imle",),
     "SITD": ("seeingdark",),
     "SAN": ("san",),
-    "Diffusion": ("guided", "ldm_200", "ldm_200_cfg", "ldm_100", "glide_100_27", "glide_50_27",
-                  "glide_100_10", "dalle"),
+    "Diffusion": (
+        "guided",
+        "ldm_200",
+        "ldm_200_cfg",
+        "ldm_100",
+        "glide_100_27",
+        "glide_50_27",
+        "glide_100_10",
+        "dalle",
+    ),
 }
 
 
@@ -50,7 +58,9 @@ def _group_metrics(is_fake: np.ndarray, fake_prob: np.ndarray) -> dict:
         "ap": ap,
         "real_accuracy": 100.0 * float(correct[~is_fake].mean()) if n_real else None,
         "fake_accuracy": 100.0 * float(correct[is_fake].mean()) if n_fake else None,
-        "num_images": int(len(correct)), "num_real": n_real, "num_fake": n_fake,
+        "num_images": int(len(correct)),
+        "num_real": n_real,
+        "num_fake": n_fake,
     }
 
 
@@ -82,18 +92,22 @@ def detection_metrics(records: Iterable[Mapping], groups: Mapping[str, Iterable[
     if not by_subset:
         raise ValueError("detection_metrics: no records")
 
-    per_subset = {name: _group_metrics(np.array(l, dtype=bool), np.array(p, dtype=np.float64))
-                  for name, (l, p) in sorted(by_subset.items())}
-    all_labels = np.concatenate([np.array(l, dtype=bool) for l, _ in by_subset.values()])
+    per_subset = {
+        name: _group_metrics(np.array(labels, dtype=bool), np.array(p, dtype=np.float64))
+        for name, (labels, p) in sorted(by_subset.items())
+    }
+    all_labels = np.concatenate([np.array(labels, dtype=bool) for labels, _ in by_subset.values()])
     all_probs = np.concatenate([np.array(p, dtype=np.float64) for _, p in by_subset.values()])
 
     group_scores = {}
     for column, members in (TABLE5_COLUMNS if groups is None else groups).items():
         present = [m for m in members if m in per_subset]
         if present:
-            group_scores[column] = {"accuracy": _mean(per_subset[m]["accuracy"] for m in present),
-                                    "ap": _mean(per_subset[m]["ap"] for m in present),
-                                    "subsets": present}
+            group_scores[column] = {
+                "accuracy": _mean(per_subset[m]["accuracy"] for m in present),
+                "ap": _mean(per_subset[m]["ap"] for m in present),
+                "subsets": present,
+            }
     return {
         "per_subset": per_subset,
         "mean_accuracy": _mean(s["accuracy"] for s in per_subset.values()),

@@ -45,8 +45,12 @@ class EvalClsConfig:
     batch_size: int = 64
     num_workers: int = 4
     device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "CLIP dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"})
-    perturbation: str | None = field(default=None, metadata={"help": "e.g. jpeg:50, noise:5, blur:5 (applied to RGB before preprocessing)"})
+    dtype: str = field(
+        default="auto", metadata={"help": "CLIP dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"}
+    )
+    perturbation: str | None = field(
+        default=None, metadata={"help": "e.g. jpeg:50, noise:5, blur:5 (applied to RGB before preprocessing)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the noise perturbation"})
     feature_cache_dir: str | None = field(default=None, metadata={"help": "reuse CLS features across runs"})
     data: ClsEvalDataConfig = field(default_factory=ClsEvalDataConfig)
@@ -66,33 +70,61 @@ def predict(detector, items, cfg: EvalClsConfig, progress: bool = True) -> list[
             raise ConfigError(f"perturbation: {exc}") from None
         signature = json.dumps(transform.describe(), sort_keys=True)
     cache = FeatureCache(cfg.feature_cache_dir) if cfg.feature_cache_dir else None
-    fs = extract_features(detector, items, cache, cfg.batch_size, cfg.num_workers, desc="detect",
-                          image_transform=transform, transform_signature=signature, progress=progress)
+    fs = extract_features(
+        detector,
+        items,
+        cache,
+        cfg.batch_size,
+        cfg.num_workers,
+        desc="detect",
+        image_transform=transform,
+        transform_signature=signature,
+        progress=progress,
+    )
     with torch.no_grad():
-        probs = detector.fake_probability_from_logits(detector.head_logits(fs.features)).cpu().tolist() \
-            if fs.features.shape[0] else []
+        probs = (
+            detector.fake_probability_from_logits(detector.head_logits(fs.features)).cpu().tolist()
+            if fs.features.shape[0]
+            else []
+        )
     by_path = {it.path: p for it, p in zip(fs.items, probs)}
     errors = dict(fs.unreadable)
     records = []
     for it in items:
         p = by_path.get(it.path)
-        records.append({"image": it.path, "subset": it.subset, "is_fake": it.is_fake,
-                        "fake_prob": p, "pred_is_fake": None if p is None else p >= 0.5,
-                        "error": errors.get(it.path)})
+        records.append(
+            {
+                "image": it.path,
+                "subset": it.subset,
+                "is_fake": it.is_fake,
+                "fake_prob": p,
+                "pred_is_fake": None if p is None else p >= 0.5,
+                "error": errors.get(it.path),
+            }
+        )
     return records
 
 
-TABLE_COLUMNS = (("accuracy", "acc"), ("ap", "AP"), ("real_accuracy", "real acc"), ("fake_accuracy", "fake acc"),
-                 ("num_images", "images"))
+TABLE_COLUMNS = (
+    ("accuracy", "acc"),
+    ("ap", "AP"),
+    ("real_accuracy", "real acc"),
+    ("fake_accuracy", "fake acc"),
+    ("num_images", "images"),
+)
 
 
 def format_table(metrics: dict) -> str:
     """Per-subset rows, their unweighted mean and the pooled numbers (values 0-100, as detection_metrics)."""
     per = metrics.get("per_subset") or {}
     overall = metrics.get("overall") or {}
-    mean_row = {"accuracy": metrics.get("mean_accuracy"), "ap": metrics.get("mean_ap"),
-                "real_accuracy": metrics.get("mean_real_accuracy"), "fake_accuracy": metrics.get("mean_fake_accuracy"),
-                "num_images": sum(v.get("num_images", 0) for v in per.values())}
+    mean_row = {
+        "accuracy": metrics.get("mean_accuracy"),
+        "ap": metrics.get("mean_ap"),
+        "real_accuracy": metrics.get("mean_real_accuracy"),
+        "fake_accuracy": metrics.get("mean_fake_accuracy"),
+        "num_images": sum(v.get("num_images", 0) for v in per.values()),
+    }
     rows = list(per.items()) + [("mean (unweighted)", mean_row), ("overall (pooled)", overall)]
     width = max(len(name) for name, _ in rows)
 
@@ -107,7 +139,9 @@ def format_table(metrics: dict) -> str:
             lines.append("-" * len(lines[0]))
         lines.append(f"{name:<{width}}  " + "  ".join(cell(vals.get(key)) for key, _ in TABLE_COLUMNS))
     for column, group in (metrics.get("groups") or {}).items():
-        lines.append(f"group {column}: accuracy {cell(group.get('accuracy')).strip()} over {', '.join(group['subsets'])}")
+        lines.append(
+            f"group {column}: accuracy {cell(group.get('accuracy')).strip()} over {', '.join(group['subsets'])}"
+        )
     return "\n".join(lines)
 
 
@@ -133,8 +167,7 @@ def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
     save_resolved_config(cfg, out)
     device = resolve_device(cfg.device)
     items = list_detection_images(cfg.data.test, cfg.data.data_base, cfg.data.subsets, cfg.data.allow_absolute_paths)
-    detector = load_detector(cfg.detector, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                             backbone=cfg.backbone)
+    detector = load_detector(cfg.detector, device=device, dtype=resolve_dtype(cfg.dtype, device), backbone=cfg.backbone)
     t0 = time.time()
     records = predict(detector, items, cfg, progress=progress)
     seconds = time.time() - t0
@@ -145,15 +178,26 @@ def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
     if not scored:
         raise RuntimeError(f"{cfg.data.test}: no readable images")
     metrics = detection_metrics(scored)
-    summary = {"metrics": metrics, "perturbation": parse_perturbation_description(cfg), "n_images": len(records), "n_unreadable": len(records) - len(scored),
-               "counts": summarize(items), "seconds": round(seconds, 3), "config": to_dict(cfg)}
+    summary = {
+        "metrics": metrics,
+        "perturbation": parse_perturbation_description(cfg),
+        "n_images": len(records),
+        "n_unreadable": len(records) - len(scored),
+        "counts": summarize(items),
+        "seconds": round(seconds, 3),
+        "config": to_dict(cfg),
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, EvalClsConfig, "YAML config (e.g. configs/legion_7b/eval_cls.yaml)",
-                         "detector=runs/cls data.test=data/ufd/test")
+    add_config_arguments(
+        parser,
+        EvalClsConfig,
+        "YAML config (e.g. configs/legion_7b/eval_cls.yaml)",
+        "detector=runs/cls data.test=data/ufd/test",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 

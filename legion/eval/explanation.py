@@ -137,8 +137,15 @@ class CssScorer:
         """Unit-norm embeddings ``[N, D]``."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        return np.asarray(self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                            convert_to_numpy=True, show_progress_bar=False))
+        return np.asarray(
+            self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        )
 
     def score(self, references: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
         """Cosine per pair in [-1, 1]; 0 where either text is empty. Shape ``[N]``."""
@@ -168,26 +175,44 @@ def _mean_pct(values) -> float | None:
 
 
 def _summary(rows: list[dict], with_css: bool) -> dict:
-    return {"rouge_l": _mean_pct([r["rouge_l"] for r in rows]),
-            "css": _mean_pct([r["css"] for r in rows]) if with_css else None,
-            "num_images": len(rows), "num_missing": sum(r["missing"] for r in rows),
-            "num_empty_prediction": sum(not r["prediction"] for r in rows)}
+    return {
+        "rouge_l": _mean_pct([r["rouge_l"] for r in rows]),
+        "css": _mean_pct([r["css"] for r in rows]) if with_css else None,
+        "num_images": len(rows),
+        "num_missing": sum(r["missing"] for r in rows),
+        "num_empty_prediction": sum(not r["prediction"] for r in rows),
+    }
 
 
-def evaluate_explanations(predictions: Iterable[Mapping], ground_truth: Mapping[str, GroundTruthItem],
-                          css: CssScorer | None = None, dataset: str | None = None) -> ExplanationResult:
+def evaluate_explanations(
+    predictions: Iterable[Mapping],
+    ground_truth: Mapping[str, GroundTruthItem],
+    css: CssScorer | None = None,
+    dataset: str | None = None,
+) -> ExplanationResult:
     """Score every ground-truth image that has a reference text. A missing prediction or a
     "real"/"error" verdict is an empty explanation (scores 0). ``css=None`` skips CSS."""
-    refs = {n: clean_ref for n, item in ground_truth.items()
-            if (clean_ref := " ".join((item.reference_text or "").split()))}
+    refs = {
+        n: clean_ref for n, item in ground_truth.items() if (clean_ref := " ".join((item.reference_text or "").split()))
+    }
     matching = match_predictions(predictions, list(refs))
     rows = []
     for name, reference in refs.items():
         rec = matching.by_name.get(name)
-        pred = "" if rec is None or rec.get("verdict") in ("real", "error") else clean_explanation(rec.get("explanation"))
-        rows.append({"image": name, "missing": rec is None, "reference": reference, "prediction": pred,
-                     "rouge_l": rouge_l(reference, pred), "css": None,
-                     "content_type": ground_truth[name].content_type})
+        pred = (
+            "" if rec is None or rec.get("verdict") in ("real", "error") else clean_explanation(rec.get("explanation"))
+        )
+        rows.append(
+            {
+                "image": name,
+                "missing": rec is None,
+                "reference": reference,
+                "prediction": pred,
+                "rouge_l": rouge_l(reference, pred),
+                "css": None,
+                "content_type": ground_truth[name].content_type,
+            }
+        )
     if css is not None:
         for row, value in zip(rows, css.score([r["reference"] for r in rows], [r["prediction"] for r in rows])):
             row["css"] = float(value)
@@ -198,12 +223,15 @@ def evaluate_explanations(predictions: Iterable[Mapping], ground_truth: Mapping[
             by_type.setdefault(str(r["content_type"]), []).append(r)
     metrics = {
         "dataset": dataset,
-        "protocol": {"rouge": "rouge-score rougeL F, use_stemmer=True, score(reference, prediction)",
-                     "css_model": css.name if with_css else None,
-                     "css_model_path": css.model_path if with_css else None,
-                     # texts longer than this many word pieces are truncated by the embedding model
-                     "css_max_seq_length": getattr(css.model, "max_seq_length", None) if with_css else None,
-                     "empty_text_scores": 0.0, "scale": "0-100"},
+        "protocol": {
+            "rouge": "rouge-score rougeL F, use_stemmer=True, score(reference, prediction)",
+            "css_model": css.name if with_css else None,
+            "css_model_path": css.model_path if with_css else None,
+            # texts longer than this many word pieces are truncated by the embedding model
+            "css_max_seq_length": getattr(css.model, "max_seq_length", None) if with_css else None,
+            "empty_text_scores": 0.0,
+            "scale": "0-100",
+        },
         "overall": _summary(rows, with_css),
         "by_content_type": {k: _summary(v, with_css) for k, v in sorted(by_type.items())},
         "missing_images": matching.missing,

@@ -54,10 +54,10 @@ class GroundTruthItem:
     reference_text: str | None = None
     content_type: str | None = None
     artifact_category: str | list[str] | None = None
-    phrase_texts: list[str] | None = None    # SynthScars ref sentences, parallel to phrase_polygons
-    boxes: list[list[float]] | None = None   # LOKI [x, y, w, h] regions, drawn at the image size
+    phrase_texts: list[str] | None = None  # SynthScars ref sentences, parallel to phrase_polygons
+    boxes: list[list[float]] | None = None  # LOKI [x, y, w, h] regions, drawn at the image size
     boxes_skip_degenerate: bool = False
-    raster: str = "paper"                    # "paper" | "coco" (GT_RASTERS): how polygons/boxes are drawn
+    raster: str = "paper"  # "paper" | "coco" (GT_RASTERS): how polygons/boxes are drawn
     _phrase_rles: list[dict] | None = field(default=None, repr=False)
 
     def resolved_size(self, fallback: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -82,7 +82,9 @@ class GroundTruthItem:
         """The union GT mask at ``size = (H, W)`` as RLE."""
         if self.union_rle is not None:
             if rle_size(self.union_rle) != tuple(size):
-                raise ValueError(f"{self.name}: ground-truth mask size {rle_size(self.union_rle)} != image size {tuple(size)}")
+                raise ValueError(
+                    f"{self.name}: ground-truth mask size {rle_size(self.union_rle)} != image size {tuple(size)}"
+                )
             return self.union_rle
         if self.boxes is not None:
             from legion.data.benchmarks import loki_box_mask
@@ -162,8 +164,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
 
 # --------------------------------------------------------------------------- SynthScars
 
-def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str | os.PathLike | None = None,
-                    allow_absolute: bool = False, raster: str = "paper") -> dict[str, GroundTruthItem]:
+
+def load_synthscars(
+    gt: str | os.PathLike,
+    split: str = "test",
+    image_dir: str | os.PathLike | None = None,
+    allow_absolute: bool = False,
+    raster: str = "paper",
+) -> dict[str, GroundTruthItem]:
     """SynthScars ground truth: ``gt`` = dataset root (``<root>/<split>/annotations/<split>.json``)
     or an annotation JSON file. All records whose ``img_file_name`` has the same file name are
     unioned (the same image may carry several ids). Image sizes come from the image headers
@@ -189,20 +197,32 @@ def load_synthscars(gt: str | os.PathLike, split: str = "test", image_dir: str |
     for rec in records:
         name = os.path.basename(str(rec.img_file_name).replace("\\", "/"))
         if not name or name in (".", ".."):
-            warnings.warn(f"SynthScars record {rec.id}: unusable img_file_name {rec.img_file_name!r}; skipped")
+            warnings.warn(
+                f"SynthScars record {rec.id}: unusable img_file_name {rec.img_file_name!r}; skipped", stacklevel=2
+            )
             continue
         item = items.get(name)
         if item is None:
             path = _image_path(ss, root, split, image_dir, str(rec.img_file_name), name, allow_absolute)
             size = image_size(path) if path is not None else None
-            item = items[name] = GroundTruthItem(name=name, size=size, phrase_polygons=[], phrase_texts=[],
-                                                 reference_text=_normalise_space(rec.caption),
-                                                 content_type=getattr(rec, "content_type", None), raster=raster)
+            item = items[name] = GroundTruthItem(
+                name=name,
+                size=size,
+                phrase_polygons=[],
+                phrase_texts=[],
+                reference_text=_normalise_space(rec.caption),
+                content_type=getattr(rec, "content_type", None),
+                raster=raster,
+            )
         item.phrase_polygons.extend([list(map(list, ref.polygons)) for ref in rec.refs])
         item.phrase_texts.extend([ref.sentence for ref in rec.refs])
         # categories: the record's and its refs' (ToyScars carries them; the SynthScars release does not)
-        found = {c for c in [getattr(rec, "artifact_category", None)]
-                 + [getattr(ref, "artifact_category", None) for ref in rec.refs] if c}
+        found = {
+            c
+            for c in [getattr(rec, "artifact_category", None)]
+            + [getattr(ref, "artifact_category", None) for ref in rec.refs]
+            if c
+        }
         if found:
             item.artifact_category = sorted(found | set(_labels_of(item.artifact_category)))
     return items
@@ -247,8 +267,13 @@ def _normalise_space(text: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- LOKI / RichHF
 
-def load_loki(gt: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-              skip_degenerate: bool = False, raster: str = "paper") -> dict[str, GroundTruthItem]:
+
+def load_loki(
+    gt: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    skip_degenerate: bool = False,
+    raster: str = "paper",
+) -> dict[str, GroundTruthItem]:
     """LOKI ground truth from its UTF-16 annotation list (``legion.data.benchmarks``): the union
     of the item's ``[x, y, w, h]`` boxes, drawn as the reference does (``raster="paper"``:
     inclusive, truncated, clipped) or by pycocotools (``"coco"``: half-open); reference text =
@@ -266,8 +291,13 @@ def load_loki(gt: str | os.PathLike, image_dir: str | os.PathLike | None = None,
         item = items.get(name)
         if item is None:
             path = _safe_image_path(Path(image_dir), name) if image_dir is not None else None
-            item = items[name] = GroundTruthItem(name=name, size=image_size(path) if path else None,
-                                                 boxes=[], boxes_skip_degenerate=skip_degenerate, raster=raster)
+            item = items[name] = GroundTruthItem(
+                name=name,
+                size=image_size(path) if path else None,
+                boxes=[],
+                boxes_skip_degenerate=skip_degenerate,
+                raster=raster,
+            )
         item.boxes.extend(entry.regions)
         if not item.reference_text and entry.global_desc:
             item.reference_text = _normalise_space(entry.global_desc)
@@ -285,20 +315,30 @@ def load_richhf(gt: str | os.PathLike, threshold: float = 0.0) -> dict[str, Grou
         raise FileNotFoundError(f"--gt {gt}: RichHF-18K needs the raw_imgs image folder")
     entries, no_heatmap = benchmarks.list_richhf_items(gt)
     if no_heatmap:
-        warnings.warn(f"{len(no_heatmap)} RichHF images have no heatmap and are not evaluated (e.g. {no_heatmap[0].name})")
+        warnings.warn(
+            f"{len(no_heatmap)} RichHF images have no heatmap and are not evaluated (e.g. {no_heatmap[0].name})",
+            stacklevel=2,
+        )
     items: dict[str, GroundTruthItem] = {}
     for entry in entries:
         size = image_size(entry.image_path)
         if size is None:
             raise ValueError(f"{entry.image_path}: unreadable image")
         mask = benchmarks.richhf_mask(entry.heatmap_path, threshold=threshold, expected_size=size)
-        items[entry.image_path.name] = GroundTruthItem(name=entry.image_path.name, size=size, union_rle=mask_to_rle(mask))
+        items[entry.image_path.name] = GroundTruthItem(
+            name=entry.image_path.name, size=size, union_rle=mask_to_rle(mask)
+        )
     return items
 
 
-def load_ground_truth(gt: str | os.PathLike, dataset: str, split: str = "test",
-                      image_dir: str | os.PathLike | None = None,
-                      loki_skip_degenerate: bool = False, raster: str = "paper") -> dict[str, GroundTruthItem]:
+def load_ground_truth(
+    gt: str | os.PathLike,
+    dataset: str,
+    split: str = "test",
+    image_dir: str | os.PathLike | None = None,
+    loki_skip_degenerate: bool = False,
+    raster: str = "paper",
+) -> dict[str, GroundTruthItem]:
     """Dispatch on ``dataset`` -> ``{file name: GroundTruthItem}``. ``gt`` is: synthscars = dataset
     root or annotation JSON; loki = the UTF-16 annotation JSON; richhf = the ``raw_imgs`` folder.
     ``raster`` applies to SynthScars polygons and LOKI boxes (RichHF heatmaps are pixels already)."""
@@ -312,6 +352,7 @@ def load_ground_truth(gt: str | os.PathLike, dataset: str, split: str = "test",
 
 
 # --------------------------------------------------------------------------- predictions
+
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     """Prediction records from a ``predictions.jsonl`` file (docs/ARCHITECTURE.md), or from a
@@ -369,10 +410,10 @@ def read_reference_layout(folder: str | os.PathLike) -> list[dict]:
 class Matching:
     """Predictions paired with ground-truth names."""
 
-    by_name: dict[str, dict]          # GT name -> prediction record
-    missing: list[str]                # GT names without a prediction (scored as empty)
-    extra: list[str]                  # prediction images with no ground truth (not scored)
-    duplicates: list[str]             # GT names predicted more than once (the last one is kept)
+    by_name: dict[str, dict]  # GT name -> prediction record
+    missing: list[str]  # GT names without a prediction (scored as empty)
+    extra: list[str]  # prediction images with no ground truth (not scored)
+    duplicates: list[str]  # GT names predicted more than once (the last one is kept)
 
 
 def match_predictions(predictions: Iterable[dict], names: Iterable[str]) -> Matching:

@@ -36,14 +36,14 @@ import numpy as np
 from legion.eval.ground_truth import GroundTruthItem, match_predictions
 from legion.utils.rle import rle_area, rle_intersection_area, rle_size, rle_union
 
-LEGION_EPS = 1e-6   # ref-init calculate_miou
-LISA_EPS = 1e-5     # LISA / GLaMM per-mask IoU
+LEGION_EPS = 1e-6  # ref-init calculate_miou
+LISA_EPS = 1e-5  # LISA / GLaMM per-mask IoU
 
 # name -> (FG IoU, FG F1) of an image whose prediction and GT are both empty; nan = left out of the mean.
 FG_BOTH_EMPTY: dict[str, tuple[float, float]] = {
-    "artiagent": (1.0, 0.0),   # ArtiAgent: IoU 1.0; sklearn f1_score(average='binary') -> 0.0
+    "artiagent": (1.0, 0.0),  # ArtiAgent: IoU 1.0; sklearn f1_score(average='binary') -> 0.0
     "one": (1.0, 1.0),
-    "zero": (0.0, 0.0),        # LEGION's logged `miou_without_background`
+    "zero": (0.0, 0.0),  # LEGION's logged `miou_without_background`
     "skip": (math.nan, math.nan),
 }
 METRIC_KEYS = ("miou", "f1", "fg_iou", "fg_f1", "global_fg_iou", "global_fg_f1", "giou", "ciou")
@@ -51,6 +51,7 @@ METRIC_KEYS = ("miou", "f1", "fg_iou", "fg_f1", "global_fg_iou", "global_fg_f1",
 
 # --------------------------------------------------------------------------- per-image formulas
 # Each takes counts as Python numbers or numpy arrays (vectorised over images).
+
 
 def legion_miou(tp, fp, fn, tn):
     """mean(IoU_bg, IoU_fg), IoU_c = |P_c ∩ G_c| / (|P_c ∪ G_c| + 1e-6) (ref-init ``calculate_miou``)."""
@@ -113,6 +114,7 @@ def pixel_counts(pred: np.ndarray | None, gt: np.ndarray) -> tuple[int, int, int
 
 # --------------------------------------------------------------------------- per image
 
+
 def prediction_rle(record: Mapping | None, size: tuple[int, int]) -> dict | None:
     """The predicted union mask as RLE, or None for an empty prediction.
 
@@ -129,7 +131,9 @@ def prediction_rle(record: Mapping | None, size: tuple[int, int]) -> dict | None
             return None
         union = rle_union(masks)
     if rle_size(union) != tuple(size):
-        raise ValueError(f"{record.get('image')}: predicted mask size {list(rle_size(union))} != image size {list(size)}")
+        raise ValueError(
+            f"{record.get('image')}: predicted mask size {list(rle_size(union))} != image size {list(size)}"
+        )
     return union
 
 
@@ -151,15 +155,23 @@ class ImageScore:
 
     def as_row(self, both_empty: str) -> dict:
         iou0, f10 = FG_BOTH_EMPTY[both_empty]
-        row = {"image": self.name, "missing": self.missing, "error": self.error,
-               "tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn,
-               "gt_area": self.tp + self.fn, "pred_area": self.tp + self.fp,
-               "miou": float(legion_miou(self.tp, self.fp, self.fn, self.tn)),
-               "f1": float(legion_f1(self.tp, self.fp, self.fn)),
-               "fg_iou": _json_float(fg_iou(self.tp, self.fp, self.fn, iou0)),
-               "fg_f1": _json_float(fg_f1(self.tp, self.fp, self.fn, f10)),
-               "mask_ious": [float(lisa_mask_iou(i, u)) for i, u in self.mask_pairs],
-               "pairing": self.pairing}
+        row = {
+            "image": self.name,
+            "missing": self.missing,
+            "error": self.error,
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "tn": self.tn,
+            "gt_area": self.tp + self.fn,
+            "pred_area": self.tp + self.fp,
+            "miou": float(legion_miou(self.tp, self.fp, self.fn, self.tn)),
+            "f1": float(legion_f1(self.tp, self.fp, self.fn)),
+            "fg_iou": _json_float(fg_iou(self.tp, self.fp, self.fn, iou0)),
+            "fg_f1": _json_float(fg_f1(self.tp, self.fp, self.fn, f10)),
+            "mask_ious": [float(lisa_mask_iou(i, u)) for i, u in self.mask_pairs],
+            "pairing": self.pairing,
+        }
         if self.content_type is not None:
             row["content_type"] = self.content_type
         if self.artifact_category is not None:
@@ -188,10 +200,18 @@ def score_image(gt: GroundTruthItem, record: Mapping | None, mask_pairing: str =
         tp = rle_intersection_area(pred, gt_rle) if p and g else 0
     fp, fn = p - tp, g - tp
     tn = size[0] * size[1] - tp - fp - fn
-    score = ImageScore(name=gt.name, tp=tp, fp=fp, fn=fn, tn=tn, missing=record is None,
-                       error=record is not None and record.get("verdict") == "error",
-                       mask_pairs=[(tp, tp + fp + fn)],
-                       content_type=gt.content_type, artifact_category=gt.artifact_category)
+    score = ImageScore(
+        name=gt.name,
+        tp=tp,
+        fp=fp,
+        fn=fn,
+        tn=tn,
+        missing=record is None,
+        error=record is not None and record.get("verdict") == "error",
+        mask_pairs=[(tp, tp + fp + fn)],
+        content_type=gt.content_type,
+        artifact_category=gt.artifact_category,
+    )
     if mask_pairing not in MASK_PAIRINGS:
         raise ValueError(f"mask_pairing must be one of {MASK_PAIRINGS}, got {mask_pairing!r}")
     if mask_pairing != "union" and pred is not None:
@@ -245,14 +265,19 @@ def _score_star(args):
 
 # --------------------------------------------------------------------------- aggregation
 
+
 def summarize(scores: list[ImageScore], both_empty: str = "artiagent") -> dict:
     """Dataset-level metrics (×100) of a list of image scores."""
     if both_empty not in FG_BOTH_EMPTY:
         raise ValueError(f"unknown both-empty convention {both_empty!r}; choose one of {sorted(FG_BOTH_EMPTY)}")
     iou0, f10 = FG_BOTH_EMPTY[both_empty]
     out = {k: None for k in METRIC_KEYS}
-    out.update(num_images=len(scores), num_missing=sum(s.missing for s in scores),
-               num_errors=sum(s.error for s in scores), num_masks=sum(len(s.mask_pairs) for s in scores))
+    out.update(
+        num_images=len(scores),
+        num_missing=sum(s.missing for s in scores),
+        num_errors=sum(s.error for s in scores),
+        num_masks=sum(len(s.mask_pairs) for s in scores),
+    )
     if not scores:
         return out
     tp, fp, fn, tn = (np.array([getattr(s, k) for s in scores], dtype=np.float64) for k in ("tp", "fp", "fn", "tn"))
@@ -299,16 +324,22 @@ def breakdown(scores: list[ImageScore], attribute: str, both_empty: str) -> dict
 
 @dataclass
 class LocalizationResult:
-    metrics: dict                 # what metrics.json holds
-    scores: list[ImageScore]      # one per ground-truth image
+    metrics: dict  # what metrics.json holds
+    scores: list[ImageScore]  # one per ground-truth image
 
     def per_image_rows(self) -> list[dict]:
         return [s.as_row(self.metrics["protocol"]["fg_both_empty"]) for s in self.scores]
 
 
-def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[str, GroundTruthItem],
-                          both_empty: str = "artiagent", mask_pairing: str = "auto", workers: int = 1,
-                          dataset: str | None = None, progress: bool = False) -> LocalizationResult:
+def evaluate_localization(
+    predictions: Iterable[Mapping],
+    ground_truth: Mapping[str, GroundTruthItem],
+    both_empty: str = "artiagent",
+    mask_pairing: str = "auto",
+    workers: int = 1,
+    dataset: str | None = None,
+    progress: bool = False,
+) -> LocalizationResult:
     """Score ``predictions`` (prediction records) against ``ground_truth`` ({name: item}).
 
     Every ground-truth image is scored; one without a prediction counts as an empty prediction
@@ -320,13 +351,20 @@ def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[
     jobs, unscorable = [], []
     for n in names:
         item, record = ground_truth[n], matching.by_name.get(n)
-        if item.size is None and item.union_rle is None and not (record and record.get("height") and record.get("width")):
-            unscorable.append(n)   # no image file to read the size from, and no prediction giving it
+        if (
+            item.size is None
+            and item.union_rle is None
+            and not (record and record.get("height") and record.get("width"))
+        ):
+            unscorable.append(n)  # no image file to read the size from, and no prediction giving it
             continue
         jobs.append((item, record, mask_pairing))
     if unscorable:
-        warnings.warn(f"{len(unscorable)} ground-truth images have no known size (image file not found and no "
-                      f"prediction) and are not scored, e.g. {unscorable[0]}; pass --images")
+        warnings.warn(
+            f"{len(unscorable)} ground-truth images have no known size (image file not found and no "
+            f"prediction) and are not scored, e.g. {unscorable[0]}; pass --images",
+            stacklevel=2,
+        )
     scores = _run(jobs, workers, progress)
 
     metrics = {
@@ -334,13 +372,16 @@ def evaluate_localization(predictions: Iterable[Mapping], ground_truth: Mapping[
         "protocol": {
             "gt_raster": ground_truth_raster(ground_truth.values()),
             "fg_both_empty": both_empty,
-            "fg_both_empty_values": {"fg_iou": _json_float(FG_BOTH_EMPTY[both_empty][0]),
-                                     "fg_f1": _json_float(FG_BOTH_EMPTY[both_empty][1])},
+            "fg_both_empty_values": {
+                "fg_iou": _json_float(FG_BOTH_EMPTY[both_empty][0]),
+                "fg_f1": _json_float(FG_BOTH_EMPTY[both_empty][1]),
+            },
             "legion": "per-image mean of mIoU=(IoU_bg+IoU_fg)/2 (+1e-6) and pixel F1 (both empty = 1)",
             "giou_ciou_unit": {
                 "auto": "per mask where predicted phrases = GT ref sentences (paired by phrase), else per image union",
                 "ordered": "per mask (predicted k vs GT artifact k) where the counts agree, else per image union",
-                "union": "per image union mask"}[mask_pairing],
+                "union": "per image union mask",
+            }[mask_pairing],
             "mask_pairing": mask_pairing,
             "images_scored_per_mask": sum(s.pairing == "per_mask" for s in scores),
             "scale": "0-100",

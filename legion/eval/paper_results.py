@@ -21,12 +21,28 @@ DETECTION_COLUMNS = ("GANs", "Deepfakes", "CRN", "IMLE", "SITD", "SAN", "Diffusi
 _TABLE2: list[tuple[str, bool, list[tuple[float, float]]]] = [
     ("HiFi-Net", False, [(43.74, 0.45), (45.28, 0.03), (46.21, 0.84), (45.90, 0.04), (39.60, 2.41), (44.96, 0.39)]),
     ("TruFor", False, [(46.99, 14.82), (48.45, 17.57), (49.02, 15.43), (48.93, 12.64), (46.55, 16.70), (48.41, 18.03)]),
-    ("PAL4VST*", False, [(50.46, 19.25), (52.55, 21.61), (59.18, 35.70), (52.55, 19.14), (47.34, 11.58), (49.88, 14.78)]),
+    (
+        "PAL4VST*",
+        False,
+        [(50.46, 19.25), (52.55, 21.61), (59.18, 35.70), (52.55, 19.14), (47.34, 11.58), (49.88, 14.78)],
+    ),
     ("Ferret", True, [(30.10, 20.81), (27.17, 15.78), (25.54, 13.87), (30.64, 13.79), (24.50, 18.88), (26.52, 16.22)]),
     ("Griffon", True, [(38.54, 23.40), (27.76, 18.58), (23.04, 14.81), (35.83, 14.47), (21.96, 20.41), (28.13, 18.19)]),
-    ("LISA-v1-7B*", False, [(35.49, 23.70), (32.44, 18.77), (34.11, 17.50), (37.56, 18.31), (31.10, 9.29), (35.90, 21.94)]),
-    ("InternVL2-8B", False, [(41.08, 13.36), (41.22, 7.83), (41.21, 3.91), (41.68, 7.55), (42.03, 10.06), (39.90, 9.58)]),
-    ("Qwen2-VL-72B", True, [(33.89, 23.25), (32.46, 21.98), (26.92, 14.75), (39.00, 18.17), (26.62, 20.99), (27.58, 19.02)]),
+    (
+        "LISA-v1-7B*",
+        False,
+        [(35.49, 23.70), (32.44, 18.77), (34.11, 17.50), (37.56, 18.31), (31.10, 9.29), (35.90, 21.94)],
+    ),
+    (
+        "InternVL2-8B",
+        False,
+        [(41.08, 13.36), (41.22, 7.83), (41.21, 3.91), (41.68, 7.55), (42.03, 10.06), (39.90, 9.58)],
+    ),
+    (
+        "Qwen2-VL-72B",
+        True,
+        [(33.89, 23.25), (32.46, 21.98), (26.92, 14.75), (39.00, 18.17), (26.62, 20.99), (27.58, 19.02)],
+    ),
     ("LEGION", False, [(54.62, 29.90), (54.52, 27.43), (60.82, 39.44), (53.67, 24.51), (48.66, 16.71), (50.07, 17.41)]),
 ]
 
@@ -69,8 +85,15 @@ def paper_rows(kind: str, include_gray: bool = True) -> list[dict]:
             rows.append(row)
     elif kind == "explanation":
         for method, (sr, sc, lr, lc) in _TABLE3:
-            rows.append({"run": f"paper: {method}", "SynthScars ROUGE-L": sr, "SynthScars CSS": sc,
-                         "LOKI ROUGE-L": lr, "LOKI CSS": lc})
+            rows.append(
+                {
+                    "run": f"paper: {method}",
+                    "SynthScars ROUGE-L": sr,
+                    "SynthScars CSS": sc,
+                    "LOKI ROUGE-L": lr,
+                    "LOKI CSS": lc,
+                }
+            )
     elif kind == "detection":
         for method, accs in _TABLE5:
             row = {"run": f"paper: {method}", **dict(zip(DETECTION_COLUMNS, accs))}
@@ -84,10 +107,28 @@ def paper_rows(kind: str, include_gray: bool = True) -> list[dict]:
 # Foreground-protocol numbers from third parties (docs/paper_results.md §7.2; NOT the paper, low
 # authority), on a 0-100 scale: mean FG IoU, mean FG F1, global FG IoU, global FG F1.
 THIRD_PARTY_FOREGROUND: list[dict] = [
-    {"run": "audit: public legion_LE, SynthScars test", "dataset": "synthscars",
-     "fg_iou": 22.3234, "fg_f1": 32.1147, "global_fg_iou": 24.1450, "global_fg_f1": 38.8980},
-    {"run": "audit: LEGION re-trained, SynthScars test", "dataset": "synthscars",
-     "fg_iou": 19.6195, "fg_f1": 28.6687, "global_fg_iou": 20.0490, "global_fg_f1": 33.4014},
-    {"run": "audit: public legion_LE, LOKI-229", "dataset": "loki",
-     "fg_iou": 9.8816, "fg_f1": 16.0061, "global_fg_iou": 11.6530, "global_fg_f1": 20.8735},
+    {
+        "run": "audit: public legion_LE, SynthScars test",
+        "dataset": "synthscars",
+        "fg_iou": 22.3234,
+        "fg_f1": 32.1147,
+        "global_fg_iou": 24.1450,
+        "global_fg_f1": 38.8980,
+    },
+    {
+        "run": "audit: LEGION re-trained, SynthScars test",
+        "dataset": "synthscars",
+        "fg_iou": 19.6195,
+        "fg_f1": 28.6687,
+        "global_fg_iou": 20.0490,
+        "global_fg_f1": 33.4014,
+    },
+    {
+        "run": "audit: public legion_LE, LOKI-229",
+        "dataset": "loki",
+        "fg_iou": 9.8816,
+        "fg_f1": 16.0061,
+        "global_fg_iou": 11.6530,
+        "global_fg_f1": 20.8735,
+    },
 ]

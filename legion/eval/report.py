@@ -29,8 +29,18 @@ from legion.eval.paper_results import DETECTION_COLUMNS, EXPLANATION_COLUMNS, LO
 KINDS = ("localization", "explanation", "detection")
 DATASET_COLUMN = {"synthscars": "SynthScars", "loki": "LOKI", "richhf": "RichHF-18K"}
 CONTENT_TYPE_COLUMN = {"object": "Object", "animal": "Animal", "human": "Human", "scene": "Scene"}
-METRIC_LABEL = {"miou": "mIoU", "f1": "F1", "fg_iou": "FG IoU", "fg_f1": "FG F1", "global_fg_iou": "gFG IoU",
-                "global_fg_f1": "gFG F1", "giou": "gIoU", "ciou": "cIoU", "rouge_l": "ROUGE-L", "css": "CSS"}
+METRIC_LABEL = {
+    "miou": "mIoU",
+    "f1": "F1",
+    "fg_iou": "FG IoU",
+    "fg_f1": "FG F1",
+    "global_fg_iou": "gFG IoU",
+    "global_fg_f1": "gFG F1",
+    "giou": "gIoU",
+    "ciou": "cIoU",
+    "rouge_l": "ROUGE-L",
+    "css": "CSS",
+}
 PAPER_LOCALIZATION_METRICS = ("miou", "f1")
 ALL_LOCALIZATION_METRICS = ("miou", "f1", "fg_iou", "fg_f1", "global_fg_iou", "global_fg_f1", "giou", "ciou")
 
@@ -38,7 +48,7 @@ ALL_LOCALIZATION_METRICS = ("miou", "f1", "fg_iou", "fg_f1", "global_fg_iou", "g
 @dataclass
 class Run:
     name: str
-    metrics: list[dict]          # metrics.json contents, each with "kind" and "dataset"
+    metrics: list[dict]  # metrics.json contents, each with "kind" and "dataset"
     paths: list[str] = field(default_factory=list)
 
 
@@ -62,9 +72,13 @@ def normalise_metrics(m: dict) -> dict:
     if "kind" not in m and isinstance(m.get("metrics"), dict) and "per_subset" in m["metrics"]:
         config = m.get("config") or {}
         perturbation = config.get("perturbation") if isinstance(config, dict) else None
-        m = {"kind": "detection", "dataset": "detection", **m["metrics"],
-             "perturbation": [perturbation] if perturbation else [],
-             **{k: v for k, v in m.items() if k not in ("metrics",)}}
+        m = {
+            "kind": "detection",
+            "dataset": "detection",
+            **m["metrics"],
+            "perturbation": [perturbation] if perturbation else [],
+            **{k: v for k, v in m.items() if k not in ("metrics",)},
+        }
     m.setdefault("kind", infer_kind(m))
     return m
 
@@ -76,8 +90,11 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
         files = [path]
         default_name = path.parent.name
     elif path.is_dir():
-        files = sorted(p for p in [path / "metrics.json", *path.glob("*/metrics.json"), *path.glob("*/*/metrics.json")]
-                       if p.is_file())
+        files = sorted(
+            p
+            for p in [path / "metrics.json", *path.glob("*/metrics.json"), *path.glob("*/*/metrics.json")]
+            if p.is_file()
+        )
         default_name = path.name
     else:
         raise FileNotFoundError(f"run {path}: no such file or directory")
@@ -103,22 +120,26 @@ def _row_entries(run: Run, kind: str, loc_metrics: Sequence[str]) -> dict[str, f
 
     def put(column: str, value):
         if column in row and row[column] != value:
-            warnings.warn(f"run {run.name}: two metrics.json give {column!r}; keeping the later one")
+            warnings.warn(f"run {run.name}: two metrics.json give {column!r}; keeping the later one", stacklevel=2)
         row[column] = value
 
     for m in run.metrics:
         if m["kind"] != kind:
             continue
         labels = [perturbation_label(p) for p in m.get("perturbation") or []]
-        labels = [l for l in labels if l != "none"]
+        labels = [label for label in labels if label != "none"]
         if labels:
-            row["perturbation"] = ", ".join(sorted(set(labels) | set(filter(None, str(row.get("perturbation") or "").split(", ")))))
+            row["perturbation"] = ", ".join(
+                sorted(set(labels) | set(filter(None, str(row.get("perturbation") or "").split(", "))))
+            )
         ds_col = _column_for_dataset(m.get("dataset"))
         if kind == "localization":
             groups = [(ds_col, m["overall"])]
             if str(m.get("dataset")).lower() == "synthscars":
-                groups += [(CONTENT_TYPE_COLUMN.get(str(label).lower(), str(label).title()), summary)
-                           for label, summary in m.get("by_content_type", {}).items()]
+                groups += [
+                    (CONTENT_TYPE_COLUMN.get(str(label).lower(), str(label).title()), summary)
+                    for label, summary in m.get("by_content_type", {}).items()
+                ]
             for col, summary in groups:
                 for key in loc_metrics:
                     put(f"{col} {METRIC_LABEL[key]}", summary.get(key))
@@ -174,8 +195,8 @@ def _ordered_columns(kind: str, present: Iterable[str], loc_metrics: Sequence[st
 @dataclass
 class Table:
     kind: str
-    columns: list[str]                    # without the leading "run" column
-    rows: list[dict]                      # each: {"run": name, column: value | None}
+    columns: list[str]  # without the leading "run" column
+    rows: list[dict]  # each: {"run": name, column: value | None}
     notes: list[str] = field(default_factory=list)
 
     def to_markdown(self, decimals: int = 2) -> str:
@@ -198,7 +219,9 @@ class Table:
         return buf.getvalue()
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "columns": self.columns, "rows": self.rows, "notes": self.notes}, indent=2)
+        return json.dumps(
+            {"kind": self.kind, "columns": self.columns, "rows": self.rows, "notes": self.notes}, indent=2
+        )
 
     def render(self, fmt: str) -> str:
         return {"md": self.to_markdown, "markdown": self.to_markdown, "csv": self.to_csv, "json": self.to_json}[fmt]()
@@ -243,20 +266,29 @@ def _check_rasters(runs: Sequence[Run], allow_mixed: bool, with_paper: bool) -> 
     if mixed:
         detail = "; ".join(f"{ds}: " + ", ".join(f"{r}={v}" for r, v in by_run.items()) for ds, by_run in mixed.items())
         if not allow_mixed:
-            raise ValueError(f"runs were scored with different ground-truth rasterizations ({detail}); their numbers "
-                             "are not comparable. Re-score them with the same `legion eval localization --gt-raster`, "
-                             "or pass --allow-mixed-protocols to list them anyway")
+            raise ValueError(
+                f"runs were scored with different ground-truth rasterizations ({detail}); their numbers "
+                "are not comparable. Re-score them with the same `legion eval localization --gt-raster`, "
+                "or pass --allow-mixed-protocols to list them anyway"
+            )
         notes.append(f"WARNING: mixed ground-truth rasterizations ({detail}); rows are not comparable")
     if with_paper:
         off = sorted(name for name, used in labels.items() if "coco" in used)
         if off:
-            notes.append("WARNING: " + ", ".join(off) + " scored with --gt-raster coco; the paper's rows used the "
-                         "paper's rasterizer (cv2.fillPoly on truncated vertices), which gives ~5-8% larger masks")
+            notes.append(
+                "WARNING: " + ", ".join(off) + " scored with --gt-raster coco; the paper's rows used the "
+                "paper's rasterizer (cv2.fillPoly on truncated vertices), which gives ~5-8% larger masks"
+            )
     return {name: "+".join(sorted(used)) for name, used in labels.items()}, notes
 
 
-def build_table(runs: Sequence[Run], kind: str, metrics: Sequence[str] | None = None,
-                with_paper: bool = False, allow_mixed_protocols: bool = False) -> Table:
+def build_table(
+    runs: Sequence[Run],
+    kind: str,
+    metrics: Sequence[str] | None = None,
+    with_paper: bool = False,
+    allow_mixed_protocols: bool = False,
+) -> Table:
     """One row per run (runs without metrics of ``kind`` are left out). ``metrics`` picks the
     localization metrics shown (default the paper's mIoU and F1). Localization runs scored with
     different ground-truth rasterizations raise ValueError unless ``allow_mixed_protocols``."""
@@ -278,13 +310,21 @@ def build_table(runs: Sequence[Run], kind: str, metrics: Sequence[str] | None = 
                 entries = {"GT raster": rasters[run.name], **entries}
             rows.append({"run": run.name, **entries})
     if kind == "localization":
-        protocols = {m["protocol"].get("fg_both_empty") for r in runs for m in r.metrics
-                     if m["kind"] == "localization" and "protocol" in m}
+        protocols = {
+            m["protocol"].get("fg_both_empty")
+            for r in runs
+            for m in r.metrics
+            if m["kind"] == "localization" and "protocol" in m
+        }
         if any(k not in PAPER_LOCALIZATION_METRICS for k in loc_metrics):
             notes.append("foreground metrics: both-empty convention " + ", ".join(sorted(map(str, protocols))))
     if kind == "explanation":
-        models = {m["protocol"].get("css_model") for r in runs for m in r.metrics
-                  if m["kind"] == "explanation" and "protocol" in m}
+        models = {
+            m["protocol"].get("css_model")
+            for r in runs
+            for m in r.metrics
+            if m["kind"] == "explanation" and "protocol" in m
+        }
         models.discard(None)
         if models:
             notes.append("CSS embedding model: " + "; ".join(sorted(models)) + " (the paper does not name its model)")
@@ -295,13 +335,20 @@ def build_table(runs: Sequence[Run], kind: str, metrics: Sequence[str] | None = 
         rows += paper
         notes.append("paper rows: arXiv 2503.15264 v1 (Tables 2, 3, 5); detection 'Mean' over the 7 columns is derived")
         if kind == "detection":
-            notes.append("GANs / Diffusion membership is not stated by the paper; ours: see legion.eval.detection.TABLE5_COLUMNS")
+            notes.append(
+                "GANs / Diffusion membership is not stated by the paper; ours: see legion.eval.detection.TABLE5_COLUMNS"
+            )
     present = [c for r in rows for c in r if c != "run"]
     return Table(kind=kind, columns=_ordered_columns(kind, present, loc_metrics), rows=rows, notes=notes)
 
 
-def compare(paths: Sequence[str | os.PathLike], kind: str | None = None, metrics: Sequence[str] | None = None,
-            with_paper: bool = False, allow_mixed_protocols: bool = False) -> list[Table]:
+def compare(
+    paths: Sequence[str | os.PathLike],
+    kind: str | None = None,
+    metrics: Sequence[str] | None = None,
+    with_paper: bool = False,
+    allow_mixed_protocols: bool = False,
+) -> list[Table]:
     """Side-by-side tables of several runs: one table per kind found (or only ``kind``)."""
     runs = [load_run(p) for p in paths]
     names = [r.name for r in runs]
@@ -309,8 +356,10 @@ def compare(paths: Sequence[str | os.PathLike], kind: str | None = None, metrics
         if names.count(r.name) > 1:
             r.name = str(paths[i])
     kinds = [kind] if kind else [k for k in KINDS if any(m["kind"] == k for r in runs for m in r.metrics)]
-    return [build_table(runs, k, metrics=metrics, with_paper=with_paper, allow_mixed_protocols=allow_mixed_protocols)
-            for k in kinds]
+    return [
+        build_table(runs, k, metrics=metrics, with_paper=with_paper, allow_mixed_protocols=allow_mixed_protocols)
+        for k in kinds
+    ]
 
 
 def write_tables(table: Table, out_dir: str | os.PathLike, stem: str = "table") -> list[Path]:
@@ -326,6 +375,7 @@ def write_tables(table: Table, out_dir: str | os.PathLike, stem: str = "table") 
 
 # --------------------------------------------------------------------------- plots
 
+
 def _pyplot():
     import matplotlib
 
@@ -335,8 +385,9 @@ def _pyplot():
     return plt
 
 
-def plot_category_bars(metrics: dict, out_png: str | os.PathLike,
-                       keys: Sequence[str] = ("miou", "f1", "fg_iou")) -> Path | None:
+def plot_category_bars(
+    metrics: dict, out_png: str | os.PathLike, keys: Sequence[str] = ("miou", "f1", "fg_iou")
+) -> Path | None:
     """Grouped bars: overall and every content type / artifact category, one bar per metric.
     Returns None (and writes nothing) for a metrics.json without numbers."""
     groups = [("overall", metrics.get("overall", {}))]

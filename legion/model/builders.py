@@ -37,46 +37,130 @@ from legion.model import conversation as conv
 from legion.model.configuration import CLIP_L14_336, REGION_ENCODER_GLAMM, SAM_VIT_H, LegionConfig
 from legion.model.tokenizer import build_tiny_tokenizer, load_tokenizer
 
-__all__ = ["PRESETS", "build_config", "build_model", "make_tiny", "save_model", "load_model", "load_tokenizer",
-           "LoadReport", "apply_dtype_policy", "FP32_MODULES"]
+__all__ = [
+    "PRESETS",
+    "build_config",
+    "build_model",
+    "make_tiny",
+    "save_model",
+    "load_model",
+    "load_tokenizer",
+    "LoadReport",
+    "apply_dtype_policy",
+    "FP32_MODULES",
+]
 
 # --- presets --------------------------------------------------------------------------------
 # LLaMA-2 7B / Vicuna-7B v1.5 as in GLaMM-GranD-Pretrained's config.json (docs/model.md §5, §13.3).
 _LLAMA_7B = dict(
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=4096,
-    rope_scaling=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    initializer_range=0.02, vocab_size=32007, use_cache=False, pretraining_tp=1,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
+    rope_scaling=None,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.02,
+    vocab_size=32007,
+    use_cache=False,
+    pretraining_tp=1,
 )
 _LEGION_7B = dict(
-    **_LLAMA_7B, mm_vision_tower="openai/clip-vit-large-patch14-336", vision_config=dict(CLIP_L14_336),
-    mm_hidden_size=1024, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
-    mm_vision_select_feature="patch", mm_use_im_start_end=True, with_region=True, num_level_reg_features=4,
-    region_encoder_config=dict(REGION_ENCODER_GLAMM), sam_config=dict(SAM_VIT_H), out_dim=256,
-    train_mask_decoder=True, bbox_token_idx=32002, seg_token_idx=32004,
+    **_LLAMA_7B,
+    mm_vision_tower="openai/clip-vit-large-patch14-336",
+    vision_config=dict(CLIP_L14_336),
+    mm_hidden_size=1024,
+    mm_projector_type="mlp2x_gelu",
+    mm_vision_select_layer=-2,
+    mm_vision_select_feature="patch",
+    mm_use_im_start_end=True,
+    with_region=True,
+    num_level_reg_features=4,
+    region_encoder_config=dict(REGION_ENCODER_GLAMM),
+    sam_config=dict(SAM_VIT_H),
+    out_dim=256,
+    train_mask_decoder=True,
+    bbox_token_idx=32002,
+    seg_token_idx=32004,
 )
 
 # Tiny: same module tree, CPU-sized. CLIP 64 px / patch 8 -> 64 image tokens; SAM input 128 px / patch 8.
-TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 image_size=64, patch_size=8, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                 projection_dim=64)
+TINY_CLIP = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=8,
+    num_channels=3,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=64,
+)
 # SAM patch 8 (not 16): a 16x16 embedding grid at 128 px; measured on ToyScars it localizes better
 # (teacher-forced val gIoU 0.39 vs 0.35 after 920 steps). Encoder width 64 / depth 4 rather than
 # 32 / 2: held-out fg IoU 46.9 vs 44.3 (docs/training.md).
-TINY_SAM = dict(image_size=128, patch_size=8, encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=4,
-                encoder_global_attn_indexes=[1, 3], window_size=4, prompt_embed_dim=32, mask_in_chans=4,
-                decoder_depth=2, decoder_mlp_dim=128, decoder_num_heads=2)
+TINY_SAM = dict(
+    image_size=128,
+    patch_size=8,
+    encoder_embed_dim=64,
+    encoder_depth=4,
+    encoder_num_heads=4,
+    encoder_global_attn_indexes=[1, 3],
+    window_size=4,
+    prompt_embed_dim=32,
+    mask_in_chans=4,
+    decoder_depth=2,
+    decoder_mlp_dim=128,
+    decoder_num_heads=2,
+)
 # CLIP has 3 hidden states (embeddings + 2 layers): the 4 region levels read indices within them.
-TINY_REGION = dict(num_levels=4, feature_layers=[1, 1, 2, 2], upsample_factors=[8, 4, 2, 1], roi_output_size=7,
-                   sampling_ratio=2, fuse_rounds=5, gn_groups=8, pos_embed_dim=32, box_scale=224.0)
+TINY_REGION = dict(
+    num_levels=4,
+    feature_layers=[1, 1, 2, 2],
+    upsample_factors=[8, 4, 2, 1],
+    roi_output_size=7,
+    sampling_ratio=2,
+    fuse_rounds=5,
+    gn_groups=8,
+    pos_embed_dim=32,
+    box_scale=224.0,
+)
 _TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-    hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=2048, rope_scaling=None,
-    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.02,
-    use_cache=False, mm_vision_tower="vision_tower", vision_config=TINY_CLIP, mm_hidden_size=64,
-    mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-    mm_use_im_start_end=True, with_region=True, num_level_reg_features=4, region_encoder_config=TINY_REGION,
-    sam_config=TINY_SAM, out_dim=32, train_mask_decoder=True,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    max_position_embeddings=2048,
+    rope_scaling=None,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.02,
+    use_cache=False,
+    mm_vision_tower="vision_tower",
+    vision_config=TINY_CLIP,
+    mm_hidden_size=64,
+    mm_projector_type="mlp2x_gelu",
+    mm_vision_select_layer=-2,
+    mm_vision_select_feature="patch",
+    mm_use_im_start_end=True,
+    with_region=True,
+    num_level_reg_features=4,
+    region_encoder_config=TINY_REGION,
+    sam_config=TINY_SAM,
+    out_dim=32,
+    train_mask_decoder=True,
 )
 PRESETS: dict[str, dict] = {"tiny": _TINY, "legion_7b": _LEGION_7B}
 
@@ -103,8 +187,12 @@ def build_config(preset: str, vocab_size: int | None = None) -> LegionConfig:
     return config
 
 
-def build_model(preset_or_config: str | LegionConfig, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, seed: int | None = None):
+def build_model(
+    preset_or_config: str | LegionConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+):
     """A randomly initialized LegionForCausalLM (on `meta`: shapes only, built in seconds)."""
     from legion.model.legion import LegionForCausalLM
 
@@ -144,8 +232,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, save_vision_tower: 
         tower.save_pretrained(out_dir / VISION_TOWER_DIRNAME, safe_serialization=True)
         _save_clip_image_processor(out_dir / VISION_TOWER_DIRNAME, tower.config.image_size)
         config.mm_vision_tower = VISION_TOWER_DIRNAME
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-             if not ck.VISION_TOWER_KEY.match(k)}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not ck.VISION_TOWER_KEY.match(k)}
     save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     config.architectures = ["LegionForCausalLM"]
     config.save_pretrained(out_dir)
@@ -187,12 +274,12 @@ class LoadReport:
 
     checkpoint: str
     weight_files: list[str] = field(default_factory=list)
-    renamed: dict[str, str] = field(default_factory=dict)        # checkpoint key -> our key
-    missing: list[str] = field(default_factory=list)             # model keys nobody provided (fatal if strict)
-    benign_missing: list[str] = field(default_factory=list)      # e.g. region encoder: initialized randomly
-    unexpected: list[str] = field(default_factory=list)          # provided keys the model does not have
-    ignored: list[str] = field(default_factory=list)             # benign extras such as rotary inv_freq
-    unused: list[str] = field(default_factory=list)              # extras of modules LEGION never runs
+    renamed: dict[str, str] = field(default_factory=dict)  # checkpoint key -> our key
+    missing: list[str] = field(default_factory=list)  # model keys nobody provided (fatal if strict)
+    benign_missing: list[str] = field(default_factory=list)  # e.g. region encoder: initialized randomly
+    unexpected: list[str] = field(default_factory=list)  # provided keys the model does not have
+    ignored: list[str] = field(default_factory=list)  # benign extras such as rotary inv_freq
+    unused: list[str] = field(default_factory=list)  # extras of modules LEGION never runs
     from_sam_checkpoint: int = 0
     from_vision_tower: int = 0
     vision_tower: str | None = None
@@ -204,17 +291,25 @@ class LoadReport:
         return not self.missing and not self.unexpected
 
     def __str__(self) -> str:
-        lines = [f"loaded {self.checkpoint} ({len(self.weight_files)} weight file(s), {self.seconds:.1f}s)",
-                 f"  CLIP: {self.vision_tower} ({self.from_vision_tower} tensors); "
-                 f"SAM checkpoint tensors used: {self.from_sam_checkpoint}; [SEG] id {self.seg_token_idx}"]
+        lines = [
+            f"loaded {self.checkpoint} ({len(self.weight_files)} weight file(s), {self.seconds:.1f}s)",
+            f"  CLIP: {self.vision_tower} ({self.from_vision_tower} tensors); "
+            f"SAM checkpoint tensors used: {self.from_sam_checkpoint}; [SEG] id {self.seg_token_idx}",
+        ]
         if self.renamed:
             pairs = sorted({(_prefix(a), _prefix(b)) for a, b in self.renamed.items()})
             lines.append(f"  renamed {len(self.renamed)} key(s): " + ", ".join(f"{a}* -> {b}*" for a, b in pairs))
-        for title, keys in (("missing", self.missing), ("missing (benign, randomly initialized)", self.benign_missing),
-                            ("unexpected", self.unexpected), ("unused (modules LEGION never runs)", self.unused)):
+        for title, keys in (
+            ("missing", self.missing),
+            ("missing (benign, randomly initialized)", self.benign_missing),
+            ("unexpected", self.unexpected),
+            ("unused (modules LEGION never runs)", self.unused),
+        ):
             if keys:
                 lines.append(f"  {title}: {len(keys)}")
-                lines += [f"    {k}" for k in keys[:20]] + ([f"    ... {len(keys) - 20} more"] if len(keys) > 20 else [])
+                lines += [f"    {k}" for k in keys[:20]] + (
+                    [f"    ... {len(keys) - 20} more"] if len(keys) > 20 else []
+                )
         if not (self.missing or self.unexpected or self.benign_missing or self.unused):
             lines.append("  all keys matched")
         return "\n".join(lines)
@@ -258,8 +353,9 @@ def find_weight_files(path: Path) -> list[Path]:
     for name in (WEIGHTS_NAME, "pytorch_model.bin"):
         if (path / name).is_file():
             return [path / name]
-    raise FileNotFoundError(f"no weights in {path} (looked for model.safetensors[.index.json], "
-                            "pytorch_model.bin[.index.json])")
+    raise FileNotFoundError(
+        f"no weights in {path} (looked for model.safetensors[.index.json], pytorch_model.bin[.index.json])"
+    )
 
 
 def resolve_vision_tower(name: str | None, checkpoint_dir: Path) -> Path:
@@ -273,7 +369,8 @@ def resolve_vision_tower(name: str | None, checkpoint_dir: Path) -> Path:
     raise FileNotFoundError(
         f"CLIP vision tower {name!r} is not a local directory (tried {', '.join(str(c) for c in candidates)}). "
         "GLaMM/LEGION checkpoints do not contain CLIP weights: download the CLIP model (e.g. "
-        "openai/clip-vit-large-patch14-336) once and pass its directory as vision_tower=... / --vision-tower.")
+        "openai/clip-vit-large-patch14-336) once and pass its directory as vision_tower=... / --vision-tower."
+    )
 
 
 def _clip_state_and_config(clip_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -285,8 +382,18 @@ def _clip_state_and_config(clip_dir: Path) -> tuple[dict[str, torch.Tensor], dic
     state = {}
     for f in find_weight_files(clip_dir):
         state.update(_read_state_dict_file(f))
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-            "patch_size", "num_channels", "hidden_act", "layer_norm_eps", "projection_dim")
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "hidden_act",
+        "layer_norm_eps",
+        "projection_dim",
+    )
     return state, {k: getattr(vision_config, k) for k in keys}
 
 
@@ -298,8 +405,11 @@ def _load_vision_tower(tower: nn.Module, clip_state: dict[str, torch.Tensor], re
         ours = key if key in expected else key.removeprefix("vision_model.")
         if ours in expected:  # text tower, projections etc. of a full CLIPModel are not needed
             matched[ours] = tensor
-    mismatches = [f"{ck.CLIP_PREFIX}{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
-                  for k, v in matched.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    mismatches = [
+        f"{ck.CLIP_PREFIX}{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
+        for k, v in matched.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if mismatches:
         raise CheckpointError("shape mismatch: " + "; ".join(mismatches))
     report.missing += [ck.CLIP_PREFIX + k for k in expected if k not in matched]
@@ -322,9 +432,16 @@ def load_checkpoint_state(path: Path, report: LoadReport) -> dict[str, torch.Ten
     return state
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               sam_checkpoint: str | os.PathLike | None = None, vision_tower: str | os.PathLike | None = None,
-               keep_fp32_modules: bool = True, strict: bool = True, verbose: bool = True):
+def load_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    sam_checkpoint: str | os.PathLike | None = None,
+    vision_tower: str | os.PathLike | None = None,
+    keep_fp32_modules: bool = True,
+    strict: bool = True,
+    verbose: bool = True,
+):
     """Load a checkpoint directory -> (model, tokenizer, LoadReport).
 
     dtype: compute dtype; with keep_fp32_modules SAM and text_hidden_fcs stay fp32 (reference
@@ -380,8 +497,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         hint = ""
         if any(ck.LORA_KEY.search(k) for k in report.unexpected):
             hint = "; the checkpoint holds unmerged LoRA factors: merge them first (`legion merge`)"
-        raise CheckpointError(f"{path}: {len(report.missing)} missing and {len(report.unexpected)} unexpected "
-                              f"key(s), e.g. {(report.missing + report.unexpected)[:5]}{hint}")
+        raise CheckpointError(
+            f"{path}: {len(report.missing)} missing and {len(report.unexpected)} unexpected "
+            f"key(s), e.g. {(report.missing + report.unexpected)[:5]}{hint}"
+        )
     loadable = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(loadable, strict=False, assign=True)
     _materialize_meta(model)

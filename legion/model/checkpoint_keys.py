@@ -11,7 +11,7 @@ import re
 
 # Whole-prefix renames, applied in order, each at most once (older names -> ours).
 PREFIX_RENAMES: list[tuple[str, str]] = [
-    ("base_model.model.", ""),                       # peft-wrapped model saved as a whole
+    ("base_model.model.", ""),  # peft-wrapped model saved as a whole
     ("model.visual_model.", "model.grounding_encoder."),  # LISA's name for SAM
     ("visual_model.", "model.grounding_encoder."),
 ]
@@ -51,7 +51,7 @@ def remap_key(key: str) -> str:
     """A checkpoint key in our (GLaMM) spelling."""
     for old, new in PREFIX_RENAMES:  # peft's prefix first, then the LISA-era module names
         if key.startswith(old):
-            key = new + key[len(old):]
+            key = new + key[len(old) :]
     for old, new in INFIX_RENAMES:
         key = key.replace(old, new)
     return key

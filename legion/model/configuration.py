@@ -19,28 +19,53 @@ from transformers import LlamaConfig
 
 # CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336), vision part only.
 CLIP_L14_336 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=336, patch_size=14, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    num_channels=3,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
     projection_dim=768,
 )
 
 # SAM ViT-H (sam_vit_h_4b8939) as built by segment_anything's build_sam_vit_h.
 SAM_VIT_H = dict(
-    image_size=1024, patch_size=16, encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16,
-    encoder_global_attn_indexes=[7, 15, 23, 31], window_size=14, prompt_embed_dim=256,
-    mask_in_chans=16, decoder_depth=2, decoder_mlp_dim=2048, decoder_num_heads=8,
+    image_size=1024,
+    patch_size=16,
+    encoder_embed_dim=1280,
+    encoder_depth=32,
+    encoder_num_heads=16,
+    encoder_global_attn_indexes=[7, 15, 23, 31],
+    window_size=14,
+    prompt_embed_dim=256,
+    mask_in_chans=16,
+    decoder_depth=2,
+    decoder_mlp_dim=2048,
+    decoder_num_heads=8,
 )
 
 # GLaMM's MLVLROIQueryModule (region encoder), kept for checkpoint compatibility only.
 REGION_ENCODER_GLAMM = dict(
-    num_levels=4, feature_layers=[14, 17, 20, 23], upsample_factors=[8, 4, 2, 1],
-    roi_output_size=14, sampling_ratio=2, fuse_rounds=5, gn_groups=64, pos_embed_dim=256,
+    num_levels=4,
+    feature_layers=[14, 17, 20, 23],
+    upsample_factors=[8, 4, 2, 1],
+    roi_output_size=14,
+    sampling_ratio=2,
+    fuse_rounds=5,
+    gn_groups=64,
+    pos_embed_dim=256,
     box_scale=224.0,
 )
 
 # Fields of GLaMM/LEGION config.json that we read under another name.
-_ALIASES = {"mm_use_image_start_end": "mm_use_im_start_end", "num_reg_features": "num_level_reg_features",
-            "select_feature_type": "mm_vision_select_feature"}
+_ALIASES = {
+    "mm_use_image_start_end": "mm_use_im_start_end",
+    "num_reg_features": "num_level_reg_features",
+    "select_feature_type": "mm_vision_select_feature",
+}
 
 
 class LegionConfig(LlamaConfig):
@@ -91,22 +116,23 @@ class LegionConfig(LlamaConfig):
 
     # --- GLaMM / LEGION config.json ------------------------------------------------
     @classmethod
-    def from_glamm_dict(cls, data: dict) -> "LegionConfig":
+    def from_glamm_dict(cls, data: dict) -> LegionConfig:
         """Build from a config.json written by GLaMM, LISA or LEGION (or by us)."""
         data = copy.deepcopy(data)
         for old, new in _ALIASES.items():
             if old in data and new not in data:
                 data[new] = data[old]
         if "mm_vision_tower" not in data:
-            data["mm_vision_tower"] = data.get("vision_tower") or data.get("mm_vision_module") or data.get(
-                "vision_module")
+            data["mm_vision_tower"] = (
+                data.get("vision_tower") or data.get("mm_vision_module") or data.get("vision_module")
+            )
         data.pop("model_type", None)
         data.pop("transformers_version", None)
         data.setdefault("architectures", ["LegionForCausalLM"])
         return cls(**data)
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "LegionConfig":
+    def from_dir(cls, path: str | os.PathLike) -> LegionConfig:
         """Read `<path>/config.json`, whatever its `model_type` (legion, llava)."""
         config_file = Path(path) / "config.json"
         if not config_file.is_file():

@@ -21,8 +21,10 @@ SEG, P_START, P_END = "[SEG]", "<p>", "</p>"
 SPECIAL_TOKENS = [IM_START, IM_END, BBOX, POINT, SEG, P_START, P_END]
 GLAMM_SPECIAL_TOKEN_IDS = {tok: 32000 + i for i, tok in enumerate(SPECIAL_TOKENS)}
 
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 ROLES = ("USER", "ASSISTANT")
 
 GCG_QUESTION = (
@@ -71,8 +73,17 @@ def special_token_ids(tokenizer, expect_glamm_ids: bool | None = None) -> Specia
     if expect_glamm_ids and ids != GLAMM_SPECIAL_TOKEN_IDS:
         raise ValueError(f"special token ids {ids} differ from GLaMM's {GLAMM_SPECIAL_TOKEN_IDS}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return SpecialTokenIds(ids[IM_START], ids[IM_END], ids[BBOX], ids[POINT], ids[SEG], ids[P_START],
-                           ids[P_END], tokenizer.eos_token_id, pad)
+    return SpecialTokenIds(
+        ids[IM_START],
+        ids[IM_END],
+        ids[BBOX],
+        ids[POINT],
+        ids[SEG],
+        ids[P_START],
+        ids[P_END],
+        tokenizer.eos_token_id,
+        pad,
+    )
 
 
 # --- prompt rendering (llava_v1: sep " " after USER, "</s>" after ASSISTANT) ------------
@@ -115,8 +126,9 @@ def encode_prompt(tokenizer, question: str = GCG_QUESTION, use_im_start_end: boo
     return torch.tensor(tokenize_with_image(render_prompt(question, use_im_start_end), tokenizer))
 
 
-def encode_conversation(tokenizer, answer: str, question: str = GCG_QUESTION,
-                        use_im_start_end: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_conversation(
+    tokenizer, answer: str, question: str = GCG_QUESTION, use_im_start_end: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [L], labels [L]) for one training conversation.
 
     The whole string, `</s>` included, is tokenized once, as the reference does (so a space before
@@ -130,7 +142,8 @@ def encode_conversation(tokenizer, answer: str, question: str = GCG_QUESTION,
     if full[: len(head)] != head:
         raise ValueError(
             "prompt tokens are not a prefix of the conversation tokens; the tokenizer merges across the "
-            f"'ASSISTANT:' boundary (prompt tail {head[-4:]}, conversation {full[len(head) - 4: len(head) + 2]})")
+            f"'ASSISTANT:' boundary (prompt tail {head[-4:]}, conversation {full[len(head) - 4 : len(head) + 2]})"
+        )
     if full[-1] != tokenizer.eos_token_id:
         raise ValueError(f"the conversation does not end with </s> (id {tokenizer.eos_token_id}): {full[-3:]}")
     labels = list(full)

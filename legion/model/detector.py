@@ -28,9 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class PreprocessSpec:
         return {"size": self.size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         return cls(int(d["size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]))
 
 
@@ -85,8 +85,9 @@ def build_prediction_head(hidden_size: int) -> nn.Sequential:
     return head
 
 
-def init_prediction_head(head: nn.Sequential, std: float = HEAD_INIT_STD,
-                         generator: torch.Generator | None = None) -> None:
+def init_prediction_head(
+    head: nn.Sequential, std: float = HEAD_INIT_STD, generator: torch.Generator | None = None
+) -> None:
     """Normal(0, std) weights and zero biases, like an HF model's `_init_weights`."""
     with torch.no_grad():
         for layer in head:
@@ -121,8 +122,14 @@ class RealFakeDetector(nn.Module):
         clip_dir: the CLIP directory actually loaded (what `load_detector` reopens).
     """
 
-    def __init__(self, vision_tower: CLIPVisionModel, preprocess_spec: PreprocessSpec | None = None,
-                 feature_layer: int = -2, backbone_source: str | None = None, clip_dir: str | None = None):
+    def __init__(
+        self,
+        vision_tower: CLIPVisionModel,
+        preprocess_spec: PreprocessSpec | None = None,
+        feature_layer: int = -2,
+        backbone_source: str | None = None,
+        clip_dir: str | None = None,
+    ):
         super().__init__()
         self.vision_tower = vision_tower
         self.vision_tower.requires_grad_(False)
@@ -144,7 +151,7 @@ class RealFakeDetector(nn.Module):
     def device(self) -> torch.device:
         return self.prediction_head[0].weight.device
 
-    def train(self, mode: bool = True) -> "RealFakeDetector":
+    def train(self, mode: bool = True) -> RealFakeDetector:
         """Only the head changes mode; the frozen tower always runs in eval mode."""
         super().train(mode)
         self.vision_tower.eval()
@@ -191,19 +198,21 @@ class RealFakeDetector(nn.Module):
         """RGB uint8 images -> P(fake) per image (preprocessing included)."""
         probs: list[float] = []
         for start in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[start:start + batch_size]])
+            pixels = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
             probs.extend(self.fake_probability(pixels).cpu().tolist())
         return probs
 
     # --- checkpoint ---------------------------------------------------------------------
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """`prediction_head.{0,2}.{weight,bias}` as fp32 CPU tensors (the reference's key names)."""
-        return {f"prediction_head.{k}": v.detach().float().cpu().contiguous()
-                for k, v in self.prediction_head.state_dict().items()}
+        return {
+            f"prediction_head.{k}": v.detach().float().cpu().contiguous()
+            for k, v in self.prediction_head.state_dict().items()
+        }
 
     def load_head_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         prefix = "prediction_head."
-        head_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        head_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         extra = sorted(k for k in state if not k.startswith(prefix))
         if extra:
             raise DetectorLoadError(f"unexpected keys in the detector head: {extra}")
@@ -221,17 +230,22 @@ class RealFakeDetector(nn.Module):
             "version": FORMAT_VERSION,
             "backbone": {
                 "source": str(Path(self.backbone_source).resolve()) if self.backbone_source else None,
-                "clip_dir": clip_rel,            # relative to this checkpoint directory
-                "clip_dir_absolute": clip_abs,   # fallback when the two were moved apart
+                "clip_dir": clip_rel,  # relative to this checkpoint directory
+                "clip_dir_absolute": clip_abs,  # fallback when the two were moved apart
                 "fingerprint": backbone_fingerprint(self.vision_tower),
-                "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-                "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+                "hidden_size": cfg.hidden_size,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "image_size": cfg.image_size,
+                "patch_size": cfg.patch_size,
             },
             "feature": {"hidden_states_index": self.feature_layer, "token": "cls", "post_layernorm": False},
             "head": {"keys": "prediction_head.{0,2}", "sizes": [cfg.hidden_size, 2 * cfg.hidden_size, 2]},
-            "labels": {"0": "fake", "1": "real",
-                       "note": "reference LegionForCls mapping (opposite of 0_real/1_fake folders); "
-                               "fake_probability = softmax(logits)[:, 0]"},
+            "labels": {
+                "0": "fake",
+                "1": "real",
+                "note": "reference LegionForCls mapping (opposite of 0_real/1_fake folders); "
+                "fake_probability = softmax(logits)[:, 0]",
+            },
             "preprocess": self.preprocess_spec.to_dict(),
         }
 
@@ -305,17 +319,23 @@ def preprocess_spec_for(clip_dir: str | os.PathLike, image_size: int) -> Preproc
     size = size.get("shortest_edge", image_size) if isinstance(size, dict) else size
     crop = d.get("crop_size", size)
     crop = crop.get("height", size) if isinstance(crop, dict) else crop
-    return PreprocessSpec(int(size), int(crop), tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD)))
+    return PreprocessSpec(
+        int(size), int(crop), tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD))
+    )
 
 
-def load_clip_vision(clip_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu") -> CLIPVisionModel:
+def load_clip_vision(
+    clip_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> CLIPVisionModel:
     """CLIPVisionModel from a local dir; missing vision weights are an error, not a random init."""
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a full CLIPModel dir lists every text-tower key as unexpected
     try:
-        model, info = CLIPVisionModel.from_pretrained(str(clip_dir), dtype=dtype, output_loading_info=True,
-                                                      local_files_only=True)
+        model, info = CLIPVisionModel.from_pretrained(
+            str(clip_dir), dtype=dtype, output_loading_info=True, local_files_only=True
+        )
+    except OSError as exc:  # no weight file, unreadable config: say which folder, not a transformers trace
+        raise DetectorLoadError(f"{clip_dir}: not a loadable CLIP directory ({exc})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
@@ -324,9 +344,13 @@ def load_clip_vision(clip_dir: str | os.PathLike, dtype: torch.dtype = torch.flo
     return model.to(device).eval()
 
 
-def build_detector(source: str | os.PathLike, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32, vision_tower: str | os.PathLike | None = None,
-                   seed: int | None = None) -> RealFakeDetector:
+def build_detector(
+    source: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vision_tower: str | os.PathLike | None = None,
+    seed: int | None = None,
+) -> RealFakeDetector:
     """A detector with a freshly initialised head on the CLIP of `source` (LEGION dir or CLIP dir).
 
     The tower runs in `dtype` (bf16 on a GPU is fine); the head is always fp32.
@@ -335,8 +359,12 @@ def build_detector(source: str | os.PathLike, device: str | torch.device = "cpu"
     tower = load_clip_vision(clip_dir, dtype, device)
     if seed is not None:
         torch.manual_seed(seed)
-    det = RealFakeDetector(tower, preprocess_spec_for(clip_dir, tower.config.image_size),
-                           backbone_source=str(source), clip_dir=str(clip_dir))
+    det = RealFakeDetector(
+        tower,
+        preprocess_spec_for(clip_dir, tower.config.image_size),
+        backbone_source=str(source),
+        clip_dir=str(clip_dir),
+    )
     return det.to(device)
 
 
@@ -351,8 +379,13 @@ def read_detector_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  backbone: str | os.PathLike | None = None, check_backbone: bool = True) -> RealFakeDetector:
+def load_detector(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backbone: str | os.PathLike | None = None,
+    check_backbone: bool = True,
+) -> RealFakeDetector:
     """Load a detector saved by `RealFakeDetector.save`: reopen its CLIP, load the head.
 
     The CLIP dir is found relative to `path` first, then at its absolute path; `backbone` (a
@@ -373,14 +406,22 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu", d
             candidates.append(Path(info["clip_dir_absolute"]))
         clip_dir = next((c for c in candidates if is_clip_dir(c)), None)
         if clip_dir is None:
-            raise DetectorLoadError(f"{path}: its CLIP backbone is not found at {[str(c) for c in candidates]}; "
-                                    "pass backbone=<LEGION or CLIP dir>")
+            raise DetectorLoadError(
+                f"{path}: its CLIP backbone is not found at {[str(c) for c in candidates]}; "
+                "pass backbone=<LEGION or CLIP dir>"
+            )
     tower = load_clip_vision(clip_dir, dtype, device)
     if check_backbone and info.get("fingerprint") and backbone_fingerprint(tower) != info["fingerprint"]:
-        raise DetectorLoadError(f"{path}: backbone {clip_dir} is not the CLIP this head was trained on "
-                                f"(fingerprint {backbone_fingerprint(tower)} != {info['fingerprint']})")
-    det = RealFakeDetector(tower, PreprocessSpec.from_dict(meta["preprocess"]),
-                           feature_layer=int(meta["feature"]["hidden_states_index"]),
-                           backbone_source=info.get("source"), clip_dir=str(clip_dir))
+        raise DetectorLoadError(
+            f"{path}: backbone {clip_dir} is not the CLIP this head was trained on "
+            f"(fingerprint {backbone_fingerprint(tower)} != {info['fingerprint']})"
+        )
+    det = RealFakeDetector(
+        tower,
+        PreprocessSpec.from_dict(meta["preprocess"]),
+        feature_layer=int(meta["feature"]["hidden_states_index"]),
+        backbone_source=info.get("source"),
+        clip_dir=str(clip_dir),
+    )
     det.load_head_state_dict(load_file(str(head_file)))
     return det.to(device).eval()

@@ -31,28 +31,45 @@ def build_sam(sam_config: dict) -> Sam:
     grid = image_size // patch_size
     return Sam(
         image_encoder=ImageEncoderViT(
-            img_size=image_size, patch_size=patch_size, embed_dim=c["encoder_embed_dim"],
-            depth=c["encoder_depth"], num_heads=c["encoder_num_heads"], mlp_ratio=4,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=tuple(c["encoder_global_attn_indexes"]), window_size=c["window_size"],
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=c["encoder_embed_dim"],
+            depth=c["encoder_depth"],
+            num_heads=c["encoder_num_heads"],
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(c["encoder_global_attn_indexes"]),
+            window_size=c["window_size"],
             out_chans=embed,
         ),
         prompt_encoder=PromptEncoder(
-            embed_dim=embed, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size),
+            embed_dim=embed,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
             mask_in_chans=c["mask_in_chans"],
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=c["decoder_depth"], embedding_dim=embed,
-                                          mlp_dim=c["decoder_mlp_dim"], num_heads=c["decoder_num_heads"]),
-            transformer_dim=embed, iou_head_depth=3, iou_head_hidden_dim=c.get("iou_head_hidden_dim", embed),
+            transformer=TwoWayTransformer(
+                depth=c["decoder_depth"],
+                embedding_dim=embed,
+                mlp_dim=c["decoder_mlp_dim"],
+                num_heads=c["decoder_num_heads"],
+            ),
+            transformer_dim=embed,
+            iou_head_depth=3,
+            iou_head_hidden_dim=c.get("iou_head_hidden_dim", embed),
         ),
-        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
     )
 
 
 # Images per SAM encoder call. Batched calls are faster (tiny preset, batch 8: 0.43 s per training step
-# in chunks of 4, 0.54 s one image at a time); the cap bounds ViT-H's global-attention maps (16 heads x 4096^2 per image, ~0.5 GB bf16).
+# in chunks of 4, 0.54 s one image at a time); the cap bounds ViT-H's global-attention maps
+# (16 heads x 4096^2 per image, ~0.5 GB bf16).
 SAM_ENCODER_CHUNK = 4
 
 
@@ -67,8 +84,9 @@ def sam_image_embeddings(sam: Sam, pixel_values: torch.Tensor) -> torch.Tensor:
     """
     enc = sam.image_encoder
     if pixel_values.shape[-2:] != (enc.img_size, enc.img_size):
-        raise ValueError(f"SAM input must be padded to {enc.img_size}x{enc.img_size}, got "
-                         f"{tuple(pixel_values.shape[-2:])}")
+        raise ValueError(
+            f"SAM input must be padded to {enc.img_size}x{enc.img_size}, got {tuple(pixel_values.shape[-2:])}"
+        )
     dtype = enc.patch_embed.proj.weight.dtype
     trainable = torch.is_grad_enabled() and any(p.requires_grad for p in enc.parameters())
     with torch.set_grad_enabled(trainable):
@@ -103,27 +121,35 @@ def decode_masks(sam: Sam, image_embedding: torch.Tensor, seg_prompts: torch.Ten
     dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w).to(dtype)
     image_pe = dense_positional_encoding(sam.prompt_encoder).to(dtype)
     low_res, _iou = sam.mask_decoder(
-        image_embeddings=image_embedding.to(dtype), image_pe=image_pe, sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense, multimask_output=False,
+        image_embeddings=image_embedding.to(dtype),
+        image_pe=image_pe,
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
     )
     return low_res
 
 
-def postprocess_masks(low_res: torch.Tensor, encoder_size: int, resized_size: tuple[int, int],
-                      original_size: tuple[int, int]) -> torch.Tensor:
+def postprocess_masks(
+    low_res: torch.Tensor, encoder_size: int, resized_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
     """low_res [N, 1, h, w] -> logits [N, H, W] at the original image size (fp32).
 
     Upsample to the padded encoder input, crop the resized (un-padded) region, resize to (H, W).
     """
     masks = F.interpolate(low_res.float(), (encoder_size, encoder_size), mode="bilinear", align_corners=False)
     masks = masks[..., : int(resized_size[0]), : int(resized_size[1])]
-    masks = F.interpolate(masks, (int(original_size[0]), int(original_size[1])), mode="bilinear",
-                          align_corners=False)
+    masks = F.interpolate(masks, (int(original_size[0]), int(original_size[1])), mode="bilinear", align_corners=False)
     return masks[:, 0]
 
 
-def predict_masks(sam: Sam, image_embedding: torch.Tensor, seg_prompts: torch.Tensor,
-                  resized_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+def predict_masks(
+    sam: Sam,
+    image_embedding: torch.Tensor,
+    seg_prompts: torch.Tensor,
+    resized_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> torch.Tensor:
     """[SEG] prompts [N, C] of one image -> mask logits [N, H, W] at the original size (N may be 0)."""
     if seg_prompts.shape[0] == 0:
         return torch.zeros(0, int(original_size[0]), int(original_size[1]), device=image_embedding.device)

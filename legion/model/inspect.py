@@ -24,12 +24,24 @@ from torch import nn
 
 # Top-level modules in the order of docs/model.md §0.
 TOP_LEVEL_MODULES = (
-    "model.embed_tokens", "model.layers", "model.norm", "lm_head", "model.vision_tower", "model.mm_projector",
-    "model.region_encoder", "model.grounding_encoder.image_encoder", "model.grounding_encoder.prompt_encoder",
-    "model.grounding_encoder.mask_decoder", "model.text_hidden_fcs",
+    "model.embed_tokens",
+    "model.layers",
+    "model.norm",
+    "lm_head",
+    "model.vision_tower",
+    "model.mm_projector",
+    "model.region_encoder",
+    "model.grounding_encoder.image_encoder",
+    "model.grounding_encoder.prompt_encoder",
+    "model.grounding_encoder.mask_decoder",
+    "model.text_hidden_fcs",
 )
-DEFAULT_TRAINABLE_MODULES = ("model.embed_tokens", "lm_head", "model.grounding_encoder.mask_decoder",
-                             "model.text_hidden_fcs")
+DEFAULT_TRAINABLE_MODULES = (
+    "model.embed_tokens",
+    "lm_head",
+    "model.grounding_encoder.mask_decoder",
+    "model.text_hidden_fcs",
+)
 
 
 def build_meta_model(preset_or_dir: str):
@@ -114,13 +126,18 @@ def stored_key_lines(checkpoint_dir: str | Path) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="PRESET_OR_DIR",
-                        help="a preset (tiny, legion_7b) or a checkpoint directory with config.json")
-    parser.add_argument("--keys", action="store_true",
-                        help="print every state-dict key and shape, one per line: key<TAB>[d0, d1, ...]")
-    parser.add_argument("--stored", action="store_true",
-                        help="with --keys and a directory: list the tensors stored in its weight files "
-                             "(renamed to our key names) instead of those its config.json implies")
+    parser.add_argument(
+        "target", metavar="PRESET_OR_DIR", help="a preset (tiny, legion_7b) or a checkpoint directory with config.json"
+    )
+    parser.add_argument(
+        "--keys", action="store_true", help="print every state-dict key and shape, one per line: key<TAB>[d0, d1, ...]"
+    )
+    parser.add_argument(
+        "--stored",
+        action="store_true",
+        help="with --keys and a directory: list the tensors stored in its weight files "
+        "(renamed to our key names) instead of those its config.json implies",
+    )
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank for the trainable count (default 8)")
 
 
@@ -144,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(key_lines(model)))
         return 0
     cfg = model.config
-    print(f"{args.target}: LLaMA {cfg.num_hidden_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}; "
-          f"CLIP {cfg.vision_config['image_size']} px / patch {cfg.vision_config['patch_size']} "
-          f"({cfg.num_image_tokens} image tokens); SAM input {cfg.sam_config['image_size']} px")
+    print(
+        f"{args.target}: LLaMA {cfg.num_hidden_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}; "
+        f"CLIP {cfg.vision_config['image_size']} px / patch {cfg.vision_config['patch_size']} "
+        f"({cfg.num_image_tokens} image tokens); SAM input {cfg.sam_config['image_size']} px"
+    )
     print(format_table(parameter_table(model, args.lora_r)))
     return 0

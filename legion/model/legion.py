@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from segment_anything.modeling import Sam
 from torch import nn
 from torch.nn import functional as F
 from transformers import LlamaForCausalLM, LlamaModel
@@ -28,8 +29,6 @@ from transformers.utils import ModelOutput
 
 from legion.model.configuration import LegionConfig
 from legion.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from segment_anything.modeling import Sam
-
 from legion.model.grounding import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, predict_masks, sam_image_embeddings
 from legion.model.losses import causal_lm_loss, mask_losses
 from legion.model.region import RegionEncoder
@@ -101,9 +100,14 @@ class MultimodalInputs:
 
 
 # --- sequence construction --------------------------------------------------------------------
-def build_multimodal_inputs(text_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                            image_features: torch.Tensor, labels: torch.Tensor | None = None,
-                            padding_side: str = "right") -> MultimodalInputs:
+def build_multimodal_inputs(
+    text_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    padding_side: str = "right",
+) -> MultimodalInputs:
     """Replace each sample's IMAGE_TOKEN_INDEX by its image embeddings and re-pad the batch.
 
     text_embeds [B, L, D] (embeddings of input_ids, any vector where the id is -200);
@@ -132,11 +136,11 @@ def build_multimodal_inputs(text_embeds: torch.Tensor, input_ids: torch.Tensor, 
         if len(image_at) == 1:
             p = int(image_at[0])
             feats = image_features[b].to(emb.dtype)
-            emb = torch.cat([emb[:p], feats, emb[p + 1:]], 0)
+            emb = torch.cat([emb[:p], feats, emb[p + 1 :]], 0)
             expanded_index = torch.where(expanded_index > p, expanded_index + n_img - 1, expanded_index)
             if labels is not None:
                 lab = labels[b, keep]
-                lab = torch.cat([lab[:p], lab.new_full((n_img,), IGNORE_INDEX), lab[p + 1:]], 0)
+                lab = torch.cat([lab[:p], lab.new_full((n_img,), IGNORE_INDEX), lab[p + 1 :]], 0)
         else:
             # keeps the projector in the graph for samples without an image (reference behaviour)
             emb = emb + 0.0 * image_features[b].sum().to(emb.dtype)
@@ -156,10 +160,10 @@ def build_multimodal_inputs(text_embeds: torch.Tensor, input_ids: torch.Tensor, 
     for b, emb in enumerate(rows):
         n = emb.shape[0]
         start = 0 if padding_side == "right" else total - n
-        embeds[b, start:start + n] = emb
-        mask[b, start:start + n] = 1
+        embeds[b, start : start + n] = emb
+        mask[b, start : start + n] = 1
         if out_labels is not None:
-            out_labels[b, start:start + n] = row_labels[b]
+            out_labels[b, start : start + n] = row_labels[b]
         keep, expanded_index = row_maps[b]
         position_map[b, keep] = expanded_index + start
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
@@ -221,15 +225,22 @@ class LegionModel(LlamaModel):
 
     def __init__(self, config: LegionConfig):
         super().__init__(config)
-        self.vision_tower = CLIPVisionTower(config.vision_config, config.mm_vision_select_layer,
-                                            config.mm_vision_select_feature)
+        self.vision_tower = CLIPVisionTower(
+            config.vision_config, config.mm_vision_select_layer, config.mm_vision_select_feature
+        )
         self.mm_projector = build_mm_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
         self.region_encoder = RegionEncoder.from_config(config)
         self.grounding_encoder = build_sam(config.sam_config)
-        self.text_hidden_fcs = nn.ModuleList([nn.Sequential(
-            nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(inplace=True),
-            nn.Linear(config.hidden_size, config.out_dim), nn.Dropout(0.0),
-        )])
+        self.text_hidden_fcs = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Linear(config.hidden_size, config.hidden_size),
+                    nn.ReLU(inplace=True),
+                    nn.Linear(config.hidden_size, config.out_dim),
+                    nn.Dropout(0.0),
+                )
+            ]
+        )
         # SAM and the region encoder keep their own (PyTorch default) initialization, not LLaMA's N(0, 0.02).
         for module in [*self.grounding_encoder.modules(), *self.region_encoder.modules()]:
             module._legion_default_init = True
@@ -324,27 +335,46 @@ class LegionForCausalLM(LlamaForCausalLM):
     def sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.sam_image_embeddings(sam_pixel_values)
 
-    def prepare_multimodal_inputs(self, input_ids, attention_mask, clip_pixel_values, labels=None,
-                                  padding_side: str = "right") -> MultimodalInputs:
+    def prepare_multimodal_inputs(
+        self, input_ids, attention_mask, clip_pixel_values, labels=None, padding_side: str = "right"
+    ) -> MultimodalInputs:
         image_features = self.encode_images(clip_pixel_values)
         text_embeds = self.model.embed_tokens(input_ids.clamp(min=0))
         return build_multimodal_inputs(text_embeds, input_ids, attention_mask, image_features, labels, padding_side)
 
-    def _masks_for(self, seg_states: list[torch.Tensor], sam_pixel_values, sam_resized_sizes,
-                   original_sizes) -> list[torch.Tensor]:
+    def _masks_for(
+        self, seg_states: list[torch.Tensor], sam_pixel_values, sam_resized_sizes, original_sizes
+    ) -> list[torch.Tensor]:
         if all(len(s) == 0 for s in seg_states):  # nothing to decode: skip the SAM image encoder
             return [torch.zeros(0, int(h), int(w), device=sam_pixel_values.device) for h, w in original_sizes]
         image_embeddings = self.sam_image_embeddings(sam_pixel_values)
         masks = []
         for b, states in enumerate(seg_states):
             prompts = self.model.project_seg_states(states)
-            masks.append(predict_masks(self.model.grounding_encoder, image_embeddings[b:b + 1], prompts,
-                                       tuple(sam_resized_sizes[b]), tuple(original_sizes[b])))
+            masks.append(
+                predict_masks(
+                    self.model.grounding_encoder,
+                    image_embeddings[b : b + 1],
+                    prompts,
+                    tuple(sam_resized_sizes[b]),
+                    tuple(original_sizes[b]),
+                )
+            )
         return masks
 
     # --- training / teacher-forced forward -----------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, labels=None, clip_pixel_values=None,
-                sam_pixel_values=None, sam_resized_sizes=None, original_sizes=None, gt_masks=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        clip_pixel_values=None,
+        sam_pixel_values=None,
+        sam_resized_sizes=None,
+        original_sizes=None,
+        gt_masks=None,
+        **kwargs,
+    ):
         """Multimodal forward; without `clip_pixel_values` it is the plain LLaMA causal-LM forward.
 
         input_ids / attention_mask / labels [B, L] (one -200 per sample); clip_pixel_values
@@ -355,8 +385,12 @@ class LegionForCausalLM(LlamaForCausalLM):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
         mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, labels)
-        out = self.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
-                         position_ids=mm.position_ids, use_cache=False)
+        out = self.model(
+            inputs_embeds=mm.inputs_embeds,
+            attention_mask=mm.attention_mask,
+            position_ids=mm.position_ids,
+            use_cache=False,
+        )
         hidden = out.last_hidden_state  # final layer, after the RMSNorm
         logits = lm_logits(hidden, self.lm_head)
         positions = seg_state_positions(input_ids, mm.position_map, self.seg_token_idx)
@@ -377,8 +411,10 @@ class LegionForCausalLM(LlamaForCausalLM):
                 raise ValueError("gt_masks given without sam_pixel_values")
             for b, (pred, gt) in enumerate(zip(pred_masks, gt_masks)):
                 if pred.shape[0] != gt.shape[0]:
-                    raise ValueError(f"sample {b}: {pred.shape[0]} [SEG] tokens but {gt.shape[0]} ground-truth "
-                                     "masks (truncated sequence?)")
+                    raise ValueError(
+                        f"sample {b}: {pred.shape[0]} [SEG] tokens but {gt.shape[0]} ground-truth "
+                        "masks (truncated sequence?)"
+                    )
             bce, dice = mask_losses(pred_masks, gt_masks)
             bce, dice = self.bce_loss_weight * bce, self.dice_loss_weight * dice
 
@@ -388,16 +424,33 @@ class LegionForCausalLM(LlamaForCausalLM):
         if bce is not None:
             terms += [bce, dice]
         loss = sum(terms) if terms else None
-        return LegionOutput(loss=loss, ce_loss=ce, bce_loss=bce, dice_loss=dice,
-                            mask_loss=None if bce is None else bce + dice, logits=logits,
-                            pred_masks=pred_masks, seg_embeddings=seg_states)
+        return LegionOutput(
+            loss=loss,
+            ce_loss=ce,
+            bce_loss=bce,
+            dice_loss=dice,
+            mask_loss=None if bce is None else bce + dice,
+            logits=logits,
+            pred_masks=pred_masks,
+            seg_embeddings=seg_states,
+        )
 
     # --- generation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate_grounded(self, input_ids, attention_mask, clip_pixel_values, sam_pixel_values, sam_resized_sizes,
-                          original_sizes, max_new_tokens: int = 512, use_cache: bool = True,
-                          eos_token_id: int | None = None, tokenizer=None,
-                          decoding: str = "auto") -> list[GroundedGeneration]:
+    def generate_grounded(
+        self,
+        input_ids,
+        attention_mask,
+        clip_pixel_values,
+        sam_pixel_values,
+        sam_resized_sizes,
+        original_sizes,
+        max_new_tokens: int = 512,
+        use_cache: bool = True,
+        eos_token_id: int | None = None,
+        tokenizer=None,
+        decoding: str = "auto",
+    ) -> list[GroundedGeneration]:
         """Batched greedy decoding, then one mask per generated `[SEG]`.
 
         Prompts may be padded on either side (attention_mask says which tokens are real); they are
@@ -441,8 +494,9 @@ class LegionForCausalLM(LlamaForCausalLM):
             if decoding == "dynamic":
                 decoder = DynamicDecoder(self.model)
             else:
-                decoder = StaticDecoder(self.model, bsz, mm.attention_mask.shape[1] + max_new_tokens,
-                                        use_graph=decoding == "cuda_graph")
+                decoder = StaticDecoder(
+                    self.model, bsz, mm.attention_mask.shape[1] + max_new_tokens, use_graph=decoding == "cuda_graph"
+                )
             states = decoder.prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids)
             positions = mm.position_ids[:, -1:]
             for step in range(max_new_tokens):
@@ -453,11 +507,15 @@ class LegionForCausalLM(LlamaForCausalLM):
                 states = decoder.step(self.model.embed_tokens(next_tokens[:, None]), positions)
         else:
             prompts = [input_ids[b, attention_mask[b].bool()] for b in range(bsz)]
-            for step in range(max_new_tokens):
+            for _ in range(max_new_tokens):
                 ids, mask = _left_pad([torch.cat([p, p.new_tensor(t)]) for p, t in zip(prompts, tokens)])
                 mm = self.prepare_multimodal_inputs(ids, mask, clip_pixel_values, padding_side="left")
-                out = self.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
-                                 position_ids=mm.position_ids, use_cache=False)
+                out = self.model(
+                    inputs_embeds=mm.inputs_embeds,
+                    attention_mask=mm.attention_mask,
+                    position_ids=mm.position_ids,
+                    use_cache=False,
+                )
                 take(out.last_hidden_state[:, -1])
                 if all(finished):
                     break
@@ -465,11 +523,16 @@ class LegionForCausalLM(LlamaForCausalLM):
         hidden = self.config.hidden_size
         states = [torch.stack(s) if s else self.lm_head.weight.new_zeros(0, hidden) for s in seg_states]
         masks = self._masks_for(states, sam_pixel_values, sam_resized_sizes, original_sizes)
-        return [GroundedGeneration(
-            token_ids=tokens[b],
-            text=tokenizer.decode(tokens[b], skip_special_tokens=False) if tokenizer is not None else None,
-            seg_embeddings=states[b], mask_logits=masks[b], finished=finished[b],
-        ) for b in range(bsz)]
+        return [
+            GroundedGeneration(
+                token_ids=tokens[b],
+                text=tokenizer.decode(tokens[b], skip_special_tokens=False) if tokenizer is not None else None,
+                seg_embeddings=states[b],
+                mask_logits=masks[b],
+                finished=finished[b],
+            )
+            for b in range(bsz)
+        ]
 
 
 def _left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -478,6 +541,6 @@ def _left_pad(seqs: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, 
     ids = seqs[0].new_full((len(seqs), total), pad_id)
     mask = torch.zeros_like(ids)
     for b, s in enumerate(seqs):
-        ids[b, total - len(s):] = s
-        mask[b, total - len(s):] = 1
+        ids[b, total - len(s) :] = s
+        mask[b, total - len(s) :] = 1
     return ids, mask

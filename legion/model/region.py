@@ -62,8 +62,8 @@ class MultiLevelFuse(nn.Module):
     def _exchange(self, feats: list[torch.Tensor], conv: nn.Module) -> list[torch.Tensor]:
         out = []
         for lvl, own in enumerate(feats):
-            coarser = feats[min(lvl + 1, self.num_levels - 1)][:, self.keep + self.shuffle:]
-            finer = feats[max(lvl - 1, 0)][:, self.keep: self.keep + self.shuffle]
+            coarser = feats[min(lvl + 1, self.num_levels - 1)][:, self.keep + self.shuffle :]
+            finer = feats[max(lvl - 1, 0)][:, self.keep : self.keep + self.shuffle]
             size = own.shape[-2:]
             coarser = F.interpolate(coarser.float(), size=size, mode="bilinear", align_corners=True)
             finer = F.interpolate(finer.float(), size=size, mode="bilinear", align_corners=True)
@@ -81,8 +81,16 @@ class MultiLevelFuse(nn.Module):
 class MultiLevelRoIExtractor(nn.Module):
     """RoIAlign on every level, per-level conv, sum, flatten, + box position embedding, up-project."""
 
-    def __init__(self, channels: int, out_dim: int, strides: list[float], roi_output_size: int,
-                 sampling_ratio: int, pos_embed_dim: int, box_scale: float):
+    def __init__(
+        self,
+        channels: int,
+        out_dim: int,
+        strides: list[float],
+        roi_output_size: int,
+        sampling_ratio: int,
+        pos_embed_dim: int,
+        box_scale: float,
+    ):
         super().__init__()
         self.strides = list(strides)
         self.roi_output_size = roi_output_size
@@ -90,24 +98,35 @@ class MultiLevelRoIExtractor(nn.Module):
         self.box_scale = box_scale
         self.pconvs = nn.ModuleList([nn.Conv2d(channels, channels, 3, padding=1) for _ in strides])
         self.pos_embedd = nn.Sequential(
-            nn.Linear(4, pos_embed_dim), nn.ReLU(), nn.LayerNorm(pos_embed_dim),
-            nn.Linear(pos_embed_dim, channels), nn.ReLU(), nn.LayerNorm(channels),
+            nn.Linear(4, pos_embed_dim),
+            nn.ReLU(),
+            nn.LayerNorm(pos_embed_dim),
+            nn.Linear(pos_embed_dim, channels),
+            nn.ReLU(),
+            nn.LayerNorm(channels),
         )
         self.updims = nn.Linear(channels, out_dim)
-        self.flatten_linear = nn.Linear(channels * roi_output_size ** 2, channels)
+        self.flatten_linear = nn.Linear(channels * roi_output_size**2, channels)
 
     def forward(self, feats: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
         """feats: per level [B, C, H_l, W_l]; boxes: per image [K_i, 4] normalized xyxy in [0, 1]
         -> per image [K_i, out_dim]."""
         dtype = feats[0].dtype
         all_boxes = torch.cat(boxes, 0).to(dtype)
-        image_ids = torch.cat([torch.full((len(b),), i, device=all_boxes.device, dtype=torch.float32)
-                               for i, b in enumerate(boxes)])
+        image_ids = torch.cat(
+            [torch.full((len(b),), i, device=all_boxes.device, dtype=torch.float32) for i, b in enumerate(boxes)]
+        )
         rois = torch.cat([image_ids[:, None], all_boxes.float() * self.box_scale], 1)  # [K, 5] pixels
         pooled = 0
         for feat, stride, conv in zip(feats, self.strides, self.pconvs):
-            level = roi_align(feat.float(), rois, output_size=self.roi_output_size, spatial_scale=1.0 / stride,
-                              sampling_ratio=self.sampling_ratio, aligned=True)
+            level = roi_align(
+                feat.float(),
+                rois,
+                output_size=self.roi_output_size,
+                spatial_scale=1.0 / stride,
+                sampling_ratio=self.sampling_ratio,
+                aligned=True,
+            )
             pooled = pooled + conv(level.to(dtype))
         queries = self.flatten_linear(F.relu(pooled).flatten(1)) + self.pos_embedd(all_boxes)
         queries = self.updims(queries)
@@ -123,10 +142,21 @@ class RegionEncoder(nn.Module):
         patch_size: CLIP patch size; level strides are patch_size / factor (GLaMM: 1.75 ... 14).
     """
 
-    def __init__(self, channels: int, out_dim: int, patch_size: int, num_levels: int = 4,
-                 feature_layers=(14, 17, 20, 23), upsample_factors=(8, 4, 2, 1), roi_output_size: int = 14,
-                 sampling_ratio: int = 2, fuse_rounds: int = 5, gn_groups: int = 64, pos_embed_dim: int = 256,
-                 box_scale: float = 224.0):
+    def __init__(
+        self,
+        channels: int,
+        out_dim: int,
+        patch_size: int,
+        num_levels: int = 4,
+        feature_layers=(14, 17, 20, 23),
+        upsample_factors=(8, 4, 2, 1),
+        roi_output_size: int = 14,
+        sampling_ratio: int = 2,
+        fuse_rounds: int = 5,
+        gn_groups: int = 64,
+        pos_embed_dim: int = 256,
+        box_scale: float = 224.0,
+    ):
         super().__init__()
         if not (len(feature_layers) == len(upsample_factors) == num_levels):
             raise ValueError("feature_layers and upsample_factors need one entry per level")
@@ -134,14 +164,24 @@ class RegionEncoder(nn.Module):
         self.upsample_factors = list(upsample_factors)
         self.mlvl_fuse = MultiLevelFuse(channels, num_levels, fuse_rounds, gn_groups)
         self.roi_align = MultiLevelRoIExtractor(
-            channels, out_dim, [patch_size / f for f in upsample_factors], roi_output_size, sampling_ratio,
-            pos_embed_dim, box_scale)
+            channels,
+            out_dim,
+            [patch_size / f for f in upsample_factors],
+            roi_output_size,
+            sampling_ratio,
+            pos_embed_dim,
+            box_scale,
+        )
 
     @classmethod
-    def from_config(cls, config) -> "RegionEncoder":
+    def from_config(cls, config) -> RegionEncoder:
         rc = dict(config.region_encoder_config)
-        return cls(channels=config.mm_hidden_size, out_dim=config.hidden_size,
-                   patch_size=config.vision_config["patch_size"], **rc)
+        return cls(
+            channels=config.mm_hidden_size,
+            out_dim=config.hidden_size,
+            patch_size=config.vision_config["patch_size"],
+            **rc,
+        )
 
     def forward(self, clip_hidden_states: tuple[torch.Tensor, ...], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
         """clip_hidden_states: all CLIP hidden states, each [B, 1 + g*g, C] (CLS first);
@@ -150,7 +190,7 @@ class RegionEncoder(nn.Module):
         for layer, factor in zip(self.feature_layers, self.upsample_factors):
             h = clip_hidden_states[layer][:, 1:]
             b, n, c = h.shape
-            g = int(round(n ** 0.5))
+            g = int(round(n**0.5))
             grid = h.transpose(1, 2).reshape(b, c, g, g)
             up = F.interpolate(grid.float(), size=(g * factor, g * factor), mode="bilinear", align_corners=True)
             feats.append(up.to(h.dtype))

@@ -30,13 +30,19 @@ class DynamicDecoder:
         self.mask: torch.Tensor | None = None
 
     def _forward(self, inputs_embeds, position_ids) -> torch.Tensor:
-        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=self.mask, position_ids=position_ids,
-                           cache=self.cache, use_cache=True)
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=self.mask,
+            position_ids=position_ids,
+            cache=self.cache,
+            use_cache=True,
+        )
         return out.last_hidden_state[:, -1]
 
     @torch.no_grad()
-    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Run the prompt [B, P, D] (left-padded: attention_mask [B, P]) -> final-layer last states [B, D]."""
         self.mask = attention_mask
         return self._forward(inputs_embeds, position_ids)
@@ -71,13 +77,19 @@ class StaticDecoder:
         self.steps = 0
 
     def _forward(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
-        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           cache=self.cache, use_cache=True)
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=self.cache,
+            use_cache=True,
+        )
         return out.last_hidden_state[:, -1]
 
     @torch.no_grad()
-    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Run the prompt [B, P, D] (left-padded: attention_mask [B, P]) -> final-layer last states [B, D]."""
         batch, length = attention_mask.shape
         if length >= self.max_length:

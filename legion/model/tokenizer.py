@@ -68,9 +68,16 @@ class LegionTokenizer:
     unk_token, bos_token, eos_token = UNK, BOS, EOS
     padding_side = "right"
 
-    def __init__(self, model_proto: bytes, added_tokens: dict[str, int] | None = None, *,
-                 add_bos_token: bool = True, clean_up_tokenization_spaces: bool = True,
-                 model_max_length: int = TINY_MODEL_MAX_LENGTH, name_or_path: str = ""):
+    def __init__(
+        self,
+        model_proto: bytes,
+        added_tokens: dict[str, int] | None = None,
+        *,
+        add_bos_token: bool = True,
+        clean_up_tokenization_spaces: bool = True,
+        model_max_length: int = TINY_MODEL_MAX_LENGTH,
+        name_or_path: str = "",
+    ):
         self.model_proto = bytes(model_proto)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         self.add_bos_token = add_bos_token
@@ -84,8 +91,10 @@ class LegionTokenizer:
         self._split_re: re.Pattern | None = None
         for token, index in sorted((added_tokens or {}).items(), key=lambda kv: kv[1]):
             if index != len(self):  # 4.28 required the same: added ids continue the vocabulary
-                raise ValueError(f"added token {token!r} has id {index}, expected {len(self)} (ids must continue "
-                                 f"the {self.sp.get_piece_size()}-piece SentencePiece vocabulary without gaps)")
+                raise ValueError(
+                    f"added token {token!r} has id {index}, expected {len(self)} (ids must continue "
+                    f"the {self.sp.get_piece_size()}-piece SentencePiece vocabulary without gaps)"
+                )
             self._add(token)
         self._rebuild_split_pattern()
 
@@ -160,8 +169,9 @@ class LegionTokenizer:
         return Encoding(self.encode(text, add_special_tokens))
 
     # --- decoding (4.28's `_decode` + LLaMA's `convert_tokens_to_string`) ------------------------
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False,
-               clean_up_tokenization_spaces: bool | None = None) -> str:
+    def decode(
+        self, ids: Iterable[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None
+    ) -> str:
         """Text of `ids`: the runs between added tokens are decoded by SentencePiece, and the pieces
         are joined with one space (4.28's `spaces_between_special_tokens`)."""
         ids = [int(i) for i in ids]
@@ -210,14 +220,26 @@ class LegionTokenizer:
         contents = {
             "tokenizer.model": self.model_proto,
             "added_tokens.json": json.dumps(self.added_tokens_encoder, indent=2) + "\n",
-            "special_tokens_map.json": json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": UNK,
-                                                   "pad_token": UNK}, indent=2) + "\n",
-            "tokenizer_config.json": json.dumps({
-                "tokenizer_class": "LlamaTokenizer", "add_bos_token": self.add_bos_token, "add_eos_token": False,
-                "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": UNK,
-                "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
-                "model_max_length": self.model_max_length, "padding_side": "right",
-            }, indent=2) + "\n",
+            "special_tokens_map.json": json.dumps(
+                {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": UNK}, indent=2
+            )
+            + "\n",
+            "tokenizer_config.json": json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "add_bos_token": self.add_bos_token,
+                    "add_eos_token": False,
+                    "bos_token": BOS,
+                    "eos_token": EOS,
+                    "unk_token": UNK,
+                    "pad_token": UNK,
+                    "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+                    "model_max_length": self.model_max_length,
+                    "padding_side": "right",
+                },
+                indent=2,
+            )
+            + "\n",
         }
         written = []
         for name, data in contents.items():
@@ -230,27 +252,43 @@ class LegionTokenizer:
         return written
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "LegionTokenizer":
+    def from_pretrained(cls, path: str | os.PathLike) -> LegionTokenizer:
         path = Path(path)
         config = _read_json(path / "tokenizer_config.json")
         added = _read_json(path / "added_tokens.json")
         max_length = config.get("model_max_length")
-        return cls((path / "tokenizer.model").read_bytes(), added,
-                   add_bos_token=config.get("add_bos_token", True) is not False,
-                   clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", True)),
-                   model_max_length=int(max_length) if isinstance(max_length, int) and max_length < 10**9
-                   else TINY_MODEL_MAX_LENGTH,
-                   name_or_path=str(path))
+        return cls(
+            (path / "tokenizer.model").read_bytes(),
+            added,
+            add_bos_token=config.get("add_bos_token", True) is not False,
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", True)),
+            model_max_length=int(max_length)
+            if isinstance(max_length, int) and max_length < 10**9
+            else TINY_MODEL_MAX_LENGTH,
+            name_or_path=str(path),
+        )
 
     def __repr__(self) -> str:
-        return (f"LegionTokenizer(pieces={self.sp.get_piece_size()}, added={len(self.added_tokens_encoder)}, "
-                f"name_or_path={self.name_or_path!r})")
+        return (
+            f"LegionTokenizer(pieces={self.sp.get_piece_size()}, added={len(self.added_tokens_encoder)}, "
+            f"name_or_path={self.name_or_path!r})"
+        )
 
 
 def clean_up_tokenization(text: str) -> str:
     """transformers 4.28's `clean_up_tokenization` (spaces before punctuation and English contractions)."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 
@@ -303,11 +341,26 @@ def train_sentencepiece(corpus: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE
     kept, `<unk>`/`<s>`/`</s>` = 0/1/2), trained in-process. Deterministic for a given corpus."""
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(corpus), model_writer=buffer, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        character_coverage=1.0, max_sentencepiece_length=16, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, num_threads=1, shuffle_input_sentence=False, minloglevel=2,
+        sentence_iterator=_training_lines(corpus),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        max_sentencepiece_length=16,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
     )
     return buffer.getvalue()
 
@@ -348,9 +401,12 @@ def load_tokenizer(path: str | os.PathLike):
 def _load_legacy_tokenizers_json(path: Path):
     from transformers import LlamaTokenizer
 
-    log.warning("%s has only tokenizer.json: a tokenizer written before LEGION's reference tokenization was "
-                "adopted. It is loaded with the whitespace rule it was trained with, which differs from the "
-                "released weights' (docs/tokenization.md); re-create it (`legion make-tiny`) for new runs.", path)
+    log.warning(
+        "%s has only tokenizer.json: a tokenizer written before LEGION's reference tokenization was "
+        "adopted. It is loaded with the whitespace rule it was trained with, which differs from the "
+        "released weights' (docs/tokenization.md); re-create it (`legion make-tiny`) for new runs.",
+        path,
+    )
     tokenizer = LlamaTokenizer.from_pretrained(str(path), local_files_only=True)
     tokenizer.padding_side = "right"
     if tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] != [tokenizer.bos_token_id]:

@@ -46,15 +46,16 @@ class CLIPVisionTower(nn.Module):
         want, got = self.vision_tower.config, model.config
         for field in ("image_size", "patch_size", "hidden_size", "num_hidden_layers"):
             if getattr(want, field) != getattr(got, field):
-                raise ValueError(f"CLIP tower {field} is {getattr(got, field)}, the LEGION config expects "
-                                 f"{getattr(want, field)}")
+                raise ValueError(
+                    f"CLIP tower {field} is {getattr(got, field)}, the LEGION config expects {getattr(want, field)}"
+                )
         model.requires_grad_(False)
         model.eval()
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         self.vision_tower = model
 
-    def train(self, mode: bool = True) -> "CLIPVisionTower":
+    def train(self, mode: bool = True) -> CLIPVisionTower:
         # Frozen feature extractor: stays in eval mode (no dropout, no activation checkpointing).
         return super().train(False)
 

@@ -124,7 +124,8 @@ class CheckpointManager:
         if not tag or not (self.ckpt_dir / tag).is_dir():
             raise FileNotFoundError(
                 f"{pointer} names checkpoint '{tag}', but {self.ckpt_dir / tag} does not exist; "
-                "delete the `latest` file or point it at an existing global_step* directory")
+                "delete the `latest` file or point it at an existing global_step* directory"
+            )
         return tag
 
     def complete_tags(self) -> list[str]:
@@ -159,9 +160,13 @@ class CheckpointManager:
                 if (self.ckpt_dir / partial_tag).exists():
                     shutil.rmtree(self.ckpt_dir / partial_tag)
             _barrier()
-            engine.save_checkpoint(str(self.ckpt_dir), tag=partial_tag,
-                                   client_state={"trainer_state": trainer_state}, save_latest=False,
-                                   exclude_frozen_parameters=self.exclude_frozen_parameters)
+            engine.save_checkpoint(
+                str(self.ckpt_dir),
+                tag=partial_tag,
+                client_state={"trainer_state": trainer_state},
+                save_latest=False,
+                exclude_frozen_parameters=self.exclude_frozen_parameters,
+            )
             partial_dir = self.ckpt_dir / partial_tag
             torch.save(capture_rng_state(), partial_dir / f"rng_state_rank{rank}.pt")
             if rank == 0:
@@ -198,7 +203,7 @@ class CheckpointManager:
 
     def _prune(self, keep: str) -> None:
         tags = self.complete_tags()
-        for tag in tags[:-self.keep_last]:
+        for tag in tags[: -self.keep_last]:
             if tag != keep:
                 shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)
 

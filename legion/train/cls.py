@@ -33,9 +33,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
-from legion.utils.devices import resolve_device, resolve_dtype
 from legion.data.detection import DetectionItem, is_fake_to_reference_index, list_detection_images, summarize
+from legion.utils.devices import resolve_device, resolve_dtype
 
 # --- config ------------------------------------------------------------------------------------
 
@@ -65,10 +65,16 @@ class ClsDataConfig:
 class ClsModelConfig:
     backbone: str = field(default="", metadata={"help": "merged LEGION checkpoint dir or a CLIP dir"})
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP dir overriding config.mm_vision_tower"})
-    dtype: str = field(default="auto", metadata={"help": "CLIP dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"})
-    head_dtype: str = field(default="bfloat16", metadata={
-        "help": "dtype of the trainable head while it trains: bfloat16 = the reference (its model, head included, "
-                "was loaded in bf16 and trained under the HF Trainer's bf16); float32. Saved as fp32 either way"})
+    dtype: str = field(
+        default="auto", metadata={"help": "CLIP dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"}
+    )
+    head_dtype: str = field(
+        default="bfloat16",
+        metadata={
+            "help": "dtype of the trainable head while it trains: bfloat16 = the reference (its model, head included, "
+            "was loaded in bf16 and trained under the HF Trainer's bf16); float32. Saved as fp32 either way"
+        },
+    )
 
 
 @dataclass
@@ -84,19 +90,21 @@ class ClsOptimConfig:
 class TrainClsConfig:
     output_dir: str = "runs/cls"
     epochs: int = 3
-    batch_size: int = field(default=64, metadata={"help": "head-training batch (global: one process). The reference: 64 per GPU"})
+    batch_size: int = field(
+        default=64, metadata={"help": "head-training batch (global: one process). The reference: 64 per GPU"}
+    )
     extract_batch_size: int = field(default=64, metadata={"help": "images per CLIP forward in the feature pass"})
     num_workers: int = field(default=4, metadata={"help": "image decoding workers of the feature pass"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    feature_cache_dir: str | None = field(default=None, metadata={"help": "persist CLS features here (reused across runs)"})
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "persist CLS features here (reused across runs)"}
+    )
     log_every: int = 20
     skip_unreadable: bool = field(default=True, metadata={"help": "skip (and count) images that fail to decode"})
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
     model: ClsModelConfig = field(default_factory=ClsModelConfig)
     optim: ClsOptimConfig = field(default_factory=ClsOptimConfig)
-
-
 
 
 # --- feature cache --------------------------------------------------------------------------
@@ -170,8 +178,12 @@ class FeatureCache:
 class _ImageDataset(Dataset):
     """Items -> (index, pixels [3, S, S]) or (index, None, reason) for unreadable images."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Callable[[np.ndarray], torch.Tensor],
-                 image_transform: Callable[[np.ndarray], np.ndarray] | None = None):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        preprocess: Callable[[np.ndarray], torch.Tensor],
+        image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    ):
         self.paths, self.preprocess, self.image_transform = list(paths), preprocess, image_transform
 
     def __len__(self) -> int:
@@ -199,16 +211,23 @@ def _collate(batch):
 
 @dataclass
 class FeatureSet:
-    features: torch.Tensor        # float32 [N_ok, d], rows of the readable items, in item order
-    items: list[DetectionItem]    # the readable items, aligned with `features`
+    features: torch.Tensor  # float32 [N_ok, d], rows of the readable items, in item order
+    items: list[DetectionItem]  # the readable items, aligned with `features`
     unreadable: list[tuple[str, str]]  # (path, reason)
-    computed: int                 # how many came from CLIP (the rest from the cache)
+    computed: int  # how many came from CLIP (the rest from the cache)
 
 
-def extract_features(detector, items: Sequence[DetectionItem], cache: FeatureCache | None = None,
-                     batch_size: int = 64, num_workers: int = 0, desc: str = "features",
-                     image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                     transform_signature: str = "", progress: bool = True) -> FeatureSet:
+def extract_features(
+    detector,
+    items: Sequence[DetectionItem],
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    desc: str = "features",
+    image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    transform_signature: str = "",
+    progress: bool = True,
+) -> FeatureSet:
     """CLS features of `items` through the detector's frozen CLIP, reusing `cache` where it can.
 
     The cache key covers the image file (path, mtime, size), the preprocessing, any image
@@ -217,9 +236,15 @@ def extract_features(detector, items: Sequence[DetectionItem], cache: FeatureCac
     """
     from legion.model.detector import backbone_fingerprint
 
-    signature = "|".join([detector.preprocess_spec.signature(), f"transform={transform_signature}",
-                          f"backbone={backbone_fingerprint(detector.vision_tower)}",
-                          f"layer={detector.feature_layer}", "token=cls"])
+    signature = "|".join(
+        [
+            detector.preprocess_spec.signature(),
+            f"transform={transform_signature}",
+            f"backbone={backbone_fingerprint(detector.vision_tower)}",
+            f"layer={detector.feature_layer}",
+            "token=cls",
+        ]
+    )
     feats: list[torch.Tensor | None] = [None] * len(items)
     keys: list[str | None] = [None] * len(items)
     unreadable: dict[int, str] = {}
@@ -237,8 +262,14 @@ def extract_features(detector, items: Sequence[DetectionItem], cache: FeatureCac
             todo.append(i)
     if todo:
         dataset = _ImageDataset([items[i].path for i in todo], detector.preprocess, image_transform)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=_collate, persistent_workers=False)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
         bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)
         for local_idx, pixels, bad in bar:
             for j, reason in bad:
@@ -256,15 +287,20 @@ def extract_features(detector, items: Sequence[DetectionItem], cache: FeatureCac
     ok = [i for i in range(len(items)) if feats[i] is not None]
     d = detector.hidden_size
     stacked = torch.stack([feats[i] for i in ok]) if ok else torch.zeros(0, d)
-    return FeatureSet(stacked, [items[i] for i in ok], [(items[i].path, r) for i, r in sorted(unreadable.items())],
-                      computed=len(todo) - sum(1 for i in todo if i in unreadable))
+    return FeatureSet(
+        stacked,
+        [items[i] for i in ok],
+        [(items[i].path, r) for i, r in sorted(unreadable.items())],
+        computed=len(todo) - sum(1 for i in todo if i in unreadable),
+    )
 
 
 # --- data splits ------------------------------------------------------------------------------
 
 
-def stratified_split(items: Sequence[DetectionItem], fraction: float, seed: int
-                     ) -> tuple[list[DetectionItem], list[DetectionItem]]:
+def stratified_split(
+    items: Sequence[DetectionItem], fraction: float, seed: int
+) -> tuple[list[DetectionItem], list[DetectionItem]]:
     """(train, val): `fraction` of each (subset, is_fake) group, at least one item per non-tiny group."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1) when data.val is empty, got {fraction}")
@@ -308,8 +344,8 @@ def evaluate_head(detector, features: torch.Tensor, targets: torch.Tensor, batch
     detector.eval()
     correct, loss_sum = 0, 0.0
     for start in range(0, features.shape[0], batch_size):
-        logits = detector.head_logits(features[start:start + batch_size]).float()
-        y = targets[start:start + batch_size].to(logits.device)
+        logits = detector.head_logits(features[start : start + batch_size]).float()
+        y = targets[start : start + batch_size].to(logits.device)
         loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
     detector.train(was_training)
@@ -317,9 +353,16 @@ def evaluate_head(detector, features: torch.Tensor, targets: torch.Tensor, batch
     return {"accuracy": correct / n, "loss": loss_sum / n, "n": int(features.shape[0])}
 
 
-def train_head(detector, train_x: torch.Tensor, train_y: torch.Tensor, cfg: TrainClsConfig,
-               val_x: torch.Tensor | None = None, val_y: torch.Tensor | None = None, logger=None,
-               on_best: Callable[[int, dict], None] | None = None) -> dict:
+def train_head(
+    detector,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    cfg: TrainClsConfig,
+    val_x: torch.Tensor | None = None,
+    val_y: torch.Tensor | None = None,
+    logger=None,
+    on_best: Callable[[int, dict], None] | None = None,
+) -> dict:
     """AdamW + schedule over cached features; keeps (restores) the head of the best val-accuracy epoch.
 
     Returns {"best_epoch", "best_val_accuracy", "history": [per-epoch dict]}.
@@ -328,8 +371,9 @@ def train_head(detector, train_x: torch.Tensor, train_y: torch.Tensor, cfg: Trai
     gen = torch.Generator().manual_seed(cfg.seed)
     train_x, train_y = train_x.to(device), train_y.to(device)
     head = detector.prediction_head
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        head.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
     steps_per_epoch = math.ceil(train_x.shape[0] / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     scheduler = make_scheduler(optimizer, cfg.optim.scheduler, cfg.optim.warmup_steps, total)
@@ -341,7 +385,7 @@ def train_head(detector, train_x: torch.Tensor, train_y: torch.Tensor, cfg: Trai
         order = torch.randperm(train_x.shape[0], generator=gen).to(device)
         loss_sum, correct, seen, t0 = 0.0, 0, 0, time.time()
         for start in range(0, train_x.shape[0], cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+            idx = order[start : start + cfg.batch_size]
             logits = detector.head_logits(train_x[idx]).float()
             loss = torch.nn.functional.cross_entropy(logits, train_y[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -354,8 +398,12 @@ def train_head(detector, train_x: torch.Tensor, train_y: torch.Tensor, cfg: Trai
             seen += idx.numel()
             if logger is not None and (step % max(1, cfg.log_every) == 0 or step == total):
                 logger.train_step(step, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "epoch": epoch})
-        record = {"epoch": epoch, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
-                  "seconds": round(time.time() - t0, 3)}
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(1, seen),
+            "train_accuracy": correct / max(1, seen),
+            "seconds": round(time.time() - t0, 3),
+        }
         if val_x is not None and val_x.shape[0] > 0:
             val = evaluate_head(detector, val_x, val_y)
             record.update(val_accuracy=val["accuracy"], val_loss=val["loss"])
@@ -367,15 +415,22 @@ def train_head(detector, train_x: torch.Tensor, train_y: torch.Tensor, cfg: Trai
             logger.event("epoch", step, record)
             logger.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if score > best["accuracy"]:  # strictly better: ties keep the earlier epoch, as HF Trainer does
-            best = {"epoch": epoch, "accuracy": score,
-                    "state": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+            best = {
+                "epoch": epoch,
+                "accuracy": score,
+                "state": {k: v.detach().clone() for k, v in head.state_dict().items()},
+            }
             if on_best is not None:
                 on_best(epoch, record)
     head.load_state_dict(best["state"])
     detector.eval()
     has_val = val_x is not None and val_x.shape[0] > 0
-    return {"best_epoch": best["epoch"], "best_val_accuracy": best["accuracy"] if has_val else None,
-            "history": history, "steps": step}
+    return {
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["accuracy"] if has_val else None,
+        "history": history,
+        "steps": step,
+    }
 
 
 # --- recipe -----------------------------------------------------------------------------------
@@ -410,24 +465,43 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
     train_items, val_items = _load_items(cfg)
     if cfg.model.head_dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"model.head_dtype: bfloat16 or float32, got {cfg.model.head_dtype!r}")
-    detector = build_detector(cfg.model.backbone, device=device, dtype=resolve_dtype(cfg.model.dtype, device, "model.dtype"),
-                              vision_tower=cfg.model.vision_tower, seed=cfg.seed)
+    detector = build_detector(
+        cfg.model.backbone,
+        device=device,
+        dtype=resolve_dtype(cfg.model.dtype, device, "model.dtype"),
+        vision_tower=cfg.model.vision_tower,
+        seed=cfg.seed,
+    )
     detector.prediction_head.to(getattr(torch, cfg.model.head_dtype))
     cache = FeatureCache(cfg.feature_cache_dir)
-    logger = TrainLogger(out, total_steps=cfg.epochs * math.ceil(max(1, len(train_items)) / cfg.batch_size),
-                         progress=progress, config=to_dict(cfg))
+    logger = TrainLogger(
+        out,
+        total_steps=cfg.epochs * math.ceil(max(1, len(train_items)) / cfg.batch_size),
+        progress=progress,
+        config=to_dict(cfg),
+    )
     logger.event("data", 0, {"train": summarize(train_items), "val": summarize(val_items)})
 
     def features(items, desc):
-        fs = extract_features(detector, items, cache, cfg.extract_batch_size, cfg.num_workers, desc=desc,
-                              progress=progress)
+        fs = extract_features(
+            detector, items, cache, cfg.extract_batch_size, cfg.num_workers, desc=desc, progress=progress
+        )
         if fs.unreadable:
             msg = f"{desc}: {len(fs.unreadable)} unreadable images, e.g. {fs.unreadable[0]}"
             if not cfg.skip_unreadable:
                 raise RuntimeError(msg + " (set skip_unreadable=true to skip them)")
             logger.print("warning: " + msg + " (skipped)")
-        logger.event("features", 0, {"split": desc, "n": len(fs.items), "computed": fs.computed,
-                                     "from_cache": len(fs.items) - fs.computed, "unreadable": len(fs.unreadable)})
+        logger.event(
+            "features",
+            0,
+            {
+                "split": desc,
+                "n": len(fs.items),
+                "computed": fs.computed,
+                "from_cache": len(fs.items) - fs.computed,
+                "unreadable": len(fs.unreadable),
+            },
+        )
         return fs
 
     t0 = time.time()
@@ -440,14 +514,27 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
     def save_best(epoch: int, record: dict) -> None:
         detector.save(out, extra={"epoch": epoch, **{k: v for k, v in record.items() if k != "seconds"}})
 
-    result = train_head(detector, train_fs.features, reference_targets(train_fs.items), cfg,
-                        val_fs.features if val_fs else None, reference_targets(val_fs.items) if val_fs else None,
-                        logger=logger, on_best=save_best)
-    summary = {"best_epoch": result["best_epoch"], "best_val_accuracy": result["best_val_accuracy"],
-               "history": result["history"], "steps": result["steps"],
-               "n_train": len(train_fs.items), "n_val": len(val_fs.items) if val_fs else 0,
-               "unreadable": len(train_fs.unreadable) + (len(val_fs.unreadable) if val_fs else 0),
-               "feature_seconds": round(feature_seconds, 3), "detector_dir": str(out)}
+    result = train_head(
+        detector,
+        train_fs.features,
+        reference_targets(train_fs.items),
+        cfg,
+        val_fs.features if val_fs else None,
+        reference_targets(val_fs.items) if val_fs else None,
+        logger=logger,
+        on_best=save_best,
+    )
+    summary = {
+        "best_epoch": result["best_epoch"],
+        "best_val_accuracy": result["best_val_accuracy"],
+        "history": result["history"],
+        "steps": result["steps"],
+        "n_train": len(train_fs.items),
+        "n_val": len(val_fs.items) if val_fs else 0,
+        "unreadable": len(train_fs.unreadable) + (len(val_fs.unreadable) if val_fs else 0),
+        "feature_seconds": round(feature_seconds, 3),
+        "detector_dir": str(out),
+    }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.event("done", result["steps"], {k: v for k, v in summary.items() if k != "history"})
     logger.close()
@@ -458,8 +545,12 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, TrainClsConfig, "YAML config (e.g. configs/legion_7b/train_cls.yaml)",
-                         "data.train=data/cnndetection/progan_train epochs=1")
+    add_config_arguments(
+        parser,
+        TrainClsConfig,
+        "YAML config (e.g. configs/legion_7b/train_cls.yaml)",
+        "data.train=data/cnndetection/progan_train epochs=1",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs still go to log.jsonl)")
 
 
@@ -474,6 +565,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"legion cls-train: error: {exc}")
         return 2
     best = summary["best_val_accuracy"]
-    print(f"best epoch {summary['best_epoch']}" + (f", val accuracy {best:.4f}" if best is not None else "")
-          + f"; detector saved to {summary['detector_dir']}")
+    print(
+        f"best epoch {summary['best_epoch']}"
+        + (f", val accuracy {best:.4f}" if best is not None else "")
+        + f"; detector saved to {summary['detector_dir']}"
+    )
     return 0

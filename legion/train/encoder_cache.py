@@ -26,8 +26,8 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file

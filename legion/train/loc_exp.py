@@ -22,17 +22,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import socket
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -45,14 +44,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --------------------------------------------------------------------------------------- schema
 @dataclass
 class ModelSection:
-    path: Optional[str] = field(default=None, metadata={"help": "checkpoint dir (GLaMM-GranD-Pretrained or legion make-tiny)"})
-    vision_tower: Optional[str] = field(default=None, metadata={"help": "local CLIP dir (default: from config.json)"})
-    sam_checkpoint: Optional[str] = field(default=None, metadata={"help": "SAM weights for keys the checkpoint lacks"})
+    path: str | None = field(
+        default=None, metadata={"help": "checkpoint dir (GLaMM-GranD-Pretrained or legion make-tiny)"}
+    )
+    vision_tower: str | None = field(default=None, metadata={"help": "local CLIP dir (default: from config.json)"})
+    sam_checkpoint: str | None = field(default=None, metadata={"help": "SAM weights for keys the checkpoint lacks"})
     precision: str = field(default="bf16", metadata={"help": "bf16 | fp32 (model dtype and DeepSpeed bf16)"})
     gradient_checkpointing: bool = True
-    compile_layers: bool = field(default=False, metadata={
-        "help": "torch.compile each LLM decoder layer (fuses its norm, rotary, SiLU and LoRA element-wise ops); "
-                "the first steps are slower while it compiles"})
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each LLM decoder layer (fuses its norm, rotary, SiLU and LoRA element-wise ops); "
+            "the first steps are slower while it compiles"
+        },
+    )
 
 
 @dataclass
@@ -77,13 +82,19 @@ class LossSection:
 
 @dataclass
 class DataSection:
-    root: Optional[str] = field(default=None, metadata={"help": "SynthScars-layout root (train/images, train/annotations)"})
+    root: str | None = field(
+        default=None, metadata={"help": "SynthScars-layout root (train/images, train/annotations)"}
+    )
     split: str = "train"
-    annotation_path: Optional[str] = None
+    annotation_path: str | None = None
     sam_input_size: int = 512
-    max_length: int = field(default=961, metadata={
-        "help": "text tokens kept per sample before the image expands into its CLIP tokens: the reference's "
-                "1536 - 575 = 961 (a sample that would lose a [SEG] is skipped and counted)"})
+    max_length: int = field(
+        default=961,
+        metadata={
+            "help": "text tokens kept per sample before the image expands into its CLIP tokens: the reference's "
+            "1536 - 575 = 961 (a sample that would lose a [SEG] is skipped and counted)"
+        },
+    )
     num_workers: int = 2
     val_size: int = field(default=200, metadata={"help": "records held out from train for validation (0 = none)"})
 
@@ -97,20 +108,28 @@ class OptimSection:
     grad_clip: float = 1.0
     warmup_steps: int = 100
     warmup_min_lr: float = 0.0
-    module_lr: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "peak learning rate for the parameters whose name contains a key (the first key that matches, "
-                "in order), e.g. {grounding_encoder.image_encoder: 1.0e-3}; the others use lr"})
-    fused: bool = field(default=True, metadata={"help": "torch's fused AdamW kernel (CPU and CUDA): the same "
-                                                         "update in one kernel instead of one per tensor"})
+    module_lr: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "peak learning rate for the parameters whose name contains a key (the first key that matches, "
+            "in order), e.g. {grounding_encoder.image_encoder: 1.0e-3}; the others use lr"
+        },
+    )
+    fused: bool = field(
+        default=True,
+        metadata={
+            "help": "torch's fused AdamW kernel (CPU and CUDA): the same update in one kernel instead of one per tensor"
+        },
+    )
 
 
 @dataclass
 class ScheduleSection:
     global_batch_size: int = field(default=16, metadata={"help": "samples per optimizer step, all ranks together"})
-    micro_batch_size: Optional[int] = field(default=None, metadata={"help": "per device (default: global/world)"})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "per device (default: global/world)"})
     epochs: int = 1
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many steps (default: epochs)"})
-    total_steps: Optional[int] = field(default=None, metadata={"help": "LR schedule length (default: steps run)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (default: epochs)"})
+    total_steps: int | None = field(default=None, metadata={"help": "LR schedule length (default: steps run)"})
 
 
 @dataclass
@@ -131,20 +150,22 @@ class ValidationSection:
 class LoggingSection:
     every_steps: int = 1
     tensorboard: bool = False
-    wandb_project: Optional[str] = None
+    wandb_project: str | None = None
     progress: bool = True
 
 
 @dataclass
 class DeepSpeedSection:
-    config_file: str = field(default="configs/deepspeed/zero2_bf16.json",
-                             metadata={"help": "ZeRO settings; batch, optimizer, schedule are filled in here"})
+    config_file: str = field(
+        default="configs/deepspeed/zero2_bf16.json",
+        metadata={"help": "ZeRO settings; batch, optimizer, schedule are filled in here"},
+    )
 
 
 @dataclass
 class CacheSection:
     enabled: bool = field(default=False, metadata={"help": "cache frozen CLIP/SAM outputs on disk"})
-    dir: Optional[str] = field(default=None, metadata={"help": "default: <output_dir>/encoder_cache"})
+    dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/encoder_cache"})
 
 
 @dataclass
@@ -208,13 +229,17 @@ class BatchPlan:
 def plan_batches(global_batch: int, world_size: int, micro_batch: int | None = None) -> BatchPlan:
     """global = world x micro x accumulation; errors say which number to change."""
     if global_batch % world_size:
-        raise ConfigError(f"schedule.global_batch_size={global_batch} is not divisible by the world size "
-                          f"{world_size}; use a multiple of {world_size}")
+        raise ConfigError(
+            f"schedule.global_batch_size={global_batch} is not divisible by the world size "
+            f"{world_size}; use a multiple of {world_size}"
+        )
     per_device = global_batch // world_size
     micro = micro_batch or per_device
     if per_device % micro:
-        raise ConfigError(f"schedule.micro_batch_size={micro} does not divide the per-device batch {per_device} "
-                          f"(= global {global_batch} / {world_size} ranks)")
+        raise ConfigError(
+            f"schedule.micro_batch_size={micro} does not divide the per-device batch {per_device} "
+            f"(= global {global_batch} / {world_size} ranks)"
+        )
     return BatchPlan(world_size, global_batch, per_device, micro, per_device // micro)
 
 
@@ -225,8 +250,9 @@ def steps_per_epoch(num_records: int, plan: BatchPlan) -> int:
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
-def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, schedule_total_steps: int,
-                           optimizer: torch.optim.Optimizer | None = None) -> dict:
+def build_deepspeed_config(
+    cfg: TrainConfig, plan: BatchPlan, schedule_total_steps: int, optimizer: torch.optim.Optimizer | None = None
+) -> dict:
     """Our DeepSpeed JSON + batch sizes, clipping and the LR schedule (the peak lr of each of
     `optimizer`'s groups, e.g. from `optim.module_lr`; `optim.lr` when it has one group or none is given)."""
     path = Path(cfg.deepspeed.config_file)
@@ -237,16 +263,25 @@ def build_deepspeed_config(cfg: TrainConfig, plan: BatchPlan, schedule_total_ste
     ds = json.loads(path.read_text())
     group_lrs = [group["lr"] for group in optimizer.param_groups] if optimizer else []
     peak_lr = group_lrs if len(group_lrs) > 1 else cfg.optim.lr  # DeepSpeed takes a list: one per group
-    ds.update({
-        "train_batch_size": plan.global_batch,
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "steps_per_print": 10 ** 9,  # our logger prints
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": schedule_total_steps, "warmup_min_lr": cfg.optim.warmup_min_lr,
-            "warmup_max_lr": peak_lr, "warmup_num_steps": cfg.optim.warmup_steps, "warmup_type": "linear"}},
-    })
+    ds.update(
+        {
+            "train_batch_size": plan.global_batch,
+            "train_micro_batch_size_per_gpu": plan.micro_batch,
+            "gradient_accumulation_steps": plan.grad_accum,
+            "gradient_clipping": cfg.optim.grad_clip,
+            "steps_per_print": 10**9,  # our logger prints
+            "scheduler": {
+                "type": "WarmupDecayLR",
+                "params": {
+                    "total_num_steps": schedule_total_steps,
+                    "warmup_min_lr": cfg.optim.warmup_min_lr,
+                    "warmup_max_lr": peak_lr,
+                    "warmup_num_steps": cfg.optim.warmup_steps,
+                    "warmup_type": "linear",
+                },
+            },
+        }
+    )
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.precision == "bf16"}
     ds.pop("fp16", None)
     ds.pop("optimizer", None)  # a torch AdamW is passed in (no DeepSpeed op to compile)
@@ -261,8 +296,14 @@ def prepare_model(cfg: TrainConfig, device: torch.device):
     if cfg.model.precision not in ("bf16", "fp32"):
         raise ConfigError(f"model.precision must be bf16 or fp32, got {cfg.model.precision!r}")
     dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float32
-    model, tokenizer, _ = load_model(cfg.model.path, dtype=dtype, device="cpu", sam_checkpoint=cfg.model.sam_checkpoint,
-                                     vision_tower=cfg.model.vision_tower, verbose=int(os.environ.get("RANK", 0)) == 0)
+    model, tokenizer, _ = load_model(
+        cfg.model.path,
+        dtype=dtype,
+        device="cpu",
+        sam_checkpoint=cfg.model.sam_checkpoint,
+        vision_tower=cfg.model.vision_tower,
+        verbose=int(os.environ.get("RANK", 0)) == 0,
+    )
     targets = setup_for_training(model, cfg)
     return model.to(device), tokenizer, targets
 
@@ -277,16 +318,23 @@ def setup_for_training(model, cfg: TrainConfig) -> list[str]:
     model.config.use_cache = False
     targets = lora_target_module_names(model)
     # In place (no PeftModel wrapper): state-dict keys stay ours plus `.base_layer.` / `.lora_A.default.`.
-    inject_adapter_in_model(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                       bias="none", target_modules=targets), model)
+    inject_adapter_in_model(
+        LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none", target_modules=targets
+        ),
+        model,
+    )
     for name, param in model.named_parameters():
         param.requires_grad = "lora_" in name or any(key in name for key in cfg.trainable.name_contains)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.compile_layers:
         if cfg.model.gradient_checkpointing:
-            warnings.warn("model.compile_layers with gradient checkpointing is experimental: with torch 2.11 on a "
-                          "GPU, recompiling for a new batch shape failed inside inductor (docs/training.md)")
+            warnings.warn(
+                "model.compile_layers with gradient checkpointing is experimental: with torch 2.11 on a "
+                "GPU, recompiling for a new batch shape failed inside inductor (docs/training.md)",
+                stacklevel=2,
+            )
         for layer in model.model.layers:
             layer.compile()  # compiled in place: parameter names and the state dict stay the same
     return targets
@@ -314,25 +362,38 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: 
 
 def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: OptimSection) -> torch.optim.AdamW:
     """torch AdamW over `param_groups` (DeepSpeed wraps it; no DeepSpeed Adam op to compile)."""
-    return torch.optim.AdamW(param_groups(named_params, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay, fused=optim.fused or None)
+    return torch.optim.AdamW(
+        param_groups(named_params, optim),
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        fused=optim.fused or None,
+    )
 
 
 # ------------------------------------------------------------------------------------- the data
 def build_datasets(cfg: TrainConfig, tokenizer, model_config):
     from legion.data.synthscars import SynthScarsDataset, find_annotation_file, load_annotations
 
-    path = Path(cfg.data.annotation_path) if cfg.data.annotation_path else find_annotation_file(cfg.data.root,
-                                                                                                cfg.data.split)
+    path = (
+        Path(cfg.data.annotation_path)
+        if cfg.data.annotation_path
+        else find_annotation_file(cfg.data.root, cfg.data.split)
+    )
     records, _ = load_annotations(path)
     # Held-out validation slice of train (never the test set): a seeded shuffle of the records.
     order = np.random.default_rng(cfg.seed).permutation(len(records))
     val_size = min(cfg.data.val_size, len(records) // 2)
     val_records = [records[i] for i in sorted(order[:val_size])]
     train_records = [records[i] for i in sorted(order[val_size:])]
-    common = dict(tokenizer=tokenizer, clip_size=model_config.vision_config["image_size"],
-                  sam_input_size=cfg.data.sam_input_size, sam_pad_to=model_config.sam_config["image_size"],
-                  max_length=cfg.data.max_length)
+    common = dict(
+        tokenizer=tokenizer,
+        clip_size=model_config.vision_config["image_size"],
+        sam_input_size=cfg.data.sam_input_size,
+        sam_pad_to=model_config.sam_config["image_size"],
+        max_length=cfg.data.max_length,
+    )
     train = SynthScarsDataset(cfg.data.root, cfg.data.split, records=train_records, **common)
     val = SynthScarsDataset(cfg.data.root, cfg.data.split, records=val_records, **common) if val_records else None
     return train, val, common
@@ -342,10 +403,16 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int, pad_id: int
     from legion.data.synthscars import collate
 
     # Own generator: creating a loader must not consume the global RNG (exact resume).
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                       collate_fn=partial(collate, pad_id=pad_id),
-                                       generator=torch.Generator().manual_seed(seed),
-                                       persistent_workers=False, drop_last=False)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=partial(collate, pad_id=pad_id),
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+        drop_last=False,
+    )
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -366,8 +433,14 @@ LOSS_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
 def loss_terms(out) -> dict[str, float]:
     def val(x):
         return 0.0 if x is None else float(x.detach().float())
-    return {"loss": val(out.loss), "ce_loss": val(out.ce_loss), "mask_bce_loss": val(out.bce_loss),
-            "mask_dice_loss": val(out.dice_loss), "mask_loss": val(out.mask_loss)}
+
+    return {
+        "loss": val(out.loss),
+        "ce_loss": val(out.ce_loss),
+        "mask_bce_loss": val(out.bce_loss),
+        "mask_dice_loss": val(out.dice_loss),
+        "mask_loss": val(out.mask_loss),
+    }
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -402,10 +475,9 @@ def validate(engine, loader, device, cached) -> dict[str, float]:
             inter_total, union_total = inter_total + inter.sum(), union_total + union.sum()
     engine.train()
     totals = all_reduce_sum([*sums, batches, iou_sum, masks, inter_total, union_total], device)
-    n_batches, iou_sum, masks, inter_total, union_total = totals[len(LOSS_KEYS):]
-    result = {f"val_{k}": v / max(n_batches, 1) for k, v in zip(LOSS_KEYS, totals[:len(LOSS_KEYS)])}
-    result.update(val_giou=iou_sum / max(masks, 1), val_ciou=inter_total / max(union_total, 1.0),
-                  val_masks=int(masks))
+    n_batches, iou_sum, masks, inter_total, union_total = totals[len(LOSS_KEYS) :]
+    result = {f"val_{k}": v / max(n_batches, 1) for k, v in zip(LOSS_KEYS, totals[: len(LOSS_KEYS)])}
+    result.update(val_giou=iou_sum / max(masks, 1), val_ciou=inter_total / max(union_total, 1.0), val_masks=int(masks))
     return result
 
 
@@ -429,9 +501,11 @@ def train(cfg: TrainConfig) -> dict:
     train_set, val_set, preprocessing = build_datasets(cfg, tokenizer, model.config)
     per_epoch = steps_per_epoch(len(train_set), plan)
     if per_epoch == 0:
-        raise ConfigError(f"{len(train_set)} training samples are fewer than one global batch "
-                          f"({plan.global_batch} = {world_size} ranks x {plan.per_device}); lower "
-                          "schedule.global_batch_size or add data")
+        raise ConfigError(
+            f"{len(train_set)} training samples are fewer than one global batch "
+            f"({plan.global_batch} = {world_size} ranks x {plan.per_device}); lower "
+            "schedule.global_batch_size or add data"
+        )
     total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * per_epoch
     schedule_total = cfg.schedule.total_steps or total_steps
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -440,21 +514,32 @@ def train(cfg: TrainConfig) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     run_info = {
-        "world_size": world_size, "device": str(device), "micro_batch": plan.micro_batch,
-        "grad_accum": plan.grad_accum, "global_batch": plan.global_batch, "train_samples": len(train_set),
-        "val_samples": len(val_set) if val_set else 0, "steps_per_epoch": per_epoch, "total_steps": total_steps,
-        "schedule_total_steps": schedule_total, "lora_modules": len(lora_targets),
+        "world_size": world_size,
+        "device": str(device),
+        "micro_batch": plan.micro_batch,
+        "grad_accum": plan.grad_accum,
+        "global_batch": plan.global_batch,
+        "train_samples": len(train_set),
+        "val_samples": len(val_set) if val_set else 0,
+        "steps_per_epoch": per_epoch,
+        "total_steps": total_steps,
+        "schedule_total_steps": schedule_total,
+        "lora_modules": len(lora_targets),
         "trainable_params": sum(p.numel() for p in trainable),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "dataset_report": dict(train_set.report), "preprocessing": preprocessing_info(preprocessing),
+        "dataset_report": dict(train_set.report),
+        "preprocessing": preprocessing_info(preprocessing),
     }
     if rank == 0:
         save_resolved_config(cfg, out_dir)
         (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         (out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
 
-    ckpt = CheckpointManager(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                             exclude_frozen_parameters=cfg.checkpoint.exclude_frozen)
+    ckpt = CheckpointManager(
+        out_dir / "checkpoints",
+        keep_last=cfg.checkpoint.keep_last,
+        exclude_frozen_parameters=cfg.checkpoint.exclude_frozen,
+    )
     ckpt.remove_partial()
     step, epoch, position = 0, 0, 0
     resume = cfg.checkpoint.resume
@@ -462,28 +547,45 @@ def train(cfg: TrainConfig) -> dict:
         state = ckpt.load(engine, None if resume == "auto" else resume)
         step, epoch, position = state["step"], state["sampler"]["epoch"], state["sampler"]["position"]
         if state.get("plan") and state["plan"] != [world_size, plan.micro_batch, plan.grad_accum]:
-            raise ConfigError(f"checkpoint was written with (world, micro, accum) = {state['plan']}; this run has "
-                              f"{[world_size, plan.micro_batch, plan.grad_accum]}: the data position cannot be "
-                              "continued exactly")
+            raise ConfigError(
+                f"checkpoint was written with (world, micro, accum) = {state['plan']}; this run has "
+                f"{[world_size, plan.micro_batch, plan.grad_accum]}: the data position cannot be "
+                "continued exactly"
+            )
 
     cached = None
     if cfg.encoder_cache.enabled:
-        trainable_encoders = [n for n, p in engine.module.named_parameters() if p.requires_grad and (
-            "grounding_encoder.image_encoder" in n or "vision_tower" in n)]
+        trainable_encoders = [
+            n
+            for n, p in engine.module.named_parameters()
+            if p.requires_grad and ("grounding_encoder.image_encoder" in n or "vision_tower" in n)
+        ]
         if trainable_encoders:
-            raise ConfigError(f"encoder_cache.enabled needs frozen encoders, but {trainable_encoders[0]} is "
-                              "trainable (trainable.name_contains)")
+            raise ConfigError(
+                f"encoder_cache.enabled needs frozen encoders, but {trainable_encoders[0]} is "
+                "trainable (trainable.name_contains)"
+            )
         fingerprint = encoder_fingerprint(engine.module, preprocessing_info(preprocessing))
         cache = FrozenEncoderCache(cfg.encoder_cache.dir or out_dir / "encoder_cache", fingerprint)
         cached = CachedFrozenEncoders(engine.module, cache)
 
-    log = TrainLogger(out_dir, rank, total_steps, initial_step=step, tensorboard=cfg.logging.tensorboard,
-                      wandb_project=cfg.logging.wandb_project, run_name=out_dir.name, config=to_dict(cfg),
-                      progress=cfg.logging.progress)
+    log = TrainLogger(
+        out_dir,
+        rank,
+        total_steps,
+        initial_step=step,
+        tensorboard=cfg.logging.tensorboard,
+        wandb_project=cfg.logging.wandb_project,
+        run_name=out_dir.name,
+        config=to_dict(cfg),
+        progress=cfg.logging.progress,
+    )
     log.event("start", step, {**run_info, "resumed": step > 0})
-    log.print(f"training {total_steps} steps ({per_epoch}/epoch) x global batch {plan.global_batch} = "
-              f"{world_size} ranks x micro {plan.micro_batch} x accum {plan.grad_accum}; "
-              f"{run_info['trainable_params']:,} trainable params" + (f"; resumed at step {step}" if step else ""))
+    log.print(
+        f"training {total_steps} steps ({per_epoch}/epoch) x global batch {plan.global_batch} = "
+        f"{world_size} ranks x micro {plan.micro_batch} x accum {plan.grad_accum}; "
+        f"{run_info['trainable_params']:,} trainable params" + (f"; resumed at step {step}" if step else "")
+    )
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sampler = EpochSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world_size)
@@ -493,8 +595,12 @@ def train(cfg: TrainConfig) -> dict:
         val_loader = make_loader(val_set, val_sampler, cfg.validation.batch_size, cfg.data.num_workers, pad_id, 0)
 
     def trainer_state() -> dict:
-        return {"step": step, "sampler": {"epoch": epoch, "position": position},
-                "plan": [world_size, plan.micro_batch, plan.grad_accum], "samples_seen": step * plan.global_batch}
+        return {
+            "step": step,
+            "sampler": {"epoch": epoch, "position": position},
+            "plan": [world_size, plan.micro_batch, plan.grad_accum],
+            "samples_seen": step * plan.global_batch,
+        }
 
     def run_validation():
         if val_loader is not None:
@@ -510,8 +616,9 @@ def train(cfg: TrainConfig) -> dict:
         if position >= per_epoch * plan.per_device:  # this epoch's steps are done
             epoch, position = epoch + 1, 0
         sampler.set_epoch(epoch, position)
-        loader = make_loader(train_set, sampler, plan.micro_batch, cfg.data.num_workers, pad_id,
-                             cfg.seed * 1000 + epoch)
+        loader = make_loader(
+            train_set, sampler, plan.micro_batch, cfg.data.num_workers, pad_id, cfg.seed * 1000 + epoch
+        )
         for batch in loader:
             if batch is None:  # every image of this micro-batch failed to load: keep ranks in step
                 loss = sum(p.sum() * 0.0 for p in trainable)
@@ -533,10 +640,17 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.logging.every_steps == 0 or step == total_steps:
                 values = all_reduce_sum([accum[k] for k in LOSS_KEYS], device)
                 seconds = time.time() - step_start
-                log.train_step(step, {**{k: v / world_size for k, v in zip(LOSS_KEYS, values)}, "lr": lrs[0],
-                                      **{f"lr/{g['name']}": v for g, v in zip(optimizer.param_groups[1:], lrs[1:])},
-                                      "epoch": epoch, "samples_per_s": plan.global_batch / max(seconds, 1e-9),
-                                      "step_seconds": seconds})
+                log.train_step(
+                    step,
+                    {
+                        **{k: v / world_size for k, v in zip(LOSS_KEYS, values)},
+                        "lr": lrs[0],
+                        **{f"lr/{g['name']}": v for g, v in zip(optimizer.param_groups[1:], lrs[1:])},
+                        "epoch": epoch,
+                        "samples_per_s": plan.global_batch / max(seconds, 1e-9),
+                        "step_seconds": seconds,
+                    },
+                )
             accum = {k: 0.0 for k in LOSS_KEYS}
             micro_in_step, step_start = 0, time.time()
             if step % cfg.validation.every_steps == 0:
@@ -573,15 +687,22 @@ def export_merged_model(cfg: TrainConfig, ckpt_dir: Path, out_dir: Path) -> Path
     weights = out_dir / "final_weights.safetensors"
     step1(ckpt_dir, weights)
     target = out_dir / "final_model"
-    step2(cfg.model.path, weights, target, lora_alpha=cfg.lora.alpha, lora_r=cfg.lora.r,
-          vision_tower=cfg.model.vision_tower)
+    step2(
+        cfg.model.path,
+        weights,
+        target,
+        lora_alpha=cfg.lora.alpha,
+        lora_r=cfg.lora.r,
+        vision_tower=cfg.model.vision_tower,
+    )
     return target
 
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, TrainConfig, "YAML config, e.g. configs/tiny/train_loc_exp.yaml", "optim.lr=3e-4",
-                         config_required=True)
+    add_config_arguments(
+        parser, TrainConfig, "YAML config, e.g. configs/tiny/train_loc_exp.yaml", "optim.lr=3e-4", config_required=True
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 

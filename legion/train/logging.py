@@ -29,9 +29,18 @@ def _jsonable(value: Any) -> Any:
 
 
 class TrainLogger:
-    def __init__(self, out_dir: str | os.PathLike, rank: int = 0, total_steps: int = 0, initial_step: int = 0,
-                 tensorboard: bool = False, wandb_project: str | None = None, run_name: str | None = None,
-                 config: dict | None = None, progress: bool = True):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        rank: int = 0,
+        total_steps: int = 0,
+        initial_step: int = 0,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        run_name: str | None = None,
+        config: dict | None = None,
+        progress: bool = True,
+    ):
         self.enabled = rank == 0
         self.out_dir = Path(out_dir)
         self._jsonl = None
@@ -85,8 +94,10 @@ class TrainLogger:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             shown = {k: values[k] for k in ("loss", "ce_loss", "mask_loss", "lr", "samples_per_s") if k in values}
-            self._bar.set_postfix({k: (f"{_jsonable(v):.3g}" if isinstance(_jsonable(v), float) else v)
-                                   for k, v in shown.items()}, refresh=False)
+            self._bar.set_postfix(
+                {k: (f"{_jsonable(v):.3g}" if isinstance(_jsonable(v), float) else v) for k, v in shown.items()},
+                refresh=False,
+            )
 
     def close(self) -> None:
         if not self.enabled:

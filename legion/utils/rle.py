@@ -62,7 +62,10 @@ def rle_union(rles: Sequence[dict], size: tuple[int, int] | None = None) -> dict
         raise ValueError(f"rle_union: masks of different sizes {sorted(sizes)}")
     merged = coco[0] if len(coco) == 1 else coco_mask.merge(coco, intersect=0)
     counts = merged["counts"]
-    return {"size": [int(v) for v in merged["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+    return {
+        "size": [int(v) for v in merged["size"]],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
 
 
 def rle_intersection_area(a: dict, b: dict) -> int:

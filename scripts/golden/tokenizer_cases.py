@@ -34,13 +34,16 @@ HAND_WRITTEN = {
     "tags_glued": "<p>text</p>[SEG]is",
     "several_seg_and_punctuation": (
         f"I have found: {conv.tag_phrase('the ear')}. {conv.tag_phrase('the eyes')}, "
-        f"{conv.tag_phrase('the zipper')}; and {conv.tag_phrase('the shadow')}!"),
+        f"{conv.tag_phrase('the zipper')}; and {conv.tag_phrase('the shadow')}!"
+    ),
     "punctuation_after_seg": "<p> a </p> [SEG]: b <p> c </p> [SEG]. d <p> e </p> [SEG], f <p> g </p> [SEG]; h",
     "newlines": (
         "Upon examining the image. I have found: a cat.\nTo elaborate, I have found the following artifacts. "
-        "<p> Cat's tail. </p> [SEG]:The tail splits in two.\n<p> whiskers </p> [SEG]\nThey float."),
+        "<p> Cat's tail. </p> [SEG]:The tail splits in two.\n<p> whiskers </p> [SEG]\nThey float."
+    ),
     "non_ascii_quotes_dashes": (
-        "The sign reads “OPEN” — but ‘closed’ – the café’s façade… <p> the “sign” </p> [SEG]:naïve text 日本"),
+        "The sign reads “OPEN” — but ‘closed’ – the café’s façade… <p> the “sign” </p> [SEG]:naïve text 日本"
+    ),
     "digits": f"{conv.tag_phrase('the 6th finger')}: 6 fingers, 2 thumbs, 3.5x too long, year 2024.",
     "starts_with_tag": f"{conv.tag_phrase('Man’s right ear.')}:The ear is tilted.",
     "ends_with_seg": f"I have found the following artifacts. {conv.tag_phrase('the hand')}",

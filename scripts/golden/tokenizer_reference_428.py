@@ -48,12 +48,25 @@ IMAGE_TOKEN_INDEX, IGNORE_INDEX = -200, -100
 def write_glamm_layout(folder: Path) -> None:
     (folder / "tokenizer.model").write_bytes(SP_MODEL.read_bytes())
     (folder / "added_tokens.json").write_text(json.dumps({t: 32000 + i for i, t in enumerate(ADDED_TOKENS)}))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": False,
-        "model_max_length": 1536, "padding_side": "right", "sp_model_kwargs": {}}))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"})
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 1536,
+                "padding_side": "right",
+                "sp_model_kwargs": {},
+            }
+        )
+    )
 
 
 def tokenize_with_image(text: str, tokenizer) -> list[int]:
@@ -79,7 +92,7 @@ def llava_v1_labels(conversation: str, input_ids: list[int], tokenizer, separato
             break
         round_len = len(tokenize_with_image(round_text, tokenizer))
         instruction_len = len(tokenize_with_image(parts[0] + separator, tokenizer)) - 2
-        labels[cursor: cursor + instruction_len] = [IGNORE_INDEX] * instruction_len
+        labels[cursor : cursor + instruction_len] = [IGNORE_INDEX] * instruction_len
         cursor += round_len
     labels[cursor:] = [IGNORE_INDEX] * (len(labels) - cursor)
     agreed = cursor == len(input_ids)
@@ -105,7 +118,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_glamm_layout(Path(tmp))
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            tmp, model_max_length=1536, padding_side="right", use_fast=False)
+            tmp, model_max_length=1536, padding_side="right", use_fast=False
+        )
         tokenizer.pad_token = tokenizer.unk_token
         assert type(tokenizer).__name__ == "LlamaTokenizer", type(tokenizer)
         assert tokenizer.convert_tokens_to_ids(ADDED_TOKENS) == list(range(32000, 32007))
@@ -116,19 +130,36 @@ def main() -> None:
             labels, agreed = llava_v1_labels(case["conversation"], ids, tokenizer, spec["assistant_separator"])
             answer_ids = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
             decoded = tokenizer.decode(answer_ids, skip_special_tokens=False)
-            decoded_clean_up = tokenizer.decode(answer_ids, skip_special_tokens=False, clean_up_tokenization_spaces=True)
+            decoded_clean_up = tokenizer.decode(
+                answer_ids, skip_special_tokens=False, clean_up_tokenization_spaces=True
+            )
             decoded_skip = tokenizer.decode(answer_ids, skip_special_tokens=True)
             full_text = tokenizer.decode([i for i in ids if i != IMAGE_TOKEN_INDEX], skip_special_tokens=False)
             explanation, phrases = reference_postprocess(full_text)
-            results.append({"name": case["name"], "input_ids": ids, "labels": labels, "lengths_agreed": agreed,
-                            "tokens": tokenizer.convert_ids_to_tokens(answer_ids),
-                            "decoded_answer": decoded, "decoded_answer_clean_up": decoded_clean_up,
-                            "decoded_answer_skip_special": decoded_skip, "explanation": explanation, "phrases": phrases})
+            results.append(
+                {
+                    "name": case["name"],
+                    "input_ids": ids,
+                    "labels": labels,
+                    "lengths_agreed": agreed,
+                    "tokens": tokenizer.convert_ids_to_tokens(answer_ids),
+                    "decoded_answer": decoded,
+                    "decoded_answer_clean_up": decoded_clean_up,
+                    "decoded_answer_skip_special": decoded_skip,
+                    "explanation": explanation,
+                    "phrases": phrases,
+                }
+            )
     out = {
-        "about": ("golden ids from LEGION's reference stack; made by scripts/golden/tokenizer_reference_428.py "
-                  "from tests/golden/tokenizer_cases.json"),
-        "stack": {"transformers": transformers.__version__, "tokenizer_class": type(tokenizer).__name__,
-                  "sentencepiece": __import__("sentencepiece").__version__},
+        "about": (
+            "golden ids from LEGION's reference stack; made by scripts/golden/tokenizer_reference_428.py "
+            "from tests/golden/tokenizer_cases.json"
+        ),
+        "stack": {
+            "transformers": transformers.__version__,
+            "tokenizer_class": type(tokenizer).__name__,
+            "sentencepiece": __import__("sentencepiece").__version__,
+        },
         "prompt_ids": prompt_ids,
         "cases": results,
     }
