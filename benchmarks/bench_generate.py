@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from legion.data.transforms import clip_preprocess, sam_preprocess
 from legion.model import conversation as conv
-from legion.model.builders import build_config, build_model
-from legion.model.tokenizer import build_tiny_tokenizer
+from legion.model.builders import build_config, build_model, tiny_tokenizer
+from legion.model.preprocessing import clip_preprocess, sam_preprocess
 
 MID = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
 
@@ -77,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     rows = []
     for name in args.models.split(","):
         model = build(name, tokenizer)

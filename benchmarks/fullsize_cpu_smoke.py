@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from legion.data.transforms import clip_preprocess, sam_preprocess
 from legion.model import conversation as conv
-from legion.model.builders import FP32_MODULES, build_config
+from legion.model.builders import FP32_MODULES, build_config, tiny_tokenizer
 from legion.model.legion import LegionForCausalLM
-from legion.model.tokenizer import build_tiny_tokenizer
+from legion.model.preprocessing import clip_preprocess, sam_preprocess
 
 
 def peak_rss_gb() -> float:
@@ -75,7 +74,7 @@ def main() -> None:
 
     # 1. build in bf16 directly (building in fp32 first would need ~33 GB)
     config = build_config(args.preset)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     if config.vocab_size < 32007:  # tiny dry run: the tokenizer's own ids
         config.seg_token_idx = tokenizer.convert_tokens_to_ids(conv.SEG)
     torch.set_default_dtype(torch.bfloat16)

@@ -54,10 +54,9 @@ if not torch.cuda.is_available():  # before deepspeed is imported anywhere
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
-from legion.data.transforms import clip_preprocess, sam_preprocess  # noqa: E402
 from legion.model import conversation as conv  # noqa: E402
-from legion.model.builders import FP32_MODULES, build_config  # noqa: E402
-from legion.model.tokenizer import build_tiny_tokenizer  # noqa: E402
+from legion.model.builders import FP32_MODULES, build_config, tiny_tokenizer  # noqa: E402
+from legion.model.preprocessing import clip_preprocess, sam_preprocess  # noqa: E402
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM and H200: 989 TFLOP/s bf16 dense (no sparsity)
 TARGETS = {"no_oom_micro_batch": 2, "mfu": 0.35, "cache_speedup": 10.0}
@@ -138,7 +137,7 @@ def build_benchmark_model(preset: str, dtype: torch.dtype, device: torch.device)
     from legion.model.legion import LegionForCausalLM
 
     config = build_config(preset)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     if config.vocab_size < 32007:  # tiny: the tokenizer's own ids; 7B: GLaMM's 32000..32006 (conv.to_glamm_ids)
         config.seg_token_idx = tokenizer.convert_tokens_to_ids(conv.SEG)
     torch.manual_seed(0)

@@ -301,8 +301,8 @@ class Analyzer:
     @torch.no_grad()
     def explain(self, images: Sequence[np.ndarray]) -> list[dict]:
         """Generation + masks for a batch of RGB uint8 images (no gate). One record each."""
-        from legion.data.transforms import clip_preprocess, sam_preprocess
         from legion.model import conversation as conv
+        from legion.model.preprocessing import clip_preprocess, sam_preprocess
         from legion.utils.rle import mask_to_rle
 
         start = time.perf_counter()

@@ -58,9 +58,9 @@ def test_llm_flop_formula_matches_torch_flop_counter(bench):
 
 def test_long_conversation_has_the_requested_length_and_seg_count(bench):
     model_config = bench.build_config("tiny")
-    from legion.model.tokenizer import build_tiny_tokenizer
+    from legion.model.builders import tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     seg = tokenizer.convert_tokens_to_ids("[SEG]")
     for target in (350, 700):  # the prompt + a minimal answer is ~300 tokens
         ids, labels = bench.long_conversation(tokenizer, model_config.vocab_size, target, num_seg=3)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from legion.model import conversation as conv
-from legion.model.builders import FP32_MODULES, build_config, build_model, load_model, save_model
-from legion.model.tokenizer import build_tiny_tokenizer
+from legion.model.builders import FP32_MODULES, build_config, build_model, load_model, save_model, tiny_tokenizer
 
 
 # --- the GLaMM key table, written from docs/model.md §0, §5, §8.1, §12, §13.2 --------------
@@ -181,7 +180,7 @@ def test_legion_7b_config_fields():
 
 
 def test_tiny_preset_is_small():
-    tok = build_tiny_tokenizer()
+    tok = tiny_tokenizer()
     cfg = build_config("tiny")
     assert cfg.vocab_size == len(tok)
     assert cfg.hidden_size <= 128

@@ -26,10 +26,10 @@ def test_parse_answer_keeps_unknown_angle_text():
 def test_to_glamm_ids_moves_only_special_tokens():
     import torch
 
+    from legion.model.builders import tiny_tokenizer
     from legion.model.conversation import GLAMM_SPECIAL_TOKEN_IDS, SEG, to_glamm_ids
-    from legion.model.tokenizer import build_tiny_tokenizer
 
-    tok = build_tiny_tokenizer()
+    tok = tiny_tokenizer()
     ids = torch.tensor(tok("a <p> b </p> [SEG]", add_special_tokens=False).input_ids)
     moved = to_glamm_ids(ids, tok, 32007)
     seg = ids == tok.convert_tokens_to_ids(SEG)

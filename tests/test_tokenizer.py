@@ -13,8 +13,9 @@ import logging
 import pytest
 import torch
 
+from legion.model import builders
 from legion.model import conversation as conv
-from legion.model.tokenizer import LegionTokenizer, build_tiny_tokenizer, default_corpus, load_tokenizer
+from legion.model.tokenizer import LegionTokenizer, build_tiny_tokenizer, load_tokenizer
 from tests.fixtures_model import SP_CORPUS, train_small_sentencepiece, write_glamm_sentencepiece_tokenizer
 
 TINY_CORPUS = SP_CORPUS + [
@@ -123,10 +124,10 @@ def test_tiny_tokenizer_is_deterministic_and_round_trips_through_a_directory(tin
     assert loaded.clean_up_tokenization_spaces is False
 
 
-def test_default_corpus_gives_a_small_vocabulary():
-    corpus = default_corpus()
+def test_tiny_corpus_gives_a_small_vocabulary():
+    corpus = builders.tiny_tokenizer_corpus()
     assert conv.GCG_QUESTION in corpus and conv.SYSTEM in corpus
-    tok = build_tiny_tokenizer()
+    tok = builders.tiny_tokenizer()
     assert 259 + 7 < len(tok) <= 4096 + 7
     assert len(conv.tokenize_with_image(conv.render_prompt(), tok)) < 160  # whole words, not characters
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from legion.model.preprocessing import CLIP_MEAN, CLIP_STD
+
 SCORER_KINDS = ("hps_v2.1", "clip", "image_reward")
 
 

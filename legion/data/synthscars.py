@@ -31,8 +31,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from legion.data.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_image_size
-from legion.data.transforms import clip_preprocess, sam_preprocess
 from legion.model.conversation import GCG_QUESTION, IGNORE_INDEX, SEG, encode_conversation, tag_phrase
+from legion.model.preprocessing import clip_preprocess, sam_preprocess
 
 log = logging.getLogger(__name__)
 

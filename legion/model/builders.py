@@ -35,7 +35,7 @@ from torch import nn
 from legion.model import checkpoint_keys as ck
 from legion.model import conversation as conv
 from legion.model.configuration import CLIP_L14_336, REGION_ENCODER_GLAMM, SAM_VIT_H, LegionConfig
-from legion.model.tokenizer import build_tiny_tokenizer, load_tokenizer
+from legion.model.tokenizer import build_tiny_tokenizer, load_tokenizer, prompt_corpus
 
 __all__ = [
     "PRESETS",
@@ -168,13 +168,26 @@ PRESETS: dict[str, dict] = {"tiny": _TINY, "legion_7b": _LEGION_7B}
 FP32_MODULES = ("model.grounding_encoder", "model.text_hidden_fcs")
 
 
+def tiny_tokenizer_corpus() -> list[str]:
+    """What the tiny vocabulary is trained on: LEGION's prompts and every caption ToyScars can emit,
+    so tiny runs on ToyScars tokenize into whole words. Only text that ships with the package."""
+    from legion.data.toy import caption_corpus
+
+    return prompt_corpus() + list(caption_corpus())
+
+
+def tiny_tokenizer():
+    """The tokenizer of `make-tiny` checkpoints (a SentencePiece model in GLaMM's layout)."""
+    return build_tiny_tokenizer(tiny_tokenizer_corpus())
+
+
 @lru_cache(maxsize=1)
 def _tiny_tokenizer_size() -> int:
-    return len(build_tiny_tokenizer())
+    return len(tiny_tokenizer())
 
 
 def build_config(preset: str, vocab_size: int | None = None) -> LegionConfig:
-    """LegionConfig of a preset. `tiny` without vocab_size uses the size of `build_tiny_tokenizer()`."""
+    """LegionConfig of a preset. `tiny` without vocab_size uses the size of `tiny_tokenizer()`."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     fields = copy.deepcopy(PRESETS[preset])
@@ -257,7 +270,7 @@ def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     `vision_tower/` (the CLIP dir that config.json names) and `sam_vit_tiny.pth` (the grounding
     encoder alone, with sam_vit_h_4b8939.pth's key names, for recipes that take a SAM checkpoint).
     """
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     config = build_config("tiny", vocab_size=len(tokenizer))
     config.seg_token_idx = conv.special_token_ids(tokenizer, expect_glamm_ids=False).seg
     model = build_model(config, seed=seed)

@@ -39,7 +39,7 @@ from torch import nn
 from transformers import CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
-from legion.data.transforms import CLIP_MEAN, CLIP_STD, clip_preprocess
+from legion.model.preprocessing import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 FAKE_INDEX = 0  # reference class index of "fake"
 REAL_INDEX = 1  # reference class index of "real"

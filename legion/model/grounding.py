@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+from legion.model.preprocessing import SAM_MEAN, SAM_STD
 
 
 def build_sam(sam_config: dict) -> Sam:
@@ -62,8 +61,8 @@ def build_sam(sam_config: dict) -> Sam:
             iou_head_depth=3,
             iou_head_hidden_dim=c.get("iou_head_hidden_dim", embed),
         ),
-        pixel_mean=list(SAM_PIXEL_MEAN),
-        pixel_std=list(SAM_PIXEL_STD),
+        pixel_mean=list(SAM_MEAN),
+        pixel_std=list(SAM_STD),
     )
 
 

@@ -29,8 +29,9 @@ from transformers.utils import ModelOutput
 
 from legion.model.configuration import LegionConfig
 from legion.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from legion.model.grounding import SAM_PIXEL_MEAN, SAM_PIXEL_STD, build_sam, predict_masks, sam_image_embeddings
+from legion.model.grounding import build_sam, predict_masks, sam_image_embeddings
 from legion.model.losses import causal_lm_loss, mask_losses
+from legion.model.preprocessing import SAM_MEAN, SAM_STD
 from legion.model.region import RegionEncoder
 from legion.model.static_decoding import DynamicDecoder, StaticDecoder
 from legion.model.vision import CLIPVisionTower, build_mm_projector
@@ -276,8 +277,8 @@ class LegionModel(LlamaModel):
 def _init_weights(model, module, base_cls):
     """HF init for the LLM parts; SAM / region encoder modules get their own default init."""
     if isinstance(module, Sam):  # non-persistent buffers, absent from every checkpoint
-        module.pixel_mean.copy_(torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1))
-        module.pixel_std.copy_(torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1))
+        module.pixel_mean.copy_(torch.tensor(SAM_MEAN).view(-1, 1, 1))
+        module.pixel_std.copy_(torch.tensor(SAM_STD).view(-1, 1, 1))
         return
     if getattr(module, "_legion_default_init", False):
         if hasattr(module, "reset_parameters"):

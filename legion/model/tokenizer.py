@@ -303,20 +303,13 @@ def _read_json(path: Path) -> dict:
 
 
 # --- tiny tokenizer -----------------------------------------------------------------------
-def _toy_caption_texts() -> list[str]:
-    from legion.data.toy import caption_corpus
+def prompt_corpus() -> list[str]:
+    """LEGION's own texts (system prompt, questions, a tagged answer): part of every tiny vocabulary.
 
-    return list(caption_corpus())
-
-
-def default_corpus() -> list[str]:
-    """LEGION's prompts + every caption ToyScars can emit.
-
-    Only text that ships with the package: the tiny tokenizer (and so a tiny checkpoint's vocabulary)
-    must be the same on every machine.
+    `legion.model.builders.tiny_tokenizer_corpus()` adds the ToyScars captions for `make-tiny`.
     """
     answer = f"{conv.tag_phrase('the hand')}: the fingers are fused."
-    texts = [
+    return [
         conv.render_conversation(answer),
         conv.render_prompt(),
         conv.SYSTEM,
@@ -324,7 +317,6 @@ def default_corpus() -> list[str]:
         "Could you provide a detailed analysis of artifacts in this photo? Please output with interleaved "
         "segmentation masks for the corresponding parts of the answer.",
     ]
-    return texts + _toy_caption_texts()
 
 
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:
@@ -365,10 +357,11 @@ def train_sentencepiece(corpus: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE
     return buffer.getvalue()
 
 
-def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = TINY_VOCAB_SIZE) -> LegionTokenizer:
-    """A small LLaMA-like SentencePiece tokenizer trained offline, with LEGION's tokens appended in
-    GLaMM's order right after the base vocabulary. `len(tokenizer)` is the model's vocabulary size."""
-    model = train_sentencepiece(default_corpus() if corpus is None else corpus, vocab_size)
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int = TINY_VOCAB_SIZE) -> LegionTokenizer:
+    """A small LLaMA-like SentencePiece tokenizer trained offline on `corpus`, with LEGION's tokens
+    appended in GLaMM's order right after the base vocabulary. `len(tokenizer)` is the model's
+    vocabulary size. Deterministic: the same corpus gives the same tokenizer on every machine."""
+    model = train_sentencepiece(corpus, vocab_size)
     tokenizer = LegionTokenizer(model, clean_up_tokenization_spaces=False, model_max_length=TINY_MODEL_MAX_LENGTH)
     base = len(tokenizer)
     conv.add_special_tokens(tokenizer)

@@ -1,5 +1,9 @@
-"""CLIP and SAM preprocessing (docs/model.md §4.2 and §7). Inputs are RGB uint8 [H, W, 3] arrays
-from `legion.data.images.read_image`; nothing here converts colour order.
+"""CLIP and SAM preprocessing, and their normalisation constants (docs/model.md §4.2 and §7).
+
+The model's own input contract, so it lives with the model: every image that reaches CLIP or SAM
+(training data, inference, the detector, the controller's CLIP scorer) goes through these
+functions and constants, defined here once. Inputs are RGB uint8 [H, W, 3] arrays from
+`legion.data.images.read_image`; nothing here converts colour order.
 """
 
 from __future__ import annotations

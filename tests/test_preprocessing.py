@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from legion.data.transforms import (
+from legion.model.preprocessing import (
     CLIP_MEAN,
     CLIP_STD,
     SAM_MEAN,
