@@ -13,29 +13,23 @@ For each case (an image and its prompt, from a mapping {image: prompt}):
 Paper settings (configs/legion_7b/inpaint.yaml): SDXL inpainting 0.1, strength 0.84, 25 steps,
 guidance 8.0, seed 42, 5x5 kernel dilated 5 times, 3 iterations. Every image is scored against the
 case's own prompt (the reference scored all images against one hard-coded caption).
+The loop itself (analysis, scoring, best round, patience, stop reasons, per-round outputs) is
+legion/controller/loop.py; this recipe supplies its next-image step and its rules.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from legion.config import add_config_arguments, load_config, save_resolved_config
-from legion.controller.cases import (
-    AnalyzerConfig,
-    Case,
-    CaseWriter,
-    has_artifact,
-    load_analyzer,
-    read_cases,
-    record_masks,
-)
+from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
+from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, run_case, run_cases
 from legion.controller.pipelines import PipelineLoadError
-from legion.controller.report import case_summary, format_scores, write_html, write_summary
+from legion.controller.report import format_scores
 from legion.controller.scoring import Scorer, ScorerConfig, ScorerLoadError, build_scorer
 
 
@@ -137,72 +131,44 @@ def inpaint_case(
     case: Case, image: np.ndarray, analyzer, pipe, scorer: Scorer, cfg: InpaintConfig, writer: CaseWriter
 ) -> dict:
     """Run the loop for one case and write its rounds; returns its summary.jsonl entry."""
-    rounds: list[dict] = []
-    best_round, since_best, stop_reason = 0, 0, "max_iter"
-    inpaint_mask, union = None, None
-    for index in range(cfg.max_iter + 1):
-        started = time.time()
-        if index > 0:
-            inpaint_mask = dilate_mask(union, cfg.dilation.kernel, cfg.dilation.iterations)
-            image = inpaint_image(pipe, image, inpaint_mask, case.prompt, cfg.inpainter)
-        record = analyzer.analyze([image])[0]
-        union, phrase_masks, notes = record_masks(record, image.shape[0], image.shape[1])
-        found = has_artifact(record, union)
-        score = scorer.score([image], [case.prompt])[0]
-        rounds.append(
-            writer.write_round(
-                index,
-                image,
-                case.prompt,
-                record,
-                score,
-                union,
-                phrase_masks,
-                {
-                    "has_artifact": found,
-                    "mask_notes": notes,
-                    "seconds": round(time.time() - started, 3),
-                    "inpainted_fraction": float(inpaint_mask.mean()) if inpaint_mask is not None else 0.0,
-                },
-                inpaint_mask=inpaint_mask,
-            )
-        )
-        if index > 0:
-            if score > rounds[best_round]["score"] + cfg.min_improvement:
-                best_round, since_best = index, 0
-            else:
-                since_best += 1
-        if record.get("verdict") == "error":  # LEGION failed on this image: nothing to act on
-            stop_reason = "analysis_error"
-            break
-        if not found:  # verdict real, or no masked pixel: nothing to inpaint next round
-            stop_reason = "no_artifact"
-            break
-        if index > 0 and cfg.patience > 0 and since_best >= cfg.patience:
-            stop_reason = "no_improvement"
-            break
-    source = str(case.image_path) if case.image_path else None
-    return case_summary(case.case_id, case.prompt, source, rounds, best_round, stop_reason, scorer.name)
+    return run_case(case, inpainting_step(case, image, pipe, cfg), analyzer, scorer, writer, loop_rules(cfg))
+
+
+def loop_rules(cfg: InpaintConfig) -> LoopRules:
+    """`max_iter` inpaintings after the original; no mask left always stops (nothing to inpaint)."""
+    return LoopRules(
+        max_rounds=cfg.max_iter + 1,
+        limit_reason="max_iter",
+        patience=cfg.patience,
+        min_improvement=cfg.min_improvement,
+        stop_on_clean=True,
+    )
+
+
+def inpainting_step(case: Case, image: np.ndarray, pipe, cfg: InpaintConfig) -> NextImageStep:
+    """Round 0: the original image. Round i: inpaint image i-1 inside the dilated union mask of round
+    i-1's analysis, with the case's prompt."""
+
+    def step(index: int, previous: Round | None) -> NextImage:
+        if previous is None:
+            return NextImage(image, case.prompt, {"inpainted_fraction": 0.0})
+        mask = dilate_mask(previous.union, cfg.dilation.kernel, cfg.dilation.iterations)
+        inpainted = inpaint_image(pipe, previous.image, mask, case.prompt, cfg.inpainter)
+        return NextImage(inpainted, case.prompt, {"inpainted_fraction": float(mask.mean())}, inpaint_mask=mask)
+
+    return step
 
 
 def run_inpainting(
     cases: list[Case], analyzer, pipe, scorer: Scorer, cfg: InpaintConfig, out_dir: str | Path
 ) -> tuple[list[dict], dict]:
     """All cases -> (summaries, aggregate scores); writes summary.jsonl, scores.json, index.html."""
-    from tqdm import tqdm
-
     from legion.data.images import read_image
 
-    summaries = []
-    for case in tqdm(cases, desc="inpaint", unit="case"):
-        summaries.append(
-            inpaint_case(
-                case, read_image(case.image_path), analyzer, pipe, scorer, cfg, CaseWriter(out_dir, case.case_id)
-            )
-        )
-    aggregate = write_summary(out_dir, summaries, scorer.name, "inpaint")
-    write_html(out_dir, summaries, aggregate, "LEGION-guided inpainting")
-    return summaries, aggregate
+    def one(case: Case, writer: CaseWriter) -> dict:
+        return inpaint_case(case, read_image(case.image_path), analyzer, pipe, scorer, cfg, writer)
+
+    return run_cases(cases, one, out_dir, scorer.name, "inpaint", "LEGION-guided inpainting")
 
 
 def load_inpainter(cfg: InpainterConfig, device: str):

@@ -11,29 +11,23 @@ For each case (a prompt, optionally with a starting image):
 
 Every image is scored against the case's ORIGINAL prompt (docs/metrics.md §7), and the best-scoring
 image is kept (the original included). `max_rounds` counts images, so revision needs >= 2 (the
-reference launcher passed 1 and never revised). Outputs: see legion/controller/cases.py and report.py.
+reference launcher passed 1 and never revised). The loop itself (analysis, scoring, best round,
+patience, stop reasons, per-round outputs) is legion/controller/loop.py; this recipe supplies its
+next-image step and its rules. Outputs: see legion/controller/cases.py and report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from legion.config import add_config_arguments, load_config, save_resolved_config
-from legion.controller.cases import (
-    AnalyzerConfig,
-    Case,
-    CaseWriter,
-    has_artifact,
-    load_analyzer,
-    read_cases,
-    record_masks,
-)
+from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
+from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, StopCase, run_case, run_cases
 from legion.controller.pipelines import PipelineLoadError
 from legion.controller.prompt_reviser import PromptReviser, ReviserConfig, ReviserError, build_reviser
-from legion.controller.report import case_summary, format_scores, write_html, write_summary
+from legion.controller.report import format_scores
 from legion.controller.scoring import Scorer, ScorerConfig, ScorerLoadError, build_scorer
 
 LOAD_ERRORS = (PipelineLoadError, ReviserError, ScorerLoadError, FileNotFoundError)
@@ -88,71 +82,50 @@ def regenerate_case(
     writer: CaseWriter,
 ) -> dict:
     """Run the loop for one case and write its rounds; returns its summary.jsonl entry."""
+    step = regeneration_step(case, start_image, pipe, reviser, cfg.generator)
+    return run_case(case, step, analyzer, scorer, writer, loop_rules(cfg))
+
+
+def loop_rules(cfg: RegenerateConfig) -> LoopRules:
+    """`max_rounds` counts images, round 0 included; LEGION finding nothing stops only with `stop_on_clean`."""
+    return LoopRules(
+        max_rounds=max(1, cfg.max_rounds),
+        limit_reason="max_rounds",
+        patience=cfg.patience,
+        min_improvement=cfg.min_improvement,
+        stop_on_clean=cfg.stop_on_clean,
+    )
+
+
+def regeneration_step(case: Case, start_image, pipe, reviser: PromptReviser, gen: GeneratorConfig) -> NextImageStep:
+    """Round 0: the starting image, or pipeline(prompt). Round r: revise round r-1's prompt from its
+    explanation and phrases, then pipeline(revised prompt) with the same seed."""
     from legion.controller.pipelines import generate
 
-    gen = cfg.generator
-    rounds: list[dict] = []
-    best_round, since_best, stop_reason = 0, 0, "max_rounds"
-    prompt, record = case.prompt, None
-    for index in range(max(1, cfg.max_rounds)):
-        started = time.time()
-        if index > 0:
+    def step(index: int, previous: Round | None) -> NextImage:
+        prompt = case.prompt
+        if previous is not None:
+            record = previous.record
             try:
-                prompt = reviser.revise(prompt, record.get("explanation") or "", record.get("phrases") or [])
+                prompt = reviser.revise(previous.prompt, record.get("explanation") or "", record.get("phrases") or [])
             except ReviserError as exc:  # e.g. the endpoint is down: keep what this case has, go on
                 print(f"[regenerate] {case.case_id}: prompt revision failed, stopping this case: {exc}")
-                stop_reason = "reviser_error"
-                break
+                raise StopCase("reviser_error") from exc
         if index == 0 and start_image is not None:
-            image = start_image
-        else:
-            image = generate(
-                pipe,
-                prompt,
-                seed=gen.seed,
-                steps=gen.steps,
-                guidance=gen.guidance,
-                height=gen.height,
-                width=gen.width,
-                negative_prompt=gen.negative_prompt or None,
-            )
-        record = analyzer.analyze([image])[0]
-        union, phrase_masks, notes = record_masks(record, image.shape[0], image.shape[1])
-        found = has_artifact(record, union)
-        score = scorer.score([image], [case.prompt])[0]
-        rounds.append(
-            writer.write_round(
-                index,
-                image,
-                prompt,
-                record,
-                score,
-                union,
-                phrase_masks,
-                {
-                    "has_artifact": found,
-                    "mask_notes": notes,
-                    "seconds": round(time.time() - started, 3),
-                    "generated": not (index == 0 and start_image is not None),
-                },
-            )
+            return NextImage(start_image, prompt, {"generated": False})
+        image = generate(
+            pipe,
+            prompt,
+            seed=gen.seed,
+            steps=gen.steps,
+            guidance=gen.guidance,
+            height=gen.height,
+            width=gen.width,
+            negative_prompt=gen.negative_prompt or None,
         )
-        if index > 0:
-            if score > rounds[best_round]["score"] + cfg.min_improvement:
-                best_round, since_best = index, 0
-            else:
-                since_best += 1
-        if record.get("verdict") == "error":  # LEGION failed on this image: nothing to act on
-            stop_reason = "analysis_error"
-            break
-        if cfg.stop_on_clean and not found:
-            stop_reason = "no_artifact"
-            break
-        if index > 0 and cfg.patience > 0 and since_best >= cfg.patience:
-            stop_reason = "no_improvement"
-            break
-    source = str(case.image_path) if case.image_path else None
-    return case_summary(case.case_id, case.prompt, source, rounds, best_round, stop_reason, scorer.name)
+        return NextImage(image, prompt, {"generated": True})
+
+    return step
 
 
 def run_regeneration(
@@ -165,19 +138,13 @@ def run_regeneration(
     out_dir: str | Path,
 ) -> tuple[list[dict], dict]:
     """All cases -> (summaries, aggregate scores); writes summary.jsonl, scores.json, index.html."""
-    from tqdm import tqdm
-
     from legion.data.images import read_image
 
-    summaries = []
-    for case in tqdm(cases, desc="regenerate", unit="case"):
+    def one(case: Case, writer: CaseWriter) -> dict:
         start_image = read_image(case.image_path) if case.image_path else None
-        summaries.append(
-            regenerate_case(case, start_image, analyzer, pipe, reviser, scorer, cfg, CaseWriter(out_dir, case.case_id))
-        )
-    aggregate = write_summary(out_dir, summaries, scorer.name, "regenerate")
-    write_html(out_dir, summaries, aggregate, "LEGION-guided regeneration")
-    return summaries, aggregate
+        return regenerate_case(case, start_image, analyzer, pipe, reviser, scorer, cfg, writer)
+
+    return run_cases(cases, one, out_dir, scorer.name, "regenerate", "LEGION-guided regeneration")
 
 
 def load_generator(cfg: GeneratorConfig, device: str):
