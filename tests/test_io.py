@@ -196,3 +196,13 @@ def test_append_jsonl_round_trip_and_torn_line_repair(tmp_path):
     append_jsonl(path, {"image": "e"})
     with pytest.warns(UserWarning, match=r"line 3\)"):
         assert [r["image"] for r in read_jsonl(path, skip_invalid=True)] == ["a", "b", "d", "e"]
+
+
+def test_infer_resume_reader_keeps_its_tolerance(tmp_path):
+    from legion.infer import read_records
+
+    path = tmp_path / "predictions.part000-of-001.jsonl"
+    assert read_records(path) == []  # not written yet
+    path.write_text('{"image": "a"}\n{"no_image": 1}\n[3]\n{"image": "b"}\n{"image": "c", "x"')
+    with pytest.warns(UserWarning, match="skipped 3"):
+        assert [r["image"] for r in read_records(path)] == ["a", "b"]
