@@ -206,3 +206,61 @@ def test_infer_resume_reader_keeps_its_tolerance(tmp_path):
     path.write_text('{"image": "a"}\n{"no_image": 1}\n[3]\n{"image": "b"}\n{"image": "c", "x"')
     with pytest.warns(UserWarning, match="skipped 3"):
         assert [r["image"] for r in read_records(path)] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- a real command
+
+
+def _eval_inputs(tmp_path):
+    from legion.utils.rle import mask_to_rle
+
+    root = tmp_path / "SynthScars"
+    (root / "test" / "annotations").mkdir(parents=True)
+    (root / "test" / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "test" / "images" / "a.png")
+    caption = "Upon examining the image. I have found: Image a.\nTo elaborate, I have found the following artifacts. "
+    ref = {"sentence": "part", "explanation": "bent.", "bbox": None, "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]}
+    (root / "test" / "annotations" / "test.json").write_text(
+        json.dumps([{"0": {"img_file_name": "a.png", "caption": caption + "part:bent.", "refs": [ref]}}])
+    )
+    mask = np.zeros((20, 30), np.uint8)
+    mask[0:5, 0:10] = 1
+    pred = {"image": "a.png", "width": 30, "height": 20, "verdict": "fake", "fake_prob": None, "explanation": "x"}
+    pred.update(phrases=["part"], masks=[mask_to_rle(mask)], union_mask=mask_to_rle(mask), no_seg=False, error=None)
+    pred_path = tmp_path / "predictions.jsonl"
+    pred_path.write_text(json.dumps(pred) + "\n")
+    return root, pred_path
+
+
+@pytest.mark.parametrize("failure", ["disk full at the rename", "writer dies mid-write"])
+def test_eval_localization_failing_metrics_write_keeps_the_previous_metrics(tmp_path, monkeypatch, failure):
+    from legion.cli import main
+
+    root, pred_path = _eval_inputs(tmp_path)
+    out = tmp_path / "eval"
+    args = ["eval", "localization", "--pred", str(pred_path), "--gt", str(root), "--dataset", "synthscars"]
+    args += ["--out", str(out), "--workers", "1", "--no-plots"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"metrics.json", "per_image.jsonl", "table.md"} <= set(before)
+
+    if failure == "disk full at the rename":
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(dst).name == "metrics.json":
+                raise OSError(28, "No space left on device")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(lio.os, "replace", replace)
+        with pytest.raises(OSError, match="No space left"):
+            main([*args, "--both-empty", "zero"])  # different protocol: a different metrics.json
+    else:
+
+        def fsync(fd):  # the data is in the temporary file, then the writer raises (not an OSError)
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(lio.os, "fsync", fsync)
+        assert main([*args, "--both-empty", "zero"]) == 2  # `legion eval` reports RuntimeError itself
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # metrics.json untouched, nothing new
+    assert _leftovers(tmp_path) == []
