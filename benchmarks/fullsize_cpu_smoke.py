@@ -32,6 +32,7 @@ from legion.model import conversation as conv
 from legion.model.builders import FP32_MODULES, build_config
 from legion.model.legion import LegionForCausalLM
 from legion.model.tokenizer import build_tiny_tokenizer
+from legion.utils.io import atomic_write_json, atomic_write_text
 
 
 def peak_rss_gb() -> float:
@@ -170,7 +171,7 @@ def main() -> None:
         return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fullsize_cpu_smoke.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out_dir / "fullsize_cpu_smoke.json", result)
     lines = [
         "# Full-size (legion_7b) CPU smoke run",
         "",
@@ -185,7 +186,7 @@ def main() -> None:
         f"Total {result['total_seconds']} s; peak resident memory {result['peak_rss_gb']} GB.",
         "Losses: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()),
     ]
-    (out_dir / "fullsize_cpu_smoke.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "fullsize_cpu_smoke.md", "\n".join(lines) + "\n")
     print(f"wrote {out_dir}/fullsize_cpu_smoke.json and .md")
 
 
