@@ -38,6 +38,7 @@ from legion.data.synthscars import (  # noqa: E402
     records_to_json,
 )
 from legion.data.toy import caption_corpus  # noqa: E402
+from legion.utils.io import atomic_write_text  # noqa: E402
 
 
 def make_jpeg_dataset(root: Path, num_images: int, size: int = 1024, seed: int = 0) -> None:
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         "torch_threads_per_worker": args.torch_threads,
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=1))
+        atomic_write_text(args.json, json.dumps(info, indent=1))
     print(json.dumps({k: v for k, v in info.items() if k != "results"}))
     return 0
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from legion.data.images import read_image  # noqa: E402
 from legion.infer import Analyzer, list_images  # noqa: E402
+from legion.utils.io import atomic_write_json  # noqa: E402
 from legion.utils.rle import rle_to_mask  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

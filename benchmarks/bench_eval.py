@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from legion.eval.ground_truth import GroundTruthItem, polygons_to_rle, read_predictions  # noqa: E402
 from legion.eval.localization import evaluate_localization  # noqa: E402
+from legion.utils.io import atomic_write_json  # noqa: E402
 from legion.utils.rle import rle_to_mask  # noqa: E402
 
 
@@ -176,8 +177,7 @@ def main() -> int:
     if args.rouge_pairs:
         results["rouge"] = bench_rouge(args.rouge_pairs, args.seed)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_json(args.out, results, indent=1)
         print(f"wrote {args.out}")
     return 0
 

@@ -15,7 +15,6 @@ writes benchmarks/results/bench_generate.json. Sizes: `tiny` is the test preset 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from legion.model import conversation as conv
 from legion.model.builders import build_config, build_model, tiny_tokenizer
 from legion.model.preprocessing import clip_preprocess, sam_preprocess
+from legion.utils.io import atomic_write_json
 
 MID = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
 
@@ -113,8 +113,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -31,6 +31,7 @@ from legion.model import conversation as conv
 from legion.model.builders import FP32_MODULES, build_config, tiny_tokenizer
 from legion.model.legion import LegionForCausalLM
 from legion.model.preprocessing import clip_preprocess, sam_preprocess
+from legion.utils.io import atomic_write_json, atomic_write_text
 
 
 def peak_rss_gb() -> float:
@@ -169,7 +170,7 @@ def main() -> None:
         return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fullsize_cpu_smoke.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out_dir / "fullsize_cpu_smoke.json", result)
     lines = [
         "# Full-size (legion_7b) CPU smoke run",
         "",
@@ -184,7 +185,7 @@ def main() -> None:
         f"Total {result['total_seconds']} s; peak resident memory {result['peak_rss_gb']} GB.",
         "Losses: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()),
     ]
-    (out_dir / "fullsize_cpu_smoke.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "fullsize_cpu_smoke.md", "\n".join(lines) + "\n")
     print(f"wrote {out_dir}/fullsize_cpu_smoke.json and .md")
 
 

@@ -57,6 +57,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 from legion.model import conversation as conv  # noqa: E402
 from legion.model.builders import FP32_MODULES, build_config, tiny_tokenizer  # noqa: E402
 from legion.model.preprocessing import clip_preprocess, sam_preprocess  # noqa: E402
+from legion.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM and H200: 989 TFLOP/s bf16 dense (no sparsity)
 TARGETS = {"no_oom_micro_batch": 2, "mfu": 0.35, "cache_speedup": 10.0}
@@ -906,7 +907,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {t['target']} | {fmt(t['measured'])} | "
             f"{'n/a (needs legion_7b on a GPU)' if t['met'] is None else ('yes' if t['met'] else 'no')} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -1166,7 +1167,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"{device.type}_{args.preset}"
-    (out / f"gpu_full_size_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / f"gpu_full_size_{tag}.json", result)
     write_markdown(result, out / f"gpu_full_size_{tag}.md")
     print(f"wrote {out}/gpu_full_size_{tag}.json and .md")
     return 0

@@ -19,6 +19,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from legion.utils.io import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -121,9 +123,7 @@ def save_resolved_config(cfg: Any, out_dir: str | os.PathLike, name: str = "conf
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    os.replace(tmp, target)
+    atomic_write_text(target, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     return target
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from legion.utils.io import atomic_write_text, read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 GALLERY_FAKE, GALLERY_REAL = 12, 4
 
@@ -70,7 +72,7 @@ class Stages:
                     "and re-run: finished stages are reused"
                 )
         seconds = time.perf_counter() - start
-        marker.write_text(self._chain)
+        atomic_write_text(marker, self._chain)
         self.timings.append((name, seconds, False))
         print(f"{title}: {seconds:.0f} s", flush=True)
 
@@ -270,12 +272,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def write_demo_report(out: Path) -> tuple[Path, Path]:
     """Build report.html / report.md from the demo's saved outputs (never from a live model)."""
     from legion.data.images import read_image
@@ -328,7 +324,8 @@ def write_demo_report(out: Path) -> tuple[Path, Path]:
     records, _ = load_annotations(find_annotation_file(data, "test"))
     gt_by_name = {r.img_file_name: r for r in records}
     gallery = []
-    for rec in _read_jsonl(out / "predictions" / "predictions.jsonl")[:GALLERY_FAKE]:
+    fake_preds, real_preds = out / "predictions" / "predictions.jsonl", out / "predictions_real" / "predictions.jsonl"
+    for rec in (read_jsonl(fake_preds, require=("image",)) if fake_preds.is_file() else [])[:GALLERY_FAKE]:
         image = read_image(data / "test" / "images" / rec["image"])
         h, w = image.shape[:2]
         masks = [rle_to_mask(m) for m in rec.get("masks") or []]
@@ -339,7 +336,7 @@ def write_demo_report(out: Path) -> tuple[Path, Path]:
             for ref in gt.refs:
                 gt_mask |= rasterize_polygons(ref.polygons, h, w)
         gallery.append(GalleryItem(image, rec, masks, gt_mask, f"fake: {rec['image']}"))
-    for rec in _read_jsonl(out / "predictions_real" / "predictions.jsonl")[:GALLERY_REAL]:
+    for rec in (read_jsonl(real_preds, require=("image",)) if real_preds.is_file() else [])[:GALLERY_REAL]:
         image = read_image(data / "detection" / "test" / "toyscars" / "0_real" / rec["image"])
         masks = [rle_to_mask(m) for m in rec.get("masks") or []]
         gallery.append(GalleryItem(image, rec, masks, None, f"real: {rec['image']}"))

@@ -11,7 +11,6 @@ renders offline and can be copied as one folder.
 from __future__ import annotations
 
 import html
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from legion.utils.io import atomic_path, atomic_write_text, read_jsonl
 
 # Distinct, colour-blind friendly colours (Okabe-Ito + extras), RGB.
 PALETTE = [
@@ -148,15 +149,7 @@ def plot_loss_curve(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
-    with open(log_jsonl) as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+    rows = read_jsonl(log_jsonl, skip_invalid=True)  # a run killed mid-write leaves a torn line
     keys = [k for k in keys if any(k in r for r in rows)]
     rows = [r for r in rows if "step" in r and any(k in r for k in keys)]
     if not rows:
@@ -173,8 +166,8 @@ def plot_loss_curve(
     ax.legend(frameon=False)
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return out_png
 
@@ -195,8 +188,8 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp)
 
 
 def write_report(
@@ -263,10 +256,10 @@ def write_report(
         f"</p><div class='gallery'>{''.join(cards_html)}</div></body></html>"
     )
     html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(page)
+    atomic_write_text(html_path, page)
     md = [f"# {title}", "", intro, "", "## Metrics", ""] + [_table_md(t) for t in tables]
     if curve:
         md += ["## Training loss", "", "![loss](report_assets/loss_curve.png)", ""]
     md += ["## Gallery", ""] + cards_md
-    md_path.write_text("\n".join(md) + "\n")
+    atomic_write_text(md_path, "\n".join(md) + "\n")
     return html_path, md_path

@@ -35,6 +35,7 @@ from torch import nn
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config
 from legion.utils.devices import resolve_device, resolve_dtype
+from legion.utils.io import append_jsonl, atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
 RESOLVED_CONFIG = "infer_config.yaml"
@@ -458,13 +459,6 @@ def output_subdir(output_dir: Path, key: str) -> Path:
 
 
 # --- writers ----------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _atomic_save_png(path: Path, array: np.ndarray, mode: str) -> None:
     import io
 
@@ -472,7 +466,7 @@ def _atomic_save_png(path: Path, array: np.ndarray, mode: str) -> None:
 
     buf = io.BytesIO()
     Image.fromarray(array, mode=mode).save(buf, format="PNG")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def overlay_image(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.5) -> np.ndarray:
@@ -512,7 +506,7 @@ def write_image_files(
     union = rle_to_mask(record["union_mask"])
     if cfg.save_reference_layout:
         name = f"{image_dir.rstrip('/')}/{key}" if image_dir and not Path(key).is_absolute() else key
-        _atomic_write_bytes(sub / "explanation.json", json.dumps({name: record["explanation"]}, indent=4).encode())
+        atomic_write_text(sub / "explanation.json", json.dumps({name: record["explanation"]}, indent=4))
         _atomic_save_png(sub / "mask.png", union * 255, "L")
     if cfg.save_phrase_masks:
         for i, mask in enumerate(masks):
@@ -522,41 +516,9 @@ def write_image_files(
 
 
 def read_records(path: Path) -> list[dict]:
-    """Records of a JSONL file; a torn last line (crash mid-write) is ignored."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "image" in record:
-            records.append(record)
-    return records
-
-
-class JsonlAppender:
-    """Append one JSON line per record; flushed and fsynced so a crash loses at most one line."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file() and path.stat().st_size:  # make sure a torn last line does not swallow the next
-            with open(path, "rb") as fh:
-                fh.seek(-1, os.SEEK_END)
-                needs_newline = fh.read(1) != b"\n"
-            if needs_newline:
-                with open(path, "a") as fh:
-                    fh.write("\n")
-        self._fh = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
+    """Records (with an "image" field) of predictions.jsonl or a part file; [] when it does not exist.
+    Lines a crash tore (part files grow by `append_jsonl`) are skipped with a warning."""
+    return read_jsonl(path, require=("image",), skip_invalid=True) if path.is_file() else []
 
 
 def part_path(output_dir: Path, rank: int, world: int) -> Path:
@@ -573,8 +535,7 @@ def merge_parts(output_dir: Path, order: Sequence[str]) -> int:
             latest[record["image"]] = record
     position = {key: i for i, key in enumerate(order)}
     keys = sorted(latest, key=lambda k: (position.get(k, len(position)), k))
-    text = "".join(json.dumps(latest[k], ensure_ascii=False) + "\n" for k in keys)
-    _atomic_write_bytes(output_dir / PREDICTIONS, text.encode("utf-8"))
+    atomic_write_jsonl(output_dir / PREDICTIONS, [latest[k] for k in keys], ensure_ascii=False)
     for part in parts:
         part.unlink()
     return len(keys)
@@ -675,7 +636,7 @@ def run_inference(
         return all(p.is_file() for p in expected_files(cfg, output_dir, key, record))
 
     todo = [(key, path) for key, path in mine if not complete(key)]
-    writer = JsonlAppender(part_path(output_dir, rank, world))
+    part = part_path(output_dir, rank, world)
     counts = {
         "images": len(items),
         "this_rank": len(mine),
@@ -717,14 +678,13 @@ def run_inference(
                     write_image_files(cfg, output_dir, key, record, images.get(key), cfg.image_dir or None)
                 except OSError as exc:
                     record.update(verdict="error", error=f"could not write outputs: {exc}")
-                writer.write(record)
+                append_jsonl(part, record)
                 counts[record["verdict"]] += 1
                 counts["no_seg"] += bool(record["no_seg"])
                 counts["mismatch"] += bool(record["mismatch"])
                 bar.update(1)
     finally:
         bar.close()
-        writer.close()
     if not explicit:
         _barrier(world)
     summary = {
@@ -737,7 +697,7 @@ def run_inference(
     }
     if rank == 0:
         summary["records"] = merge_parts(output_dir, order)
-        _atomic_write_bytes(output_dir / SUMMARY, json.dumps(summary, indent=2).encode())
+        atomic_write_text(output_dir / SUMMARY, json.dumps(summary, indent=2))
     if own_group:
         import torch.distributed as dist
 

@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from legion.utils.io import atomic_path, atomic_write_text
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Keys never carried into a merged model: CLIP is loaded from its own folder (docs/model.md §13.2),
@@ -151,7 +153,7 @@ def save_safetensors(
     `out` ending in `.safetensors`: one file (any size). Otherwise a directory with `model.safetensors`, or
     `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when larger than
     `max_shard_bytes`. Tensors are copied to contiguous private storage (safetensors refuses views
-    that share memory); files appear atomically (written as *.tmp, then renamed).
+    that share memory); files appear atomically (legion.utils.io: temporary name, then renamed).
     """
     out = Path(out)
     meta = {"format": "pt", **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}}
@@ -179,15 +181,15 @@ def save_safetensors(
             else [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
     for name, shard_keys in zip(names, shards):
-        tmp = name.with_name(name.name + ".tmp")
-        save_file({k: state[k].detach().to("cpu").contiguous().clone() for k in shard_keys}, str(tmp), metadata=meta)
-        os.replace(tmp, name)
+        shard = {k: state[k].detach().to("cpu").contiguous().clone() for k in shard_keys}
+        with atomic_path(name) as tmp:
+            save_file(shard, str(tmp), metadata=meta)
     if len(names) > 1:
         index = {
             "metadata": {"total_size": sum(state[k].numel() * state[k].element_size() for k in keys)},
             "weight_map": {k: names[i].name for i, ks in enumerate(shards) for k in ks},
         }
-        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        atomic_write_text(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
     return names
 
 
@@ -380,7 +382,7 @@ def step2(
         "dtype": dtype,
         "missing_keys_kept_from_base": missing,
     }
-    (out_dir / "merge_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out_dir / "merge_report.json", json.dumps(report, indent=2))
     return report
 
 

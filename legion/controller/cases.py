@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from legion.utils.io import atomic_path, atomic_write_text
+
 
 class CaseError(ValueError):
     """An input file or entry the controller cannot use."""
@@ -199,10 +201,10 @@ def has_artifact(record: dict, union: np.ndarray) -> bool:
 def save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     if array.ndim == 2:  # {0,1} mask -> 0/255 grey
         array = (array > 0).astype(np.uint8) * 255
-    Image.fromarray(array).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp)
 
 
 class CaseWriter:
@@ -228,7 +230,7 @@ class CaseWriter:
         folder = self.case_dir / f"round_{index:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         save_png(image, folder / "image.png")
-        (folder / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
+        atomic_write_text(folder / "prompt.txt", prompt + "\n")
         save_png(union, folder / "mask_union.png")
         for k, mask in enumerate(phrase_masks):
             save_png(mask, folder / f"mask_{k:02d}.png")
@@ -248,7 +250,7 @@ class CaseWriter:
             **facts,
         }
         analysis = {"round": entry, "record": record}
-        (folder / "analysis.json").write_text(json.dumps(analysis, indent=2, default=_json_default), encoding="utf-8")
+        atomic_write_text(folder / "analysis.json", json.dumps(analysis, indent=2, default=_json_default))
         return entry
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from legion.controller.scoring import growth_rates
+from legion.utils.io import atomic_write_jsonl, atomic_write_text
 
 GROWTH_NOTE = (
     "mean_of_ratios = mean over images of (post - pre) / pre (probably the paper's 'growth rate'); "
@@ -76,11 +77,9 @@ def write_summary(out_dir: str | Path, summaries: Sequence[dict], scorer: str, c
     """Write summary.jsonl + scores.json; return the aggregate."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "summary.jsonl", "w", encoding="utf-8") as fh:
-        for summary in summaries:
-            fh.write(json.dumps(summary) + "\n")
+    atomic_write_jsonl(out_dir / "summary.jsonl", summaries)
     aggregate = aggregate_scores(summaries, scorer, command)
-    (out_dir / "scores.json").write_text(json.dumps(aggregate, indent=2), encoding="utf-8")
+    atomic_write_text(out_dir / "scores.json", json.dumps(aggregate, indent=2))
     return aggregate
 
 
@@ -143,5 +142,5 @@ def write_html(out_dir: str | Path, summaries: Sequence[dict], aggregate: dict, 
         )
     parts.append("</body></html>")
     path = out_dir / "index.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    atomic_write_text(path, "\n".join(parts))
     return path

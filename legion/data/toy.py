@@ -45,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from legion.data.synthscars import MARKER, PREFIX, rasterize_polygons
+from legion.utils.io import atomic_write_bytes, atomic_write_text
 
 CONTENT_TYPES = ("human", "animal", "object", "scene")
 CATEGORIES = ("structure", "distortion", "physics")
@@ -691,7 +692,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
-    path.write_bytes(data.tobytes())
+    atomic_write_bytes(path, data.tobytes())
 
 
 def _make_one(job) -> tuple[int, dict]:
@@ -743,8 +744,7 @@ def make_toy_data(
         else:
             results = [_make_one(job) for job in tqdm(jobs, disable=not progress, desc=f"ToyScars {split}")]
         records = [entry for _, entry in sorted(results, key=lambda r: r[0])]
-        with open(out / split / "annotations" / f"{split}.json", "w", encoding="utf-8") as fh:
-            json.dump(records, fh, indent=1)
+        atomic_write_text(out / split / "annotations" / f"{split}.json", json.dumps(records, indent=1))
         counts[split] = {"images": count, "refs": sum(len(next(iter(r.values()))["refs"]) for r in records)}
     meta = {
         "dataset": "ToyScars",
@@ -756,7 +756,7 @@ def make_toy_data(
         "content_types": list(CONTENT_TYPES),
         "artifact_categories": list(CATEGORIES),
     }
-    (out / "toyscars.json").write_text(json.dumps(meta, indent=1))
+    atomic_write_text(out / "toyscars.json", json.dumps(meta, indent=1))
     return out
 
 

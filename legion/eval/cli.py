@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from legion.eval.ground_truth import DATASETS, GT_RASTERS
+from legion.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 LOC_METRIC_CHOICES = ("miou", "f1", "fg_iou", "fg_f1", "global_fg_iou", "global_fg_f1", "giou", "ciou")
 
@@ -252,16 +253,6 @@ def _perturbations(predictions, pred_path=None) -> list:
     return [json.loads(s) for s in sorted(seen)]
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def _finish(args, out: Path, metrics: dict, kind: str, table_metrics=None) -> None:
     from legion.eval.report import Run, build_table, write_tables
 
@@ -302,9 +293,9 @@ def _run_localization(args) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics, ensure_ascii=False)
     rows = result.per_image_rows()
-    _write_jsonl(out / "per_image.jsonl", rows)
+    atomic_write_jsonl(out / "per_image.jsonl", rows, ensure_ascii=False)
     if not args.no_plots:
         plot_category_bars(metrics, out / "category_bars.png")
         plot_iou_histogram(rows, out / "iou_histogram.png")
@@ -337,8 +328,8 @@ def _run_explanation(args) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "metrics.json", metrics)
-    _write_jsonl(out / "per_image.jsonl", result.rows)
+    atomic_write_json(out / "metrics.json", metrics, ensure_ascii=False)
+    atomic_write_jsonl(out / "per_image.jsonl", result.rows, ensure_ascii=False)
     if metrics["overall"]["num_images"] == 0:
         print("note: no ground-truth image has a reference text")
     _finish(args, out, metrics, "explanation")
@@ -351,7 +342,7 @@ def _run_detection(args) -> int:
 
     if not Path(args.pred).is_file():
         raise FileNotFoundError(f"--pred {args.pred}: no such file")
-    records = read_predictions(args.pred) if _has_image_field(args.pred) else _read_jsonl(args.pred)
+    records = read_predictions(args.pred) if _has_image_field(args.pred) else read_jsonl(args.pred)
     missing = []
     if not all("subset" in r and "is_fake" in r for r in records):
         if args.gt is None:
@@ -375,8 +366,8 @@ def _run_detection(args) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "metrics.json", metrics)
-    _write_jsonl(out / "per_image.jsonl", records)
+    atomic_write_json(out / "metrics.json", metrics, ensure_ascii=False)
+    atomic_write_jsonl(out / "per_image.jsonl", records, ensure_ascii=False)
     if missing or unscored:
         print(
             f"note: {len(missing)} images of --gt have no prediction and {len(unscored)} records have no "
@@ -392,11 +383,6 @@ def _has_image_field(path) -> bool:
             if line.strip():
                 return "image" in json.loads(line)
     return False
-
-
-def _read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _join_detection_gt(records: list[dict], gt: str, data_base: str | None) -> tuple[list[dict], list[str]]:
@@ -448,6 +434,5 @@ def _run_compare(args) -> int:
     except BrokenPipeError:  # `legion eval compare ... | head`
         sys.stderr.close()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
+        atomic_write_text(args.out, text)
     return 0

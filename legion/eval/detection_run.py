@@ -27,6 +27,7 @@ import torch
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 from legion.data.detection import list_detection_images, summarize
+from legion.utils.io import atomic_write_json, atomic_write_jsonl
 
 
 @dataclass
@@ -171,9 +172,7 @@ def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
     t0 = time.time()
     records = predict(detector, items, cfg, progress=progress)
     seconds = time.time() - t0
-    with open(out / "predictions.jsonl", "w") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
+    atomic_write_jsonl(out / "predictions.jsonl", records)
     scored = [r for r in records if r["fake_prob"] is not None]
     if not scored:
         raise RuntimeError(f"{cfg.data.test}: no readable images")
@@ -187,7 +186,7 @@ def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
         "seconds": round(seconds, 3),
         "config": to_dict(cfg),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    atomic_write_json(out / "metrics.json", summary, default=float)
     return summary
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from legion.utils.io import read_jsonl
 from legion.utils.rle import mask_to_rle, rle_size, rle_union
 
 DATASETS = ("synthscars", "loki", "richhf")
@@ -362,20 +363,7 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         return read_reference_layout(path)
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
-            if not isinstance(rec, dict) or "image" not in rec:
-                raise ValueError(f"{path}:{lineno}: a prediction record needs an 'image' field")
-            records.append(rec)
-    return records
+    return read_jsonl(path, require=("image",))
 
 
 def read_reference_layout(folder: str | os.PathLike) -> list[dict]:

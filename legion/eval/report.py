@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from legion.eval.paper_results import DETECTION_COLUMNS, EXPLANATION_COLUMNS, LOCALIZATION_COLUMNS, paper_rows
+from legion.utils.io import atomic_path, atomic_write_text
 
 KINDS = ("localization", "explanation", "detection")
 DATASET_COLUMN = {"synthscars": "SynthScars", "loki": "LOKI", "richhf": "RichHF-18K"}
@@ -368,7 +369,7 @@ def write_tables(table: Table, out_dir: str | os.PathLike, stem: str = "table") 
     written = []
     for ext, fmt in (("md", "md"), ("csv", "csv"), ("json", "json")):
         path = out_dir / f"{stem}.{ext}"
-        path.write_text(table.render(fmt), encoding="utf-8")
+        atomic_write_text(path, table.render(fmt))
         written.append(path)
     return written
 
@@ -411,7 +412,8 @@ def plot_category_bars(
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=120)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return out_png
 
@@ -430,6 +432,7 @@ def plot_iou_histogram(per_image_rows: Sequence[dict], out_png: str | os.PathLik
     ax.legend(fontsize=8)
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=120)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return out_png

@@ -36,6 +36,7 @@ from legion.model import checkpoint_keys as ck
 from legion.model import conversation as conv
 from legion.model.configuration import CLIP_L14_336, REGION_ENCODER_GLAMM, SAM_VIT_H, LegionConfig
 from legion.model.tokenizer import build_tiny_tokenizer, load_tokenizer, prompt_corpus
+from legion.utils.io import atomic_path
 
 __all__ = [
     "PRESETS",
@@ -246,7 +247,8 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, save_vision_tower: 
         _save_clip_image_processor(out_dir / VISION_TOWER_DIRNAME, tower.config.image_size)
         config.mm_vision_tower = VISION_TOWER_DIRNAME
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not ck.VISION_TOWER_KEY.match(k)}
-    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     config.architectures = ["LegionForCausalLM"]
     config.save_pretrained(out_dir)
     if tokenizer is not None:
@@ -276,7 +278,8 @@ def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     model = build_model(config, seed=seed)
     out = save_model(model, tokenizer, out_dir)
     sam_state = {k: v.detach().clone() for k, v in model.model.grounding_encoder.state_dict().items()}
-    torch.save(sam_state, out / TINY_SAM_CHECKPOINT)
+    with atomic_path(out / TINY_SAM_CHECKPOINT) as tmp:
+        torch.save(sam_state, tmp)
     return out
 
 

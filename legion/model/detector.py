@@ -40,6 +40,7 @@ from transformers import CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
 from legion.model.preprocessing import CLIP_MEAN, CLIP_STD, clip_preprocess
+from legion.utils.io import atomic_path, atomic_write_json
 
 FAKE_INDEX = 0  # reference class index of "fake"
 REAL_INDEX = 1  # reference class index of "real"
@@ -256,12 +257,9 @@ class RealFakeDetector(nn.Module):
         meta = self.metadata(out)
         if extra:
             meta["training"] = extra
-        tmp = out / (HEAD_FILE + ".tmp")
-        save_file(self.head_state_dict(), str(tmp), metadata={"format": FORMAT_NAME})
-        os.replace(tmp, out / HEAD_FILE)
-        tmp_meta = out / (META_FILE + ".tmp")
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp_meta, out / META_FILE)
+        with atomic_path(out / HEAD_FILE) as tmp:
+            save_file(self.head_state_dict(), str(tmp), metadata={"format": FORMAT_NAME})
+        atomic_write_json(out / META_FILE, meta)
         return out
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from legion.model import conversation as conv
+from legion.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +245,7 @@ class LegionTokenizer:
         written = []
         for name, data in contents.items():
             path = out_dir / name
-            if isinstance(data, bytes):
-                path.write_bytes(data)
-            else:
-                path.write_text(data, encoding="utf-8")
+            atomic_write_bytes(path, data if isinstance(data, bytes) else data.encode("utf-8"))
             written.append(path)
         return written
 

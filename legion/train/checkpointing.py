@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from legion.utils.io import atomic_write_text
+
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 PARTIAL_SUFFIX = ".tmp"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -90,15 +92,6 @@ def _any_rank_failed(failed: bool) -> bool:
         flag = flag.cuda()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointManager:
@@ -170,7 +163,7 @@ class CheckpointManager:
             partial_dir = self.ckpt_dir / partial_tag
             torch.save(capture_rng_state(), partial_dir / f"rng_state_rank{rank}.pt")
             if rank == 0:
-                _write_text_atomic(partial_dir / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=2))
+                atomic_write_text(partial_dir / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=2))
         except OSError as exc:
             error = exc
         if _any_rank_failed(error is not None):
@@ -190,7 +183,7 @@ class CheckpointManager:
             if final_dir.exists():  # re-saving a step (e.g. resumed exactly at a save point)
                 shutil.rmtree(final_dir)
             os.replace(self.ckpt_dir / partial_tag, final_dir)
-            _write_text_atomic(self.ckpt_dir / "latest", tag)
+            atomic_write_text(self.ckpt_dir / "latest", tag)
             self._prune(keep=tag)
         _barrier()
         return self.ckpt_dir / tag

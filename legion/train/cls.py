@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 from legion.data.detection import DetectionItem, is_fake_to_reference_index, list_detection_images, summarize
 from legion.utils.devices import resolve_device, resolve_dtype
+from legion.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 # --- config ------------------------------------------------------------------------------------
 
@@ -163,12 +164,9 @@ class FeatureCache:
             index += 1
         stem = self.directory / f"shard_{index:05d}"
         keys = list(self._pending)
-        tmp = stem.with_suffix(".safetensors.tmp")
-        save_file({"features": torch.stack([self._pending[k] for k in keys])}, str(tmp))
-        os.replace(tmp, stem.with_suffix(".safetensors"))
-        tmp_keys = stem.with_suffix(".keys.json.tmp")
-        tmp_keys.write_text(json.dumps(keys))
-        os.replace(tmp_keys, stem.with_suffix(".keys.json"))
+        with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+            save_file({"features": torch.stack([self._pending[k] for k in keys])}, str(tmp))
+        atomic_write_text(stem.with_suffix(".keys.json"), json.dumps(keys))
         self._pending.clear()
 
 
@@ -535,7 +533,7 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
         "feature_seconds": round(feature_seconds, 3),
         "detector_dir": str(out),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "metrics.json", summary)
     logger.event("done", result["steps"], {k: v for k, v in summary.items() if k != "history"})
     logger.close()
     return summary

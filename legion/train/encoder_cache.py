@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from legion.utils.io import atomic_path, atomic_write_text
+
 KINDS = ("clip", "sam")
 
 
@@ -67,9 +69,7 @@ class FrozenEncoderCache:
         self.root.mkdir(parents=True, exist_ok=True)
         meta = self.root / "fingerprint.json"
         if not meta.exists():
-            tmp = meta.with_name(f"fingerprint.json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-            os.replace(tmp, meta)
+            atomic_write_text(meta, json.dumps(fingerprint, indent=2, sort_keys=True))
         self._content_hashes: dict[tuple[str, int, int], str] = {}
         self.hits = {kind: 0 for kind in KINDS}
         self.misses = {kind: 0 for kind in KINDS}
@@ -97,10 +97,8 @@ class FrozenEncoderCache:
 
     def put(self, kind: str, key: str, value: torch.Tensor) -> None:
         path = self._path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"value": value.detach().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"value": value.detach().cpu().contiguous()}, str(tmp))
 
 
 class CachedFrozenEncoders:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
+from legion.utils.io import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -532,8 +533,8 @@ def train(cfg: TrainConfig) -> dict:
     }
     if rank == 0:
         save_resolved_config(cfg, out_dir)
-        (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        (out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
+        atomic_write_text(out_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+        atomic_write_text(out_dir / "run_info.json", json.dumps(run_info, indent=2))
 
     ckpt = CheckpointManager(
         out_dir / "checkpoints",
