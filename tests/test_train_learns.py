@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FG_IOU_FLOOR = 20.0  # measured 33.5 with this short run (ROUGE-L 63.9); 24.1 before the SAM encoder's own lr
+# Measured with this short run (seed-0 tiny model, 12 epochs = 192 steps): fg IoU 43.7, every answer with its one
+# [SEG]. With the reference tokenization 8 epochs were too few: the 2-layer LLM still looped
+# ("</p> [SEG] :The area ... </p> [SEG]"), fg IoU 15.6 (33.5 with the old tokenization at 8 epochs).
+FG_IOU_FLOOR = 20.0
 
 
 def _run(args, **kwargs):
@@ -48,7 +51,7 @@ def test_tiny_training_learns_explanations(tiny_model_dir, tmp_path):
             f"data.root={data}",
             f"output_dir={run}",
             "data.val_size=8",
-            "schedule.epochs=8",
+            "schedule.epochs=12",
             "validation.every_steps=1000",
             "checkpoint.every_steps=1000",
             "logging.progress=false",
@@ -56,7 +59,7 @@ def test_tiny_training_learns_explanations(tiny_model_dir, tmp_path):
     )
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     train = [r for r in log if r["event"] == "train"]
-    assert len(train) == 8 * 16 and train[-1]["ce_loss"] < 0.5 * train[0]["ce_loss"]
+    assert len(train) == 12 * 16 and train[-1]["ce_loss"] < 0.5 * train[0]["ce_loss"]
 
     _run(
         [
