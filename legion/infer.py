@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config
+from legion.errors import UsageError
 from legion.utils.devices import resolve_device, resolve_dtype
 
 PREDICTIONS = "predictions.jsonl"
@@ -57,8 +58,8 @@ OVERLAY_COLORS = np.array(
 DTYPE_POLICIES = ("reference", "fp32_grounding")
 
 
-class InferError(RuntimeError):
-    """Bad inference input or setup (missing paths, missing optional package), with the reason."""
+class InferError(UsageError, RuntimeError):
+    """Bad inference input or setup (missing paths, missing optional package), with the reason (exit code 2)."""
 
 
 # --- config -------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from legion.errors import LegionError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Keys never carried into a merged model: CLIP is loaded from its own folder (docs/model.md §13.2),
@@ -34,7 +36,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DROP_KEY_PATTERNS = (re.compile(r"(^|\.)vision_tower\."), re.compile(r"rotary_emb\.inv_freq$"))
 
 
-class MergeError(RuntimeError):
+class MergeError(LegionError, RuntimeError):
     """A checkpoint or weights file that cannot be merged, with the reason."""
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from legion.errors import UsageError
 
-class CaseError(ValueError):
-    """An input file or entry the controller cannot use."""
+
+class CaseError(UsageError, ValueError):
+    """An input file or entry the controller cannot use (exit code 2)."""
 
 
 @dataclass

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legion.errors import LegionError
+
 TASKS = ("text2img", "inpaint")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class PipelineLoadError(RuntimeError):
+class PipelineLoadError(LegionError, RuntimeError):
     """A pipeline directory that is missing or that diffusers cannot load."""
 
 

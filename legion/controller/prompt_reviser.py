@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from legion.errors import LegionError
+
 BACKENDS = ("openai", "local", "template")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,7 +45,7 @@ SYSTEM_PROMPT = (
 )
 
 
-class ReviserError(RuntimeError):
+class ReviserError(LegionError, RuntimeError):
     """A reviser backend that cannot be set up or that keeps failing."""
 
 

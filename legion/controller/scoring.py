@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legion.errors import LegionError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SCORER_KINDS = ("hps_v2.1", "clip", "image_reward")
 
 
-class ScorerLoadError(RuntimeError):
+class ScorerLoadError(LegionError, RuntimeError):
     """Missing weights or a missing optional package for a scorer."""
 
 

@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils
 
 from legion.data.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_image_size
 from legion.data.transforms import clip_preprocess, sam_preprocess
+from legion.errors import LegionError
 from legion.model.conversation import GCG_QUESTION, IGNORE_INDEX, SEG, encode_conversation, tag_phrase
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,11 @@ class AnnotationReport:
         return [p for p in self.problems if p.severity == "warning"]
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(LegionError, ValueError):
     """The annotation file as a whole is unusable (not JSON, not a list)."""
 
 
-class PathEscapeError(ValueError):
+class PathEscapeError(LegionError, ValueError):
     """An annotation's image name would leave the data root."""
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from legion.errors import LegionError
 from legion.model import checkpoint_keys as ck
 from legion.model import conversation as conv
 from legion.model.configuration import CLIP_L14_336, REGION_ENCODER_GLAMM, SAM_VIT_H, LegionConfig
@@ -319,7 +320,7 @@ def _prefix(key: str, depth: int = 3) -> str:
     return ".".join(key.split(".")[:depth]) + "."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LegionError, ValueError):
     """A checkpoint that does not fit the model (shape mismatch, missing or unexpected keys)."""
 
 

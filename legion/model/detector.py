@@ -40,6 +40,7 @@ from transformers import CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
 from legion.data.transforms import CLIP_MEAN, CLIP_STD, clip_preprocess
+from legion.errors import LegionError
 
 FAKE_INDEX = 0  # reference class index of "fake"
 REAL_INDEX = 1  # reference class index of "real"
@@ -50,7 +51,7 @@ META_FILE = "detector.json"
 HEAD_INIT_STD = 0.02  # HF default init (initializer_range) for a head that no checkpoint provides
 
 
-class DetectorLoadError(RuntimeError):
+class DetectorLoadError(LegionError, RuntimeError):
     """A detector checkpoint or backbone that cannot be used as asked."""
 
 
