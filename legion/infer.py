@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config
-from legion.errors import UsageError
+from legion.errors import UsageError, require_path
 from legion.utils.devices import resolve_device, resolve_dtype
 
 PREDICTIONS = "predictions.jsonl"
@@ -757,15 +757,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from legion.model.builders import CheckpointError
-    from legion.model.detector import DetectorLoadError
-
-    try:
-        cfg = load_config(InferConfig, args.config, args.overrides)
-        summary = run_inference(cfg)
-    except (ConfigError, InferError, CheckpointError, DetectorLoadError, FileNotFoundError) as exc:
-        print(f"legion infer: error: {exc}")
-        return 2
+    cfg = load_config(InferConfig, args.config, args.overrides)
+    if cfg.detector_path:
+        require_path(cfg.detector_path, "detector_path", "dir")
+    summary = run_inference(cfg)
     if summary.get("records") is not None:
         print(
             f"{summary['images']} images ({summary['resumed']} already done on this rank): {summary['fake']} fake, "

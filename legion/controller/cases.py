@@ -108,7 +108,10 @@ def read_cases(
                 except json.JSONDecodeError as exc:
                     raise CaseError(f"{path}:{number}: not JSON: {exc}") from None
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CaseError(f"{path}: not JSON: {exc}") from None
         if isinstance(data, dict):
             entries = [{"image": k, "prompt": v} for k, v in data.items()]
         elif isinstance(data, list):

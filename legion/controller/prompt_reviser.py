@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from legion.config import ConfigError
 from legion.errors import LegionError
 
 BACKENDS = ("openai", "local", "template")
@@ -263,4 +264,4 @@ def build_reviser(cfg: ReviserConfig, device: str = "cpu") -> PromptReviser:
         if not cfg.model_dir:
             raise ReviserError("reviser.backend=local needs reviser.model_dir (a directory, or 'smollm2')")
         return LocalLMReviser(cfg.model_dir, cfg.gguf_file, device, cfg.max_new_tokens, cfg.max_chars)
-    raise ValueError(f"unknown reviser backend '{cfg.backend}'; choose one of {BACKENDS}")
+    raise ConfigError(f"unknown reviser backend '{cfg.backend}'; choose one of {BACKENDS}")

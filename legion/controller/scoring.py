@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legion.config import ConfigError
 from legion.errors import LegionError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -260,7 +261,7 @@ def build_scorer(cfg: ScorerConfig, device: str = "cpu") -> Scorer:
         return ClipScorer.from_dir(cfg.model_dir, device, cfg.batch_size)
     if cfg.kind == "image_reward":
         return ImageRewardScorer(cfg.checkpoint, cfg.med_config, device)
-    raise ValueError(f"unknown scorer kind '{cfg.kind}'; choose one of {SCORER_KINDS}")
+    raise ConfigError(f"unknown scorer kind '{cfg.kind}'; choose one of {SCORER_KINDS}")
 
 
 def growth_rates(pre: Sequence[float], post: Sequence[float]) -> dict:

@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 
 from legion.data.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_image_size
 from legion.data.transforms import clip_preprocess, sam_preprocess
-from legion.errors import LegionError
+from legion.errors import LegionError, MissingFileError
 from legion.model.conversation import GCG_QUESTION, IGNORE_INDEX, SEG, encode_conversation, tag_phrase
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ def find_annotation_file(root: str | os.PathLike, split: str) -> Path:
             tried.append(str(candidate))
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(f"no annotation file for split {split!r} under {root}; tried: " + ", ".join(tried))
+    raise MissingFileError(f"no annotation file for split {split!r} under {root}; tried: " + ", ".join(tried))
 
 
 def images_dir(root: str | os.PathLike, split: str) -> Path:
