@@ -67,6 +67,7 @@ CASES = [
     (["cls-train", "data.train={tmp}/nope", "model.backbone={tmp}/empty"], 2, "data.train"),
     (["cls-eval", "detector={tmp}/nope", "data.test={tmp}/empty"], 2, "detector"),
     (["cls-eval", "detector={tmp}/empty", "data.test={tmp}/empty", "output_dir={tmp}/o"], 1, "0_real"),
+    (["cls-eval", "detector={tmp}/empty", "data.test={tmp}/empty", "output_dir={tmp}/o", "device=gpu"], 2, "'gpu'"),
     (["regenerate", "--config", "{repo}/configs/tiny/regenerate.yaml"], 2, "no input"),
     (["regenerate", "--config", "{repo}/configs/tiny/regenerate.yaml", "--prompts", "{tmp}/bad.json"], 2, "not JSON"),
     (["regenerate", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o", "scorer.kind=nope"], 2, "unknown scorer kind"),

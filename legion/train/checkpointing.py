@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from legion.config import ConfigError
 from legion.errors import LegionError, MissingFileError
 
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
@@ -115,7 +116,7 @@ class CheckpointManager:
 
     def __init__(self, ckpt_dir: str | os.PathLike, keep_last: int = 2, exclude_frozen_parameters: bool = False):
         if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
         self.ckpt_dir = Path(ckpt_dir)
         self.keep_last = keep_last
         self.exclude_frozen_parameters = exclude_frozen_parameters
