@@ -11,6 +11,7 @@ if [ $# -lt 3 ]; then
 fi
 REPO="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python )}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 CONFIG="${CONFIG:-$REPO/configs/legion_7b/infer.yaml}"
 MODEL="$1"; IMAGES="$2"; OUT="$3"; shift 3
 ARGS=(infer --config "$CONFIG" "model_path=$MODEL" "image_dir=$IMAGES" "output_dir=$OUT" "$@")

@@ -9,5 +9,6 @@ if [ $# -lt 2 ]; then
 fi
 REPO="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python )}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 CKPT_DIR="$1"; OUT="$2"; shift 2
 exec "$PYTHON" -m legion.cli merge step1 "$CKPT_DIR" --out "$OUT" "$@"

@@ -6,9 +6,10 @@
 # need --vision-tower with a local CLIP copy). WEIGHTS: merge_step1.sh's output.
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  sed -n '2,7p' "$0"; exit 2
+  sed -n '2,6p' "$0"; exit 2
 fi
 REPO="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python )}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 BASE="$1"; WEIGHTS="$2"; OUT="$3"; shift 3
 exec "$PYTHON" -m legion.cli merge step2 --base "$BASE" --weights "$WEIGHTS" --out "$OUT" "$@"

@@ -3,10 +3,15 @@
 Each command lives in its own module that exposes
 
     add_arguments(parser: argparse.ArgumentParser) -> None
-    run(args: argparse.Namespace) -> int | None      # exit code (None = 0)
+    run(args: argparse.Namespace) -> int | None      # exit code (None = 0); errors: raise a LegionError
 
 Modules are imported only when their command runs, so `legion --help` is instant and a
 broken optional dependency of one command never breaks the others.
+
+Errors are handled here, once: a `legion.errors.LegionError` from any command prints one line on
+stderr, `legion <command>: error: <message>`, and exits with the error's code (2: the command
+cannot start as asked; 1: the work failed); `LEGION_DEBUG=1` re-raises it to show the traceback.
+Ctrl-C exits 130. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -81,8 +86,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    code = module.run(args)
+    # `legion eval localization: error: ...`: name the sub-command of commands that have one.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None):
+            name = f"{name} {getattr(args, action.dest)}"
+    return _run_command(name, module, args)
+
+
+def _run_command(name: str, module, args: argparse.Namespace) -> int:
+    from legion.errors import LegionError, one_line
+
+    debug = os.environ.get("LEGION_DEBUG", "") not in ("", "0")
+    try:
+        code = module.run(args)
+    except LegionError as exc:
+        if debug:
+            raise
+        _print_error(f"legion {name}: error: {one_line(exc)}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _print_error(f"legion {name}: interrupted")
+        return 130
     return int(code or 0)
+
+
+def _print_error(line: str) -> None:
+    try:  # what the command printed before comes first
+        sys.stdout.flush()
+    except (OSError, ValueError):  # stdout closed (`legion ... | head`)
+        pass
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,13 +19,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from legion.errors import UsageError
 from legion.utils.io import atomic_write_text
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not match the schema."""
+class ConfigError(UsageError, ValueError):
+    """A config file or override that does not match the schema (exit code 2)."""
 
 
 def _closest(key: str, valid: Sequence[str]) -> str:
@@ -82,7 +83,10 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
+                try:
+                    data = yaml.safe_load(fh) or {}
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"{path}: not valid YAML ({exc})") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
             _check_keys(base, data, str(path))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from legion.errors import LegionError, OptionError
 from legion.utils.io import atomic_write_text, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +68,8 @@ class Stages:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             result = subprocess.run(cmd, cwd=REPO, env=env)
             if result.returncode != 0:
-                raise SystemExit(
-                    f"demo: stage '{name}' failed (exit {result.returncode}); fix the error above "
+                raise LegionError(
+                    f"stage '{name}' failed (exit {result.returncode}); fix the error above "
                     "and re-run: finished stages are reused"
                 )
         seconds = time.perf_counter() - start
@@ -97,6 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.num_train < 1 or args.num_test < 1:
+        raise OptionError("--num-train and --num-test must be >= 1")
+    bad = [item for item in args.train_override if "=" not in item]
+    if bad:
+        raise OptionError(f"--train-override {bad[0]!r} is not of the form key=value")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise OptionError(f"--out {args.out} exists and is not a directory")
     out = Path(args.out).resolve()
     st = Stages(out, args.fresh)
     data, tiny, train = out / "data", out / "tiny_model", out / "train"

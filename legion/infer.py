@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config
+from legion.errors import UsageError, require_path
 from legion.utils.devices import resolve_device, resolve_dtype
 from legion.utils.io import append_jsonl, atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl
 
@@ -58,8 +59,8 @@ OVERLAY_COLORS = np.array(
 DTYPE_POLICIES = ("reference", "fp32_grounding")
 
 
-class InferError(RuntimeError):
-    """Bad inference input or setup (missing paths, missing optional package), with the reason."""
+class InferError(UsageError, RuntimeError):
+    """Bad inference input or setup (missing paths, missing optional package), with the reason (exit code 2)."""
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -716,15 +717,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from legion.model.builders import CheckpointError
-    from legion.model.detector import DetectorLoadError
-
-    try:
-        cfg = load_config(InferConfig, args.config, args.overrides)
-        summary = run_inference(cfg)
-    except (ConfigError, InferError, CheckpointError, DetectorLoadError, FileNotFoundError) as exc:
-        print(f"legion infer: error: {exc}")
-        return 2
+    cfg = load_config(InferConfig, args.config, args.overrides)
+    if cfg.detector_path:
+        require_path(cfg.detector_path, "detector_path", "dir")
+    summary = run_inference(cfg)
     if summary.get("records") is not None:
         print(
             f"{summary['images']} images ({summary['resumed']} already done on this rank): {summary['fake']} fake, "

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from legion.errors import LegionError, require_path
 from legion.utils.io import atomic_path, atomic_write_text
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -36,7 +37,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 DROP_KEY_PATTERNS = (re.compile(r"(^|\.)vision_tower\."), re.compile(r"rotary_emb\.inv_freq$"))
 
 
-class MergeError(RuntimeError):
+class MergeError(LegionError, RuntimeError):
     """A checkpoint or weights file that cannot be merged, with the reason."""
 
 
@@ -419,36 +420,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.step == "step1":
-            files, info = step1(args.ckpt_dir, args.out, args.tag, int(args.max_shard_gb * 1024**3))
+    if args.step == "step1":
+        require_path(args.ckpt_dir, "CKPT_DIR", "dir")
+        if args.tag:
+            require_path(Path(args.ckpt_dir) / args.tag, "--tag", "dir")
+        files, info = step1(args.ckpt_dir, args.out, args.tag, int(args.max_shard_gb * 1024**3))
+        print(
+            f"ZeRO stage {info['zero_stage']}, tag {info['tag']}: {info['num_tensors']} tensors, "
+            f"{info['num_parameters']:,} parameters (source {'/'.join(info['source_dtypes'])}) -> "
+            + ", ".join(str(f) for f in files)
+        )
+    else:
+        require_path(args.base, "--base", "dir")
+        require_path(args.weights, "--weights")
+        report = step2(
+            args.base,
+            args.weights,
+            args.out,
+            args.lora_alpha,
+            args.lora_r,
+            args.adapter,
+            args.use_rslora,
+            args.dtype,
+            args.vision_tower,
+        )
+        print(
+            f"merged {report['merged_modules']} LoRA modules (r={report['lora_rank']}, "
+            f"scale={report['lora_scale']}) -> {report['out']}"
+        )
+        if report["missing_keys_kept_from_base"]:
             print(
-                f"ZeRO stage {info['zero_stage']}, tag {info['tag']}: {info['num_tensors']} tensors, "
-                f"{info['num_parameters']:,} parameters (source {'/'.join(info['source_dtypes'])}) -> "
-                + ", ".join(str(f) for f in files)
+                f"note: {len(report['missing_keys_kept_from_base'])} base weights were not in the trained "
+                f"weights and keep their base values, e.g. {report['missing_keys_kept_from_base'][:3]}"
             )
-        else:
-            report = step2(
-                args.base,
-                args.weights,
-                args.out,
-                args.lora_alpha,
-                args.lora_r,
-                args.adapter,
-                args.use_rslora,
-                args.dtype,
-                args.vision_tower,
-            )
-            print(
-                f"merged {report['merged_modules']} LoRA modules (r={report['lora_rank']}, "
-                f"scale={report['lora_scale']}) -> {report['out']}"
-            )
-            if report["missing_keys_kept_from_base"]:
-                print(
-                    f"note: {len(report['missing_keys_kept_from_base'])} base weights were not in the trained "
-                    f"weights and keep their base values, e.g. {report['missing_keys_kept_from_base'][:3]}"
-                )
-    except MergeError as exc:
-        print(f"error: {exc}")
-        return 2
     return 0

@@ -89,12 +89,13 @@ def test_inpaint_cli_on_a_mapping(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "argv, message, exit_code",
     [
-        (["regenerate", "--config", "configs/tiny/regenerate.yaml"], "no input"),
+        (["regenerate", "--config", "configs/tiny/regenerate.yaml"], "no input", 2),
         (
             ["regenerate", "--config", "configs/tiny/regenerate.yaml", "--prompts", "{tmp}/p.txt", "max_round=2"],
             "did you mean 'max_rounds'",
+            2,
         ),
         (
             [
@@ -108,6 +109,7 @@ def test_inpaint_cli_on_a_mapping(tiny_model_dir, tmp_path, capsys):
                 "generator.path={tmp}/no_pipeline",
             ],
             "model_index.json",
+            1,  # loaders report failed work
         ),
         (
             [
@@ -122,18 +124,21 @@ def test_inpaint_cli_on_a_mapping(tiny_model_dir, tmp_path, capsys):
                 "scorer.checkpoint={tmp}/HPS_v2.1_compressed.pt",
             ],
             "HPS v2.1 checkpoint not found",
+            1,
         ),
-        (["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/p.txt"], "has no 'image'"),
+        (["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/p.txt"], "has no 'image'", 2),
         (
             ["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", "{tmp}/m.json", "dilation.kernel=0"],
             "kernel >= 1",
+            2,
         ),
     ],
 )
-def test_cli_errors_are_clear(argv, message, tmp_path, capsys):
+def test_cli_errors_are_clear(argv, message, exit_code, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a cat\n")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "m.json").write_text(json.dumps({"a.png": "a cat"}))
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
-    assert code == 2
-    assert message in capsys.readouterr().out
+    assert code == exit_code
+    err = capsys.readouterr().err
+    assert message in err and err.startswith(f"legion {argv[0]}: error: ") and err.count("\n") == 1

@@ -161,8 +161,8 @@ def test_cli_writes_the_layout(tmp_path, capsys):
     )
     assert "wrote ToyScars (4 images, 48 px)" in capsys.readouterr().out
     assert (tmp_path / "t" / "test" / "annotations" / "test.json").is_file()
-    with pytest.raises(SystemExit):
-        main(["make-toy-data", "--out", str(tmp_path / "u"), "--size", "16"])
+    assert main(["make-toy-data", "--out", str(tmp_path / "u"), "--size", "16"]) == 2
+    assert "too small" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -266,11 +266,11 @@ def test_cli_errors_and_config(tmp_path, capsys):
     from legion.cli import main
 
     assert main(["infer", "--config", str(REPO / "configs/tiny/infer.yaml"), "image_dir=x", "output_dir=y"]) == 2
-    assert "model_path" in capsys.readouterr().out
+    assert "model_path" in capsys.readouterr().err
     assert main(["infer", "batch_sise=3"]) == 2
-    assert "did you mean 'batch_size'" in capsys.readouterr().out
+    assert "did you mean 'batch_size'" in capsys.readouterr().err
     assert main(["infer", f"output_dir={tmp_path}", f"image_dir={tmp_path}", "model_path=m", "perturb=jpeg:500"]) == 2
-    assert "JPEG quality" in capsys.readouterr().out
+    assert "JPEG quality" in capsys.readouterr().err
 
 
 def test_cli_end_to_end_with_perturbation(tiny_model_dir, tmp_path, capsys):

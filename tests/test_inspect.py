@@ -58,7 +58,7 @@ def test_inspect_table_output(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "model.grounding_encoder.mask_decoder" in out and "trainable" in out and "64 image tokens" in out
     assert main(["inspect", "no_such_preset_or_dir"]) == 2
-    assert "neither a preset" in capsys.readouterr().out
+    assert "neither a preset" in capsys.readouterr().err
 
 
 def test_inspect_stored_keys_equal_config_keys(tiny_model_dir, capsys):

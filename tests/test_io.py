@@ -261,6 +261,7 @@ def test_eval_localization_failing_metrics_write_keeps_the_previous_metrics(tmp_
             raise RuntimeError("injected failure")
 
         monkeypatch.setattr(lio.os, "fsync", fsync)
-        assert main([*args, "--both-empty", "zero"]) == 2  # `legion eval` reports RuntimeError itself
+        with pytest.raises(RuntimeError, match="injected failure"):  # not a LegionError: not swallowed
+            main([*args, "--both-empty", "zero"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # metrics.json untouched, nothing new
     assert _leftovers(tmp_path) == []

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from legion.errors import UsageError
 from legion.utils.io import atomic_path, atomic_write_text
 
 
-class CaseError(ValueError):
-    """An input file or entry the controller cannot use."""
+class CaseError(UsageError, ValueError):
+    """An input file or entry the controller cannot use (exit code 2)."""
 
 
 @dataclass
@@ -108,7 +109,10 @@ def read_cases(
                 except json.JSONDecodeError as exc:
                     raise CaseError(f"{path}:{number}: not JSON: {exc}") from None
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CaseError(f"{path}: not JSON: {exc}") from None
         if isinstance(data, dict):
             entries = [{"image": k, "prompt": v} for k, v in data.items()]
         elif isinstance(data, list):

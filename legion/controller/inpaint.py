@@ -28,9 +28,8 @@ import numpy as np
 from legion.config import add_config_arguments, load_config, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, run_case, run_cases
-from legion.controller.pipelines import PipelineLoadError
 from legion.controller.report import format_scores
-from legion.controller.scoring import Scorer, ScorerConfig, ScorerLoadError, build_scorer
+from legion.controller.scoring import Scorer, ScorerConfig, build_scorer
 
 
 @dataclass
@@ -205,27 +204,20 @@ def config_from_args(args: argparse.Namespace) -> InpaintConfig:
 
 def run(args: argparse.Namespace) -> int:
     from legion.config import ConfigError
-    from legion.controller.cases import CaseError
-    from legion.infer import InferError
 
+    cfg = config_from_args(args)
+    if not cfg.inputs:
+        raise ConfigError("no input: pass --inputs FILE ({image: prompt} JSON) or set `inputs` in the config")
+    cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, require_images=True, limit=cfg.limit)
     try:
-        cfg = config_from_args(args)
-        if not cfg.inputs:
-            raise ConfigError("no input: pass --inputs FILE ({image: prompt} JSON) or set `inputs` in the config")
-        cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, require_images=True, limit=cfg.limit)
         dilate_mask(np.zeros((1, 1), np.uint8), cfg.dilation.kernel, cfg.dilation.iterations)  # validates
-    except (ConfigError, CaseError, ValueError) as exc:
-        print(f"legion inpaint: error: {exc}")
-        return 2
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     out_dir = Path(cfg.out_dir)
     save_resolved_config(cfg, out_dir)
-    try:
-        scorer = build_scorer(cfg.scorer, cfg.device)
-        pipe = load_inpainter(cfg.inpainter, cfg.device)
-        analyzer = load_analyzer(cfg.legion, cfg.device)
-    except (PipelineLoadError, ScorerLoadError, FileNotFoundError, InferError) as exc:
-        print(f"legion inpaint: error: {exc}")
-        return 2
+    scorer = build_scorer(cfg.scorer, cfg.device)
+    pipe = load_inpainter(cfg.inpainter, cfg.device)
+    analyzer = load_analyzer(cfg.legion, cfg.device)
     _, aggregate = run_inpainting(cases, analyzer, pipe, scorer, cfg, out_dir)
     print(format_scores(aggregate))
     print(f"wrote {out_dir / 'summary.jsonl'}, {out_dir / 'scores.json'}, {out_dir / 'index.html'}")

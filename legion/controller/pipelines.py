@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legion.config import ConfigError
+from legion.errors import LegionError
+
 TASKS = ("text2img", "inpaint")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class PipelineLoadError(RuntimeError):
+class PipelineLoadError(LegionError, RuntimeError):
     """A pipeline directory that is missing or that diffusers cannot load."""
 
 
@@ -28,7 +31,7 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype '{name}'; choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown dtype '{name}'; choose one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 

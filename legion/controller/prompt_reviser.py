@@ -30,6 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from legion.config import ConfigError
+from legion.errors import LegionError
+
 BACKENDS = ("openai", "local", "template")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,7 +46,7 @@ SYSTEM_PROMPT = (
 )
 
 
-class ReviserError(RuntimeError):
+class ReviserError(LegionError, RuntimeError):
     """A reviser backend that cannot be set up or that keeps failing."""
 
 
@@ -261,4 +264,4 @@ def build_reviser(cfg: ReviserConfig, device: str = "cpu") -> PromptReviser:
         if not cfg.model_dir:
             raise ReviserError("reviser.backend=local needs reviser.model_dir (a directory, or 'smollm2')")
         return LocalLMReviser(cfg.model_dir, cfg.gguf_file, device, cfg.max_new_tokens, cfg.max_chars)
-    raise ValueError(f"unknown reviser backend '{cfg.backend}'; choose one of {BACKENDS}")
+    raise ConfigError(f"unknown reviser backend '{cfg.backend}'; choose one of {BACKENDS}")

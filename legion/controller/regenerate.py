@@ -25,12 +25,9 @@ from pathlib import Path
 from legion.config import add_config_arguments, load_config, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, StopCase, run_case, run_cases
-from legion.controller.pipelines import PipelineLoadError
 from legion.controller.prompt_reviser import PromptReviser, ReviserConfig, ReviserError, build_reviser
 from legion.controller.report import format_scores
-from legion.controller.scoring import Scorer, ScorerConfig, ScorerLoadError, build_scorer
-
-LOAD_ERRORS = (PipelineLoadError, ReviserError, ScorerLoadError, FileNotFoundError)
+from legion.controller.scoring import Scorer, ScorerConfig, build_scorer
 
 
 @dataclass
@@ -184,29 +181,20 @@ def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
 
 def run(args: argparse.Namespace) -> int:
     from legion.config import ConfigError
-    from legion.controller.cases import CaseError
-    from legion.infer import InferError
 
-    try:
-        cfg = config_from_args(args)
-        if not cfg.inputs:
-            raise ConfigError("no input: pass --prompts FILE or set `inputs` in the config")
-        cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, limit=cfg.limit)
-    except (ConfigError, CaseError) as exc:
-        print(f"legion regenerate: error: {exc}")
-        return 2
+    cfg = config_from_args(args)
+    if not cfg.inputs:
+        raise ConfigError("no input: pass --prompts FILE or set `inputs` in the config")
+    cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, limit=cfg.limit)
     if cfg.max_rounds < 2:
         print(f"legion regenerate: warning: max_rounds={cfg.max_rounds}: no prompt revision will happen")
     out_dir = Path(cfg.out_dir)
     save_resolved_config(cfg, out_dir)
-    try:  # the cheap checks first: a missing key or weight file fails before the big models load
-        reviser = build_reviser(cfg.reviser, cfg.device)
-        scorer = build_scorer(cfg.scorer, cfg.device)
-        pipe = load_generator(cfg.generator, cfg.device)
-        analyzer = load_analyzer(cfg.legion, cfg.device)
-    except LOAD_ERRORS + (InferError,) as exc:
-        print(f"legion regenerate: error: {exc}")
-        return 2
+    # The cheap checks first: a missing key or weight file fails before the big models load.
+    reviser = build_reviser(cfg.reviser, cfg.device)
+    scorer = build_scorer(cfg.scorer, cfg.device)
+    pipe = load_generator(cfg.generator, cfg.device)
+    analyzer = load_analyzer(cfg.legion, cfg.device)
     _, aggregate = run_regeneration(cases, analyzer, pipe, reviser, scorer, cfg, out_dir)
     print(format_scores(aggregate))
     print(f"wrote {out_dir / 'summary.jsonl'}, {out_dir / 'scores.json'}, {out_dir / 'index.html'}")

@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legion.config import ConfigError
+from legion.errors import LegionError
 from legion.model.preprocessing import CLIP_MEAN, CLIP_STD
 
 SCORER_KINDS = ("hps_v2.1", "clip", "image_reward")
 
 
-class ScorerLoadError(RuntimeError):
+class ScorerLoadError(LegionError, RuntimeError):
     """Missing weights or a missing optional package for a scorer."""
 
 
@@ -258,7 +260,7 @@ def build_scorer(cfg: ScorerConfig, device: str = "cpu") -> Scorer:
         return ClipScorer.from_dir(cfg.model_dir, device, cfg.batch_size)
     if cfg.kind == "image_reward":
         return ImageRewardScorer(cfg.checkpoint, cfg.med_config, device)
-    raise ValueError(f"unknown scorer kind '{cfg.kind}'; choose one of {SCORER_KINDS}")
+    raise ConfigError(f"unknown scorer kind '{cfg.kind}'; choose one of {SCORER_KINDS}")
 
 
 def growth_rates(pre: Sequence[float], post: Sequence[float]) -> dict:

@@ -25,9 +25,10 @@ import numpy as np
 from PIL import Image
 
 from legion.data.images import is_image_file
+from legion.errors import LegionError
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(LegionError, ValueError):
     """A benchmark annotation that cannot be used; the message names the item and field."""
 
 

@@ -6,7 +6,8 @@
 Reports records, refs, images found / missing / unreadable (with reasons and conversions), refs
 located in the caption and dropped (and why), polygons outside their image, and mask-area
 statistics. Exit code 0 when the split is usable (at least one usable record and at most
---max-unusable-fraction of the records unusable), 1 otherwise.
+--max-unusable-fraction of the records unusable), 1 otherwise (the summary says why), 2 when
+--root or --annotations does not exist.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from legion.data.synthscars import (
     resolve_image_path,
     resolve_spans,
 )
+from legion.errors import require_path
 
 
 def _stats(values: list[float]) -> dict | None:
@@ -270,6 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_path(args.root, "--root", "dir")
+    if args.annotations:
+        require_path(args.annotations, "--annotations", "file")
     summary = check_split(
         args.root,
         args.split,

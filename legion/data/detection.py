@@ -31,13 +31,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from legion.errors import LegionError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 REAL_DIR, FAKE_DIR = "0_real", "1_fake"
 # Reference label strings: exactly "real" means real; every other string means fake.
 REFERENCE_REAL_LABEL = "real"
 
 
-class DetectionDataError(ValueError):
+class DetectionDataError(LegionError, ValueError):
     """A detection folder or list that cannot be read as real/fake data."""
 
 

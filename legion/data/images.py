@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from legion.errors import LegionError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # 8192 x 8192: SynthScars' largest images are ~4.1k px wide; anything this big is suspicious.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
-class ImageReadError(Exception):
+class ImageReadError(LegionError):
     """An image that cannot be used. `reason` is one of the short codes in the module docstring."""
 
     def __init__(self, path: str | os.PathLike, reason: str, detail: str = ""):

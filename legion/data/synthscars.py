@@ -31,6 +31,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from legion.data.images import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_image_size
+from legion.errors import LegionError, MissingFileError
 from legion.model.conversation import GCG_QUESTION, IGNORE_INDEX, SEG, encode_conversation, tag_phrase
 from legion.model.preprocessing import clip_preprocess, sam_preprocess
 
@@ -100,11 +101,11 @@ class AnnotationReport:
         return [p for p in self.problems if p.severity == "warning"]
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(LegionError, ValueError):
     """The annotation file as a whole is unusable (not JSON, not a list)."""
 
 
-class PathEscapeError(ValueError):
+class PathEscapeError(LegionError, ValueError):
     """An annotation's image name would leave the data root."""
 
 
@@ -331,7 +332,7 @@ def find_annotation_file(root: str | os.PathLike, split: str) -> Path:
             tried.append(str(candidate))
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(f"no annotation file for split {split!r} under {root}; tried: " + ", ".join(tried))
+    raise MissingFileError(f"no annotation file for split {split!r} under {root}; tried: " + ", ".join(tried))
 
 
 def images_dir(root: str | os.PathLike, split: str) -> Path:

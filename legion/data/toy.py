@@ -45,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from legion.data.synthscars import MARKER, PREFIX, rasterize_polygons
+from legion.errors import OptionError
 from legion.utils.io import atomic_write_bytes, atomic_write_text
 
 CONTENT_TYPES = ("human", "animal", "object", "scene")
@@ -783,9 +784,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.num_train < 0 or args.num_test < 0:
-        raise SystemExit("error: --num-train and --num-test must be >= 0")
+        raise OptionError("--num-train and --num-test must be >= 0")
     if args.size < 48:
-        raise SystemExit(f"error: --size {args.size} is too small (min 48)")
+        raise OptionError(f"--size {args.size} is too small (min 48)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise OptionError(f"--out {args.out} exists and is not a directory")
     start = time.perf_counter()
     out = make_toy_data(
         args.out,

@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from legion.errors import DataError, OptionError, require_path
 from legion.eval.ground_truth import DATASETS, GT_RASTERS
 from legion.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 
@@ -185,23 +186,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return {
-            "localization": _run_localization,
-            "explanation": _run_explanation,
-            "detection": _run_detection,
-            "compare": _run_compare,
-        }[args.eval_command](args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
-        print(f"legion eval {args.eval_command}: error: {exc}", file=sys.stderr)
-        return 2
+    return {
+        "localization": _run_localization,
+        "explanation": _run_explanation,
+        "detection": _run_detection,
+        "compare": _run_compare,
+    }[args.eval_command](args)
 
 
 def _load_inputs(args):
     from legion.eval.ground_truth import load_ground_truth, read_predictions
 
-    if not Path(args.pred).exists():
-        raise FileNotFoundError(f"--pred {args.pred}: no such file or folder")
+    require_path(args.pred, "--pred")
+    require_path(args.gt, "--gt")
+    if args.content_types:
+        require_path(args.content_types, "--content-types", "file")
     predictions = read_predictions(args.pred)
     ground_truth = load_ground_truth(
         args.gt,
@@ -212,7 +211,7 @@ def _load_inputs(args):
         raster=getattr(args, "gt_raster", "paper"),
     )
     if not ground_truth:
-        raise ValueError(f"--gt {args.gt}: no ground-truth images found")
+        raise DataError(f"--gt {args.gt}: no ground-truth images found")
     if args.content_types:
         _apply_content_types(ground_truth, args.content_types)
     return predictions, ground_truth
@@ -220,9 +219,12 @@ def _load_inputs(args):
 
 def _apply_content_types(ground_truth, path) -> None:
     with open(path, encoding="utf-8") as fh:
-        mapping = json.load(fh)
+        try:
+            mapping = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise OptionError(f"--content-types {path}: not JSON ({exc})") from None
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-        raise ValueError(f"--content-types {path}: expected a JSON object {{image file name: content type}}")
+        raise OptionError(f"--content-types {path}: expected a JSON object {{image file name: content type}}")
     by_base = {os.path.basename(k): v for k, v in mapping.items()}
     found = 0
     for name, item in ground_truth.items():
@@ -271,7 +273,7 @@ def _run_localization(args) -> int:
     table_metrics = [m.strip() for m in args.table_metrics.split(",") if m.strip()]
     bad = [m for m in table_metrics if m not in LOC_METRIC_CHOICES]
     if bad:
-        raise ValueError(f"--table-metrics: unknown {bad}; choose from {','.join(LOC_METRIC_CHOICES)}")
+        raise OptionError(f"--table-metrics: unknown {bad}; choose from {','.join(LOC_METRIC_CHOICES)}")
     start = time.perf_counter()
     predictions, ground_truth = _load_inputs(args)
     result = evaluate_localization(
@@ -340,18 +342,20 @@ def _run_detection(args) -> int:
     from legion.eval.detection import detection_metrics
     from legion.eval.ground_truth import read_predictions
 
-    if not Path(args.pred).is_file():
-        raise FileNotFoundError(f"--pred {args.pred}: no such file")
-    records = read_predictions(args.pred) if _has_image_field(args.pred) else read_jsonl(args.pred)
+    require_path(args.pred, "--pred", "file")
+    records = read_jsonl(args.pred)
+    if records and "image" in records[0]:  # predictions.jsonl of `legion infer`: read as such (checks, layout)
+        records = read_predictions(args.pred)
     missing = []
     if not all("subset" in r and "is_fake" in r for r in records):
         if args.gt is None:
-            raise ValueError("records lack subset / is_fake: give --gt (detection folder or JSON list)")
+            raise OptionError("records lack subset / is_fake: give --gt (detection folder or JSON list)")
+        require_path(args.gt, "--gt")
         records, missing = _join_detection_gt(records, args.gt, args.data_base)
     unscored = [str(r.get("image", r.get("path", "?"))) for r in records if r.get("fake_prob") is None]
     scored = [r for r in records if r.get("fake_prob") is not None]
     if not scored:
-        raise ValueError(f"--pred {args.pred}: no record has a fake_prob")
+        raise DataError(f"--pred {args.pred}: no record has a fake_prob")
     metrics = {
         "kind": "detection",
         "dataset": "detection",
@@ -375,14 +379,6 @@ def _run_detection(args) -> int:
         )
     _finish(args, out, metrics, "detection")
     return 0
-
-
-def _has_image_field(path) -> bool:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                return "image" in json.loads(line)
-    return False
 
 
 def _join_detection_gt(records: list[dict], gt: str, data_base: str | None) -> tuple[list[dict], list[str]]:
@@ -409,7 +405,7 @@ def _join_detection_gt(records: list[dict], gt: str, data_base: str | None) -> t
         joined.append({**rec, "subset": item.subset, "is_fake": bool(item.is_fake)})
     missing = [str(i.path) for i in items if i.path not in seen]
     if not joined:
-        raise ValueError(f"no prediction matched an image of --gt {gt}")
+        raise DataError(f"no prediction matched an image of --gt {gt}")
     return joined, missing
 
 
@@ -425,7 +421,7 @@ def _run_compare(args) -> int:
         allow_mixed_protocols=args.allow_mixed_protocols,
     )
     if not tables:
-        raise ValueError("no metrics found in the given runs")
+        raise DataError("no metrics found in the given runs")
     text = "\n".join(
         (f"## {t.kind}\n\n" if args.format == "md" and len(tables) > 1 else "") + t.render(args.format) for t in tables
     )

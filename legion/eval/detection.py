@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from legion.errors import DataError
+
 FAKE_THRESHOLD = 0.5
 
 # Paper Table 5 column -> test subsets (folder names). GANs / Diffusion membership: unconfirmed.
@@ -81,16 +83,16 @@ def detection_metrics(records: Iterable[Mapping], groups: Mapping[str, Iterable[
         try:
             subset, fake, prob = str(rec["subset"]), rec["is_fake"], rec["fake_prob"]
         except KeyError as exc:
-            raise ValueError(f"detection record {i}: missing field {exc}") from None
+            raise DataError(f"detection record {i}: missing field {exc}") from None
         if not isinstance(fake, (bool, np.bool_)):
-            raise ValueError(f"detection record {i}: is_fake must be a bool, got {fake!r}")
+            raise DataError(f"detection record {i}: is_fake must be a bool, got {fake!r}")
         if prob is None or not math.isfinite(float(prob)) or not 0.0 <= float(prob) <= 1.0:
-            raise ValueError(f"detection record {i}: fake_prob must be a probability in [0, 1], got {prob!r}")
+            raise DataError(f"detection record {i}: fake_prob must be a probability in [0, 1], got {prob!r}")
         labels, probs = by_subset.setdefault(subset, ([], []))
         labels.append(bool(fake))
         probs.append(float(prob))
     if not by_subset:
-        raise ValueError("detection_metrics: no records")
+        raise DataError("detection_metrics: no records")
 
     per_subset = {
         name: _group_metrics(np.array(labels, dtype=bool), np.array(p, dtype=np.float64))

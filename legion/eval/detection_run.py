@@ -27,6 +27,7 @@ import torch
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 from legion.data.detection import list_detection_images, summarize
+from legion.errors import DataError, require_path
 from legion.utils.io import atomic_write_json, atomic_write_jsonl
 
 
@@ -175,7 +176,7 @@ def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
     atomic_write_jsonl(out / "predictions.jsonl", records)
     scored = [r for r in records if r["fake_prob"] is not None]
     if not scored:
-        raise RuntimeError(f"{cfg.data.test}: no readable images")
+        raise DataError(f"{cfg.data.test}: no readable images")
     metrics = detection_metrics(scored)
     summary = {
         "metrics": metrics,
@@ -201,15 +202,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from legion.data.detection import DetectionDataError
-    from legion.model.detector import DetectorLoadError
-
-    try:
-        cfg = load_config(EvalClsConfig, args.config, args.overrides)
-        summary = evaluate_cls(cfg, progress=not args.no_progress)
-    except (ConfigError, DetectionDataError, DetectorLoadError) as exc:
-        print(f"legion cls-eval: error: {exc}")
-        return 2
+    cfg = load_config(EvalClsConfig, args.config, args.overrides)
+    for key, value in (("detector", cfg.detector), ("data.test", cfg.data.test), ("backbone", cfg.backbone)):
+        if value:  # an empty required key is reported by evaluate_cls
+            require_path(value, key)
+    summary = evaluate_cls(cfg, progress=not args.no_progress)
     print(format_table(summary["metrics"]))
     if summary["n_unreadable"]:
         print(f"warning: {summary['n_unreadable']} unreadable images left out (see predictions.jsonl)")

@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from legion.errors import InputNotFoundError
 from legion.eval.ground_truth import GroundTruthItem, match_predictions
 
 _TAG = re.compile(r"<[^>]*>")
@@ -128,7 +129,7 @@ class CssScorer:
 
         self.model_path = str(model_path or default_css_model_path())
         if not os.path.isdir(self.model_path):
-            raise FileNotFoundError(f"CSS model directory not found: {self.model_path}")
+            raise InputNotFoundError(f"CSS model directory not found: {self.model_path}")
         self.name = describe_css_model(self.model_path)
         self.batch_size = batch_size
         self.model = SentenceTransformer(self.model_path, device=device, local_files_only=True)

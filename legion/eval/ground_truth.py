@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from legion.errors import DataError, InputNotFoundError
 from legion.utils.io import read_jsonl
 from legion.utils.rle import mask_to_rle, rle_size, rle_union
 
@@ -67,7 +68,7 @@ class GroundTruthItem:
         if self.union_rle is not None:
             return rle_size(self.union_rle)
         if fallback is None:
-            raise ValueError(f"{self.name}: image size unknown (image file not found and no prediction)")
+            raise DataError(f"{self.name}: image size unknown (image file not found and no prediction)")
         return fallback
 
     def phrase_rles(self, size: tuple[int, int]) -> list[dict] | None:
@@ -83,7 +84,7 @@ class GroundTruthItem:
         """The union GT mask at ``size = (H, W)`` as RLE."""
         if self.union_rle is not None:
             if rle_size(self.union_rle) != tuple(size):
-                raise ValueError(
+                raise DataError(
                     f"{self.name}: ground-truth mask size {rle_size(self.union_rle)} != image size {tuple(size)}"
                 )
             return self.union_rle
@@ -188,7 +189,7 @@ def load_synthscars(
     elif gt.is_file():
         ann_path, root = gt, None
     else:
-        raise FileNotFoundError(f"--gt {gt}: neither a SynthScars root nor an annotation file")
+        raise InputNotFoundError(f"--gt {gt}: neither a SynthScars root nor an annotation file")
     records, _report = ss.load_annotations(ann_path)
     if image_dir is None:
         image_dir = (root / split / "images") if root is not None else ann_path.parent.parent / "images"
@@ -285,7 +286,7 @@ def load_loki(
     _check_raster(raster)
     gt = Path(gt)
     if not gt.is_file():
-        raise FileNotFoundError(f"--gt {gt}: LOKI needs its annotation JSON file")
+        raise InputNotFoundError(f"--gt {gt}: LOKI needs its annotation JSON file")
     items: dict[str, GroundTruthItem] = {}
     for entry in benchmarks.load_loki(gt):
         name = entry.file_name
@@ -313,7 +314,7 @@ def load_richhf(gt: str | os.PathLike, threshold: float = 0.0) -> dict[str, Grou
 
     gt = Path(gt)
     if not gt.is_dir():
-        raise FileNotFoundError(f"--gt {gt}: RichHF-18K needs the raw_imgs image folder")
+        raise InputNotFoundError(f"--gt {gt}: RichHF-18K needs the raw_imgs image folder")
     entries, no_heatmap = benchmarks.list_richhf_items(gt)
     if no_heatmap:
         warnings.warn(
@@ -324,7 +325,7 @@ def load_richhf(gt: str | os.PathLike, threshold: float = 0.0) -> dict[str, Grou
     for entry in entries:
         size = image_size(entry.image_path)
         if size is None:
-            raise ValueError(f"{entry.image_path}: unreadable image")
+            raise DataError(f"{entry.image_path}: unreadable image")
         mask = benchmarks.richhf_mask(entry.heatmap_path, threshold=threshold, expected_size=size)
         items[entry.image_path.name] = GroundTruthItem(
             name=entry.image_path.name, size=size, union_rle=mask_to_rle(mask)
@@ -390,7 +391,7 @@ def read_reference_layout(folder: str | os.PathLike) -> list[dict]:
             rec["masks"] = []
         records.append(rec)
     if not records:
-        raise ValueError(f"{folder}: no <image>/mask.png or explanation.json sub-folders (reference layout)")
+        raise DataError(f"{folder}: no <image>/mask.png or explanation.json sub-folders (reference layout)")
     return records
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from legion.errors import DataError
 from legion.eval.ground_truth import GroundTruthItem, match_predictions
 from legion.utils.rle import rle_area, rle_intersection_area, rle_size, rle_union
 
@@ -222,7 +223,7 @@ def score_image(gt: GroundTruthItem, record: Mapping | None, mask_pairing: str =
             for k, j in enumerate(order):
                 pm, gm = pred_masks[k], gt_masks[j]
                 if rle_size(pm) != tuple(size):
-                    raise ValueError(f"{gt.name}: predicted mask size {list(rle_size(pm))} != image size {list(size)}")
+                    raise DataError(f"{gt.name}: predicted mask size {list(rle_size(pm))} != image size {list(size)}")
                 inter = rle_intersection_area(pm, gm)
                 pairs.append((inter, rle_area(pm) + rle_area(gm) - inter))
             score.mask_pairs, score.pairing = pairs, "per_mask"

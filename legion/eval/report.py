@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from legion.errors import DataError, InputNotFoundError, OptionError
 from legion.eval.paper_results import DETECTION_COLUMNS, EXPLANATION_COLUMNS, LOCALIZATION_COLUMNS, paper_rows
 from legion.utils.io import atomic_path, atomic_write_text
 
@@ -64,7 +65,7 @@ def infer_kind(metrics: dict) -> str:
         return "explanation"
     if "miou" in overall:
         return "localization"
-    raise ValueError("cannot tell which kind of metrics.json this is (no 'kind' field)")
+    raise DataError("cannot tell which kind of metrics.json this is (no 'kind' field)")
 
 
 def normalise_metrics(m: dict) -> dict:
@@ -98,16 +99,16 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
         )
         default_name = path.name
     else:
-        raise FileNotFoundError(f"run {path}: no such file or directory")
+        raise InputNotFoundError(f"run {path}: no such file or directory")
     if not files:
-        raise FileNotFoundError(f"run {path}: no metrics.json in it or in its sub-directories")
+        raise InputNotFoundError(f"run {path}: no metrics.json in it or in its sub-directories")
     metrics = []
     for f in files:
         with open(f, encoding="utf-8") as fh:
             try:
                 m = json.load(fh)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{f}: not JSON ({exc})") from None
+                raise DataError(f"{f}: not JSON ({exc})") from None
         metrics.append(normalise_metrics(m))
     return Run(name=name or default_name, metrics=metrics, paths=[str(f) for f in files])
 
@@ -267,7 +268,7 @@ def _check_rasters(runs: Sequence[Run], allow_mixed: bool, with_paper: bool) -> 
     if mixed:
         detail = "; ".join(f"{ds}: " + ", ".join(f"{r}={v}" for r, v in by_run.items()) for ds, by_run in mixed.items())
         if not allow_mixed:
-            raise ValueError(
+            raise OptionError(
                 f"runs were scored with different ground-truth rasterizations ({detail}); their numbers "
                 "are not comparable. Re-score them with the same `legion eval localization --gt-raster`, "
                 "or pass --allow-mixed-protocols to list them anyway"
@@ -294,11 +295,12 @@ def build_table(
     localization metrics shown (default the paper's mIoU and F1). Localization runs scored with
     different ground-truth rasterizations raise ValueError unless ``allow_mixed_protocols``."""
     if kind not in KINDS:
-        raise ValueError(f"unknown table kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise OptionError(f"unknown table kind {kind!r}; choose one of {', '.join(KINDS)}")
     loc_metrics = tuple(metrics or PAPER_LOCALIZATION_METRICS)
     unknown = [k for k in loc_metrics if k not in ALL_LOCALIZATION_METRICS]
     if unknown:
-        raise ValueError(f"unknown localization metric(s) {unknown}; choose from {', '.join(ALL_LOCALIZATION_METRICS)}")
+        choices = ", ".join(ALL_LOCALIZATION_METRICS)
+        raise OptionError(f"unknown localization metric(s) {unknown}; choose from {choices}")
     notes: list[str] = []
     rasters: dict[str, str] = {}
     if kind == "localization":

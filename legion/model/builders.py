@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from legion.errors import InputNotFoundError, LegionError, MissingFileError, OptionError
 from legion.model import checkpoint_keys as ck
 from legion.model import conversation as conv
 from legion.model.configuration import CLIP_L14_336, REGION_ENCODER_GLAMM, SAM_VIT_H, LegionConfig
@@ -335,7 +336,7 @@ def _prefix(key: str, depth: int = 3) -> str:
     return ".".join(key.split(".")[:depth]) + "."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LegionError, ValueError):
     """A checkpoint that does not fit the model (shape mismatch, missing or unexpected keys)."""
 
 
@@ -364,12 +365,12 @@ def find_weight_files(path: Path) -> list[Path]:
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (path / f).is_file()]
             if missing:
-                raise FileNotFoundError(f"{index} lists shard(s) not present: {missing}")
+                raise MissingFileError(f"{index} lists shard(s) not present: {missing}")
             return [path / f for f in files]
     for name in (WEIGHTS_NAME, "pytorch_model.bin"):
         if (path / name).is_file():
             return [path / name]
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no weights in {path} (looked for model.safetensors[.index.json], pytorch_model.bin[.index.json])"
     )
 
@@ -377,12 +378,12 @@ def find_weight_files(path: Path) -> list[Path]:
 def resolve_vision_tower(name: str | None, checkpoint_dir: Path) -> Path:
     """The local CLIP directory: relative paths are tried against the checkpoint dir, then the cwd."""
     if not name:
-        raise FileNotFoundError("config has no mm_vision_tower and no vision_tower= was given")
+        raise MissingFileError("config has no mm_vision_tower and no vision_tower= was given")
     candidates = [Path(name)] if Path(name).is_absolute() else [checkpoint_dir / name, Path(name)]
     for cand in candidates:
         if (cand / "config.json").is_file():
             return cand
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"CLIP vision tower {name!r} is not a local directory (tried {', '.join(str(c) for c in candidates)}). "
         "GLaMM/LEGION checkpoints do not contain CLIP weights: download the CLIP model (e.g. "
         "openai/clip-vit-large-patch14-336) once and pass its directory as vision_tower=... / --vision-tower."
@@ -470,7 +471,7 @@ def load_model(
     start = time.time()
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise InputNotFoundError(f"checkpoint directory not found: {path}")
     report = LoadReport(checkpoint=str(path))
     config = LegionConfig.from_dir(path)
     raw_config = json.loads((path / "config.json").read_text())
@@ -574,8 +575,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        print(f"error: --out {out} exists and is not a directory")
-        return 2
+        raise OptionError(f"--out {out} exists and is not a directory")
     path = make_tiny(out, seed=args.seed)
     n_params = sum(t.numel() for t in _read_state_dict_file(path / WEIGHTS_NAME).values())
     print(f"wrote tiny LEGION checkpoint to {path} ({n_params:,} saved parameters + CLIP in {VISION_TOWER_DIRNAME}/)")

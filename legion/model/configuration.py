@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers import LlamaConfig
 
+from legion.errors import MissingFileError
+
 # CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336), vision part only.
 CLIP_L14_336 = dict(
     hidden_size=1024,
@@ -136,6 +138,6 @@ class LegionConfig(LlamaConfig):
         """Read `<path>/config.json`, whatever its `model_type` (legion, llava)."""
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"no config.json in {path}")
+            raise MissingFileError(f"no config.json in {path}")
         with open(config_file) as fh:
             return cls.from_glamm_dict(json.load(fh))

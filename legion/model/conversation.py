@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from legion.errors import DataError
+
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # stands for "all image embeddings"; never a real token id
 IMAGE_PLACEHOLDER = "<image>"
@@ -66,12 +68,12 @@ def special_token_ids(tokenizer, expect_glamm_ids: bool | None = None) -> Specia
     for tok in SPECIAL_TOKENS:
         idx = tokenizer.convert_tokens_to_ids(tok)
         if idx is None or (unk is not None and idx == unk):
-            raise ValueError(f"tokenizer has no special token {tok!r}; was it built for LEGION/GLaMM?")
+            raise DataError(f"tokenizer has no special token {tok!r}; was it built for LEGION/GLaMM?")
         ids[tok] = idx
     if expect_glamm_ids is None:
         expect_glamm_ids = min(ids.values()) >= 32000 and len(tokenizer) <= 32007
     if expect_glamm_ids and ids != GLAMM_SPECIAL_TOKEN_IDS:
-        raise ValueError(f"special token ids {ids} differ from GLaMM's {GLAMM_SPECIAL_TOKEN_IDS}")
+        raise DataError(f"special token ids {ids} differ from GLaMM's {GLAMM_SPECIAL_TOKEN_IDS}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return SpecialTokenIds(
         ids[IM_START],

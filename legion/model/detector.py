@@ -39,6 +39,7 @@ from torch import nn
 from transformers import CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
+from legion.errors import LegionError
 from legion.model.preprocessing import CLIP_MEAN, CLIP_STD, clip_preprocess
 from legion.utils.io import atomic_path, atomic_write_json
 
@@ -51,7 +52,7 @@ META_FILE = "detector.json"
 HEAD_INIT_STD = 0.02  # HF default init (initializer_range) for a head that no checkpoint provides
 
 
-class DetectorLoadError(RuntimeError):
+class DetectorLoadError(LegionError, RuntimeError):
     """A detector checkpoint or backbone that cannot be used as asked."""
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from torch import nn
 
+from legion.errors import OptionError
+
 # Top-level modules in the order of docs/model.md §0.
 TOP_LEVEL_MODULES = (
     "model.embed_tokens",
@@ -54,7 +56,7 @@ def build_meta_model(preset_or_dir: str):
     elif Path(preset_or_dir).is_dir():
         config = LegionConfig.from_dir(preset_or_dir)
     else:
-        raise ValueError(f"{preset_or_dir!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")
+        raise OptionError(f"{preset_or_dir!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")
     return build_model(config, device="meta")
 
 
@@ -144,19 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.stored:
         if not (args.keys and Path(args.target).is_dir()):
-            print("error: --stored needs --keys and a checkpoint directory")
-            return 2
-        try:
-            print("\n".join(stored_key_lines(args.target)))
-        except FileNotFoundError as err:
-            print(f"error: {err}")
-            return 2
+            raise OptionError("--stored needs --keys and a checkpoint directory")
+        print("\n".join(stored_key_lines(args.target)))
         return 0
-    try:
-        model = build_meta_model(args.target)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
+    model = build_meta_model(args.target)
     if args.keys:
         print("\n".join(key_lines(model)))
         return 0

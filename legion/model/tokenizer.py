@@ -36,6 +36,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from legion.errors import DataError, MissingFileError
 from legion.model import conversation as conv
 from legion.utils.io import atomic_write_bytes
 
@@ -92,7 +93,7 @@ class LegionTokenizer:
         self._split_re: re.Pattern | None = None
         for token, index in sorted((added_tokens or {}).items(), key=lambda kv: kv[1]):
             if index != len(self):  # 4.28 required the same: added ids continue the vocabulary
-                raise ValueError(
+                raise DataError(
                     f"added token {token!r} has id {index}, expected {len(self)} (ids must continue "
                     f"the {self.sp.get_piece_size()}-piece SentencePiece vocabulary without gaps)"
                 )
@@ -296,7 +297,7 @@ def _read_json(path: Path) -> dict:
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise DataError(f"{path}: expected a JSON object")
     return data
 
 
@@ -381,12 +382,12 @@ def load_tokenizer(path: str | os.PathLike):
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+        raise MissingFileError(f"tokenizer directory not found: {path}")
     if (path / "tokenizer.model").is_file():
         return LegionTokenizer.from_pretrained(path)
     if (path / "tokenizer.json").is_file():
         return _load_legacy_tokenizers_json(path)
-    raise FileNotFoundError(f"no tokenizer.model (or legacy tokenizer.json) in {path}")
+    raise MissingFileError(f"no tokenizer.model (or legacy tokenizer.json) in {path}")
 
 
 def _load_legacy_tokenizers_json(path: Path):
@@ -409,5 +410,5 @@ def _load_legacy_tokenizers_json(path: Path):
         expected = json.loads(added.read_text())
         wrong = {t: i for t, i in expected.items() if tokenizer.convert_tokens_to_ids(t) != i}
         if wrong:
-            raise ValueError(f"{added}: added-token ids not honoured by the loaded tokenizer: {wrong}")
+            raise DataError(f"{added}: added-token ids not honoured by the loaded tokenizer: {wrong}")
     return tokenizer

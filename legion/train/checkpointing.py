@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from legion.config import ConfigError
+from legion.errors import LegionError, MissingFileError
 from legion.utils.io import atomic_write_text
 
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
@@ -39,8 +41,12 @@ PARTIAL_SUFFIX = ".tmp"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(LegionError, RuntimeError):
     """Writing a checkpoint failed; the previous checkpoint and `latest` are intact."""
+
+
+class ResumeError(LegionError, RuntimeError):
+    """A checkpoint to resume from that cannot be loaded."""
 
 
 def tag_for_step(step: int) -> str:
@@ -102,7 +108,7 @@ class CheckpointManager:
 
     def __init__(self, ckpt_dir: str | os.PathLike, keep_last: int = 2, exclude_frozen_parameters: bool = False):
         if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
         self.ckpt_dir = Path(ckpt_dir)
         self.keep_last = keep_last
         self.exclude_frozen_parameters = exclude_frozen_parameters
@@ -115,7 +121,7 @@ class CheckpointManager:
             return None
         tag = pointer.read_text().strip()
         if not tag or not (self.ckpt_dir / tag).is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{pointer} names checkpoint '{tag}', but {self.ckpt_dir / tag} does not exist; "
                 "delete the `latest` file or point it at an existing global_step* directory"
             )
@@ -208,10 +214,10 @@ class CheckpointManager:
         """
         tag = tag or self.latest_tag()
         if tag is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {self.ckpt_dir}")
+            raise MissingFileError(f"no checkpoint to resume from in {self.ckpt_dir}")
         load_path, client_state = engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
+            raise ResumeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
         tag_dir = self.ckpt_dir / tag
         rng_file = tag_dir / f"rng_state_rank{_rank()}.pt"
         if rng_file.is_file():
@@ -220,5 +226,5 @@ class CheckpointManager:
         if state is None and (tag_dir / TRAINER_STATE_FILE).is_file():
             state = json.loads((tag_dir / TRAINER_STATE_FILE).read_text())
         if state is None:
-            raise RuntimeError(f"{tag_dir} has no trainer state; was it written by `legion train`?")
+            raise ResumeError(f"{tag_dir} has no trainer state; was it written by `legion train`?")
         return state

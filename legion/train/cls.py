@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 from legion.data.detection import DetectionItem, is_fake_to_reference_index, list_detection_images, summarize
+from legion.errors import DataError, require_path
 from legion.utils.devices import resolve_device, resolve_dtype
 from legion.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -487,7 +488,7 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
         if fs.unreadable:
             msg = f"{desc}: {len(fs.unreadable)} unreadable images, e.g. {fs.unreadable[0]}"
             if not cfg.skip_unreadable:
-                raise RuntimeError(msg + " (set skip_unreadable=true to skip them)")
+                raise DataError(msg + " (set skip_unreadable=true to skip them)")
             logger.print("warning: " + msg + " (skipped)")
         logger.event(
             "features",
@@ -507,7 +508,7 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
     val_fs = features(val_items, "val features") if val_items else None
     feature_seconds = time.time() - t0
     if train_fs.features.shape[0] == 0:
-        raise RuntimeError("no readable training images")
+        raise DataError("no readable training images")
 
     def save_best(epoch: int, record: dict) -> None:
         detector.save(out, extra={"epoch": epoch, **{k: v for k, v in record.items() if k != "seconds"}})
@@ -553,15 +554,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from legion.data.detection import DetectionDataError
-    from legion.model.detector import DetectorLoadError
-
-    try:
-        cfg = load_config(TrainClsConfig, args.config, args.overrides)
-        summary = train_cls(cfg, progress=not args.no_progress)
-    except (ConfigError, DetectionDataError, DetectorLoadError) as exc:
-        print(f"legion cls-train: error: {exc}")
-        return 2
+    cfg = load_config(TrainClsConfig, args.config, args.overrides)
+    for key, value in (
+        ("data.train", cfg.data.train),
+        ("data.val", cfg.data.val),
+        ("model.backbone", cfg.model.backbone),
+        ("model.vision_tower", cfg.model.vision_tower),
+    ):
+        if value:  # an empty required key is reported by train_cls
+            require_path(value, key)
+    summary = train_cls(cfg, progress=not args.no_progress)
     best = summary["best_val_accuracy"]
     print(
         f"best epoch {summary['best_epoch']}"

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
+from legion.errors import require_path
 from legion.utils.io import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -708,16 +708,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        for name in ("model.path", "data.root"):
-            section, key = name.split(".")
-            if getattr(getattr(cfg, section), key) is None:
-                raise ConfigError(f"{name} is required (set it in the YAML or pass {name}=...)")
-        summary = train(cfg)
-    except ConfigError as err:
-        print(f"legion train: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    for name in ("model.path", "data.root"):
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            raise ConfigError(f"{name} is required (set it in the YAML or pass {name}=...)")
+        require_path(value, name, "dir")
+    if cfg.data.annotation_path:
+        require_path(cfg.data.annotation_path, "data.annotation_path", "file")
+    summary = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary, indent=2))
     return 0

@@ -24,7 +24,10 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:  # e.g. "gpu": torch lists the device types it knows
+        raise ConfigError(f"device {name!r}: {exc}") from None
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device, key: str = "dtype") -> torch.dtype:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from legion.errors import DataError
+
 __all__ = [
     "append_jsonl",
     "atomic_path",
@@ -147,7 +149,7 @@ def read_jsonl(path: str | os.PathLike, *, require: Sequence[str] = (), skip_inv
     """The records (dicts) of a JSON Lines file (UTF-8, lines split on "\\n" only).
 
     Blank lines are skipped. A line that is not UTF-8, not JSON, not a JSON object, or lacks one
-    of the `require`d fields raises ValueError("path:lineno: ...") -- unless `skip_invalid`, for
+    of the `require`d fields raises DataError (a ValueError) "path:lineno: ..." -- unless `skip_invalid`, for
     files grown with `append_jsonl` that a crash may have torn: then such lines are dropped and one
     warning names them. A missing file raises FileNotFoundError either way."""
     path = Path(path)
@@ -172,7 +174,7 @@ def read_jsonl(path: str | os.PathLike, *, require: Sequence[str] = (), skip_inv
                     records.append(record)
                     continue
             if not skip_invalid:
-                raise ValueError(f"{path}:{lineno}: {problem}")
+                raise DataError(f"{path}:{lineno}: {problem}")
             skipped.append(lineno)
     if skipped:
         shown = ", ".join(str(n) for n in skipped[:10]) + (", ..." if len(skipped) > 10 else "")

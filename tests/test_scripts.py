@@ -1,0 +1,39 @@
+"""The top-level scripts never `cd`: they find the repository from their own path and leave relative
+paths to the user's current directory."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["train_loc_exp.sh", "merge_step1.sh", "merge_step2.sh", "infer_loc_exp.sh", "train_cls.sh", "eval_cls.sh"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_share_one_preamble(name):
+    text = (REPO / name).read_text()
+    assert not re.search(r"^\s*cd\b", text, re.MULTILINE)
+    assert 'REPO="$(cd "$(dirname "$0")" && pwd)"' in text
+    venv = '"$REPO/.venv/bin/python"'
+    assert f'PYTHON="${{PYTHON:-$( [ -x {venv} ] && echo {venv} || echo python )}}"' in text
+    code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert all("$REPO/configs/" in line for line in code if "configs/" in line)
+
+
+def test_a_script_run_from_elsewhere_resolves_paths_from_there(tmp_path):
+    (tmp_path / "ckpt").mkdir()  # relative to the cwd below, not to the repository
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "merge_step1.sh"), "ckpt", "w.safetensors"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == "legion merge step1: error: ckpt has no 'latest' file; pass --tag (found: nothing)\n"
