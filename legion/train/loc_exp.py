@@ -434,19 +434,44 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 LOSS_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
+LOSS_OUTPUTS = ("loss", "ce_loss", "bce_loss", "dice_loss", "mask_loss")  # the model output field of each key
 
 
 def loss_terms(out) -> dict[str, float]:
+    """One forward's loss terms as Python floats (a host sync per call; validation uses it)."""
+
     def val(x):
         return 0.0 if x is None else float(x.detach().float())
 
-    return {
-        "loss": val(out.loss),
-        "ce_loss": val(out.ce_loss),
-        "mask_bce_loss": val(out.bce_loss),
-        "mask_dice_loss": val(out.dice_loss),
-        "mask_loss": val(out.mask_loss),
-    }
+    return {key: val(getattr(out, name)) for key, name in zip(LOSS_KEYS, LOSS_OUTPUTS)}
+
+
+class StepLosses:
+    """One optimizer step's loss terms, kept on the device: every micro-batch adds its terms divided by the
+    accumulation steps, as float64 like the Python floats this replaced, so the logged numbers are the same
+    bit for bit; nothing reaches the host (no sync) until `mean_over_ranks`, when a log line is due."""
+
+    def __init__(self, device: torch.device, grad_accum: int):
+        self.grad_accum = grad_accum
+        self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        # a device tensor, not a Python number: CUDA divides by a host scalar as a multiply by its reciprocal
+        self._divisor = torch.tensor(float(grad_accum), dtype=torch.float64, device=device)
+
+    def add(self, out) -> None:
+        zero = self.sums.new_zeros(())
+        terms = [getattr(out, name) for name in LOSS_OUTPUTS]
+        self.sums += (
+            torch.stack([zero if t is None else t.detach().reshape(()).double() for t in terms]) / self._divisor
+        )
+
+    def mean_over_ranks(self, world_size: int) -> dict[str, float]:
+        """The step's loss terms averaged over ranks, as Python floats: the one host sync."""
+        totals = self.sums.clone()
+        torch.distributed.all_reduce(totals)
+        return {key: value / world_size for key, value in zip(LOSS_KEYS, totals.tolist())}
+
+    def reset(self) -> None:
+        self.sums.zero_()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -619,7 +644,7 @@ def fit(
     step log, validate and save a checkpoint when due; at the end validate and save unless that step just did."""
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     epoch_records = steps.per_epoch * plan.per_device  # this rank's records per epoch
-    losses = {k: 0.0 for k in LOSS_KEYS}  # this step's loss terms
+    losses = StepLosses(device, plan.grad_accum)
     engine.train()
     last_saved = at.step if at.step else -1
     step_start = time.time()
@@ -627,7 +652,7 @@ def fit(
         if at.position >= epoch_records:  # this epoch's steps are done
             at.epoch, at.position = at.epoch + 1, 0
         for batch in batches.loader(at.epoch, at.position):
-            forward_backward(engine, batch, device, cached, trainable, losses, plan.grad_accum)
+            forward_backward(engine, batch, device, cached, trainable, losses)
             lrs = engine.get_lr()
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -636,8 +661,8 @@ def fit(
             at.step += 1
             at.position += plan.per_device
             if at.step % cfg.logging.every_steps == 0 or at.step == steps.total:
-                log_step(log, at, losses, lrs, optimizer, plan, device, step_start)
-            losses = {k: 0.0 for k in LOSS_KEYS}
+                log_step(log, at, losses, lrs, optimizer, plan, step_start)
+            losses.reset()
             step_start = time.time()
             if at.step % cfg.validation.every_steps == 0:
                 run_validation(engine, val_loader, device, cached, log, at.step)
@@ -775,10 +800,9 @@ def build_val_loader(cfg: TrainConfig, val_set, rank: int, world_size: int, pad_
     return make_loader(val_set, sampler, cfg.validation.batch_size, cfg.data.num_workers, pad_id, 0)
 
 
-def forward_backward(engine, batch, device, cached, trainable: list, losses: dict, grad_accum: int) -> None:
-    """One micro-batch: forward (frozen encoders from the cache when there is one), backward, its loss terms
-    / `grad_accum` added to `losses`. A batch whose images all failed to load (None) backpropagates a zero so
-    that ranks stay in step."""
+def forward_backward(engine, batch, device, cached, trainable: list, losses: StepLosses) -> None:
+    """One micro-batch: forward (frozen encoders from the cache when there is one), backward, losses kept on the
+    device. A batch whose images all failed to load (None) backpropagates a zero so that ranks stay in step."""
     if batch is None:
         loss = sum(p.sum() * 0.0 for p in trainable)
         engine.backward(loss)
@@ -786,27 +810,25 @@ def forward_backward(engine, batch, device, cached, trainable: list, losses: dic
     with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
         out = engine(**to_device(batch, device))
     engine.backward(out.loss)
-    for k, v in loss_terms(out).items():
-        losses[k] += v / grad_accum
+    losses.add(out)
 
 
 def log_step(
     log: TrainLogger,
     at: TrainingPosition,
-    losses: dict[str, float],
+    losses: StepLosses,
     lrs: list[float],
     optimizer: torch.optim.Optimizer,
     plan: BatchPlan,
-    device: torch.device,
     step_start: float,
 ) -> None:
     """One `train` line: the step's losses averaged over ranks, the lr of each parameter group, speed."""
-    values = all_reduce_sum([losses[k] for k in LOSS_KEYS], device)
+    values = losses.mean_over_ranks(plan.world_size)
     seconds = time.time() - step_start
     log.train_step(
         at.step,
         {
-            **{k: v / plan.world_size for k, v in zip(LOSS_KEYS, values)},
+            **values,
             "lr": lrs[0],
             **{f"lr/{g['name']}": v for g, v in zip(optimizer.param_groups[1:], lrs[1:])},
             "epoch": at.epoch,
