@@ -145,6 +145,48 @@ def test_steps_per_epoch_is_equal_on_all_ranks():
     assert steps_per_epoch(10, plan_batches(4, 2)) == 2
 
 
+def _fake_outputs(dtype, count, seed):
+    """Model outputs with random loss terms (one term missing, as without masks)."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def term():
+        return (torch.rand((), generator=gen) * 10).to(dtype)
+
+    return [
+        SimpleNamespace(loss=term(), ce_loss=term(), bce_loss=term(), dice_loss=term(), mask_loss=None)
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    "dtype, grad_accum, world", [(torch.float32, 1, 1), (torch.float32, 3, 2), (torch.bfloat16, 7, 1)]
+)
+def test_step_losses_stay_on_the_device_and_match_the_python_float_sums(monkeypatch, dtype, grad_accum, world):
+    """A micro-batch's loss terms are added on the device, with no conversion to Python numbers (a host sync
+    on a GPU); when a log line is due, the values equal the previous implementation's Python-float sums
+    (term / accumulation, float64, in micro-batch order) bit for bit."""
+    from legion.train.loc_exp import LOSS_KEYS, StepLosses, loss_terms
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.mul_(world))  # `world` identical ranks
+    losses = StepLosses(torch.device("cpu"), grad_accum)
+    for step in range(2):
+        outs = _fake_outputs(dtype, grad_accum, seed=step)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__"):
+                m.setattr(torch.Tensor, name, lambda *a, _name=name: pytest.fail(f"Tensor.{_name}: a host sync"))
+            for out in outs:
+                losses.add(out)
+        previous = {k: 0.0 for k in LOSS_KEYS}
+        for out in outs:
+            for k, v in loss_terms(out).items():
+                previous[k] += v / grad_accum
+        expected = {k: v * world / world for k, v in previous.items()}
+        assert losses.mean_over_ranks(world) == expected
+        losses.reset()
+
+
 def test_cli_help_lists_config_keys():
     out = subprocess.run(
         [sys.executable, "-m", "legion.cli", "train", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
@@ -322,3 +364,45 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tiny_model_dir, toy_da
     assert eager_grads.keys() == compiled_grads.keys() and any("lora_A" in n for n in eager_grads)
     for name in eager_grads:
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_train_converts_losses_to_host_only_when_a_log_line_is_due(tiny_model_dir, toy_data_dir, tmp_path, monkeypatch):
+    """logging.every_steps=2 on a 3-step run (micro 2 x accumulation 2): the loss terms reach the host at
+    steps 2 and 3 only, never per micro-batch, and the logged values equal the previous implementation's
+    (each micro-batch's terms as Python floats, / accumulation, summed)."""
+    from legion.train import loc_exp
+
+    host_terms = loc_exp.loss_terms
+    micro_terms, logged, loop_conversions = [], [], []
+    add, mean_over_ranks = loc_exp.StepLosses.add, loc_exp.StepLosses.mean_over_ranks
+
+    def recording_add(self, out):
+        micro_terms.append(host_terms(out))  # the previous per-micro-batch conversion, for the comparison only
+        add(self, out)
+
+    def recording_mean(self, world_size):
+        values = mean_over_ranks(self, world_size)
+        previous = {k: 0.0 for k in loc_exp.LOSS_KEYS}
+        for terms in micro_terms[-self.grad_accum :]:  # this step's micro-batches
+            for k, v in terms.items():
+                previous[k] += v / self.grad_accum
+        logged.append((values, {k: v / world_size for k, v in previous.items()}))
+        return values
+
+    monkeypatch.setattr(loc_exp.StepLosses, "add", recording_add)
+    monkeypatch.setattr(loc_exp.StepLosses, "mean_over_ranks", recording_mean)
+    monkeypatch.setattr(loc_exp, "loss_terms", lambda out: loop_conversions.append(1) or host_terms(out))
+    out_dir = tmp_path / "run"
+    cfg = load_config(
+        TrainConfig,
+        REPO / "configs/tiny/train_loc_exp.yaml",
+        _overrides(tiny_model_dir, toy_data_dir, out_dir, **{"logging.every_steps": 2, "data.val_size": 0}),
+    )
+    assert loc_exp.train(cfg)["steps"] == 3
+    assert len(micro_terms) == 6 and not loop_conversions  # no validation: nothing else converts losses
+    train_events = _events(out_dir, "train")
+    assert [e["step"] for e in train_events] == [2, 3] and len(logged) == 2
+    for event, (values, previous) in zip(train_events, logged):
+        assert values == previous
+        assert {k: event[k] for k in loc_exp.LOSS_KEYS} == previous

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +39,11 @@ import torch
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 from legion.errors import require_path
 from legion.utils.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from legion.train.checkpointing import CheckpointManager
+    from legion.train.encoder_cache import CachedFrozenEncoders
+    from legion.train.logging import TrainLogger
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -429,19 +435,44 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 LOSS_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
+LOSS_OUTPUTS = ("loss", "ce_loss", "bce_loss", "dice_loss", "mask_loss")  # the model output field of each key
 
 
 def loss_terms(out) -> dict[str, float]:
+    """One forward's loss terms as Python floats (a host sync per call; validation uses it)."""
+
     def val(x):
         return 0.0 if x is None else float(x.detach().float())
 
-    return {
-        "loss": val(out.loss),
-        "ce_loss": val(out.ce_loss),
-        "mask_bce_loss": val(out.bce_loss),
-        "mask_dice_loss": val(out.dice_loss),
-        "mask_loss": val(out.mask_loss),
-    }
+    return {key: val(getattr(out, name)) for key, name in zip(LOSS_KEYS, LOSS_OUTPUTS)}
+
+
+class StepLosses:
+    """One optimizer step's loss terms, kept on the device: every micro-batch adds its terms divided by the
+    accumulation steps, as float64 like the Python floats this replaced, so the logged numbers are the same
+    bit for bit; nothing reaches the host (no sync) until `mean_over_ranks`, when a log line is due."""
+
+    def __init__(self, device: torch.device, grad_accum: int):
+        self.grad_accum = grad_accum
+        self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        # a device tensor, not a Python number: CUDA divides by a host scalar as a multiply by its reciprocal
+        self._divisor = torch.tensor(float(grad_accum), dtype=torch.float64, device=device)
+
+    def add(self, out) -> None:
+        zero = self.sums.new_zeros(())
+        terms = [getattr(out, name) for name in LOSS_OUTPUTS]
+        self.sums += (
+            torch.stack([zero if t is None else t.detach().reshape(()).double() for t in terms]) / self._divisor
+        )
+
+    def mean_over_ranks(self, world_size: int) -> dict[str, float]:
+        """The step's loss terms averaged over ranks, as Python floats: the one host sync."""
+        totals = self.sums.clone()
+        torch.distributed.all_reduce(totals)
+        return {key: value / world_size for key, value in zip(LOSS_KEYS, totals.tolist())}
+
+    def reset(self) -> None:
+        self.sums.zero_()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -482,199 +513,338 @@ def validate(engine, loader, device, cached) -> dict[str, float]:
     return result
 
 
-# ---------------------------------------------------------------------------------------- train
+# ---------------------------------------------------------------------------------- the recipe
+# `train` builds everything in order and hands it to `fit`; each stage below is a small named function,
+# in the order `train` and `fit` call them.
+@dataclass
+class TrainingPosition:
+    """Where training stands: optimizer steps done, the current epoch, and how many of its records this
+    rank has consumed. Saved in every checkpoint's trainer_state.json, read back on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    def trainer_state(self, plan: BatchPlan) -> dict:
+        return {
+            "step": self.step,
+            "sampler": {"epoch": self.epoch, "position": self.position},
+            "plan": [plan.world_size, plan.micro_batch, plan.grad_accum],
+            "samples_seen": self.step * plan.global_batch,
+        }
+
+
+@dataclass
+class StepPlan:
+    per_epoch: int  # optimizer steps per pass over the training records
+    total: int  # steps this run trains to
+    lr_schedule: int  # length of the LR schedule
+
+
+@dataclass
+class EpochBatches:
+    """The training records in micro-batches: one loader per epoch, starting at this rank's position in it."""
+
+    dataset: Any
+    sampler: Any
+    micro_batch: int
+    num_workers: int
+    pad_id: int
+    seed: int
+
+    def loader(self, epoch: int, position: int):
+        self.sampler.set_epoch(epoch, position)  # the epoch's shuffle is a function of (seed, epoch)
+        return make_loader(
+            self.dataset, self.sampler, self.micro_batch, self.num_workers, self.pad_id, self.seed * 1000 + epoch
+        )
+
+
 def train(cfg: TrainConfig) -> dict:
+    """The loc/exp recipe: build (distributed setup, seeds, batch plan, model, data, optimizer, DeepSpeed
+    engine, checkpoints + resume, encoder cache, logger, loaders), `fit`, export. Returns the summary."""
     import deepspeed
 
     from legion.data.synthscars import EpochSampler
     from legion.train.checkpointing import CheckpointManager
-    from legion.train.encoder_cache import CachedFrozenEncoders, FrozenEncoderCache, encoder_fingerprint
-    from legion.train.logging import TrainLogger
 
     rank, world_size, device = setup_distributed()
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed + rank)  # LoRA dropout differs per rank, reproducibly
+    seed_everything(cfg.seed + rank)  # LoRA dropout differs per rank, reproducibly
     out_dir = Path(cfg.output_dir)
     plan = plan_batches(cfg.schedule.global_batch_size, world_size, cfg.schedule.micro_batch_size)
 
     model, tokenizer, lora_targets = prepare_model(cfg, device)
     train_set, val_set, preprocessing = build_datasets(cfg, tokenizer, model.config)
-    per_epoch = steps_per_epoch(len(train_set), plan)
-    if per_epoch == 0:
-        raise ConfigError(
-            f"{len(train_set)} training samples are fewer than one global batch "
-            f"({plan.global_batch} = {world_size} ranks x {plan.per_device}); lower "
-            "schedule.global_batch_size or add data"
-        )
-    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * per_epoch
-    schedule_total = cfg.schedule.total_steps or total_steps
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    steps = plan_steps(cfg, len(train_set), plan)
     optimizer = build_optimizer(model.named_parameters(), cfg.optim)
-    ds_config = build_deepspeed_config(cfg, plan, schedule_total, optimizer)
+    ds_config = build_deepspeed_config(cfg, plan, steps.lr_schedule, optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-
-    run_info = {
-        "world_size": world_size,
-        "device": str(device),
-        "micro_batch": plan.micro_batch,
-        "grad_accum": plan.grad_accum,
-        "global_batch": plan.global_batch,
-        "train_samples": len(train_set),
-        "val_samples": len(val_set) if val_set else 0,
-        "steps_per_epoch": per_epoch,
-        "total_steps": total_steps,
-        "schedule_total_steps": schedule_total,
-        "lora_modules": len(lora_targets),
-        "trainable_params": sum(p.numel() for p in trainable),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "dataset_report": dict(train_set.report),
-        "preprocessing": preprocessing_info(preprocessing),
-    }
+    run_info = describe_run(model, lora_targets, plan, steps, device, train_set, val_set, preprocessing)
     if rank == 0:
-        save_resolved_config(cfg, out_dir)
-        atomic_write_text(out_dir / "ds_config.json", json.dumps(ds_config, indent=2))
-        atomic_write_text(out_dir / "run_info.json", json.dumps(run_info, indent=2))
+        write_run_files(cfg, out_dir, ds_config, run_info)
 
     ckpt = CheckpointManager(
         out_dir / "checkpoints",
         keep_last=cfg.checkpoint.keep_last,
         exclude_frozen_parameters=cfg.checkpoint.exclude_frozen,
     )
-    ckpt.remove_partial()
-    step, epoch, position = 0, 0, 0
-    resume = cfg.checkpoint.resume
-    if resume not in ("none", "auto") or (resume == "auto" and ckpt.latest_tag() is not None):
-        state = ckpt.load(engine, None if resume == "auto" else resume)
-        step, epoch, position = state["step"], state["sampler"]["epoch"], state["sampler"]["position"]
-        if state.get("plan") and state["plan"] != [world_size, plan.micro_batch, plan.grad_accum]:
-            raise ConfigError(
-                f"checkpoint was written with (world, micro, accum) = {state['plan']}; this run has "
-                f"{[world_size, plan.micro_batch, plan.grad_accum]}: the data position cannot be "
-                "continued exactly"
-            )
+    at = resume(cfg, ckpt, engine, plan)
+    cached = build_encoder_cache(cfg, engine, preprocessing, out_dir)
+    log = start_logger(cfg, out_dir, rank, run_info, at)
 
-    cached = None
-    if cfg.encoder_cache.enabled:
-        trainable_encoders = [
-            n
-            for n, p in engine.module.named_parameters()
-            if p.requires_grad and ("grounding_encoder.image_encoder" in n or "vision_tower" in n)
-        ]
-        if trainable_encoders:
-            raise ConfigError(
-                f"encoder_cache.enabled needs frozen encoders, but {trainable_encoders[0]} is "
-                "trainable (trainable.name_contains)"
-            )
-        fingerprint = encoder_fingerprint(engine.module, preprocessing_info(preprocessing))
-        cache = FrozenEncoderCache(cfg.encoder_cache.dir or out_dir / "encoder_cache", fingerprint)
-        cached = CachedFrozenEncoders(engine.module, cache)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = EpochSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world_size)
+    batches = EpochBatches(train_set, sampler, plan.micro_batch, cfg.data.num_workers, pad_id, cfg.seed)
+    val_loader = build_val_loader(cfg, val_set, rank, world_size, pad_id)
+
+    fit(
+        cfg,
+        engine,
+        optimizer,
+        at,
+        plan=plan,
+        steps=steps,
+        device=device,
+        batches=batches,
+        val_loader=val_loader,
+        cached=cached,
+        ckpt=ckpt,
+        log=log,
+    )
+
+    summary = {
+        "steps": at.step,
+        "epochs_started": at.epoch + 1,
+        "checkpoint": str(ckpt.ckpt_dir / f"global_step{at.step}"),
+    }
+    if cached is not None:
+        summary["encoder_cache"] = {"hits": dict(cached.cache.hits), "misses": dict(cached.cache.misses)}
+    if cfg.export.merged_model and rank == 0:
+        summary["final_model"] = str(export_merged_model(cfg, ckpt.ckpt_dir, out_dir))
+    torch.distributed.barrier()
+    log.event("end", at.step, summary)
+    log.close()
+    return summary
+
+
+def fit(
+    cfg: TrainConfig,
+    engine,
+    optimizer: torch.optim.Optimizer,
+    at: TrainingPosition,
+    *,
+    plan: BatchPlan,
+    steps: StepPlan,
+    device: torch.device,
+    batches: EpochBatches,
+    val_loader,
+    cached: CachedFrozenEncoders | None,
+    ckpt: CheckpointManager,
+    log: TrainLogger,
+) -> None:
+    """Train from `at` to `steps.total` (advancing `at`): micro-batches epoch after epoch; after each optimizer
+    step log, validate and save a checkpoint when due; at the end validate and save unless that step just did."""
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    epoch_records = steps.per_epoch * plan.per_device  # this rank's records per epoch
+    losses = StepLosses(device, plan.grad_accum)
+    engine.train()
+    last_saved = at.step if at.step else -1
+    step_start = time.time()
+    while at.step < steps.total:
+        if at.position >= epoch_records:  # this epoch's steps are done
+            at.epoch, at.position = at.epoch + 1, 0
+        for batch in batches.loader(at.epoch, at.position):
+            forward_backward(engine, batch, device, cached, trainable, losses)
+            lrs = engine.get_lr()
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            if not boundary:
+                continue
+            at.step += 1
+            at.position += plan.per_device
+            if at.step % cfg.logging.every_steps == 0 or at.step == steps.total:
+                log_step(log, at, losses, lrs, optimizer, plan, step_start)
+            losses.reset()
+            step_start = time.time()
+            if at.step % cfg.validation.every_steps == 0:
+                run_validation(engine, val_loader, device, cached, log, at.step)
+            if at.step % cfg.checkpoint.every_steps == 0 or at.step == steps.total:
+                ckpt.save(engine, at.step, at.trainer_state(plan))
+                last_saved = at.step
+                log.event("checkpoint", at.step, {"tag": f"global_step{at.step}"})
+            if at.step >= steps.total or at.position >= epoch_records:
+                break
+    if at.step % cfg.validation.every_steps != 0:
+        run_validation(engine, val_loader, device, cached, log, at.step)
+    if last_saved != at.step:
+        ckpt.save(engine, at.step, at.trainer_state(plan))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def plan_steps(cfg: TrainConfig, num_records: int, plan: BatchPlan) -> StepPlan:
+    """Steps per epoch, steps to run (`schedule.max_steps` or the epochs) and the LR schedule's length."""
+    per_epoch = steps_per_epoch(num_records, plan)
+    if per_epoch == 0:
+        raise ConfigError(
+            f"{num_records} training samples are fewer than one global batch "
+            f"({plan.global_batch} = {plan.world_size} ranks x {plan.per_device}); lower "
+            "schedule.global_batch_size or add data"
+        )
+    total_steps = cfg.schedule.max_steps or cfg.schedule.epochs * per_epoch
+    return StepPlan(per_epoch, total_steps, cfg.schedule.total_steps or total_steps)
+
+
+def describe_run(
+    model, lora_targets, plan: BatchPlan, steps: StepPlan, device, train_set, val_set, preprocessing
+) -> dict:
+    """run_info.json and the `start` event's fields."""
+    return {
+        "world_size": plan.world_size,
+        "device": str(device),
+        "micro_batch": plan.micro_batch,
+        "grad_accum": plan.grad_accum,
+        "global_batch": plan.global_batch,
+        "train_samples": len(train_set),
+        "val_samples": len(val_set) if val_set else 0,
+        "steps_per_epoch": steps.per_epoch,
+        "total_steps": steps.total,
+        "schedule_total_steps": steps.lr_schedule,
+        "lora_modules": len(lora_targets),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "dataset_report": dict(train_set.report),
+        "preprocessing": preprocessing_info(preprocessing),
+    }
+
+
+def write_run_files(cfg: TrainConfig, out_dir: Path, ds_config: dict, run_info: dict) -> None:
+    """config.yaml (resolved), ds_config.json, run_info.json; rank 0 only."""
+    save_resolved_config(cfg, out_dir)
+    atomic_write_text(out_dir / "ds_config.json", json.dumps(ds_config, indent=2))
+    atomic_write_text(out_dir / "run_info.json", json.dumps(run_info, indent=2))
+
+
+def resume(cfg: TrainConfig, ckpt: CheckpointManager, engine, plan: BatchPlan) -> TrainingPosition:
+    """Drop a half-written tag, then load `checkpoint.resume` (auto: `latest`, when there is one) into the
+    engine: weights, optimizer, LR schedule, RNG states. Returns where that run stopped (step 0 if none)."""
+    ckpt.remove_partial()
+    resume = cfg.checkpoint.resume
+    if resume == "none" or (resume == "auto" and ckpt.latest_tag() is None):
+        return TrainingPosition()
+    state = ckpt.load(engine, None if resume == "auto" else resume)
+    if state.get("plan") and state["plan"] != [plan.world_size, plan.micro_batch, plan.grad_accum]:
+        raise ConfigError(
+            f"checkpoint was written with (world, micro, accum) = {state['plan']}; this run has "
+            f"{[plan.world_size, plan.micro_batch, plan.grad_accum]}: the data position cannot be "
+            "continued exactly"
+        )
+    return TrainingPosition(state["step"], state["sampler"]["epoch"], state["sampler"]["position"])
+
+
+def build_encoder_cache(cfg: TrainConfig, engine, preprocessing: dict, out_dir: Path) -> CachedFrozenEncoders | None:
+    """With `encoder_cache.enabled`: the frozen CLIP/SAM outputs served from disk (computed on first use)."""
+    from legion.train.encoder_cache import CachedFrozenEncoders, FrozenEncoderCache, encoder_fingerprint
+
+    if not cfg.encoder_cache.enabled:
+        return None
+    trainable_encoders = [
+        n
+        for n, p in engine.module.named_parameters()
+        if p.requires_grad and ("grounding_encoder.image_encoder" in n or "vision_tower" in n)
+    ]
+    if trainable_encoders:
+        raise ConfigError(
+            f"encoder_cache.enabled needs frozen encoders, but {trainable_encoders[0]} is "
+            "trainable (trainable.name_contains)"
+        )
+    fingerprint = encoder_fingerprint(engine.module, preprocessing_info(preprocessing))
+    cache = FrozenEncoderCache(cfg.encoder_cache.dir or out_dir / "encoder_cache", fingerprint)
+    return CachedFrozenEncoders(engine.module, cache)
+
+
+def start_logger(cfg: TrainConfig, out_dir: Path, rank: int, run_info: dict, at: TrainingPosition) -> TrainLogger:
+    """log.jsonl (+ bar, TensorBoard, wandb) with its `start` event, and the run's one-line description."""
+    from legion.train.logging import TrainLogger
 
     log = TrainLogger(
         out_dir,
         rank,
-        total_steps,
-        initial_step=step,
+        run_info["total_steps"],
+        initial_step=at.step,
         tensorboard=cfg.logging.tensorboard,
         wandb_project=cfg.logging.wandb_project,
         run_name=out_dir.name,
         config=to_dict(cfg),
         progress=cfg.logging.progress,
     )
-    log.event("start", step, {**run_info, "resumed": step > 0})
+    log.event("start", at.step, {**run_info, "resumed": at.step > 0})
     log.print(
-        f"training {total_steps} steps ({per_epoch}/epoch) x global batch {plan.global_batch} = "
-        f"{world_size} ranks x micro {plan.micro_batch} x accum {plan.grad_accum}; "
-        f"{run_info['trainable_params']:,} trainable params" + (f"; resumed at step {step}" if step else "")
+        f"training {run_info['total_steps']} steps ({run_info['steps_per_epoch']}/epoch) x global batch "
+        f"{run_info['global_batch']} = {run_info['world_size']} ranks x micro {run_info['micro_batch']} x accum "
+        f"{run_info['grad_accum']}; {run_info['trainable_params']:,} trainable params"
+        + (f"; resumed at step {at.step}" if at.step else "")
+    )
+    return log
+
+
+def build_val_loader(cfg: TrainConfig, val_set, rank: int, world_size: int, pad_id: int):
+    """The held-out slice in order, a disjoint share per rank; None without one."""
+    from legion.data.synthscars import EpochSampler
+
+    if val_set is None:
+        return None
+    sampler = EpochSampler(len(val_set), seed=cfg.seed, rank=rank, world_size=world_size, shuffle=False)
+    return make_loader(val_set, sampler, cfg.validation.batch_size, cfg.data.num_workers, pad_id, 0)
+
+
+def forward_backward(engine, batch, device, cached, trainable: list, losses: StepLosses) -> None:
+    """One micro-batch: forward (frozen encoders from the cache when there is one), backward, losses kept on the
+    device. A batch whose images all failed to load (None) backpropagates a zero so that ranks stay in step."""
+    if batch is None:
+        loss = sum(p.sum() * 0.0 for p in trainable)
+        engine.backward(loss)
+        return
+    with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
+        out = engine(**to_device(batch, device))
+    engine.backward(out.loss)
+    losses.add(out)
+
+
+def log_step(
+    log: TrainLogger,
+    at: TrainingPosition,
+    losses: StepLosses,
+    lrs: list[float],
+    optimizer: torch.optim.Optimizer,
+    plan: BatchPlan,
+    step_start: float,
+) -> None:
+    """One `train` line: the step's losses averaged over ranks, the lr of each parameter group, speed."""
+    values = losses.mean_over_ranks(plan.world_size)
+    seconds = time.time() - step_start
+    log.train_step(
+        at.step,
+        {
+            **values,
+            "lr": lrs[0],
+            **{f"lr/{g['name']}": v for g, v in zip(optimizer.param_groups[1:], lrs[1:])},
+            "epoch": at.epoch,
+            "samples_per_s": plan.global_batch / max(seconds, 1e-9),
+            "step_seconds": seconds,
+        },
     )
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sampler = EpochSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world_size)
-    val_loader = None
-    if val_set is not None:
-        val_sampler = EpochSampler(len(val_set), seed=cfg.seed, rank=rank, world_size=world_size, shuffle=False)
-        val_loader = make_loader(val_set, val_sampler, cfg.validation.batch_size, cfg.data.num_workers, pad_id, 0)
 
-    def trainer_state() -> dict:
-        return {
-            "step": step,
-            "sampler": {"epoch": epoch, "position": position},
-            "plan": [world_size, plan.micro_batch, plan.grad_accum],
-            "samples_seen": step * plan.global_batch,
-        }
-
-    def run_validation():
-        if val_loader is not None:
-            metrics = validate(engine, val_loader, device, cached)
-            log.event("validation", step, metrics)
-            log.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-
-    engine.train()
-    last_saved = step if step else -1
-    accum = {k: 0.0 for k in LOSS_KEYS}
-    micro_in_step, step_start = 0, time.time()
-    while step < total_steps:
-        if position >= per_epoch * plan.per_device:  # this epoch's steps are done
-            epoch, position = epoch + 1, 0
-        sampler.set_epoch(epoch, position)
-        loader = make_loader(
-            train_set, sampler, plan.micro_batch, cfg.data.num_workers, pad_id, cfg.seed * 1000 + epoch
-        )
-        for batch in loader:
-            if batch is None:  # every image of this micro-batch failed to load: keep ranks in step
-                loss = sum(p.sum() * 0.0 for p in trainable)
-                engine.backward(loss)
-            else:
-                with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
-                    out = engine(**to_device(batch, device))
-                engine.backward(out.loss)
-                for k, v in loss_terms(out).items():
-                    accum[k] += v / plan.grad_accum
-            lrs = engine.get_lr()
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            micro_in_step += 1
-            if not boundary:
-                continue
-            step += 1
-            position += plan.per_device
-            if step % cfg.logging.every_steps == 0 or step == total_steps:
-                values = all_reduce_sum([accum[k] for k in LOSS_KEYS], device)
-                seconds = time.time() - step_start
-                log.train_step(
-                    step,
-                    {
-                        **{k: v / world_size for k, v in zip(LOSS_KEYS, values)},
-                        "lr": lrs[0],
-                        **{f"lr/{g['name']}": v for g, v in zip(optimizer.param_groups[1:], lrs[1:])},
-                        "epoch": epoch,
-                        "samples_per_s": plan.global_batch / max(seconds, 1e-9),
-                        "step_seconds": seconds,
-                    },
-                )
-            accum = {k: 0.0 for k in LOSS_KEYS}
-            micro_in_step, step_start = 0, time.time()
-            if step % cfg.validation.every_steps == 0:
-                run_validation()
-            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
-                ckpt.save(engine, step, trainer_state())
-                last_saved = step
-                log.event("checkpoint", step, {"tag": f"global_step{step}"})
-            if step >= total_steps or position >= per_epoch * plan.per_device:
-                break
-    if step % cfg.validation.every_steps != 0:
-        run_validation()
-    if last_saved != step:
-        ckpt.save(engine, step, trainer_state())
-    summary = {"steps": step, "epochs_started": epoch + 1, "checkpoint": str(ckpt.ckpt_dir / f"global_step{step}")}
-    if cached is not None:
-        summary["encoder_cache"] = {"hits": dict(cached.cache.hits), "misses": dict(cached.cache.misses)}
-    if cfg.export.merged_model and rank == 0:
-        summary["final_model"] = str(export_merged_model(cfg, ckpt.ckpt_dir, out_dir))
-    torch.distributed.barrier()
-    log.event("end", step, summary)
-    log.close()
-    return summary
+def run_validation(engine, val_loader, device, cached, log: TrainLogger, step: int) -> None:
+    """`validate` on the held-out slice (if any), logged and printed."""
+    if val_loader is not None:
+        metrics = validate(engine, val_loader, device, cached)
+        log.event("validation", step, metrics)
+        log.print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 
 def preprocessing_info(common: dict) -> dict:
