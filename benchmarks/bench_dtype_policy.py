@@ -24,19 +24,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from legion.data.images import read_image  # noqa: E402
-from legion.infer import Analyzer, list_images  # noqa: E402
+from legion.infer import Analyzer, AnalyzerConfig, list_images  # noqa: E402
 from legion.utils.io import atomic_write_json  # noqa: E402
 from legion.utils.rle import rle_to_mask  # noqa: E402
 
 
 def run(policy: str, model: str, images: list[np.ndarray], max_new_tokens: int, sam_input_size) -> tuple[list, float]:
-    analyzer = Analyzer.load(
-        model,
-        device="cpu",
-        dtype="bfloat16",
-        dtype_policy=policy,
-        max_new_tokens=max_new_tokens,
-        sam_input_size=sam_input_size,
+    analyzer = Analyzer.from_config(
+        AnalyzerConfig(
+            model_path=model,
+            device="cpu",
+            dtype="bfloat16",
+            dtype_policy=policy,
+            max_new_tokens=max_new_tokens,
+            sam_input_size=sam_input_size,
+        )
     )
     start = time.perf_counter()
     records = [analyzer.analyze([image])[0] for image in images]
@@ -59,12 +61,12 @@ def main() -> None:
     images = [read_image(p) for p in paths]
     ref, ref_s = run("reference", args.model, images, args.max_new_tokens, args.sam_input_size)
     ours, ours_s = run("fp32_grounding", args.model, images, args.max_new_tokens, args.sam_input_size)
-    same_text = [a["raw_text"] == b["raw_text"] for a, b in zip(ref, ours)]
+    same_text = [a.raw_text == b.raw_text for a, b in zip(ref, ours)]
     ious, differing, pixels = [], 0, 0
     for a, b, same in zip(ref, ours, same_text):
         if not same:
             continue
-        for ma, mb in zip(a["masks"], b["masks"]):
+        for ma, mb in zip(a.masks, b.masks):
             x, y = rle_to_mask(ma).astype(bool), rle_to_mask(mb).astype(bool)
             union = (x | y).sum()
             ious.append(1.0 if union == 0 else (x & y).sum() / union)

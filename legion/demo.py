@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from legion.errors import LegionError, OptionError
-from legion.utils.io import atomic_write_text, read_jsonl
+from legion.utils.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 GALLERY_FAKE, GALLERY_REAL = 12, 4
@@ -284,6 +284,7 @@ def write_demo_report(out: Path) -> tuple[Path, Path]:
     """Build report.html / report.md from the demo's saved outputs (never from a live model)."""
     from legion.data.images import read_image
     from legion.data.synthscars import find_annotation_file, load_annotations, rasterize_polygons
+    from legion.eval.ground_truth import read_predictions
     from legion.gallery import GalleryItem, Table, write_report
     from legion.utils.rle import rle_to_mask
 
@@ -333,21 +334,21 @@ def write_demo_report(out: Path) -> tuple[Path, Path]:
     gt_by_name = {r.img_file_name: r for r in records}
     gallery = []
     fake_preds, real_preds = out / "predictions" / "predictions.jsonl", out / "predictions_real" / "predictions.jsonl"
-    for rec in (read_jsonl(fake_preds, require=("image",)) if fake_preds.is_file() else [])[:GALLERY_FAKE]:
-        image = read_image(data / "test" / "images" / rec["image"])
+    for rec in (read_predictions(fake_preds) if fake_preds.is_file() else [])[:GALLERY_FAKE]:
+        image = read_image(data / "test" / "images" / rec.image)
         h, w = image.shape[:2]
-        masks = [rle_to_mask(m) for m in rec.get("masks") or []]
-        gt = gt_by_name.get(Path(rec["image"]).name)
+        masks = [rle_to_mask(m) for m in rec.masks]
+        gt = gt_by_name.get(Path(rec.image).name)
         gt_mask = None
         if gt is not None:
             gt_mask = np.zeros((h, w), np.uint8)
             for ref in gt.refs:
                 gt_mask |= rasterize_polygons(ref.polygons, h, w)
-        gallery.append(GalleryItem(image, rec, masks, gt_mask, f"fake: {rec['image']}"))
-    for rec in (read_jsonl(real_preds, require=("image",)) if real_preds.is_file() else [])[:GALLERY_REAL]:
-        image = read_image(data / "detection" / "test" / "toyscars" / "0_real" / rec["image"])
-        masks = [rle_to_mask(m) for m in rec.get("masks") or []]
-        gallery.append(GalleryItem(image, rec, masks, None, f"real: {rec['image']}"))
+        gallery.append(GalleryItem(image, rec, masks, gt_mask, f"fake: {rec.image}"))
+    for rec in (read_predictions(real_preds) if real_preds.is_file() else [])[:GALLERY_REAL]:
+        image = read_image(data / "detection" / "test" / "toyscars" / "0_real" / rec.image)
+        masks = [rle_to_mask(m) for m in rec.masks]
+        gallery.append(GalleryItem(image, rec, masks, None, f"real: {rec.image}"))
     intro = (
         "LEGION's whole pipeline on ToyScars (procedural images with planted artifacts) with a tiny, "
         "randomly initialised model trained on the CPU: DeepSpeed + LoRA training, merge, detector, gated "

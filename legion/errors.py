@@ -24,6 +24,7 @@ Each class keeps the builtin base it had (or the builtin it replaces), so ``exce
 | `UsageError` | legion/errors.py | Exception | usage | 2 |
 | `OptionError` | legion/errors.py | ValueError | usage: bad option/argument value or combination | 2 |
 | `InputNotFoundError` | legion/errors.py | FileNotFoundError | usage: a path the user named does not exist | 2 |
+| `MissingDependencyError` | legion/errors.py | ImportError | usage: a setting needs an optional package | 2 |
 | `DataError` | legion/errors.py | ValueError | failed work: a file read is unusable | 1 |
 | `MissingFileError` | legion/errors.py | FileNotFoundError | failed work: a file the work needs is missing | 1 |
 | `ConfigError` | legion/config.py | ValueError | usage | 2 |
@@ -71,6 +72,10 @@ class OptionError(UsageError, ValueError):
 
 class InputNotFoundError(UsageError, FileNotFoundError):
     """A path the user named (on the command line or as a command's main input) does not exist."""
+
+
+class MissingDependencyError(UsageError, ImportError):
+    """A setting needs an optional package that is not installed (the message says how to install it)."""
 
 
 class DataError(LegionError, ValueError):

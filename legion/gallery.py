@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from legion.record import PredictionRecord
 from legion.utils.io import atomic_path, atomic_write_text, read_jsonl
 
 # Distinct, colour-blind friendly colours (Okabe-Ito + extras), RGB.
@@ -96,7 +97,7 @@ class GalleryItem:
     """One image of the gallery: the picture, the prediction record and (optionally) the GT masks."""
 
     image: np.ndarray  # RGB uint8 [H, W, 3]
-    record: dict  # a predictions.jsonl record
+    record: PredictionRecord
     masks: list[np.ndarray] = field(default_factory=list)  # predicted, one per phrase
     gt_mask: np.ndarray | None = None  # union of the ground-truth masks
     title: str = ""
@@ -216,30 +217,31 @@ def write_report(
             _save_png(overlay_masks(item.image, [item.gt_mask]), assets / f"{stem}_gt.png")
             imgs.append(f"report_assets/{stem}_gt.png")
         rec = item.record
-        verdict = rec.get("verdict", "error")
-        prob = rec.get("fake_prob")
+        verdict = rec.verdict or "error"
+        prob = rec.fake_prob
         prob_txt = f" P(fake) = {prob:.2f}" if isinstance(prob, (int, float)) else ""
-        expl = rec.get("explanation") or ""
+        expl = rec.explanation or ""
         body = (
-            highlight_phrases(expl, rec.get("phrases") or [])
+            highlight_phrases(expl, rec.phrases or [])
             if verdict == "fake"
             else html.escape(
-                rec.get("error")
+                rec.error
                 or ("no artifact analysis: the detector judged this image real" if verdict == "real" else expl)
             )
         )
+        card_title = html.escape(item.title or rec.image or "")
         labels = ["input", "prediction", "ground truth"]
         figures = "".join(
             f'<img src="{src}" alt="{labels[i]} {html.escape(item.title)}" title="{labels[i]}">'
             for i, src in enumerate(imgs)
         )
         cards_html.append(
-            f'<div class="card"><div><b>{html.escape(item.title or rec.get("image", ""))}</b> '
-            f'<span class="verdict {verdict}">{verdict}</span>{html.escape(prob_txt)}</div>'
+            f'<div class="card"><div><b>{card_title}</b> '
+            f'<span class="verdict {html.escape(verdict)}">{html.escape(verdict)}</span>{html.escape(prob_txt)}</div>'
             f'<div>{figures}</div><p class="expl">{body}</p></div>'
         )
         cards_md.append(
-            f"- **{item.title or rec.get('image', '')}** — {verdict}{prob_txt}: "
+            f"- **{item.title or rec.image or ''}** — {verdict}{prob_txt}: "
             f"{expl if verdict == 'fake' else ''} ![pred]({imgs[1]})"
         )
 

@@ -12,7 +12,7 @@ skipped. The resolved config is saved as `output_dir/infer_config.yaml`.
 
 In-process API (used by training for validation):
 
-    analyzer = Analyzer.load("checkpoints/legion_7b", detector_path=None, device="cuda")
+    analyzer = Analyzer.from_config(AnalyzerConfig(model_path="checkpoints/legion_7b", device="cuda"))
     records = analyzer.analyze([rgb_uint8_image, ...])          # list of prediction dicts
     summary = run_inference(cfg, analyzer=analyzer)              # a whole folder
 """
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config
 from legion.errors import UsageError, require_path
+from legion.record import PredictionRecord
 from legion.utils.devices import resolve_device, resolve_dtype
 from legion.utils.io import append_jsonl, atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl
 
@@ -65,14 +65,11 @@ class InferError(UsageError, RuntimeError):
 
 # --- config -------------------------------------------------------------------------------------
 @dataclass
-class InferConfig:
+class AnalyzerConfig:
+    """How LEGION is loaded and run on images: `Analyzer.from_config`'s input. `legion infer` adds its
+    run settings to these keys (`InferConfig`); the controller's `legion:` section is this class."""
+
     model_path: str = field(default="", metadata={"help": "merged model directory (legion merge step2 / make-tiny)"})
-    image_dir: str = field(default="", metadata={"help": "folder scanned recursively for images"})
-    image_list: str | None = field(
-        default=None,
-        metadata={"help": "text file, one image path per line (relative to image_dir, else to the list's folder)"},
-    )
-    output_dir: str = field(default="", metadata={"help": "where predictions.jsonl and image outputs go"})
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP folder if the model dir has none"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)"})
     dtype: str = field(
@@ -86,7 +83,6 @@ class InferConfig:
         },
     )
     quantization: str | None = field(default=None, metadata={"help": "8bit | 4bit (bitsandbytes) for 24 GB GPUs"})
-    batch_size: int = field(default=4, metadata={"help": "images per generation batch"})
     max_new_tokens: int = 512
     decoding: str = field(
         default="auto",
@@ -102,6 +98,19 @@ class InferConfig:
     detector_path: str | None = field(default=None, metadata={"help": "real/fake detector dir (legion cls-train)"})
     detector_backbone: str | None = field(default=None, metadata={"help": "CLIP/LEGION dir overriding the detector's"})
     gate_threshold: float = field(default=0.5, metadata={"help": "P(fake) below this -> verdict real, no analysis"})
+
+
+@dataclass
+class InferConfig(AnalyzerConfig):
+    """`legion infer`: the analyzer's keys plus what to run it on and what to write."""
+
+    image_dir: str = field(default="", metadata={"help": "folder scanned recursively for images"})
+    image_list: str | None = field(
+        default=None,
+        metadata={"help": "text file, one image path per line (relative to image_dir, else to the list's folder)"},
+    )
+    output_dir: str = field(default="", metadata={"help": "where predictions.jsonl and image outputs go"})
+    batch_size: int = field(default=4, metadata={"help": "images per generation batch"})
     perturb: str | None = field(
         default=None, metadata={"help": "robustness perturbation, e.g. jpeg:50, noise:5, blur:5"}
     )
@@ -117,47 +126,28 @@ class InferConfig:
     progress: bool = True
 
 
-# --- quantization -------------------------------------------------------------------------------
-def quantize_language_model(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
-    """Swap the LLaMA decoder's nn.Linear layers for bitsandbytes 8-bit / 4-bit (nf4) layers.
+def check_analyzer_config(cfg: AnalyzerConfig) -> None:
+    """Setting checks that need no model (so a typo fails before minutes of loading)."""
+    from legion.model.legion import DECODING_MODES
+    from legion.model.quantization import QUANTIZATION_MODES
 
-    Only `model.model.layers` is quantized (6.5 B of the 8 B parameters); CLIP, SAM, the projector,
-    `text_hidden_fcs`, embeddings and `lm_head` keep `compute_dtype`/fp32, so masks are unchanged in
-    kind. The weights are quantized when the model moves to its device (CUDA; bitsandbytes' CPU
-    backend also works, for memory rather than speed). Returns the number of layers replaced.
-    Raises InferError when bitsandbytes is not installed.
-    """
-    if mode not in ("8bit", "4bit"):
-        raise ConfigError(f"quantization: {mode!r} is not one of 8bit, 4bit (or null)")
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise InferError(
-            f"quantization={mode} needs bitsandbytes, which is not installed: "
-            "`pip install bitsandbytes` (CUDA GPU; see docs/inference.md)"
-        ) from None
-    replaced = 0
-    for parent in list(model.model.layers.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            weight = child.weight.data.to(compute_dtype)
-            bias = child.bias is not None
-            if mode == "8bit":
-                new = bnb.nn.Linear8bitLt(
-                    child.in_features, child.out_features, bias=bias, has_fp16_weights=False, threshold=6.0
-                )
-                new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-            else:
-                new = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=bias, compute_dtype=compute_dtype, quant_type="nf4"
-                )
-                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
-            if bias:
-                new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-            setattr(parent, name, new)
-            replaced += 1
-    return replaced
+    if cfg.dtype_policy not in DTYPE_POLICIES:
+        raise ConfigError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {cfg.dtype_policy!r}")
+    if cfg.decoding not in DECODING_MODES:
+        raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {cfg.decoding!r}")
+    if cfg.quantization is not None and cfg.quantization not in QUANTIZATION_MODES:
+        raise ConfigError(f"quantization: {cfg.quantization!r} is not one of 8bit, 4bit (or null)")
+    if cfg.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.sam_input_size is not None and cfg.sam_input_size < 1:
+        raise ConfigError(f"sam_input_size must be >= 1 or null, got {cfg.sam_input_size}")
+    if not 0.0 <= cfg.gate_threshold <= 1.0:
+        raise ConfigError(f"gate_threshold must be in [0, 1], got {cfg.gate_threshold}")
+    if not cfg.model_path:
+        raise InferError("give model_path=MODEL_DIR")
+    require_path(cfg.model_path, "model_path", "dir")
+    if cfg.detector_path:
+        require_path(cfg.detector_path, "detector_path", "dir")
 
 
 # --- masks -> output helpers ------------------------------------------------------------------
@@ -165,36 +155,6 @@ def _empty_rle(height: int, width: int) -> dict:
     from legion.utils.rle import mask_to_rle
 
     return mask_to_rle(np.zeros((height, width), dtype=np.uint8))
-
-
-def base_record(width: int | None, height: int | None, sam_input_size: int | None) -> dict:
-    """A record with every field of docs/ARCHITECTURE.md, before analysis."""
-    return {
-        "width": width,
-        "height": height,
-        "verdict": None,
-        "fake_prob": None,
-        "explanation": "",
-        "phrases": [],
-        "masks": [],
-        "union_mask": None,
-        "no_seg": False,
-        "raw_text": None,
-        "sam_input_size": sam_input_size,
-        "seconds": None,
-        "error": None,
-        "num_seg": 0,
-        "mismatch": None,
-        "truncated": False,
-    }
-
-
-def error_record(
-    message: str, width: int | None = None, height: int | None = None, sam_input_size: int | None = None
-) -> dict:
-    record = base_record(width, height, sam_input_size)
-    record.update(verdict="error", error=message)
-    return record
 
 
 # --- the analyzer ---------------------------------------------------------------------------------
@@ -242,53 +202,41 @@ class Analyzer:
             raise ConfigError(f"model seg_token_idx {model.config.seg_token_idx} != tokenizer [SEG] id {self.seg_id}")
 
     @classmethod
-    def load(
-        cls,
-        model_path: str | os.PathLike,
-        detector_path: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
-        sam_input_size: int | None = 1024,
-        max_new_tokens: int = 512,
-        gate_threshold: float = 0.5,
-        dtype: str | torch.dtype | None = None,
-        vision_tower: str | None = None,
-        quantization: str | None = None,
-        detector_backbone: str | None = None,
-        decoding: str = "auto",
-        dtype_policy: str = "reference",
-    ) -> Analyzer:
-        """Load a model directory (and a detector) for inference on `device`.
+    def from_config(cls, cfg: AnalyzerConfig) -> Analyzer:
+        """Load the model (and the detector, when `detector_path` is set) as `cfg` says: the one way to
+        build an Analyzer from files. Settings are checked before anything is loaded.
 
-        dtype_policy: "reference" casts the whole model to `dtype` (the released code's inference);
+        dtype_policy "reference" casts the whole model to `dtype` (the released code's inference);
         "fp32_grounding" keeps SAM and text_hidden_fcs in fp32 (docs/inference.md has the measured difference).
         """
         from legion.model.builders import load_model
+        from legion.model.quantization import quantize_language_model
 
-        if dtype_policy not in DTYPE_POLICIES:
-            raise ConfigError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {dtype_policy!r}")
-        device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-        dtype = resolve_dtype(dtype, device)
-        if not Path(model_path).is_dir():
-            raise InferError(f"model_path is not a directory: {model_path}")
+        check_analyzer_config(cfg)
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
         model, tokenizer, _ = load_model(
-            model_path,
+            cfg.model_path,
             dtype=dtype,
             device="cpu",
-            vision_tower=vision_tower,
-            keep_fp32_modules=dtype_policy == "fp32_grounding",
+            vision_tower=cfg.vision_tower,
+            keep_fp32_modules=cfg.dtype_policy == "fp32_grounding",
             verbose=False,
         )
-        if quantization:
-            quantize_language_model(model, quantization, dtype)
+        decoding = cfg.decoding
+        if cfg.quantization:
+            quantize_language_model(model, cfg.quantization, dtype)
             if decoding == "auto":  # bitsandbytes kernels under CUDA-graph capture are not verified
                 decoding = "dynamic"
         model.to(device).eval()
         detector = None
-        if detector_path:
+        if cfg.detector_path:
             from legion.model.detector import load_detector
 
-            detector = load_detector(detector_path, device=device, backbone=detector_backbone)
-        return cls(model, tokenizer, detector, sam_input_size, max_new_tokens, gate_threshold, decoding=decoding)
+            detector = load_detector(cfg.detector_path, device=device, backbone=cfg.detector_backbone)
+        return cls(
+            model, tokenizer, detector, cfg.sam_input_size, cfg.max_new_tokens, cfg.gate_threshold, decoding=decoding
+        )
 
     @property
     def device(self) -> torch.device:
@@ -301,7 +249,7 @@ class Analyzer:
         return [float(p) for p in self.detector.fake_probability_images(list(images))]
 
     @torch.no_grad()
-    def explain(self, images: Sequence[np.ndarray]) -> list[dict]:
+    def explain(self, images: Sequence[np.ndarray]) -> list[PredictionRecord]:
         """Generation + masks for a batch of RGB uint8 images (no gate). One record each."""
         from legion.model import conversation as conv
         from legion.model.preprocessing import clip_preprocess, sam_preprocess
@@ -327,46 +275,53 @@ class Analyzer:
         records = []
         for image, res in zip(images, results):
             height, width = image.shape[:2]
-            record = base_record(width, height, self.sam_input_size)
             text = self.tokenizer.decode(res.token_ids, skip_special_tokens=False)
             explanation, phrases = conv.parse_answer(text)
             masks = (res.mask_logits > 0).cpu().numpy().astype(np.uint8)  # [N, H, W]
             num_seg = sum(1 for t in res.token_ids if t == self.seg_id)
-            record.update(
+            record = PredictionRecord(
+                width=width,
+                height=height,
                 verdict="fake",
                 explanation=explanation,
                 phrases=phrases,
-                raw_text=text,
                 masks=[mask_to_rle(m) for m in masks],
-                num_seg=num_seg,
-                no_seg=num_seg == 0,
                 union_mask=mask_to_rle(masks.any(0) if len(masks) else np.zeros((height, width), np.uint8)),
-                truncated=not res.finished,
+                no_seg=num_seg == 0,
+                raw_text=text,
+                sam_input_size=self.sam_input_size,
                 seconds=round(seconds, 4),
+                num_seg=num_seg,
+                truncated=not res.finished,
             )
             if not (len(phrases) == num_seg == len(masks)):
                 # Pairing is by order; a mismatch (e.g. a phrase without [SEG]) is reported, not hidden.
-                record["mismatch"] = f"{len(phrases)} phrases, {num_seg} [SEG], {len(masks)} masks"
+                record.mismatch = f"{len(phrases)} phrases, {num_seg} [SEG], {len(masks)} masks"
             records.append(record)
         return records
 
-    def analyze(self, images: Sequence[np.ndarray]) -> list[dict]:
-        """RGB uint8 images [H, W, 3] -> prediction records (docs/ARCHITECTURE.md, no `image` field).
+    def analyze(self, images: Sequence[np.ndarray]) -> list[PredictionRecord]:
+        """RGB uint8 images [H, W, 3] -> prediction records (legion.record, `image` left None).
 
         With a detector, images with P(fake) < gate_threshold get verdict "real" and no analysis.
         A batch that fails as a whole is retried image by image; an image that fails gets an
         `error` record.
         """
         start = time.perf_counter()
-        records: list[dict | None] = [None] * len(images)
+        records: list[PredictionRecord | None] = [None] * len(images)
         probs = self.fake_probabilities(images)
         todo = []
         for i, (image, prob) in enumerate(zip(images, probs)):
             if prob is not None and prob < self.gate_threshold:
                 h, w = image.shape[:2]
-                record = base_record(w, h, self.sam_input_size)
-                record.update(verdict="real", fake_prob=prob, union_mask=_empty_rle(h, w))
-                records[i] = record
+                records[i] = PredictionRecord(
+                    width=w,
+                    height=h,
+                    verdict="real",
+                    fake_prob=prob,
+                    union_mask=_empty_rle(h, w),
+                    sam_input_size=self.sam_input_size,
+                )
             else:
                 todo.append(i)
         if todo:
@@ -375,16 +330,16 @@ class Analyzer:
             except (RuntimeError, ValueError) as exc:
                 if len(todo) == 1:
                     h, w = images[todo[0]].shape[:2]
-                    explained = [error_record(f"{type(exc).__name__}: {exc}", w, h, self.sam_input_size)]
+                    explained = [PredictionRecord.failed(f"{type(exc).__name__}: {exc}", w, h, self.sam_input_size)]
                 else:
                     explained = [self.analyze([images[i]])[0] for i in todo]
             for i, record in zip(todo, explained):
-                record["fake_prob"] = probs[i]
+                record.fake_prob = probs[i]
                 records[i] = record
         gate_seconds = (time.perf_counter() - start) / max(len(images), 1)
         for record in records:
-            if record["seconds"] is None:
-                record["seconds"] = round(gate_seconds, 4)
+            if record.seconds is None:
+                record.seconds = round(gate_seconds, 4)
         return records
 
 
@@ -479,35 +434,40 @@ def overlay_image(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float =
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def expected_files(cfg: InferConfig, output_dir: Path, key: str, record: dict) -> list[Path]:
+def expected_files(cfg: InferConfig, output_dir: Path, key: str, record: PredictionRecord) -> list[Path]:
     """Files the config asks for, for one image (empty when none or on error)."""
-    if record.get("verdict") == "error":
+    if record.verdict == "error":
         return []
     sub = output_subdir(output_dir, key)
     files = []
     if cfg.save_reference_layout:
         files += [sub / "explanation.json", sub / "mask.png"]
     if cfg.save_phrase_masks:
-        files += [sub / f"mask_{i}.png" for i in range(len(record.get("masks") or []))]
+        files += [sub / f"mask_{i}.png" for i in range(len(record.masks))]
     if cfg.save_overlay:
         files.append(sub / "overlay.png")
     return files
 
 
 def write_image_files(
-    cfg: InferConfig, output_dir: Path, key: str, record: dict, image: np.ndarray | None, image_dir: str | None
+    cfg: InferConfig,
+    output_dir: Path,
+    key: str,
+    record: PredictionRecord,
+    image: np.ndarray | None,
+    image_dir: str | None,
 ) -> None:
     """Reference layout / per-phrase PNGs / overlay for one record (atomic writes)."""
     from legion.utils.rle import rle_to_mask
 
-    if record.get("verdict") == "error" or not (cfg.save_reference_layout or cfg.save_phrase_masks or cfg.save_overlay):
+    if record.verdict == "error" or not (cfg.save_reference_layout or cfg.save_phrase_masks or cfg.save_overlay):
         return
     sub = output_subdir(output_dir, key)
-    masks = [rle_to_mask(r) for r in record["masks"]]
-    union = rle_to_mask(record["union_mask"])
+    masks = [rle_to_mask(r) for r in record.masks]
+    union = rle_to_mask(record.union_mask)
     if cfg.save_reference_layout:
         name = f"{image_dir.rstrip('/')}/{key}" if image_dir and not Path(key).is_absolute() else key
-        atomic_write_text(sub / "explanation.json", json.dumps({name: record["explanation"]}, indent=4))
+        atomic_write_text(sub / "explanation.json", json.dumps({name: record.explanation}, indent=4))
         _atomic_save_png(sub / "mask.png", union * 255, "L")
     if cfg.save_phrase_masks:
         for i, mask in enumerate(masks):
@@ -586,8 +546,8 @@ def run_inference(
 
     if not cfg.output_dir:
         raise InferError("give output_dir=FOLDER")
-    if analyzer is None and not cfg.model_path:
-        raise InferError("give model_path=MODEL_DIR")
+    if analyzer is None:
+        check_analyzer_config(cfg)  # before any listing or loading: a typo fails in a second
     if cfg.batch_size < 1:
         raise ConfigError("batch_size must be >= 1")
     try:
@@ -609,30 +569,17 @@ def run_inference(
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, output_dir, RESOLVED_CONFIG)
     if analyzer is None:
-        analyzer = Analyzer.load(
-            cfg.model_path,
-            cfg.detector_path,
-            resolve_device(cfg.device),
-            cfg.sam_input_size,
-            cfg.max_new_tokens,
-            cfg.gate_threshold,
-            cfg.dtype,
-            cfg.vision_tower,
-            cfg.quantization,
-            cfg.detector_backbone,
-            cfg.decoding,
-            cfg.dtype_policy,
-        )
+        analyzer = Analyzer.from_config(cfg)
 
-    done: dict[str, dict] = {}
+    done: dict[str, PredictionRecord] = {}
     if cfg.resume:
         for source in [output_dir / PREDICTIONS, *sorted(output_dir.glob("predictions.part*-of-*.jsonl"))]:
             for record in read_records(source):
-                done[record["image"]] = record
+                done[record["image"]] = PredictionRecord.from_json(record)
 
     def complete(key: str) -> bool:
         record = done.get(key)
-        if record is None or record.get("verdict") == "error":  # errors are retried on resume
+        if record is None or record.verdict == "error":  # errors are retried on resume
             return False
         return all(p.is_file() for p in expected_files(cfg, output_dir, key, record))
 
@@ -666,23 +613,28 @@ def run_inference(
                     loaded.append(perturbation(image, key=key))
                     keys.append(key)
                 except ImageReadError as exc:
-                    records[key] = error_record(f"unreadable image: {exc}", sam_input_size=analyzer.sam_input_size)
+                    records[key] = PredictionRecord.failed(
+                        f"unreadable image: {exc}", sam_input_size=analyzer.sam_input_size
+                    )
                 except OSError as exc:
-                    records[key] = error_record(f"unreadable image: {exc}", sam_input_size=analyzer.sam_input_size)
+                    records[key] = PredictionRecord.failed(
+                        f"unreadable image: {exc}", sam_input_size=analyzer.sam_input_size
+                    )
             if loaded:
                 for key, record in zip(keys, analyzer.analyze(loaded)):
                     records[key] = record
             images = dict(zip(keys, loaded))
             for key, _ in batch:
-                record = {"image": key, **records[key]}
+                record = records[key]
+                record.image = key
                 try:
                     write_image_files(cfg, output_dir, key, record, images.get(key), cfg.image_dir or None)
                 except OSError as exc:
-                    record.update(verdict="error", error=f"could not write outputs: {exc}")
-                append_jsonl(part, record)
-                counts[record["verdict"]] += 1
-                counts["no_seg"] += bool(record["no_seg"])
-                counts["mismatch"] += bool(record["mismatch"])
+                    record.verdict, record.error = "error", f"could not write outputs: {exc}"
+                append_jsonl(part, record.to_json())
+                counts[record.verdict] += 1
+                counts["no_seg"] += bool(record.no_seg)
+                counts["mismatch"] += bool(record.mismatch)
                 bar.update(1)
     finally:
         bar.close()

@@ -9,6 +9,7 @@ import pytest
 
 from legion.controller.cases import Case, CaseWriter
 from legion.controller.loop import LoopRules, NextImage, StopCase, run_case, run_cases
+from legion.record import PredictionRecord
 from legion.utils.rle import mask_to_rle
 
 H, W = 6, 8
@@ -47,7 +48,7 @@ class ScriptedAnalyzer:
     def analyze(self, images):
         assert len(images) == 1
         self.seen.append(images[0])
-        return [dict(self.records[min(len(self.seen) - 1, len(self.records) - 1)])]
+        return [PredictionRecord(**self.records[min(len(self.seen) - 1, len(self.records) - 1)])]
 
 
 class ScriptedScorer:
@@ -178,11 +179,11 @@ def test_each_step_sees_the_previous_round(tmp_path):
     summary, step, analyzer, _ = run(tmp_path, [0.1, 0.2, 0.3], records=records)
     (i0, p0), (i1, p1), (i2, p2) = step.calls
     assert (i0, i1, i2) == (0, 1, 2) and p0 is None
-    assert p1.index == 0 and p1.prompt == "prompt 0" and p1.record["phrases"] == ["tail"]
+    assert p1.index == 0 and p1.prompt == "prompt 0" and p1.record.phrases == ["tail"]
     assert np.array_equal(p1.union, first) and p1.has_artifact and p1.score == 0.1
     assert np.array_equal(p1.image, analyzer.seen[0]) and p1.entry == summary["rounds"][0]
     assert p2.index == 1 and np.array_equal(p2.union, second)
-    assert p2.record["explanation"] == "The ear and eye look wrong."
+    assert p2.record.explanation == "The ear and eye look wrong."
 
 
 def test_what_each_round_writes(tmp_path):

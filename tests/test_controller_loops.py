@@ -26,9 +26,13 @@ NOTHING = "The image looks natural."
 
 @pytest.fixture(scope="module")
 def analyzer(tiny_model_dir):
-    from legion.infer import Analyzer
+    from legion.infer import Analyzer, AnalyzerConfig
 
-    return Analyzer.load(tiny_model_dir, device="cpu", sam_input_size=None, max_new_tokens=24, dtype="float32")
+    return Analyzer.from_config(
+        AnalyzerConfig(
+            model_path=str(tiny_model_dir), device="cpu", sam_input_size=None, max_new_tokens=24, dtype="float32"
+        )
+    )
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 
 from legion.controller.cases import CaseError, CaseWriter, has_artifact, read_cases, record_masks
 from legion.controller.report import case_summary, write_html, write_summary
+from legion.record import PredictionRecord
 from legion.utils.rle import mask_to_rle
 
 
@@ -69,20 +70,18 @@ def test_record_masks_falls_back_per_phrase():
     a[1:3, 1:3] = 1
     b = np.zeros((6, 8), np.uint8)
     b[4, 5:8] = 1
-    record = {
-        "verdict": "fake",
-        "masks": [mask_to_rle(a), {"size": [6, 8], "counts": 12345}, mask_to_rle(b)],
-        "union_mask": None,
-    }
+    record = PredictionRecord(
+        verdict="fake", masks=[mask_to_rle(a), {"size": [6, 8], "counts": 12345}, mask_to_rle(b)], union_mask=None
+    )
     union, phrases, notes = record_masks(record, 6, 8)
     assert len(phrases) == 2 and len(notes) == 1 and "mask 1 skipped" in notes[0]
     assert np.array_equal(union, a | b) and has_artifact(record, union)
     # a record's own union wins when it decodes; a mismatched size is resized to the image
-    record = {"verdict": "fake", "masks": [], "union_mask": mask_to_rle(np.ones((3, 4), np.uint8))}
+    record = PredictionRecord(verdict="fake", masks=[], union_mask=mask_to_rle(np.ones((3, 4), np.uint8)))
     union, _, _ = record_masks(record, 6, 8)
     assert union.shape == (6, 8) and union.all()
-    assert not has_artifact({"verdict": "real"}, union)
-    assert not has_artifact({"verdict": "fake"}, np.zeros((6, 8), np.uint8))
+    assert not has_artifact(PredictionRecord(verdict="real"), union)
+    assert not has_artifact(PredictionRecord(verdict="fake"), np.zeros((6, 8), np.uint8))
 
 
 class _Sources(HTMLParser):
@@ -102,7 +101,7 @@ def test_case_folder_summary_and_offline_html(tmp_path):
         image = np.full((10, 12, 3), 40 * index, np.uint8)
         union = np.zeros((10, 12), np.uint8)
         union[:5] = 1
-        record = {"verdict": "fake", "explanation": f"round {index}: <b>hand</b> & fingers", "phrases": ["hand"]}
+        record = PredictionRecord(verdict="fake", explanation=f"round {index}: <b>hand</b> & fingers", phrases=["hand"])
         rounds.append(
             writer.write_round(index, image, f"prompt {index}", record, score, union, [union], {"has_artifact": True})
         )
@@ -149,7 +148,7 @@ def test_html_page_renders_in_a_browser(tmp_path):
             k,
             np.full((10, 12, 3), 60 * k, np.uint8),
             "p",
-            {"verdict": "fake"},
+            PredictionRecord(verdict="fake"),
             0.1 * (k + 1),
             np.ones((10, 12), np.uint8),
             [],

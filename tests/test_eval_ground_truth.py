@@ -159,8 +159,9 @@ def test_reference_layout_predictions(tmp_path):
     (d / "explanation.json").write_text(json.dumps({"imgs/a.png": "The ear is bent."}))
     (tmp_path / "out" / "b.png").mkdir()
     (tmp_path / "out" / "b.png" / "explanation.json").write_text(json.dumps({"imgs/b.png": ""}))
-    recs = {r["image"]: r for r in read_predictions(tmp_path / "out")}
-    assert recs["a.png"]["explanation"] == "The ear is bent." and recs["b.png"]["masks"] == []
+    recs = {r.image: r for r in read_predictions(tmp_path / "out")}
+    assert recs["a.png"].explanation == "The ear is bent." and recs["b.png"].masks == []
+    assert recs["a.png"].union_mask is not None and recs["b.png"].union_mask is None
     gt = {
         "a.png": GroundTruthItem("a.png", union_rle=mask_to_rle(mask > 0)),
         "b.png": GroundTruthItem("b.png", union_rle=mask_to_rle(np.zeros((5, 5)))),

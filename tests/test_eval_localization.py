@@ -1,5 +1,6 @@
 """Localization metrics: the worked examples of docs/metrics.md §4 are the fixtures."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ from legion.eval.localization import (
     score_image,
     summarize,
 )
+from legion.record import PredictionRecord
 from legion.utils.rle import mask_to_rle, rle_to_mask
 
 
@@ -55,15 +57,10 @@ def _item(name, gt):
 
 def _record(name, pred):
     if pred is None:
-        return {"image": name, "verdict": "fake", "masks": [], "union_mask": None}
-    return {
-        "image": name,
-        "verdict": "fake",
-        "masks": [mask_to_rle(pred)],
-        "union_mask": mask_to_rle(pred),
-        "width": 100,
-        "height": 100,
-    }
+        return PredictionRecord(image=name, verdict="fake")
+    return PredictionRecord(
+        image=name, verdict="fake", masks=[mask_to_rle(pred)], union_mask=mask_to_rle(pred), width=100, height=100
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -113,8 +110,8 @@ def test_missing_real_error_and_extra_predictions():
     gt = {n: _item(n, GT10) for n in ("a.png", "b.png", "c.png", "d.png")}
     preds = [
         _record("a.png", GT10),
-        {**_record("b.png", GT10), "verdict": "real"},  # real verdict = empty prediction
-        {**_record("c.png", GT10), "verdict": "error", "error": "boom"},
+        dataclasses.replace(_record("b.png", GT10), verdict="real"),  # real verdict = empty prediction
+        dataclasses.replace(_record("c.png", GT10), verdict="error", error="boom"),
         _record("zzz.png", GT10),  # no ground truth
     ]
     res = evaluate_localization(preds, gt)
@@ -140,7 +137,7 @@ def test_size_mismatch_raises():
 
 
 def test_union_of_masks_when_union_mask_absent():
-    rec = {"image": "x.png", "verdict": "fake", "masks": [mask_to_rle(rows(0, 5)), mask_to_rle(rows(5, 10))]}
+    rec = PredictionRecord(image="x.png", verdict="fake", masks=[mask_to_rle(rows(0, 5)), mask_to_rle(rows(5, 10))])
     s = score_image(_item("x.png", GT10), rec)
     assert (s.tp, s.fp, s.fn) == (1000, 0, 0)
 
@@ -213,7 +210,7 @@ def test_multiprocessing_matches_serial():
     assert a == b
     # against the dense formulas computed here, image by image
     dense_miou = np.mean(
-        [legion_miou(*pixel_counts(rle_to_mask(r["union_mask"]), rle_to_mask(gt[r["image"]].union_rle))) for r in preds]
+        [legion_miou(*pixel_counts(rle_to_mask(r.union_mask), rle_to_mask(gt[r.image].union_rle))) for r in preds]
     )
     assert a["miou"] == pytest.approx(100 * dense_miou, abs=1e-9)
 

@@ -3,6 +3,7 @@ import json
 import numpy as np
 
 from legion.gallery import GalleryItem, Table, colour, highlight_phrases, overlay_masks, write_report
+from legion.record import PredictionRecord
 from tests.browser import open_page
 
 
@@ -33,18 +34,14 @@ def test_report_renders_in_browser(tmp_path):
     items = [
         GalleryItem(
             img,
-            {
-                "image": "a.png",
-                "verdict": "fake",
-                "fake_prob": 0.9,
-                "explanation": "The cup: warped.",
-                "phrases": ["The cup"],
-            },
+            PredictionRecord(
+                image="a.png", verdict="fake", fake_prob=0.9, explanation="The cup: warped.", phrases=["The cup"]
+            ),
             [mask],
             mask,
             "a.png",
         ),
-        GalleryItem(img, {"image": "b.png", "verdict": "real", "fake_prob": 0.1}, [], None, "b.png"),
+        GalleryItem(img, PredictionRecord(image="b.png", verdict="real", fake_prob=0.1), [], None, "b.png"),
     ]
     log = tmp_path / "log.jsonl"
     log.write_text(

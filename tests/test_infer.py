@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,36 +15,23 @@ import torch
 from PIL import Image
 
 from legion.config import ConfigError
+from legion.errors import MissingDependencyError
 from legion.infer import (
     Analyzer,
+    AnalyzerConfig,
     InferConfig,
     InferError,
     list_images,
     output_subdir,
-    quantize_language_model,
     read_records,
     run_inference,
 )
 from legion.model import conversation as conv
+from legion.model.quantization import quantize_language_model
+from legion.record import RECORD_FIELDS, PredictionRecord
 from legion.utils.rle import rle_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
-RECORD_FIELDS = {
-    "image",
-    "width",
-    "height",
-    "verdict",
-    "fake_prob",
-    "explanation",
-    "phrases",
-    "masks",
-    "union_mask",
-    "no_seg",
-    "raw_text",
-    "sam_input_size",
-    "seconds",
-    "error",
-}  # docs/ARCHITECTURE.md
 
 
 class ScriptedAnswers:
@@ -131,11 +119,13 @@ def test_scripted_answers_pair_phrases_seg_and_masks(tiny_model):
     analyzer = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=40)
     images = _images()
     script = ScriptedAnswers(model, tokenizer, answers)
-    records = analyzer.analyze(images)
+    typed = analyzer.analyze(images)
     script.remove()
+    assert all(isinstance(r, PredictionRecord) and r.image is None for r in typed)
+    records = [r.to_json() for r in typed]  # exactly what predictions.jsonl gets, less the image key
 
     two, none, odd = records
-    assert RECORD_FIELDS - {"image"} <= set(two)
+    assert set(RECORD_FIELDS) - {"image"} == set(two)
     assert two["verdict"] == "fake" and two["fake_prob"] is None and two["error"] is None
     assert two["phrases"] == ["the hand", "the sky"] and two["num_seg"] == 2 and len(two["masks"]) == 2
     assert two["explanation"] == "Here the hand and the sky ." and "[SEG]" in two["raw_text"]
@@ -156,14 +146,14 @@ def test_scripted_answers_pair_phrases_seg_and_masks(tiny_model):
         script = ScriptedAnswers(model, tokenizer, [answers[i]])
         single = analyzer.analyze([image])[0]
         script.remove()
-        assert single["raw_text"] == records[i]["raw_text"] and single["masks"] == records[i]["masks"]
+        assert single.raw_text == records[i]["raw_text"] and single.masks == records[i]["masks"]
 
     # the static-cache decoding (the one a CUDA graph replays on GPUs) gives the same records
     static = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=40, decoding="static")
     script = ScriptedAnswers(model, tokenizer, answers)
     static_records = static.analyze(images)
     script.remove()
-    assert [(r["raw_text"], r["masks"]) for r in static_records] == [(r["raw_text"], r["masks"]) for r in records]
+    assert [(r.raw_text, r.masks) for r in static_records] == [(r["raw_text"], r["masks"]) for r in records]
 
 
 def test_sam_input_size_checked(tiny_model):
@@ -203,7 +193,7 @@ def test_run_folder_writes_records_files_and_resumes(tiny_model, tmp_path):
     broken = records[-1]
     assert broken["verdict"] == "error" and "zz_broken.png" in broken["error"] and broken["masks"] == []
     for r in records[:3]:
-        assert set(r) >= RECORD_FIELDS and r["phrases"] == ["it"] and len(r["masks"]) == 1
+        assert list(r) == list(RECORD_FIELDS) and r["phrases"] == ["it"] and len(r["masks"]) == 1
         sub = out / r["image"]
         explanation = json.loads((sub / "explanation.json").read_text())
         assert explanation == {f"{tmp_path / 'imgs'}/{r['image']}": r["explanation"]}
@@ -252,14 +242,14 @@ def test_detector_gate(tiny_model, tiny_model_dir, tmp_path):
         model, tokenizer, detector=detector, sam_input_size=None, max_new_tokens=4, gate_threshold=max(probs) + 1e-3
     )
     for record, prob in zip(gate.analyze(images), probs):
-        assert record["verdict"] == "real" and record["fake_prob"] == pytest.approx(prob)
-        assert record["explanation"] == "" and record["masks"] == [] and record["raw_text"] is None
+        assert record.verdict == "real" and record.fake_prob == pytest.approx(prob)
+        assert record.explanation == "" and record.masks == [] and record.raw_text is None
     open_gate = Analyzer(
         model, tokenizer, detector=detector, sam_input_size=None, max_new_tokens=4, gate_threshold=min(probs) - 1e-3
     )
     for record, prob in zip(open_gate.analyze(images), probs):
-        assert record["verdict"] == "fake" and record["fake_prob"] == pytest.approx(prob)
-        assert record["raw_text"] is not None
+        assert record.verdict == "fake" and record.fake_prob == pytest.approx(prob)
+        assert record.raw_text is not None
 
 
 def test_cli_errors_and_config(tmp_path, capsys):
@@ -269,7 +259,10 @@ def test_cli_errors_and_config(tmp_path, capsys):
     assert "model_path" in capsys.readouterr().err
     assert main(["infer", "batch_sise=3"]) == 2
     assert "did you mean 'batch_size'" in capsys.readouterr().err
-    assert main(["infer", f"output_dir={tmp_path}", f"image_dir={tmp_path}", "model_path=m", "perturb=jpeg:500"]) == 2
+    assert (
+        main(["infer", f"output_dir={tmp_path}", f"image_dir={tmp_path}", f"model_path={tmp_path}", "perturb=jpeg:500"])
+        == 2
+    )
     assert "JPEG quality" in capsys.readouterr().err
 
 
@@ -307,7 +300,7 @@ def test_quantization_needs_bitsandbytes(tiny_model):
         pytest.skip("bitsandbytes installed: the error path cannot be exercised")
     except ImportError:
         pass
-    with pytest.raises(InferError, match="pip install bitsandbytes"):
+    with pytest.raises(MissingDependencyError, match="pip install bitsandbytes"):
         quantize_language_model(tiny_model[0], "8bit", torch.float32)
     with pytest.raises(ConfigError, match="not one of 8bit, 4bit"):
         quantize_language_model(tiny_model[0], "3bit", torch.float32)
@@ -316,12 +309,16 @@ def test_quantization_needs_bitsandbytes(tiny_model):
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])
 def test_quantized_llm_runs(tiny_model_dir, mode):
     pytest.importorskip("bitsandbytes")
-    analyzer = Analyzer.load(tiny_model_dir, device="cpu", sam_input_size=None, max_new_tokens=4, quantization=mode)
+    analyzer = Analyzer.from_config(
+        AnalyzerConfig(
+            model_path=str(tiny_model_dir), device="cpu", sam_input_size=None, max_new_tokens=4, quantization=mode
+        )
+    )
     layer = analyzer.model.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == ("Linear8bitLt" if mode == "8bit" else "Linear4bit")
     assert layer.weight.dtype in (torch.int8, torch.uint8)
     record = analyzer.analyze(_images()[:1])[0]
-    assert record["verdict"] == "fake" and record["error"] is None
+    assert record.verdict == "fake" and record.error is None
 
 
 def test_dtype_policy_reference_casts_sam_and_fcs_too(tiny_model_dir):
@@ -329,9 +326,10 @@ def test_dtype_policy_reference_casts_sam_and_fcs_too(tiny_model_dir):
     answers = [f"I found {conv.tag_phrase('the hand')}."]
     records = {}
     for policy in ("reference", "fp32_grounding"):
-        analyzer = Analyzer.load(
-            tiny_model_dir, device="cpu", dtype="bfloat16", sam_input_size=None, max_new_tokens=12, dtype_policy=policy
+        cfg = AnalyzerConfig(
+            model_path=str(tiny_model_dir), device="cpu", dtype="bfloat16", sam_input_size=None, max_new_tokens=12
         )
+        analyzer = Analyzer.from_config(dataclasses.replace(cfg, dtype_policy=policy))
         grounding = analyzer.model.model.grounding_encoder
         expected = torch.bfloat16 if policy == "reference" else torch.float32
         assert grounding.mask_decoder.iou_token.weight.dtype == expected
@@ -339,14 +337,14 @@ def test_dtype_policy_reference_casts_sam_and_fcs_too(tiny_model_dir):
         assert analyzer.model.model.text_hidden_fcs[0][0].weight.dtype == expected
         assert analyzer.model.lm_head.weight.dtype == torch.bfloat16
         script = ScriptedAnswers(analyzer.model, analyzer.tokenizer, answers)
-        records[policy] = analyzer.analyze(_images()[:1])[0]
+        records[policy] = analyzer.analyze(_images()[:1])[0].to_json()
         script.remove()
     ref, ours = records["reference"], records["fp32_grounding"]
     assert ref["phrases"] == ours["phrases"] == ["the hand"] and ref["error"] is None
     a, b = rle_to_mask(ref["masks"][0]).astype(bool), rle_to_mask(ours["masks"][0]).astype(bool)
     assert a.shape == b.shape == (40, 56)
     with pytest.raises(ConfigError, match="dtype_policy"):
-        Analyzer.load(tiny_model_dir, device="cpu", dtype_policy="mixed")
+        Analyzer.from_config(AnalyzerConfig(model_path=str(tiny_model_dir), device="cpu", dtype_policy="mixed"))
 
 
 @pytest.mark.slow

@@ -19,33 +19,22 @@ Output folder of one case (`CaseWriter`)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from legion.errors import UsageError
+from legion.infer import AnalyzerConfig
+from legion.record import PredictionRecord
 from legion.utils.io import atomic_path, atomic_write_text
 
 
 class CaseError(UsageError, ValueError):
     """An input file or entry the controller cannot use (exit code 2)."""
-
-
-@dataclass
-class AnalyzerConfig:
-    model_path: str = field(default="checkpoints/legion", metadata={"help": "LEGION checkpoint directory"})
-    detector_path: str | None = field(default=None, metadata={"help": "real/fake gate (optional)"})
-    sam_input_size: int | None = field(
-        default=1024, metadata={"help": "SAM ResizeLongestSide; null = the encoder's size"}
-    )
-    max_new_tokens: int = 512
-    gate_threshold: float = 0.5
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"}
-    )
 
 
 @dataclass
@@ -140,18 +129,11 @@ def read_cases(
 
 
 def load_analyzer(cfg: AnalyzerConfig, device: str):
-    """The real LEGION analyser (legion.infer.Analyzer), loaded once."""
+    """The real LEGION analyser, loaded once through `Analyzer.from_config` (the same keys as `legion infer`);
+    `device` (the controller's) is used unless the `legion:` section names its own."""
     from legion.infer import Analyzer
 
-    return Analyzer.load(
-        cfg.model_path,
-        detector_path=cfg.detector_path,
-        device=device,
-        sam_input_size=cfg.sam_input_size,
-        max_new_tokens=cfg.max_new_tokens,
-        gate_threshold=cfg.gate_threshold,
-        dtype=cfg.dtype,
-    )
+    return Analyzer.from_config(cfg if cfg.device != "auto" else dataclasses.replace(cfg, device=device))
 
 
 # ---------------------------------------------------------------- masks from a prediction record
@@ -165,7 +147,7 @@ def _fit(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def record_masks(record: dict, height: int, width: int) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+def record_masks(record: PredictionRecord, height: int, width: int) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
     """(union uint8 {0,1} [H, W], per-phrase masks, notes) from a LEGION prediction record.
 
     Per-phrase fallback (the reference dropped the whole image when one phrase failed to parse):
@@ -176,15 +158,15 @@ def record_masks(record: dict, height: int, width: int) -> tuple[np.ndarray, lis
 
     notes: list[str] = []
     per_phrase: list[np.ndarray] = []
-    for k, rle in enumerate(record.get("masks") or []):
+    for k, rle in enumerate(record.masks or []):
         try:
             per_phrase.append(_fit((rle_to_mask(rle) > 0).astype(np.uint8), height, width))
         except Exception as exc:  # a malformed RLE must not sink the other phrases
             notes.append(f"mask {k} skipped: {type(exc).__name__}: {exc}")
     union = None
-    if record.get("union_mask"):
+    if record.union_mask:
         try:
-            union = _fit((rle_to_mask(record["union_mask"]) > 0).astype(np.uint8), height, width)
+            union = _fit((rle_to_mask(record.union_mask) > 0).astype(np.uint8), height, width)
         except Exception as exc:
             notes.append(f"union mask rebuilt from phrase masks: {type(exc).__name__}: {exc}")
     if union is None:
@@ -194,9 +176,9 @@ def record_masks(record: dict, height: int, width: int) -> tuple[np.ndarray, lis
     return union, per_phrase, notes
 
 
-def has_artifact(record: dict, union: np.ndarray) -> bool:
+def has_artifact(record: PredictionRecord, union: np.ndarray) -> bool:
     """LEGION found something to fix: a fake verdict with at least one masked pixel."""
-    return record.get("verdict") == "fake" and bool(union.any())
+    return record.verdict == "fake" and bool(union.any())
 
 
 # ---------------------------------------------------------------- output folder
@@ -223,7 +205,7 @@ class CaseWriter:
         index: int,
         image: np.ndarray,
         prompt: str,
-        record: dict,
+        record: PredictionRecord,
         score: float,
         union: np.ndarray,
         phrase_masks: list[np.ndarray],
@@ -244,16 +226,16 @@ class CaseWriter:
             "round": index,
             "prompt": prompt,
             "score": score,
-            "verdict": record.get("verdict"),
-            "fake_prob": record.get("fake_prob"),
-            "explanation": record.get("explanation") or "",
-            "phrases": list(record.get("phrases") or []),
+            "verdict": record.verdict,
+            "fake_prob": record.fake_prob,
+            "explanation": record.explanation or "",
+            "phrases": list(record.phrases or []),
             "artifact_fraction": float(union.mean()) if union.size else 0.0,  # the reference's `par`
             "image": (folder / "image.png").relative_to(self.out_dir).as_posix(),
             "mask": (folder / "mask_union.png").relative_to(self.out_dir).as_posix(),
             **facts,
         }
-        analysis = {"round": entry, "record": record}
+        analysis = {"round": entry, "record": record.to_json()}
         atomic_write_text(folder / "analysis.json", json.dumps(analysis, indent=2, default=_json_default))
         return entry
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from legion.controller.cases import Case, CaseWriter, has_artifact, record_masks
 from legion.controller.report import case_summary, write_html, write_summary
+from legion.record import PredictionRecord
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Round:
     index: int
     image: np.ndarray
     prompt: str  # the prompt that made the image
-    record: dict  # LEGION's prediction record
+    record: PredictionRecord  # LEGION's analysis of the image
     union: np.ndarray  # uint8 {0,1} [H, W] union mask (rebuilt from the phrase masks when needed)
     has_artifact: bool
     score: float  # against the case's original prompt
@@ -124,7 +125,7 @@ def run_case(case: Case, step: NextImageStep, analyzer, scorer, writer: CaseWrit
                 best_round, since_best = index, 0
             else:
                 since_best += 1
-        if record.get("verdict") == "error":  # LEGION failed on this image: nothing to act on
+        if record.verdict == "error":  # LEGION failed on this image: nothing to act on
             stop_reason = "analysis_error"
             break
         if rules.stop_on_clean and not found:

@@ -104,7 +104,7 @@ def regeneration_step(case: Case, start_image, pipe, reviser: PromptReviser, gen
         if previous is not None:
             record = previous.record
             try:
-                prompt = reviser.revise(previous.prompt, record.get("explanation") or "", record.get("phrases") or [])
+                prompt = reviser.revise(previous.prompt, record.explanation or "", record.phrases or [])
             except ReviserError as exc:  # e.g. the endpoint is down: keep what this case has, go on
                 print(f"[regenerate] {case.case_id}: prompt revision failed, stopping this case: {exc}")
                 raise StopCase("reviser_error") from exc

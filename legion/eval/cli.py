@@ -239,10 +239,10 @@ INFER_SUMMARY = "infer_summary.json"  # written by `legion infer` next to predic
 
 
 def _perturbations(predictions, pred_path=None) -> list:
-    """The perturbation(s) the predictions were made under: per-record ``perturbation`` fields,
-    else the ``perturbation`` of ``infer_summary.json`` next to the predictions file."""
-    seen = {json.dumps(p.get("perturbation"), sort_keys=True) for p in predictions if p.get("perturbation") is not None}
-    if not seen and pred_path is not None:
+    """The perturbation the predictions were made under: the ``perturbation`` of ``infer_summary.json``
+    (written by `legion infer`) next to the predictions file; [] when there is none."""
+    seen: set[str] = set()
+    if pred_path is not None:
         pred_path = Path(pred_path)
         summary = (pred_path if pred_path.is_dir() else pred_path.parent) / INFER_SUMMARY
         if summary.is_file():
@@ -340,12 +340,9 @@ def _run_explanation(args) -> int:
 
 def _run_detection(args) -> int:
     from legion.eval.detection import detection_metrics
-    from legion.eval.ground_truth import read_predictions
 
     require_path(args.pred, "--pred", "file")
-    records = read_jsonl(args.pred)
-    if records and "image" in records[0]:  # predictions.jsonl of `legion infer`: read as such (checks, layout)
-        records = read_predictions(args.pred)
+    records = read_jsonl(args.pred)  # detector scores: fake_prob with image, or with subset + is_fake
     missing = []
     if not all("subset" in r and "is_fake" in r for r in records):
         if args.gt is None:

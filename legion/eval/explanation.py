@@ -200,9 +200,7 @@ def evaluate_explanations(
     rows = []
     for name, reference in refs.items():
         rec = matching.by_name.get(name)
-        pred = (
-            "" if rec is None or rec.get("verdict") in ("real", "error") else clean_explanation(rec.get("explanation"))
-        )
+        pred = "" if rec is None or rec.verdict in ("real", "error") else clean_explanation(rec.explanation)
         rows.append(
             {
                 "image": name,

@@ -21,6 +21,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from legion.errors import DataError, InputNotFoundError
+from legion.record import PredictionRecord
 from legion.utils.io import read_jsonl
 from legion.utils.rle import mask_to_rle, rle_size, rle_union
 
@@ -356,7 +357,7 @@ def load_ground_truth(
 # --------------------------------------------------------------------------- predictions
 
 
-def read_predictions(path: str | os.PathLike) -> list[dict]:
+def read_predictions(path: str | os.PathLike) -> list[PredictionRecord]:
     """Prediction records from a ``predictions.jsonl`` file (docs/ARCHITECTURE.md), or from a
     folder in the reference layout (``<dir>/<image file name>/mask.png`` + ``explanation.json``).
 
@@ -364,10 +365,21 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         return read_reference_layout(path)
-    return read_jsonl(path, require=("image",))
+    records = []
+    for lineno, data in enumerate(read_jsonl(path, require=("image",)), 1):
+        try:
+            records.append(PredictionRecord.from_json(data))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: record {lineno}: {exc}") from None
+    return records
 
 
-def read_reference_layout(folder: str | os.PathLike) -> list[dict]:
+def as_record(record: PredictionRecord | dict) -> PredictionRecord:
+    """A prediction record, from the typed class or its JSON object."""
+    return record if isinstance(record, PredictionRecord) else PredictionRecord.from_json(record)
+
+
+def read_reference_layout(folder: str | os.PathLike) -> list[PredictionRecord]:
     """Records from the reference ``infer.py`` output: one sub-folder per image named after the
     image file, holding ``mask.png`` (union mask, 0/255) and ``explanation.json``
     (``{"<image path>": "<explanation>"}``). Per-phrase masks are not in that layout."""
@@ -378,17 +390,15 @@ def read_reference_layout(folder: str | os.PathLike) -> list[dict]:
         mask_path, exp_path = sub / "mask.png", sub / "explanation.json"
         if not mask_path.is_file() and not exp_path.is_file():
             continue
-        rec: dict = {"image": sub.name, "verdict": "fake", "explanation": "", "phrases": []}
+        rec = PredictionRecord(image=sub.name, verdict="fake")
         if exp_path.is_file():
             with open(exp_path, encoding="utf-8") as fh:
                 texts = json.load(fh)
-            rec["explanation"] = next(iter(texts.values()), "") if isinstance(texts, dict) else str(texts)
+            rec.explanation = next(iter(texts.values()), "") if isinstance(texts, dict) else str(texts)
         if mask_path.is_file():
             with Image.open(mask_path) as im:
                 mask = np.asarray(im.convert("L")) > 0
-            rec.update(width=int(mask.shape[1]), height=int(mask.shape[0]), union_mask=mask_to_rle(mask))
-        else:
-            rec["masks"] = []
+            rec.width, rec.height, rec.union_mask = int(mask.shape[1]), int(mask.shape[0]), mask_to_rle(mask)
         records.append(rec)
     if not records:
         raise DataError(f"{folder}: no <image>/mask.png or explanation.json sub-folders (reference layout)")
@@ -399,13 +409,13 @@ def read_reference_layout(folder: str | os.PathLike) -> list[dict]:
 class Matching:
     """Predictions paired with ground-truth names."""
 
-    by_name: dict[str, dict]  # GT name -> prediction record
+    by_name: dict[str, PredictionRecord]  # GT name -> prediction record
     missing: list[str]  # GT names without a prediction (scored as empty)
     extra: list[str]  # prediction images with no ground truth (not scored)
     duplicates: list[str]  # GT names predicted more than once (the last one is kept)
 
 
-def match_predictions(predictions: Iterable[dict], names: Iterable[str]) -> Matching:
+def match_predictions(predictions: Iterable[PredictionRecord | dict], names: Iterable[str]) -> Matching:
     names = list(names)
     name_set = set(names)
     by_base: dict[str, list[str]] = {}
@@ -413,8 +423,8 @@ def match_predictions(predictions: Iterable[dict], names: Iterable[str]) -> Matc
         by_base.setdefault(os.path.basename(n), []).append(n)
     by_name: dict[str, dict] = {}
     extra, duplicates = [], []
-    for rec in predictions:
-        image = str(rec["image"]).replace("\\", "/")
+    for rec in map(as_record, predictions):
+        image = str(rec.image).replace("\\", "/")
         if image in name_set:
             key = image
         else:

@@ -35,6 +35,7 @@ import numpy as np
 
 from legion.errors import DataError
 from legion.eval.ground_truth import GroundTruthItem, match_predictions
+from legion.record import PredictionRecord
 from legion.utils.rle import rle_area, rle_intersection_area, rle_size, rle_union
 
 LEGION_EPS = 1e-6  # ref-init calculate_miou
@@ -116,25 +117,20 @@ def pixel_counts(pred: np.ndarray | None, gt: np.ndarray) -> tuple[int, int, int
 # --------------------------------------------------------------------------- per image
 
 
-def prediction_rle(record: Mapping | None, size: tuple[int, int]) -> dict | None:
+def prediction_rle(record: PredictionRecord | None, size: tuple[int, int]) -> dict | None:
     """The predicted union mask as RLE, or None for an empty prediction.
 
-    Empty: no record, verdict "real" or "error", or no masks. ``union_mask`` is used when present,
-    else the union of ``masks``. A mask whose size differs from the image raises."""
-    if record is None or record.get("verdict") in ("real", "error"):
+    Empty: no record, verdict "real" or "error", or neither masks nor a union. ``union_mask`` is
+    used when present, else the union of ``masks``. A mask whose size differs from the image raises."""
+    if record is None or record.verdict in ("real", "error"):
         return None
-    masks = record.get("masks")
-    if masks is not None and len(masks) == 0:
-        return None
-    union = record.get("union_mask")
+    union = record.union_mask
     if union is None:
-        if not masks:
+        if not record.masks:
             return None
-        union = rle_union(masks)
+        union = rle_union(record.masks)
     if rle_size(union) != tuple(size):
-        raise ValueError(
-            f"{record.get('image')}: predicted mask size {list(rle_size(union))} != image size {list(size)}"
-        )
+        raise DataError(f"{record.image}: predicted mask size {list(rle_size(union))} != image size {list(size)}")
     return union
 
 
@@ -185,11 +181,11 @@ def _json_float(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def score_image(gt: GroundTruthItem, record: Mapping | None, mask_pairing: str = "auto") -> ImageScore:
+def score_image(gt: GroundTruthItem, record: PredictionRecord | None, mask_pairing: str = "auto") -> ImageScore:
     """Counts of one image from RLEs (no dense decoding)."""
     fallback = None
-    if record is not None and record.get("height") and record.get("width"):
-        fallback = (int(record["height"]), int(record["width"]))
+    if record is not None and record.height and record.width:
+        fallback = (int(record.height), int(record.width))
     size = gt.resolved_size(fallback)
     gt_rle = gt.mask_rle(size)
     pred = prediction_rle(record, size)
@@ -208,7 +204,7 @@ def score_image(gt: GroundTruthItem, record: Mapping | None, mask_pairing: str =
         fn=fn,
         tn=tn,
         missing=record is None,
-        error=record is not None and record.get("verdict") == "error",
+        error=record is not None and record.verdict == "error",
         mask_pairs=[(tp, tp + fp + fn)],
         content_type=gt.content_type,
         artifact_category=gt.artifact_category,
@@ -218,7 +214,7 @@ def score_image(gt: GroundTruthItem, record: Mapping | None, mask_pairing: str =
     if mask_pairing != "union" and pred is not None:
         order = _pair_order(gt, record, mask_pairing)
         if order is not None:
-            pred_masks, gt_masks = record["masks"], gt.phrase_rles(size)
+            pred_masks, gt_masks = record.masks, gt.phrase_rles(size)
             pairs = []
             for k, j in enumerate(order):
                 pm, gm = pred_masks[k], gt_masks[j]
@@ -237,15 +233,15 @@ def _norm_phrase(text) -> str:
     return " ".join(str(text).lower().split())
 
 
-def _pair_order(gt: GroundTruthItem, record: Mapping, mask_pairing: str) -> list[int] | None:
+def _pair_order(gt: GroundTruthItem, record: PredictionRecord, mask_pairing: str) -> list[int] | None:
     """For predicted mask k, the index of its GT artifact; None = score the image as a union."""
-    pred_masks = record.get("masks") or []
+    pred_masks = record.masks or []
     n = len(pred_masks)
     if gt.phrase_polygons is None or n == 0 or n != len(gt.phrase_polygons):
         return None
     if mask_pairing == "ordered":
         return list(range(n))
-    phrases, sentences = record.get("phrases") or [], gt.phrase_texts or []
+    phrases, sentences = record.phrases or [], gt.phrase_texts or []
     if len(phrases) != n or len(sentences) != n:
         return None
     free: dict[str, list[int]] = {}
@@ -352,11 +348,7 @@ def evaluate_localization(
     jobs, unscorable = [], []
     for n in names:
         item, record = ground_truth[n], matching.by_name.get(n)
-        if (
-            item.size is None
-            and item.union_rle is None
-            and not (record and record.get("height") and record.get("width"))
-        ):
+        if item.size is None and item.union_rle is None and not (record and record.height and record.width):
             unscorable.append(n)  # no image file to read the size from, and no prediction giving it
             continue
         jobs.append((item, record, mask_pairing))
