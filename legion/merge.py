@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from legion.errors import LegionError, require_path
-from legion.utils.io import atomic_path, atomic_write_text
+from legion.model.export import DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, save_safetensors
+from legion.utils.io import atomic_write_text
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Keys never carried into a merged model: CLIP is loaded from its own folder (docs/model.md §13.2),
 # and old checkpoints carry RoPE buffers that current transformers recompute.
 DROP_KEY_PATTERNS = (re.compile(r"(^|\.)vision_tower\."), re.compile(r"rotary_emb\.inv_freq$"))
@@ -141,57 +139,6 @@ def fp32_state_dict_from_deepspeed(
     # Frozen parameters have no fp32 master copy: DeepSpeed returns them in the training dtype.
     info["source_dtypes"] = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, info
-
-
-def save_safetensors(
-    state: Mapping[str, torch.Tensor],
-    out: str | os.PathLike,
-    metadata: dict | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> list[Path]:
-    """Write `state` to `out`.
-
-    `out` ending in `.safetensors`: one file (any size). Otherwise a directory with `model.safetensors`, or
-    `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when larger than
-    `max_shard_bytes`. Tensors are copied to contiguous private storage (safetensors refuses views
-    that share memory); files appear atomically (legion.utils.io: temporary name, then renamed).
-    """
-    out = Path(out)
-    meta = {"format": "pt", **{k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}}
-    keys = sorted(state)
-    if out.suffix == ".safetensors":  # one file, whatever its size
-        max_shard_bytes = float("inf")
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key in keys:
-        nbytes = state[key].numel() * state[key].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    if out.suffix == ".safetensors":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        names = [out]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        n = len(shards)
-        names = (
-            [out / "model.safetensors"]
-            if n == 1
-            else [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-    for name, shard_keys in zip(names, shards):
-        shard = {k: state[k].detach().to("cpu").contiguous().clone() for k in shard_keys}
-        with atomic_path(name) as tmp:
-            save_file(shard, str(tmp), metadata=meta)
-    if len(names) > 1:
-        index = {
-            "metadata": {"total_size": sum(state[k].numel() * state[k].element_size() for k in keys)},
-            "weight_map": {k: names[i].name for i, ks in enumerate(shards) for k in ks},
-        }
-        atomic_write_text(out / SAFETENSORS_INDEX, json.dumps(index, indent=2))
-    return names
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -335,7 +282,7 @@ def step2(
     lora_r: int | None = None,
     adapter: str | None = None,
     use_rslora: bool = False,
-    dtype: str = "float32",
+    dtype: str = "bfloat16",
     vision_tower: str | None = None,
 ) -> dict:
     """Base model + trained weights (with LoRA) -> merged model directory. Returns a report dict.
@@ -345,9 +292,11 @@ def step2(
     writes our checkpoint format (`builders.save_model`: config.json, model.safetensors, tokenizer,
     `vision_tower/` CLIP folder) so `load_model(out_dir)` works offline. Trained keys the base does
     not have are an error; base keys the weights lack keep their base values and are reported.
-    dtype "bfloat16"/"float16": the reference's policy (SAM + text_hidden_fcs stay fp32).
+    dtype "bfloat16" (default): the released checkpoints' layout (SAM + text_hidden_fcs stay fp32);
+    "float32": everything fp32 (twice the size).
     """
-    from legion.model.builders import apply_dtype_policy, load_model, save_model
+    from legion.model.builders import load_model, save_model
+    from legion.model.export import ModelCard
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     state, lora = merge_lora_state_dict(load_safetensors(weights), lora_alpha, lora_r, adapter, use_rslora)
@@ -370,8 +319,13 @@ def step2(
         raise MergeError("shape mismatch: " + "; ".join(shapes[:5]))
     missing = sorted(set(expected) - set(state))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
-    apply_dtype_policy(model, getattr(torch, dtype), keep_fp32_modules=True)
-    save_model(model, tokenizer, out_dir)
+    card = ModelCard(
+        title=f"LEGION, merged from {base_dir.name}",
+        base_model=_hub_id_of(base_dir),
+        datasets=["khr0516/SynthScars"],
+        notes=f"LoRA (rank {lora.rank}, scale {lora.scale:g}) merged into `{base_dir}` by `legion merge step2`.",
+    )
+    save_model(model, tokenizer, out_dir, dtype=dtype, card=card)
     report = {
         "base": str(base_dir),
         "weights": str(weights),
@@ -385,6 +339,16 @@ def step2(
     }
     atomic_write_text(out_dir / "merge_report.json", json.dumps(report, indent=2))
     return report
+
+
+def _hub_id_of(base_dir: Path) -> str | None:
+    """The Hub id of a known base checkpoint folder name (README layout), for the model card."""
+    known = {
+        "GLaMM-GranD-Pretrained": "MBZUAI/GLaMM-GranD-Pretrained",
+        "GLaMM-GCG": "MBZUAI/GLaMM-GCG",
+        "legion_LE": "khr0516/legion_LE",
+    }
+    return known.get(base_dir.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,9 +376,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p2.add_argument("--adapter", default=None, help="adapter name when the weights hold several")
     p2.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="dtype of the saved model; bf16/fp16 keep SAM and text_hidden_fcs in fp32 (reference)",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="dtype of the saved model (default bfloat16: SAM and text_hidden_fcs stay fp32, as released checkpoints)",
     )
     p2.add_argument("--vision-tower", default=None, help="CLIP folder if the base has none")
 

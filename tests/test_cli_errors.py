@@ -78,6 +78,9 @@ CASES = [
     ),
     (["inpaint", "--config", "{repo}/configs/tiny/inpaint.yaml", "--inputs", "{tmp}/nope.json"], 2, "not found"),
     (["inpaint", "--inputs", "{tmp}/m.json", "dilation.kernel=0"], 2, "kernel >= 1"),
+    (["export", "{tmp}/empty"], 2, "--output-dir"),
+    (["export", "{tmp}/nope", "--output-dir", "{tmp}/o"], 2, "no such folder"),
+    (["export", "{tmp}/empty", "--output-dir", "{tmp}/o"], 1, "no config.json"),
 ]
 
 

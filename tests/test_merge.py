@@ -284,6 +284,8 @@ def test_step2_merged_legion_matches_unmerged_lora(tiny_model, tiny_model_dir, t
                 "8",
                 "--lora-alpha",
                 "16",
+                "--dtype",
+                "float32",  # the merge arithmetic, checked exactly; the default bf16 export is checked below
             ]
         )
         == 0
@@ -295,6 +297,16 @@ def test_step2_merged_legion_matches_unmerged_lora(tiny_model, tiny_model_dir, t
     assert load_report.ok and (tmp_path / "merged" / "vision_tower" / "config.json").is_file()
     assert not any("lora" in k or "base_layer" in k for k in merged.state_dict())
     torch.testing.assert_close(_multimodal_logits(merged.eval(), tok2), want, atol=1e-4, rtol=0)
+    # the default export: bf16 (SAM and text_hidden_fcs fp32), a model card, a generation config
+    merge.step2(tiny_model_dir, tmp_path / "w.safetensors", tmp_path / "merged_bf16", lora_r=8, lora_alpha=16)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged_bf16" / "model.safetensors"), "pt") as fh:
+        dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
+    assert dtypes["lm_head.weight"] == "BF16" and dtypes["model.layers.0.self_attn.q_proj.weight"] == "BF16"
+    assert {v for k, v in dtypes.items() if k.startswith("model.grounding_encoder.")} == {"F32"}
+    assert json.loads((tmp_path / "merged_bf16" / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert "LoRA (rank 8, scale 2) merged" in (tmp_path / "merged_bf16" / "README.md").read_text()
 
 
 def test_step2_rejects_foreign_weights(tiny_model_dir, tmp_path):

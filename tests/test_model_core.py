@@ -326,16 +326,17 @@ def test_dense_positional_encoding_matches_sam_in_fp32():
     torch.testing.assert_close(dense_positional_encoding(pe), pe.get_dense_pe(), atol=1e-5, rtol=1e-5)
 
 
-def test_from_pretrained_round_trip_then_clip_from_its_own_directory(tmp_path):
+def test_from_pretrained_round_trip_then_clip_from_its_own_directory(tiny_model_dir, tmp_path):
     from transformers import CLIPVisionModel
 
+    from legion.model.builders import load_model
     from legion.model.legion import LegionForCausalLM
 
-    model = tiny_model().eval()
-    model.save_pretrained(tmp_path / "legion")
+    model, tokenizer, _ = load_model(tiny_model_dir, verbose=False)
+    model.save_pretrained(tmp_path / "legion", tokenizer=tokenizer, dtype="float32")
     model.model.vision_tower.vision_tower.save_pretrained(tmp_path / "clip")
-    loaded = LegionForCausalLM.from_pretrained(tmp_path / "legion").eval()
-    for key, value in model.state_dict().items():
+    loaded = LegionForCausalLM.from_pretrained(tmp_path / "legion").eval()  # dtype "auto": as stored, fp32
+    for key, value in model.state_dict().items():  # CLIP included: from_pretrained leaves nothing on meta
         assert torch.equal(loaded.state_dict()[key], value), key
     sam = loaded.model.grounding_encoder
     assert sam.pixel_mean.flatten().tolist() == pytest.approx([123.675, 116.28, 103.53])

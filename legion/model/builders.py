@@ -36,6 +36,7 @@ from legion.errors import InputNotFoundError, LegionError, MissingFileError, Opt
 from legion.model import checkpoint_keys as ck
 from legion.model import conversation as conv
 from legion.model.configuration import CLIP_L14_336, REGION_ENCODER_GLAMM, SAM_VIT_H, LegionConfig
+from legion.model.export import VISION_TOWER_DIRNAME, ModelCard
 from legion.model.tokenizer import build_tiny_tokenizer, load_tokenizer, prompt_corpus
 from legion.utils.io import atomic_path
 
@@ -229,38 +230,33 @@ def apply_dtype_policy(model: nn.Module, dtype: torch.dtype, keep_fp32_modules: 
 
 
 # --- saving ---------------------------------------------------------------------------------
-VISION_TOWER_DIRNAME = "vision_tower"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, save_vision_tower: bool = True) -> Path:
-    """Write our checkpoint format: config.json, model.safetensors (GLaMM key names, no CLIP),
-    tokenizer files, and (save_vision_tower) the CLIP tower as a CLIPVisionModel dir `vision_tower/`
-    that config.json's `mm_vision_tower` names relative to the checkpoint dir."""
-    from safetensors.torch import save_file
+def save_model(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    save_vision_tower: bool = True,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int | None = None,
+    card=None,
+) -> Path:
+    """Write a model directory the Hugging Face way (legion.model.export.export_model): config.json,
+    sharded safetensors (GLaMM key names, no CLIP), generation_config.json, tokenizer files, the CLIP
+    tower as `vision_tower/` (named by config.json's `mm_vision_tower`), a README.md model card.
+    dtype "bfloat16" (default): the released checkpoints' layout (SAM + text_hidden_fcs fp32)."""
+    from legion.model.export import DEFAULT_MAX_SHARD_BYTES, export_model
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(model.config)
-    if save_vision_tower:
-        tower = model.model.vision_tower.vision_tower
-        tower.save_pretrained(out_dir / VISION_TOWER_DIRNAME, safe_serialization=True)
-        _save_clip_image_processor(out_dir / VISION_TOWER_DIRNAME, tower.config.image_size)
-        config.mm_vision_tower = VISION_TOWER_DIRNAME
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not ck.VISION_TOWER_KEY.match(k)}
-    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    config.architectures = ["LegionForCausalLM"]
-    config.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def _save_clip_image_processor(path: Path, size: int) -> None:
-    from transformers import CLIPImageProcessor
-
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(path)
+    return export_model(
+        model,
+        tokenizer,
+        out_dir,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+        save_vision_tower=save_vision_tower,
+        card=card,
+    )
 
 
 TINY_SAM_CHECKPOINT = "sam_vit_tiny.pth"
@@ -277,7 +273,12 @@ def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     config = build_config("tiny", vocab_size=len(tokenizer))
     config.seg_token_idx = conv.special_token_ids(tokenizer, expect_glamm_ids=False).seg
     model = build_model(config, seed=seed)
-    out = save_model(model, tokenizer, out_dir)
+    card = ModelCard(
+        title="LEGION tiny (random weights)",
+        notes="Random weights from `legion make-tiny --seed "
+        f"{seed}`: the full-size module tree at CPU size, for tests and the demo. Not a trained model.",
+    )
+    out = save_model(model, tokenizer, out_dir, card=card)
     sam_state = {k: v.detach().clone() for k, v in model.model.grounding_encoder.state_dict().items()}
     with atomic_path(out / TINY_SAM_CHECKPOINT) as tmp:
         torch.save(sam_state, tmp)

@@ -141,3 +141,14 @@ class LegionConfig(LlamaConfig):
             raise MissingFileError(f"no config.json in {path}")
         with open(config_file) as fh:
             return cls.from_glamm_dict(json.load(fh))
+
+
+def _register_with_transformers() -> None:
+    # transformers' Auto classes may have loaded while this module was importing LlamaConfig: register now
+    # (legion/model/auto.py; a no-op when they are not loaded yet, the import hook does it then).
+    from legion.model.auto import sync
+
+    sync(LegionConfig)
+
+
+_register_with_transformers()

@@ -297,6 +297,32 @@ def _ignore_missing_vision_tower_keys(module, incompatible_keys):
     missing[:] = [k for k in missing if VISION_TOWER_PREFIX not in k]
 
 
+# Keyword arguments of transformers' from_pretrained that change nothing here (our loader reads the directory's
+# own config.json and safetensors); anything else (e.g. quantization_config) is refused rather than ignored.
+HF_LOADING_ARGS_IGNORED = frozenset(
+    {
+        "config",
+        "cache_dir",
+        "force_download",
+        "local_files_only",
+        "token",
+        "revision",
+        "use_safetensors",
+        "weights_only",
+        "low_cpu_mem_usage",
+        "adapter_kwargs",
+        "adapter_name",
+        "subfolder",
+        "_from_auto",
+        "_commit_hash",
+        "trust_remote_code",
+        "attn_implementation",
+        "output_loading_info",
+        "key_mapping",
+    }
+)
+
+
 class LegionForCausalLM(LlamaForCausalLM):
     """LEGION's loc/exp model. State-dict keys follow GLaMM's table (docs/model.md §13.2)."""
 
@@ -314,6 +340,59 @@ class LegionForCausalLM(LlamaForCausalLM):
 
     def _init_weights(self, module):
         _init_weights(self, module, LlamaForCausalLM)
+
+    # --- Hugging Face loading and saving ------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        dtype=None,
+        torch_dtype=None,
+        device_map=None,
+        vision_tower=None,
+        sam_checkpoint=None,
+        **kwargs,
+    ) -> LegionForCausalLM:
+        """A complete model from a model directory or a Hub id (`org/name`): ours, or GLaMM/LEGION's
+        (`model_type: llava`), CLIP included, in eval mode, ready for `generate`/`generate_grounded`.
+
+        dtype (or torch_dtype): a torch dtype, its name, or "auto"/None = the dtype the directory was
+        exported in (SAM and text_hidden_fcs stay fp32). device_map: a device ("cpu", "cuda", "cuda:1")
+        or "auto" (the first GPU when there is one). vision_tower: a local CLIP folder when the
+        directory has none (GLaMM/LEGION releases name CLIP by Hub id). Hub downloads follow the usual
+        HF environment (`HF_HUB_OFFLINE=1`: local folders only, with a clear error otherwise)."""
+        from legion.model.builders import load_model
+        from legion.model.export import resolve_model_source
+        from legion.utils.devices import resolve_device, resolve_dtype
+
+        unknown = sorted(set(kwargs) - HF_LOADING_ARGS_IGNORED)
+        if model_args or unknown:
+            raise TypeError(f"LegionForCausalLM.from_pretrained: unsupported arguments {list(model_args) + unknown}")
+        if kwargs.get("trust_remote_code"):
+            raise ValueError("LEGION never runs remote code: trust_remote_code must be False")
+        path = resolve_model_source(pretrained_model_name_or_path)
+        wanted = dtype if dtype is not None else torch_dtype
+        if wanted is None or wanted == "auto":
+            stored = LegionConfig.from_dir(path).dtype
+            wanted = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"))
+        elif isinstance(wanted, str):
+            wanted = resolve_dtype(wanted, device=torch.device("cpu"))
+        device = resolve_device("auto" if device_map in (None, "auto") else str(device_map))
+        model, _, _ = load_model(
+            path, dtype=wanted, device=device, vision_tower=vision_tower, sam_checkpoint=sam_checkpoint, verbose=False
+        )
+        return model
+
+    def save_pretrained(
+        self, save_directory, tokenizer=None, dtype: str = "bfloat16", max_shard_size: int | str = "5GB", **kwargs
+    ) -> None:
+        """Write a model directory `from_pretrained` reads back (legion.model.export: sharded safetensors,
+        config, generation config, CLIP in `vision_tower/`, model card); the tokenizer when given.
+        Hugging Face's own saving keyword arguments (push_to_hub aside) are accepted and ignored."""
+        from legion.model.export import export_model, parse_size
+
+        export_model(self, tokenizer, save_directory, dtype=dtype, max_shard_bytes=parse_size(max_shard_size))
 
     # --- helpers ----------------------------------------------------------------------------
     @property
