@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                 f"data.train={data}/detection/train",
                 f"model.backbone={merged}",
                 f"output_dir={detector}",
-                f"feature_cache_dir={out}/cache/cls_features",
+                f"feature_cache_dir={out}/cache/detector_features",
             )
         ],
         {"config": _file_hash(REPO / "configs/tiny/train_cls.yaml")},
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
                 "cls-eval",
                 "--config",
                 "configs/tiny/eval_cls.yaml",
-                f"detector={detector}",
+                f"detector_path={detector}",
                 f"data.test={data}/detection/test",
                 f"output_dir={ev / 'detection'}",
             ),

@@ -1,3 +1,4 @@
+import json
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -127,3 +128,30 @@ def test_renamed_keys_are_listed_in_help():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, Renamed, "YAML", "a=b")
     assert "model.precision -> model.dtype" in parser.epilog and "RENAMED" not in parser.epilog
+
+
+@pytest.mark.parametrize(
+    "schema_path, old, new, value, expected",
+    [
+        ("legion.eval.detector_run:DetectorEvalConfig", "detector", "detector_path", "runs/d", "runs/d"),
+        ("legion.eval.detector_run:DetectorEvalConfig", "backbone", "detector_backbone", "ck/clip", "ck/clip"),
+    ],
+)
+def test_declared_renames_of_the_recipes(schema_path, old, new, value, expected, tmp_path, capsys):
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    module, name = schema_path.split(":")
+    schema = getattr(importlib.import_module(module), name)
+    cfg = load_config(schema, None, [f"{old}={value}"])
+    assert OmegaConf.select(OmegaConf.structured(cfg), new) == expected
+    assert DEPRECATED.format(old, new) in capsys.readouterr().err
+    *parents, leaf = old.split(".")
+    data: dict = {leaf: value}
+    for part in reversed(parents):
+        data = {part: data}
+    path = tmp_path / "old.yaml"
+    path.write_text(json.dumps(data))  # JSON is YAML
+    assert OmegaConf.select(OmegaConf.structured(load_config(schema, path)), new) == expected
+    assert DEPRECATED.format(old, new) in capsys.readouterr().err

@@ -252,7 +252,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert main(["eval", "compare", str(tmp_path / "missing")]) == 2
 
 
-def test_detection_from_cls_eval_output_and_its_metrics_json(tmp_path, capsys):
+def test_detection_from_detector_eval_output_and_its_metrics_json(tmp_path, capsys):
     """`legion cls-eval` writes predictions.jsonl with subset / is_fake / fake_prob (None when the
     image was unreadable) and a metrics.json with the metrics nested under "metrics"."""
     from legion.eval.detection import detection_metrics
@@ -263,7 +263,7 @@ def test_detection_from_cls_eval_output_and_its_metrics_json(tmp_path, capsys):
         {"image": "/d/progan/0_real/0.png", "subset": "progan", "is_fake": False, "fake_prob": 0.7, "error": None},
         {"image": "/d/progan/0_real/1.png", "subset": "progan", "is_fake": False, "fake_prob": None, "error": "bad"},
     ]
-    pred = tmp_path / "cls" / "predictions.jsonl"
+    pred = tmp_path / "detector_eval" / "predictions.jsonl"
     pred.parent.mkdir()
     pred.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     assert main(["eval", "detection", "--pred", str(pred), "--out", str(tmp_path / "det")]) == 0
