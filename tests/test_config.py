@@ -135,6 +135,8 @@ def test_renamed_keys_are_listed_in_help():
     [
         ("legion.eval.detector_run:DetectorEvalConfig", "detector", "detector_path", "runs/d", "runs/d"),
         ("legion.eval.detector_run:DetectorEvalConfig", "backbone", "detector_backbone", "ck/clip", "ck/clip"),
+        ("legion.controller.regenerate:RegenerateConfig", "out_dir", "output_dir", "runs/r", "runs/r"),
+        ("legion.controller.inpaint:InpaintConfig", "out_dir", "output_dir", "runs/i", "runs/i"),
     ],
 )
 def test_declared_renames_of_the_recipes(schema_path, old, new, value, expected, tmp_path, capsys):
