@@ -15,11 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (argv with {tmp} / {repo} placeholders, exit code, a fragment of the message)
 CASES = [
-    (["demo", "--out", "{tmp}/a_file"], 2, "not a directory"),
-    (["demo", "--out", "{tmp}/demo", "--num-train", "0"], 2, "--num-train"),
-    (["make-toy-data", "--out", "{tmp}/toy", "--size", "16"], 2, "too small"),
-    (["make-toy-data", "--out", "{tmp}/a_file", "--num-train", "1", "--num-test", "1"], 2, "not a directory"),
-    (["make-tiny", "--out", "{tmp}/a_file"], 2, "not a directory"),
+    (["demo", "--output-dir", "{tmp}/a_file"], 2, "not a directory"),
+    (["demo", "--output-dir", "{tmp}/demo", "--num-train", "0"], 2, "--num-train"),
+    (["make-toy-data", "--output-dir", "{tmp}/toy", "--size", "16"], 2, "too small"),
+    (["make-toy-data", "--output-dir", "{tmp}/a_file", "--num-train", "1", "--num-test", "1"], 2, "not a directory"),
+    (["make-tiny", "--output-dir", "{tmp}/a_file"], 2, "not a directory"),
     (["inspect", "{tmp}/nope"], 2, "neither a preset"),
     (["inspect", "tiny", "--stored"], 2, "--stored needs --keys"),
     (["inspect", "{tmp}/empty"], 1, "no config.json"),
@@ -28,39 +28,45 @@ CASES = [
     (["train", "--config", "{repo}/configs/tiny/train_loc_exp.yaml", "model.path={tmp}/nope"], 2, "model.path"),
     (["train", "--config", "{tmp}/nope.yaml"], 2, "config file not found"),
     (["train", "--config", "{tmp}/bad.yaml"], 2, "not valid YAML"),
-    (["merge", "step1", "{tmp}/nope", "--out", "{tmp}/w.safetensors"], 2, "CKPT_DIR"),
-    (["merge", "step1", "{tmp}/empty", "--out", "{tmp}/w.safetensors"], 1, "no 'latest' file"),
-    (["merge", "step1", "{tmp}/empty", "--tag", "global_step9", "--out", "{tmp}/w.safetensors"], 2, "--tag"),
-    (["merge", "step2", "--base", "{tmp}/nope", "--weights", "{tmp}/w", "--out", "{tmp}/m"], 2, "--base"),
-    (["merge", "step2", "--base", "{tmp}/empty", "--weights", "{tmp}/a_file", "--out", "{tmp}/m"], 1, "safetensors"),
+    (["merge", "step1", "{tmp}/nope", "--output-dir", "{tmp}/w.safetensors"], 2, "CKPT_DIR"),
+    (["merge", "step1", "{tmp}/empty", "--output-dir", "{tmp}/w.safetensors"], 1, "no 'latest' file"),
+    (["merge", "step1", "{tmp}/empty", "--tag", "global_step9", "--output-dir", "{tmp}/w.safetensors"], 2, "--tag"),
+    (["merge", "step2", "--base", "{tmp}/nope", "--weights", "{tmp}/w", "--output-dir", "{tmp}/m"], 2, "--base"),
+    (
+        ["merge", "step2", "--base", "{tmp}/empty", "--weights", "{tmp}/a_file", "--output-dir", "{tmp}/m"],
+        1,
+        "safetensors",
+    ),
     (["infer", "batch_sise=3"], 2, "did you mean 'batch_size'"),
     (["infer", "image_dir={tmp}/empty", "output_dir={tmp}/o", "model_path={tmp}/nope"], 2, "model_path"),
     (["infer", "image_dir={tmp}/empty", "output_dir={tmp}/o", "model_path={tmp}/empty"], 1, "no config.json"),
     (["infer", "image_dir={tmp}/empty", "output_dir=o", "model_path=m", "detector_path={tmp}/nope"], 2, "detector"),
     (
-        ["eval", "localization", "--pred", "{tmp}/nope", "--gt", "{tmp}", "--dataset", "synthscars", "--out", "o"],
+        ["eval", "localization", "--pred", "{tmp}/nope", "--gt", "{tmp}", "--dataset", "synthscars"]
+        + ["--output-dir", "o"],
         2,
         "--pred",
     ),
     (
         ["eval", "localization", "--pred", "{tmp}/bad.jsonl", "--gt", "{tmp}/empty", "--dataset", "synthscars"]
-        + ["--out", "{tmp}/o", "--table-metrics", "miou,nope"],
+        + ["--output-dir", "{tmp}/o", "--table-metrics", "miou,nope"],
         2,
         "--table-metrics",
     ),
     (
         ["eval", "localization", "--pred", "{tmp}/bad.jsonl", "--gt", "{tmp}/empty", "--dataset", "synthscars"]
-        + ["--out", "{tmp}/o"],
+        + ["--output-dir", "{tmp}/o"],
         1,
         "bad.jsonl:1: not JSON",
     ),
     (
-        ["eval", "explanation", "--pred", "{tmp}/bad.jsonl", "--gt", "{tmp}/nope", "--dataset", "loki", "--out", "o"],
+        ["eval", "explanation", "--pred", "{tmp}/bad.jsonl", "--gt", "{tmp}/nope", "--dataset", "loki"]
+        + ["--output-dir", "o"],
         2,
         "--gt",
     ),
-    (["eval", "detection", "--pred", "{tmp}/bad.jsonl", "--out", "{tmp}/o"], 1, "bad.jsonl:1: not JSON"),
-    (["eval", "detection", "--pred", "{tmp}/no_subset.jsonl", "--out", "{tmp}/o"], 2, "give --gt"),
+    (["eval", "detection", "--pred", "{tmp}/bad.jsonl", "--output-dir", "{tmp}/o"], 1, "bad.jsonl:1: not JSON"),
+    (["eval", "detection", "--pred", "{tmp}/no_subset.jsonl", "--output-dir", "{tmp}/o"], 2, "give --gt"),
     (["eval", "compare", "{tmp}/nope"], 2, "no such file or directory"),
     (["eval", "compare", "{tmp}/empty"], 2, "no metrics.json"),
     (["cls-train", "epoch=3"], 2, "did you mean 'epochs'"),
@@ -74,9 +80,14 @@ CASES = [
     ),
     (["regenerate", "--config", "{repo}/configs/tiny/regenerate.yaml"], 2, "no input"),
     (["regenerate", "--config", "{repo}/configs/tiny/regenerate.yaml", "--prompts", "{tmp}/bad.json"], 2, "not JSON"),
-    (["regenerate", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o", "scorer.kind=nope"], 2, "unknown scorer kind"),
     (
-        ["regenerate", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o", "scorer.kind=clip", "scorer.model_dir={tmp}"],
+        ["regenerate", "--prompts", "{tmp}/p.txt", "--output-dir", "{tmp}/o", "scorer.kind=nope"],
+        2,
+        "unknown scorer kind",
+    ),
+    (
+        ["regenerate", "--prompts", "{tmp}/p.txt", "--output-dir", "{tmp}/o"]
+        + ["scorer.kind=clip", "scorer.model_dir={tmp}"],
         1,
         "no transformers CLIP model",
     ),

@@ -10,7 +10,7 @@ from legion.cli import main
 @pytest.mark.slow
 def test_tiny_detector_learns_toyscars(tmp_path, tiny_model_dir):
     toy = tmp_path / "toy"
-    assert main(["make-toy-data", "--out", str(toy)]) == 0  # the defaults: 400 train / 100 test pairs
+    assert main(["make-toy-data", "--output-dir", str(toy)]) == 0  # the defaults: 400 train / 100 test pairs
     assert (
         main(
             [

@@ -1,6 +1,6 @@
 """LEGION-guided inpainting: inpaint the regions LEGION flags, re-analyse, repeat, keep the best.
 
-    legion inpaint --config configs/legion_7b/inpaint.yaml --inputs images.json --out runs/inpaint
+    legion inpaint --config configs/legion_7b/inpaint.yaml --inputs images.json --output-dir runs/inpaint
 
 For each case (an image and its prompt, from a mapping {image: prompt}):
 
@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from legion.cli_args import add_output_dir_argument
 from legion.config import add_config_arguments, load_config, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, run_case, run_cases
@@ -187,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--inputs", help="input file (overrides `inputs`): .json {image: prompt} or .jsonl")
     parser.add_argument("--image-root", help="folder the input's image paths are relative to")
-    parser.add_argument("--out", help="output folder (overrides `output_dir`)")
+    add_output_dir_argument(parser, help="output folder (overrides `output_dir`)")
     parser.add_argument("--device", help="cpu / cuda / cuda:1 (overrides `device`)")
 
 
@@ -197,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> InpaintConfig:
         for key, value in (
             ("inputs", args.inputs),
             ("image_root", args.image_root),
-            ("output_dir", args.out),
+            ("output_dir", args.output_dir),
             ("device", args.device),
         )
         if value

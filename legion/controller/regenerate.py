@@ -1,6 +1,6 @@
 """LEGION-guided regeneration: generate, analyse, revise the prompt from the explanation, regenerate.
 
-    legion regenerate --config configs/legion_7b/regenerate.yaml --prompts prompts.json --out runs/regen
+    legion regenerate --config configs/legion_7b/regenerate.yaml --prompts prompts.json --output-dir runs/regen
 
 For each case (a prompt, optionally with a starting image):
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from legion.cli_args import add_output_dir_argument
 from legion.config import add_config_arguments, load_config, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, StopCase, run_case, run_cases
@@ -164,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompts", help="input file (overrides `inputs`): .txt, .json {image: prompt} or .jsonl")
     parser.add_argument("--image-root", help="folder the input's image paths are relative to")
-    parser.add_argument("--out", help="output folder (overrides `output_dir`)")
+    add_output_dir_argument(parser, help="output folder (overrides `output_dir`)")
     parser.add_argument("--device", help="cpu / cuda / cuda:1 (overrides `device`)")
 
 
@@ -174,7 +175,7 @@ def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
         for key, value in (
             ("inputs", args.prompts),
             ("image_root", args.image_root),
-            ("output_dir", args.out),
+            ("output_dir", args.output_dir),
             ("device", args.device),
         )
         if value
