@@ -263,7 +263,7 @@ def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device, f
     from legion.train import loc_exp
 
     cfg = loc_exp.TrainConfig()
-    cfg.model.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    cfg.model.dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
     cfg.optim.fused = fused_adamw
     optimizer = loc_exp.build_optimizer(model.named_parameters(), cfg.optim)
     model.train()

@@ -135,6 +135,8 @@ def test_renamed_keys_are_listed_in_help():
     [
         ("legion.eval.detector_run:DetectorEvalConfig", "detector", "detector_path", "runs/d", "runs/d"),
         ("legion.eval.detector_run:DetectorEvalConfig", "backbone", "detector_backbone", "ck/clip", "ck/clip"),
+        ("legion.train.loc_exp:TrainConfig", "model.precision", "model.dtype", "bf16", "bfloat16"),
+        ("legion.train.loc_exp:TrainConfig", "model.precision", "model.dtype", "fp32", "float32"),
         ("legion.controller.regenerate:RegenerateConfig", "out_dir", "output_dir", "runs/r", "runs/r"),
         ("legion.controller.inpaint:InpaintConfig", "out_dir", "output_dir", "runs/i", "runs/i"),
     ],
