@@ -3,7 +3,7 @@
 #   bash infer_loc_exp.sh MODEL_DIR IMAGE_DIR OUTPUT_DIR [key=value ...]
 #   NPROC=8 bash infer_loc_exp.sh ...                 # torchrun, one GPU per rank, images split by rank
 #   CONFIG=configs/tiny/infer.yaml bash infer_loc_exp.sh ...   # the tiny CPU model
-# e.g. bash infer_loc_exp.sh checkpoints/legion_7b data/my_images runs/infer detector_path=runs/cls
+# e.g. bash infer_loc_exp.sh checkpoints/legion_7b data/my_images runs/infer detector_path=runs/detector
 # Keys: `legion infer --help`; docs/inference.md. Output: OUTPUT_DIR/predictions.jsonl (+ reference layout).
 set -euo pipefail
 if [ $# -lt 3 ]; then

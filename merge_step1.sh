@@ -11,4 +11,4 @@ REPO="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python )}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 CKPT_DIR="$1"; OUT="$2"; shift 2
-exec "$PYTHON" -m legion.cli merge step1 "$CKPT_DIR" --out "$OUT" "$@"
+exec "$PYTHON" -m legion.cli merge step1 "$CKPT_DIR" --output-dir "$OUT" "$@"

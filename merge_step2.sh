@@ -12,4 +12,4 @@ REPO="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python )}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 BASE="$1"; WEIGHTS="$2"; OUT="$3"; shift 3
-exec "$PYTHON" -m legion.cli merge step2 --base "$BASE" --weights "$WEIGHTS" --out "$OUT" "$@"
+exec "$PYTHON" -m legion.cli merge step2 --base "$BASE" --weights "$WEIGHTS" --output-dir "$OUT" "$@"

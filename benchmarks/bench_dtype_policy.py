@@ -2,7 +2,7 @@
 infer.py) against `fp32_grounding` (SAM and text_hidden_fcs in fp32), same model, same images.
 
     .venv/bin/python benchmarks/bench_dtype_policy.py --model demo_out/merged_model \
-        --images demo_out/data/test/images --limit 40 [--out benchmarks/results/dtype_policy_tiny.json]
+        --images demo_out/data/test/images --limit 40 [--output-dir benchmarks/results/dtype_policy_tiny.json]
 
 Both runs load the model in bf16 (`dtype=bfloat16`) and decode greedily. Printed: how many images
 got the same answer tokens, the IoU between the two policies' masks where the answers agree
@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from legion.cli_args import add_output_dir_argument  # noqa: E402
 from legion.data.images import read_image  # noqa: E402
 from legion.infer import Analyzer, AnalyzerConfig, list_images  # noqa: E402
 from legion.utils.io import atomic_write_json  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--sam-input-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    add_output_dir_argument(parser, metavar="FILE", help="also write the result as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     listing = list_images(args.images)
@@ -88,8 +89,8 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    if args.out:
-        atomic_write_json(args.out, result)
+    if args.output_dir:
+        atomic_write_json(args.output_dir, result)
 
 
 if __name__ == "__main__":

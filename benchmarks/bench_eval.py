@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from legion.cli_args import add_output_dir_argument  # noqa: E402
 from legion.eval.ground_truth import GroundTruthItem, polygons_to_rle, read_predictions  # noqa: E402
 from legion.eval.localization import evaluate_localization  # noqa: E402
 from legion.utils.io import atomic_write_json  # noqa: E402
@@ -118,8 +119,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--baseline-images", type=int, default=100, help="images the naive baseline runs on")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", default=None, help="also write the figures as JSON here (e.g. benchmarks/results/bench_eval.json)"
+    add_output_dir_argument(
+        parser, metavar="FILE", help="also write the figures as JSON here (e.g. benchmarks/results/bench_eval.json)"
     )
     parser.add_argument("--rouge-pairs", type=int, default=1000, help="also time ROUGE-L on this many pairs (0: skip)")
     args = parser.parse_args()
@@ -176,9 +177,9 @@ def main() -> int:
     }
     if args.rouge_pairs:
         results["rouge"] = bench_rouge(args.rouge_pairs, args.seed)
-    if args.out:
-        atomic_write_json(args.out, results, indent=1)
-        print(f"wrote {args.out}")
+    if args.output_dir:
+        atomic_write_json(args.output_dir, results, indent=1)
+        print(f"wrote {args.output_dir}")
     return 0
 
 

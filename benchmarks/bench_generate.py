@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legion.cli_args import add_output_dir_argument
 from legion.model import conversation as conv
 from legion.model.builders import build_config, build_model, tiny_tokenizer
 from legion.model.preprocessing import clip_preprocess, sam_preprocess
@@ -72,7 +73,12 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,mid")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_generate.json"))
+    add_output_dir_argument(
+        parser,
+        metavar="FILE",
+        default=str(Path(__file__).parent / "results" / "bench_generate.json"),
+        help="JSON result file (default benchmarks/results/bench_generate.json)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,8 +119,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "rows": rows,
     }
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
+    atomic_write_json(args.output_dir, result)
+    print(f"wrote {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Full-size (legion_7b) path on the CPU, with random bf16 weights: proves shapes, dtypes, SAM at
 1024 and `[SEG]` recovery without any downloaded weights.
 
-    .venv/bin/python benchmarks/fullsize_cpu_smoke.py [--out benchmarks/results]
+    .venv/bin/python benchmarks/fullsize_cpu_smoke.py [--output-dir benchmarks/results]
 
 Stages (seconds and peak resident memory printed for each):
   1. build LegionForCausalLM(legion_7b) directly in bf16 on the CPU (random init, ~8 B params, ~16.6 GB);
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legion.cli_args import add_output_dir_argument
 from legion.model import conversation as conv
 from legion.model.builders import FP32_MODULES, build_config, tiny_tokenizer
 from legion.model.legion import LegionForCausalLM
@@ -59,7 +60,7 @@ def test_image(size: int = 1024) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results", help="folder for fullsize_cpu_smoke.{json,md}")
+    add_output_dir_argument(parser, default="benchmarks/results", help="folder for fullsize_cpu_smoke.{json,md}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument(
         "--preset",
@@ -168,7 +169,7 @@ def main() -> None:
     if args.preset != "legion_7b":
         print("dry run: results not written")
         return
-    out_dir = Path(args.out)
+    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "fullsize_cpu_smoke.json", result)
     lines = [

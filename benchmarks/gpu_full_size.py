@@ -54,6 +54,7 @@ if not torch.cuda.is_available():  # before deepspeed is imported anywhere
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
+from legion.cli_args import add_output_dir_argument  # noqa: E402
 from legion.model import conversation as conv  # noqa: E402
 from legion.model.builders import FP32_MODULES, build_config, tiny_tokenizer  # noqa: E402
 from legion.model.preprocessing import clip_preprocess, sam_preprocess  # noqa: E402
@@ -262,7 +263,7 @@ def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device, f
     from legion.train import loc_exp
 
     cfg = loc_exp.TrainConfig()
-    cfg.model.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    cfg.model.dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
     cfg.optim.fused = fused_adamw
     optimizer = loc_exp.build_optimizer(model.named_parameters(), cfg.optim)
     model.train()
@@ -1025,7 +1026,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="device peak FLOP/s for MFU (default 989e12 on CUDA: H100/H200 bf16 dense; none on the CPU -> MFU n/a)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    add_output_dir_argument(
+        parser, default=str(REPO / "benchmarks" / "results"), help="result folder (default benchmarks/results)"
+    )
     parser.add_argument("--tag", default=None, help="file name part (default: <cuda|cpu>_<preset>)")
     args = parser.parse_args(argv)
     if not (args.train or args.infer or args.cache or args.profile):
@@ -1164,7 +1167,7 @@ def main(argv=None) -> int:
     result["load_average"] = load_average()
     result["targets"] = check_targets(result)
 
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"{device.type}_{args.preset}"
     atomic_write_json(out / f"gpu_full_size_{tag}.json", result)

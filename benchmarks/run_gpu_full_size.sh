@@ -16,10 +16,10 @@ mkdir -p "$OUT_DIR"
 
 source benchmarks/gpu_env.sh
 
-timeout "${INFER_LIMIT:-240}" "$PYTHON" benchmarks/gpu_full_size.py --infer --out "$OUT_DIR" \
+timeout "${INFER_LIMIT:-240}" "$PYTHON" benchmarks/gpu_full_size.py --infer --output-dir "$OUT_DIR" \
   --tag cuda_legion_7b_infer 2>&1 | tee "$OUT_DIR/gpu_full_size_infer.log"
 infer_rc=$?
-timeout "${TRAIN_LIMIT:-300}" "$PYTHON" benchmarks/gpu_full_size.py --train --cache --steps 5 --out "$OUT_DIR" ${TRAIN_ARGS:-} \
+timeout "${TRAIN_LIMIT:-300}" "$PYTHON" benchmarks/gpu_full_size.py --train --cache --steps 5 --output-dir "$OUT_DIR" ${TRAIN_ARGS:-} \
   --tag cuda_legion_7b_train 2>&1 | tee "$OUT_DIR/gpu_full_size_train.log"
 train_rc=$?
 echo "inference rc=$infer_rc training rc=$train_rc"

@@ -22,7 +22,7 @@ export OMP_NUM_THREADS=2
 WORK=$(mktemp -d /tmp/tiny_seeds.XXXX)
 legion() { "$PYTHON" -m legion.cli "$@"; }
 
-legion make-tiny --out "$WORK/tiny" >/dev/null && legion make-toy-data --out "$WORK/toy" >/dev/null || exit 1
+legion make-tiny --output-dir "$WORK/tiny" >/dev/null && legion make-toy-data --output-dir "$WORK/toy" >/dev/null || exit 1
 
 one_seed() {  # SEED: train, infer, evaluate; everything in $WORK/run<SEED>
   local run=$WORK/run$1
@@ -32,7 +32,7 @@ one_seed() {  # SEED: train, infer, evaluate; everything in $WORK/run<SEED>
       image_dir="$WORK/toy/test/images" output_dir="$run/infer" max_new_tokens=160 progress=false \
       save_reference_layout=false save_phrase_masks=false save_overlay=false \
     && legion eval localization --pred "$run/infer/predictions.jsonl" --gt "$WORK/toy" --dataset synthscars \
-      --out "$run/eval_loc" --no-plots
+      --output-dir "$run/eval_loc" --no-plots
 }
 
 for seed in "${SEEDS[@]}"; do

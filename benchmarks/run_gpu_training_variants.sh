@@ -25,7 +25,7 @@ source benchmarks/gpu_env.sh
 variant() {  # TAG LIMIT ARGS...
   local tag=$1 limit=$2
   shift 2
-  timeout "$limit" "$PYTHON" benchmarks/gpu_full_size.py --train --out "$OUT_DIR" --tag "$tag" "$@" 2>&1 \
+  timeout "$limit" "$PYTHON" benchmarks/gpu_full_size.py --train --output-dir "$OUT_DIR" --tag "$tag" "$@" 2>&1 \
     | tee "$OUT_DIR/gpu_full_size_$tag.log"
   echo "$tag rc=${PIPESTATUS[0]}"
 }

@@ -33,8 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("legion.model.export", "re-write a model directory the Hugging Face way (bf16, shards, card); push"),
     "infer": ("legion.infer", "explain and segment artifacts in a folder of images"),
     "eval": ("legion.eval.cli", "localization / explanation / detection metrics from saved predictions"),
-    "cls-train": ("legion.train.cls", "train the real/fake detector head"),
-    "cls-eval": ("legion.eval.detection_run", "evaluate the real/fake detector on UniversalFakeDetect"),
+    "cls-train": ("legion.train.detector", "train the real/fake detector head"),
+    "cls-eval": ("legion.eval.detector_run", "evaluate the real/fake detector on UniversalFakeDetect"),
     "regenerate": ("legion.controller.regenerate", "LEGION-guided prompt revision + regeneration"),
     "inpaint": ("legion.controller.inpaint", "LEGION-guided mask inpainting"),
 }

@@ -4,6 +4,18 @@
 
 Unknown or mistyped keys are errors that name the key and the closest valid one, so a typo in
 a 3-day training config fails in the first second instead of being silently ignored.
+
+Renamed keys stay accepted for one release: a config dataclass (the top-level schema or any nested
+section) declares them in a class attribute
+
+    RENAMED: ClassVar[dict[str, tuple[str, dict | None]]] = {
+        "precision": ("dtype", {"bf16": "bfloat16", "fp32": "float32"}),   # old key -> (new key, value map)
+    }
+
+with keys relative to that dataclass. An old key in the YAML file or in a `key=value` override is
+rewritten to the new key (its value through the optional map) with one line on stderr; a file or an
+override list that gives both the old and the new key is an error. This is the one mechanism for
+deprecated config keys.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,9 +86,92 @@ def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def renamed_keys(schema: type, prefix: str = "") -> dict[str, tuple[str, dict | None]]:
+    """Every deprecated key of `schema` and its nested sections: full old key -> (full new key, value map)."""
+    found = {f"{prefix}{old}": (f"{prefix}{new}", mapping) for old, (new, mapping) in _renamed(schema).items()}
+    for field in dataclasses.fields(schema):
+        factory = field.default_factory if field.default_factory is not dataclasses.MISSING else None
+        if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+            found.update(renamed_keys(factory, prefix=f"{prefix}{field.name}."))
+    return found
+
+
+def _renamed(schema: type) -> dict[str, tuple[str, dict | None]]:
+    out = {}
+    for old, spec in (getattr(schema, "RENAMED", None) or {}).items():
+        new, mapping = (spec, None) if isinstance(spec, str) else spec
+        out[old] = (new, mapping)
+    return out
+
+
+def _deprecation(where: str, old: str, new: str) -> None:
+    print(
+        f"{where}: config key '{old}' is deprecated: use '{new}' (accepted until the next release)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _map_value(value: Any, mapping: dict | None) -> Any:
+    if mapping and isinstance(value, str) and value in mapping:
+        return mapping[value]
+    return value
+
+
+def _rename_in_file(data: dict, renames: dict[str, tuple[str, dict | None]], where: str) -> None:
+    """Rewrite deprecated keys of a YAML mapping in place (old key -> new key, value mapped)."""
+    for old, (new, mapping) in renames.items():
+        *old_parents, old_leaf = old.split(".")
+        holder = data
+        for part in old_parents:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict) or old_leaf not in holder:
+            continue
+        *new_parents, new_leaf = new.split(".")
+        target = data
+        for part in new_parents:
+            if target.get(part) is None:
+                target[part] = {}
+            target = target[part]
+            if not isinstance(target, dict):
+                break
+        if not isinstance(target, dict):
+            continue  # a malformed section: the schema check reports it
+        if new_leaf in target:
+            raise ConfigError(f"{where}: both '{old}' (deprecated) and '{new}' are given; keep only '{new}'")
+        target[new_leaf] = _map_value(holder.pop(old_leaf), mapping)
+        _deprecation(where, old, new)
+
+
+def _rename_overrides(overrides: Sequence[str], renames: dict[str, tuple[str, dict | None]]) -> list[tuple[str, Any]]:
+    """`key=value` strings -> (key, parsed value) with deprecated keys rewritten."""
+    parsed: list[tuple[str, Any]] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        parsed.append((key, _parse_value(value)))
+    given = {key for key, _ in parsed}
+    out = []
+    for key, value in parsed:
+        if key in renames:
+            new, mapping = renames[key]
+            if new in given:
+                raise ConfigError(f"override: both '{key}' (deprecated) and '{new}' are given; keep only '{new}'")
+            _deprecation("override", key, new)
+            key, value = new, _map_value(value, mapping)
+        out.append((key, value))
+    return out
+
+
 def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build a `schema` dataclass instance from defaults <- YAML file <- `key=value` overrides."""
+    """Build a `schema` dataclass instance from defaults <- YAML file <- `key=value` overrides.
+
+    Deprecated keys (the schema's `RENAMED`, module docstring) are rewritten in each source on its own:
+    an old key in the file and its new key on the command line is fine (the command line wins)."""
     base = OmegaConf.structured(schema)
+    renames = renamed_keys(schema)
     merged = base
     try:
         if path is not None:
@@ -89,18 +185,14 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
                     raise ConfigError(f"{path}: not valid YAML ({exc})") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+            _rename_in_file(data, renames, str(path))
             _check_keys(base, data, str(path))
             merged = OmegaConf.merge(merged, data)
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' is not of the form key=value")
-            key, value = item.split("=", 1)
-            key = key.strip().lstrip("-")
+        for key, parsed in _rename_overrides(overrides, renames):
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(merged, parent) if parent else merged
             if not isinstance(node, DictConfig) or (leaf not in node and not _accepts_any_key(merged, parent)):
                 raise ConfigError(f"override: unknown config key '{key}'{_closest(key, _all_keys(merged))}")
-            parsed = _parse_value(value)
             # A free dict given whole (`optim.module_lr={a: 1}`) replaces the file's; other values merge.
             replace = isinstance(parsed, dict) and _accepts_any_key(merged, key)
             OmegaConf.update(merged, key, parsed, merge=not replace)
@@ -161,3 +253,8 @@ def add_config_arguments(
     parser.add_argument("--config", required=config_required, help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}")
     parser.epilog = "config keys:\n" + "\n".join(describe_schema(schema))
+    renames = renamed_keys(schema)
+    if renames:
+        parser.epilog += "\n\ndeprecated config keys (accepted until the next release):\n" + "\n".join(
+            f"  {old} -> {new}" for old, (new, _) in renames.items()
+        )

@@ -1,6 +1,6 @@
 """The embedded default: the whole LEGION pipeline on ToyScars with a tiny model, on the CPU.
 
-    legion demo [--out demo_out] [--fresh] [--num-train 400 --num-test 100]
+    legion demo [--output-dir demo_out] [--fresh] [--num-train 400 --num-test 100]
 
 Stages (each runs the same command a user runs on a cluster; a finished stage is reused on the
 next run unless its inputs changed or --fresh is given):
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from legion.cli_args import add_output_dir_argument
 from legion.errors import LegionError, OptionError
 from legion.utils.io import atomic_write_text
 
@@ -83,8 +84,8 @@ def _short(arg: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
+    add_output_dir_argument(parser, default="demo_out", help="output folder (default demo_out)")
+    parser.add_argument("--fresh", action="store_true", help="delete --output-dir and redo every stage")
     parser.add_argument("--num-train", type=int, default=400, help="ToyScars training images (default 400)")
     parser.add_argument("--num-test", type=int, default=100, help="ToyScars test images (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="data and model seed (default 0)")
@@ -103,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     bad = [item for item in args.train_override if "=" not in item]
     if bad:
         raise OptionError(f"--train-override {bad[0]!r} is not of the form key=value")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise OptionError(f"--out {args.out} exists and is not a directory")
-    out = Path(args.out).resolve()
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise OptionError(f"--output-dir {args.output_dir} exists and is not a directory")
+    out = Path(args.output_dir).resolve()
     st = Stages(out, args.fresh)
     data, tiny, train = out / "data", out / "tiny_model", out / "train"
     merged, detector, preds, preds_real, ev = (
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         [
             _cli(
                 "make-toy-data",
-                "--out",
+                "--output-dir",
                 str(data),
                 "--num-train",
                 str(args.num_train),
@@ -138,7 +139,11 @@ def run(args: argparse.Namespace) -> int:
         total,
     )
     st.run(
-        "make-tiny", [_cli("make-tiny", "--out", str(tiny), "--seed", str(args.seed))], {"seed": args.seed}, 2, total
+        "make-tiny",
+        [_cli("make-tiny", "--output-dir", str(tiny), "--seed", str(args.seed))],
+        {"seed": args.seed},
+        2,
+        total,
     )
     st.run(
         "train",
@@ -161,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
     st.run(
         "merge",
         [
-            _cli("merge", "step1", str(train / "checkpoints"), "--out", str(out / "merge" / "weights.safetensors")),
+            _cli(
+                "merge", "step1", str(train / "checkpoints"), "--output-dir", str(out / "merge" / "weights.safetensors")
+            ),
             _cli(
                 "merge",
                 "step2",
@@ -169,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
                 str(tiny),
                 "--weights",
                 str(out / "merge" / "weights.safetensors"),
-                "--out",
+                "--output-dir",
                 str(merged),
             ),
         ],
@@ -187,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                 f"data.train={data}/detection/train",
                 f"model.backbone={merged}",
                 f"output_dir={detector}",
-                f"feature_cache_dir={out}/cache/cls_features",
+                f"feature_cache_dir={out}/cache/detector_features",
             )
         ],
         {"config": _file_hash(REPO / "configs/tiny/train_cls.yaml")},
@@ -232,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
                 str(data),
                 "--dataset",
                 "synthscars",
-                "--out",
+                "--output-dir",
                 str(ev / "localization"),
             ),
             _cli(
@@ -244,14 +251,14 @@ def run(args: argparse.Namespace) -> int:
                 str(data),
                 "--dataset",
                 "synthscars",
-                "--out",
+                "--output-dir",
                 str(ev / "explanation"),
             ),
             _cli(
                 "cls-eval",
                 "--config",
                 "configs/tiny/eval_cls.yaml",
-                f"detector={detector}",
+                f"detector_path={detector}",
                 f"data.test={data}/detection/test",
                 f"output_dir={ev / 'detection'}",
             ),

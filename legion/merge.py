@@ -1,9 +1,9 @@
 """Turn a training run into a model directory that `legion infer` loads (docs/model.md §13.4).
 
-    legion merge step1 CKPT_DIR [--tag TAG] --out weights.safetensors
+    legion merge step1 CKPT_DIR [--tag TAG] --output-dir weights.safetensors
         DeepSpeed checkpoint (ZeRO stage 0, 1, 2 or 3) -> one fp32 state dict as safetensors.
         The tag defaults to the one named in CKPT_DIR/latest.
-    legion merge step2 --base BASE_DIR --weights weights.safetensors --out OUT_DIR [--lora-alpha 16]
+    legion merge step2 --base BASE_DIR --weights weights.safetensors --output-dir OUT_DIR [--lora-alpha 16]
         LoRA folded into the base weights (W <- W + alpha/r * B @ A) -> an HF-style directory with
         config, safetensors, tokenizer and the CLIP tower reference, loadable offline.
 
@@ -355,21 +355,25 @@ def _hub_id_of(base_dir: Path) -> str | None:
 # CLI
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from legion.cli_args import add_output_dir_argument
+
     sub = parser.add_subparsers(dest="step", required=True, metavar="{step1,step2}")
     p1 = sub.add_parser("step1", help="DeepSpeed checkpoint (ZeRO 0-3) -> fp32 safetensors")
     p1.add_argument("ckpt_dir", help="DeepSpeed checkpoint directory (holds 'latest' and global_stepN/)")
     p1.add_argument("--tag", default=None, help="checkpoint tag (default: the content of CKPT_DIR/latest)")
-    p1.add_argument("--out", required=True, help="output .safetensors file, or a directory (sharded if large)")
+    add_output_dir_argument(
+        p1, required=True, metavar="PATH", help="output .safetensors file, or a directory (sharded if large)"
+    )
     p1.add_argument(
         "--max-shard-gb",
         type=float,
         default=DEFAULT_MAX_SHARD_BYTES / 1024**3,
-        help="shard size when --out is a directory (default 5)",
+        help="shard size when --output-dir is a directory (default 5)",
     )
     p2 = sub.add_parser("step2", help="merge LoRA into the base model -> HF directory")
     p2.add_argument("--base", required=True, help="base model directory (e.g. GLaMM-GranD-Pretrained, or make-tiny)")
     p2.add_argument("--weights", required=True, help="step1 output (.safetensors file or directory)")
-    p2.add_argument("--out", required=True, help="output model directory")
+    add_output_dir_argument(p2, required=True, help="output model directory")
     p2.add_argument("--lora-r", type=int, default=None, help="expected LoRA rank (default: read from the weights)")
     p2.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (reference: 16; scale = alpha/r)")
     p2.add_argument("--use-rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
@@ -388,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         require_path(args.ckpt_dir, "CKPT_DIR", "dir")
         if args.tag:
             require_path(Path(args.ckpt_dir) / args.tag, "--tag", "dir")
-        files, info = step1(args.ckpt_dir, args.out, args.tag, int(args.max_shard_gb * 1024**3))
+        files, info = step1(args.ckpt_dir, args.output_dir, args.tag, int(args.max_shard_gb * 1024**3))
         print(
             f"ZeRO stage {info['zero_stage']}, tag {info['tag']}: {info['num_tensors']} tensors, "
             f"{info['num_parameters']:,} parameters (source {'/'.join(info['source_dtypes'])}) -> "
@@ -400,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         report = step2(
             args.base,
             args.weights,
-            args.out,
+            args.output_dir,
             args.lora_alpha,
             args.lora_r,
             args.adapter,

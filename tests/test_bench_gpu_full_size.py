@@ -230,7 +230,7 @@ def test_main_writes_json_and_markdown_with_deepspeed(tmp_path):
         "64",
         "--infer-batches",
         "1",
-        "--out",
+        "--output-dir",
         str(tmp_path),
         "--tag",
         "t",

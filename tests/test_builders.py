@@ -308,11 +308,11 @@ def test_dtype_policy_keeps_sam_and_fcs_fp32(tiny_model_dir):
 def test_make_tiny_cli(tmp_path, capsys):
     from legion.cli import main
 
-    assert main(["make-tiny", "--out", str(tmp_path / "ck"), "--seed", "1"]) == 0
+    assert main(["make-tiny", "--output-dir", str(tmp_path / "ck"), "--seed", "1"]) == 0
     assert "wrote tiny LEGION checkpoint" in capsys.readouterr().out
     model, tok, report = load_model(tmp_path / "ck", verbose=False)
     assert report.ok
     seed0 = build_model(model.config, seed=0).state_dict()
     assert not torch.equal(model.state_dict()["lm_head.weight"], seed0["lm_head.weight"])
     with pytest.raises(SystemExit):
-        main(["make-tiny"])  # --out is required
+        main(["make-tiny"])  # --output-dir is required

@@ -145,7 +145,7 @@ def test_cli_writes_the_layout(tmp_path, capsys):
         main(
             [
                 "make-toy-data",
-                "--out",
+                "--output-dir",
                 str(tmp_path / "t"),
                 "--num-train",
                 "3",
@@ -161,7 +161,7 @@ def test_cli_writes_the_layout(tmp_path, capsys):
     )
     assert "wrote ToyScars (4 images, 48 px)" in capsys.readouterr().out
     assert (tmp_path / "t" / "test" / "annotations" / "test.json").is_file()
-    assert main(["make-toy-data", "--out", str(tmp_path / "u"), "--size", "16"]) == 2
+    assert main(["make-toy-data", "--output-dir", str(tmp_path / "u"), "--size", "16"]) == 2
     assert "too small" in capsys.readouterr().err
 
 

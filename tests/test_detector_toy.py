@@ -10,7 +10,7 @@ from legion.cli import main
 @pytest.mark.slow
 def test_tiny_detector_learns_toyscars(tmp_path, tiny_model_dir):
     toy = tmp_path / "toy"
-    assert main(["make-toy-data", "--out", str(toy)]) == 0  # the defaults: 400 train / 100 test pairs
+    assert main(["make-toy-data", "--output-dir", str(toy)]) == 0  # the defaults: 400 train / 100 test pairs
     assert (
         main(
             [
@@ -19,7 +19,7 @@ def test_tiny_detector_learns_toyscars(tmp_path, tiny_model_dir):
                 "configs/tiny/train_cls.yaml",
                 f"data.train={toy}/detection/train",
                 f"model.backbone={tiny_model_dir}",
-                f"output_dir={tmp_path}/cls",
+                f"output_dir={tmp_path}/detector",
                 f"feature_cache_dir={tmp_path}/features",
             ]
         )
@@ -31,7 +31,7 @@ def test_tiny_detector_learns_toyscars(tmp_path, tiny_model_dir):
                 "cls-eval",
                 "--config",
                 "configs/tiny/eval_cls.yaml",
-                f"detector={tmp_path}/cls",
+                f"detector_path={tmp_path}/detector",
                 f"data.test={toy}/detection/test",
                 f"output_dir={tmp_path}/eval",
             ]

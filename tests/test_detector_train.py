@@ -9,16 +9,16 @@ import torch
 from legion.cli import main as legion_main
 from legion.config import load_config
 from legion.data.detection import list_detection_images
-from legion.eval.detection_run import EvalClsConfig, evaluate_cls
+from legion.eval.detector_run import DetectorEvalConfig, evaluate_detector
 from legion.model.detector import build_detector, load_detector
-from legion.train.cls import (
+from legion.train.detector import (
+    DetectorTrainConfig,
     FeatureCache,
-    TrainClsConfig,
     evaluate_head,
     extract_features,
     reference_targets,
     stratified_split,
-    train_cls,
+    train_detector,
     train_head,
 )
 from tests.test_detector_data import make_detection_tree
@@ -103,7 +103,7 @@ def test_head_training_improves_accuracy_and_keeps_best_epoch(setup):
     va = extract_features(det, val_items, progress=False)
     ytr, yva = reference_targets(tr.items), reference_targets(va.items)
     before = evaluate_head(det, va.features, yva)["accuracy"]
-    cfg = load_config(TrainClsConfig, None, ["epochs=40", "batch_size=16", "optim.lr=1e-2"])
+    cfg = load_config(DetectorTrainConfig, None, ["epochs=40", "batch_size=16", "optim.lr=1e-2"])
     result = train_head(det, tr.features, ytr, cfg, va.features, yva)
     after = evaluate_head(det, va.features, yva)["accuracy"]
     best = max(h["val_accuracy"] for h in result["history"])
@@ -113,11 +113,11 @@ def test_head_training_improves_accuracy_and_keeps_best_epoch(setup):
     assert result["steps"] == 40 * ((len(tr.items) + 15) // 16)
 
 
-def test_cls_train_and_eval_recipes(setup, tmp_path):
+def test_detector_train_and_eval_recipes(setup, tmp_path):
     root, clip = setup
     out = tmp_path / "run"
     cfg = load_config(
-        TrainClsConfig,
+        DetectorTrainConfig,
         None,
         [
             f"data.train={root / 'train'}",
@@ -130,7 +130,7 @@ def test_cls_train_and_eval_recipes(setup, tmp_path):
             f"feature_cache_dir={tmp_path / 'cache'}",
         ],
     )
-    summary = train_cls(cfg, progress=False)
+    summary = train_detector(cfg, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
         "config.yaml",
         "detector.json",
@@ -147,18 +147,18 @@ def test_cls_train_and_eval_recipes(setup, tmp_path):
     # the feature cache makes a rerun skip CLIP
     cfg.output_dir = str(tmp_path / "run2")
     cfg.epochs = 1
-    train_cls(cfg, progress=False)
+    train_detector(cfg, progress=False)
     feats = [
         json.loads(line) for line in (tmp_path / "run2" / "log.jsonl").read_text().splitlines() if '"features"' in line
     ]
     assert all(f["computed"] == 0 for f in feats) and sum(f["from_cache"] for f in feats) == 80
 
     ev = load_config(
-        EvalClsConfig,
+        DetectorEvalConfig,
         None,
-        [f"detector={out}", f"data.test={root / 'test'}", f"output_dir={tmp_path / 'eval'}", "num_workers=0"],
+        [f"detector_path={out}", f"data.test={root / 'test'}", f"output_dir={tmp_path / 'eval'}", "num_workers=0"],
     )
-    result = evaluate_cls(ev, progress=False)
+    result = evaluate_detector(ev, progress=False)
     m = result["metrics"]
     assert set(m["per_subset"]) == {"a", "b"}
     for key in ("accuracy", "ap", "real_accuracy", "fake_accuracy"):
@@ -185,7 +185,7 @@ def test_cls_train_and_eval_recipes(setup, tmp_path):
 
     # a perturbation changes the pixels (so the predictions) and is recorded
     ev.perturbation, ev.output_dir = "noise:40", str(tmp_path / "eval_noise")
-    noisy = evaluate_cls(ev, progress=False)
+    noisy = evaluate_detector(ev, progress=False)
     assert noisy["perturbation"]["kind"] == "noise" and noisy["perturbation"]["sigma_0_255"] == 40
     noisy_preds = [
         json.loads(line) for line in (tmp_path / "eval_noise" / "predictions.jsonl").read_text().splitlines()
@@ -198,12 +198,12 @@ def test_head_trains_in_bf16_by_default_as_the_reference(setup, tmp_path):
     from safetensors.torch import load_file
 
     root, clip = setup
-    assert TrainClsConfig().model.head_dtype == "bfloat16"
+    assert DetectorTrainConfig().model.head_dtype == "bfloat16"
     heads = {}
     for head_dtype in ("bfloat16", "float32"):
         out = tmp_path / head_dtype
         cfg = load_config(
-            TrainClsConfig,
+            DetectorTrainConfig,
             None,
             [
                 f"data.train={root / 'train'}",
@@ -216,16 +216,16 @@ def test_head_trains_in_bf16_by_default_as_the_reference(setup, tmp_path):
                 f"model.head_dtype={head_dtype}",
             ],
         )
-        train_cls(cfg, progress=False)
+        train_detector(cfg, progress=False)
         heads[head_dtype] = load_file(str(out / "head.safetensors"))["prediction_head.0.weight"]
     bf16, fp32 = heads["bfloat16"], heads["float32"]
     assert bf16.dtype == fp32.dtype == torch.float32  # files are fp32 either way
     assert torch.equal(bf16, bf16.bfloat16().float())  # ... but the bf16-trained one holds bf16 values
     assert not torch.equal(fp32, fp32.bfloat16().float())
     with pytest.raises(Exception, match="head_dtype"):
-        train_cls(
+        train_detector(
             load_config(
-                TrainClsConfig,
+                DetectorTrainConfig,
                 None,
                 [
                     f"data.train={root / 'train'}",
@@ -246,7 +246,9 @@ def test_cli_errors_are_clear(setup, tmp_path, capsys):
     assert "epochs" in capsys.readouterr().err
     # a folder that is not a detector checkpoint: the detector fails to load (failed work, exit code 1)
     assert (
-        legion_main(["cls-eval", f"detector={tmp_path}", f"data.test={root / 'test'}", f"output_dir={tmp_path / 'e'}"])
+        legion_main(
+            ["cls-eval", f"detector_path={tmp_path}", f"data.test={root / 'test'}", f"output_dir={tmp_path / 'e'}"]
+        )
         == 1
     )
     assert "detector.json" in capsys.readouterr().err

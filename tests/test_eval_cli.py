@@ -83,7 +83,7 @@ def test_localization_command(run_inputs, tmp_path, capsys):
             str(root),
             "--dataset",
             "synthscars",
-            "--out",
+            "--output-dir",
             str(out),
             "--workers",
             "1",
@@ -145,7 +145,7 @@ def test_explanation_and_compare_with_paper(run_inputs, tmp_path, capsys):
                 str(root),
                 "--dataset",
                 "synthscars",
-                "--out",
+                "--output-dir",
                 str(out),
                 "--no-css",
                 "--content-types",
@@ -170,7 +170,7 @@ def test_explanation_and_compare_with_paper(run_inputs, tmp_path, capsys):
             str(root),
             "--dataset",
             "synthscars",
-            "--out",
+            "--output-dir",
             str(tmp_path / "run1" / "synthscars"),
             "--no-plots",
         ]
@@ -188,7 +188,7 @@ def test_explanation_and_compare_with_paper(run_inputs, tmp_path, capsys):
                 "--with-paper",
                 "--format",
                 "csv",
-                "--out",
+                "--output-dir",
                 str(table_path),
             ]
         )
@@ -220,7 +220,7 @@ def test_detection_command_with_folder_gt(tmp_path):
         "\n".join(json.dumps({"image": k, "fake_prob": v}) for k, v in probs.items() if k != "crn/0_real/1.png") + "\n"
     )
     out = tmp_path / "det"
-    assert main(["eval", "detection", "--pred", str(pred), "--gt", str(gt), "--out", str(out)]) == 0
+    assert main(["eval", "detection", "--pred", str(pred), "--gt", str(gt), "--output-dir", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["per_subset"]["progan"]["accuracy"] == 75.0  # fake 2/2, real 1/2
     assert m["per_subset"]["crn"]["accuracy"] == 100.0 and m["per_subset"]["crn"]["num_images"] == 3
@@ -240,7 +240,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
                 str(tmp_path),
                 "--dataset",
                 "synthscars",
-                "--out",
+                "--output-dir",
                 str(tmp_path / "o"),
             ]
         )
@@ -248,11 +248,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     )
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["eval", "localization", "--pred", "x", "--gt", "y", "--dataset", "coco", "--out", "z"])
+        main(["eval", "localization", "--pred", "x", "--gt", "y", "--dataset", "coco", "--output-dir", "z"])
     assert main(["eval", "compare", str(tmp_path / "missing")]) == 2
 
 
-def test_detection_from_cls_eval_output_and_its_metrics_json(tmp_path, capsys):
+def test_detection_from_detector_eval_output_and_its_metrics_json(tmp_path, capsys):
     """`legion cls-eval` writes predictions.jsonl with subset / is_fake / fake_prob (None when the
     image was unreadable) and a metrics.json with the metrics nested under "metrics"."""
     from legion.eval.detection import detection_metrics
@@ -263,10 +263,10 @@ def test_detection_from_cls_eval_output_and_its_metrics_json(tmp_path, capsys):
         {"image": "/d/progan/0_real/0.png", "subset": "progan", "is_fake": False, "fake_prob": 0.7, "error": None},
         {"image": "/d/progan/0_real/1.png", "subset": "progan", "is_fake": False, "fake_prob": None, "error": "bad"},
     ]
-    pred = tmp_path / "cls" / "predictions.jsonl"
+    pred = tmp_path / "detector_eval" / "predictions.jsonl"
     pred.parent.mkdir()
     pred.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    assert main(["eval", "detection", "--pred", str(pred), "--out", str(tmp_path / "det")]) == 0
+    assert main(["eval", "detection", "--pred", str(pred), "--output-dir", str(tmp_path / "det")]) == 0
     m = json.loads((tmp_path / "det" / "metrics.json").read_text())
     assert m["per_subset"]["progan"]["accuracy"] == 50.0 and m["num_unscored"] == 1
     # cls-eval's own metrics.json shape is readable by compare
@@ -304,7 +304,7 @@ def test_localization_defaults_to_the_papers_rasterization(run_inputs, tmp_path)
                     str(root),
                     "--dataset",
                     "synthscars",
-                    "--out",
+                    "--output-dir",
                     str(outs[raster]),
                     "--workers",
                     "1",
@@ -334,7 +334,7 @@ def test_localization_defaults_to_the_papers_rasterization(run_inputs, tmp_path)
                 str(outs["default"]),
                 str(outs["coco"]),
                 "--allow-mixed-protocols",
-                "--out",
+                "--output-dir",
                 str(tmp_path / "mixed.md"),
             ]
         )
@@ -342,5 +342,5 @@ def test_localization_defaults_to_the_papers_rasterization(run_inputs, tmp_path)
     )
     table = (tmp_path / "mixed.md").read_text()
     assert "GT raster" in table and "| paper |" in table and "| coco |" in table and "WARNING: mixed" in table
-    assert main(["eval", "compare", str(outs["coco"]), "--with-paper", "--out", str(tmp_path / "p.md")]) == 0
+    assert main(["eval", "compare", str(outs["coco"]), "--with-paper", "--output-dir", str(tmp_path / "p.md")]) == 0
     assert "scored with --gt-raster coco" in (tmp_path / "p.md").read_text()

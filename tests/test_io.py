@@ -239,7 +239,7 @@ def test_eval_localization_failing_metrics_write_keeps_the_previous_metrics(tmp_
     root, pred_path = _eval_inputs(tmp_path)
     out = tmp_path / "eval"
     args = ["eval", "localization", "--pred", str(pred_path), "--gt", str(root), "--dataset", "synthscars"]
-    args += ["--out", str(out), "--workers", "1", "--no-plots"]
+    args += ["--output-dir", str(out), "--workers", "1", "--no-plots"]
     assert main(args) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"metrics.json", "per_image.jsonl", "table.md"} <= set(before)

@@ -85,7 +85,7 @@ def test_tiny_training_learns_explanations(tiny_model_dir, tmp_path):
             data,
             "--dataset",
             "synthscars",
-            "--out",
+            "--output-dir",
             run / "eval_exp",
         ]
     )
@@ -103,7 +103,7 @@ def test_tiny_training_learns_explanations(tiny_model_dir, tmp_path):
             data,
             "--dataset",
             "synthscars",
-            "--out",
+            "--output-dir",
             run / "eval_loc",
             "--no-plots",
         ]

@@ -32,7 +32,7 @@ def test_paper_config_has_the_paper_settings():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
     assert (cfg.loss.ce_weight, cfg.loss.bce_weight, cfg.loss.dice_weight) == (1.0, 0.4, 0.2)
     assert cfg.data.sam_input_size == 512 and cfg.data.max_length == 1536 - 575 == TrainConfig().data.max_length
-    assert cfg.model.precision == "bf16" and cfg.model.gradient_checkpointing
+    assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
     assert sorted(cfg.trainable.name_contains) == ["embed_tokens", "lm_head", "mask_decoder", "text_hidden_fcs"]
 
     ds = build_deepspeed_config(cfg, plan_batches(16, 8), schedule_total_steps=2109)
@@ -57,7 +57,7 @@ def test_paper_config_has_the_paper_settings():
 
 def test_tiny_config_loads_and_rejects_typos():
     cfg = load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", ["optim.lr=3e-4"])
-    assert cfg.optim.lr == 3e-4 and cfg.model.precision == "fp32"
+    assert cfg.optim.lr == 3e-4 and cfg.model.dtype == "float32"
     with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
         load_config(TrainConfig, REPO / "configs/tiny/train_loc_exp.yaml", ["optim.lrr=3e-4"])
 

@@ -1,6 +1,6 @@
 """LEGION-guided inpainting: inpaint the regions LEGION flags, re-analyse, repeat, keep the best.
 
-    legion inpaint --config configs/legion_7b/inpaint.yaml --inputs images.json --out runs/inpaint
+    legion inpaint --config configs/legion_7b/inpaint.yaml --inputs images.json --output-dir runs/inpaint
 
 For each case (an image and its prompt, from a mapping {image: prompt}):
 
@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from legion.cli_args import add_output_dir_argument
 from legion.config import add_config_arguments, load_config, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, run_case, run_cases
@@ -67,7 +69,7 @@ class InpaintConfig:
     inputs: str | None = field(default=None, metadata={"help": ".json {image: prompt}, or .jsonl with image + prompt"})
     image_root: str | None = field(default=None, metadata={"help": "folder the image paths are relative to"})
     allow_absolute_paths: bool = False
-    out_dir: str = "outputs/inpaint"
+    output_dir: str = "outputs/inpaint"
     device: str = "cuda"
     limit: int | None = None
     max_iter: int = field(default=3, metadata={"help": "inpainting rounds after the original"})
@@ -77,6 +79,8 @@ class InpaintConfig:
     inpainter: InpainterConfig = field(default_factory=InpainterConfig)
     dilation: DilationConfig = field(default_factory=DilationConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+
+    RENAMED: ClassVar[dict] = {"out_dir": ("output_dir", None)}  # accepted until the next release
 
 
 def dilate_mask(mask: np.ndarray, kernel: int = 5, iterations: int = 5) -> np.ndarray:
@@ -184,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--inputs", help="input file (overrides `inputs`): .json {image: prompt} or .jsonl")
     parser.add_argument("--image-root", help="folder the input's image paths are relative to")
-    parser.add_argument("--out", help="output folder (overrides `out_dir`)")
+    add_output_dir_argument(parser, help="output folder (overrides `output_dir`)")
     parser.add_argument("--device", help="cpu / cuda / cuda:1 (overrides `device`)")
 
 
@@ -194,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> InpaintConfig:
         for key, value in (
             ("inputs", args.inputs),
             ("image_root", args.image_root),
-            ("out_dir", args.out),
+            ("output_dir", args.output_dir),
             ("device", args.device),
         )
         if value
@@ -213,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         dilate_mask(np.zeros((1, 1), np.uint8), cfg.dilation.kernel, cfg.dilation.iterations)  # validates
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.output_dir)
     save_resolved_config(cfg, out_dir)
     scorer = build_scorer(cfg.scorer, cfg.device)
     pipe = load_inpainter(cfg.inpainter, cfg.device)

@@ -1,6 +1,6 @@
 """LEGION-guided regeneration: generate, analyse, revise the prompt from the explanation, regenerate.
 
-    legion regenerate --config configs/legion_7b/regenerate.yaml --prompts prompts.json --out runs/regen
+    legion regenerate --config configs/legion_7b/regenerate.yaml --prompts prompts.json --output-dir runs/regen
 
 For each case (a prompt, optionally with a starting image):
 
@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from legion.cli_args import add_output_dir_argument
 from legion.config import add_config_arguments, load_config, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, StopCase, run_case, run_cases
@@ -55,7 +57,7 @@ class RegenerateConfig:
         default=None, metadata={"help": "folder of starting images (default: inputs' folder)"}
     )
     allow_absolute_paths: bool = False
-    out_dir: str = "outputs/regenerate"
+    output_dir: str = "outputs/regenerate"
     device: str = "cuda"
     limit: int | None = field(default=None, metadata={"help": "first N cases only"})
     max_rounds: int = field(default=3, metadata={"help": "images per case, round 0 included (>= 2 to revise)"})
@@ -66,6 +68,8 @@ class RegenerateConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     reviser: ReviserConfig = field(default_factory=ReviserConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+
+    RENAMED: ClassVar[dict] = {"out_dir": ("output_dir", None)}  # accepted until the next release
 
 
 def regenerate_case(
@@ -161,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompts", help="input file (overrides `inputs`): .txt, .json {image: prompt} or .jsonl")
     parser.add_argument("--image-root", help="folder the input's image paths are relative to")
-    parser.add_argument("--out", help="output folder (overrides `out_dir`)")
+    add_output_dir_argument(parser, help="output folder (overrides `output_dir`)")
     parser.add_argument("--device", help="cpu / cuda / cuda:1 (overrides `device`)")
 
 
@@ -171,7 +175,7 @@ def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
         for key, value in (
             ("inputs", args.prompts),
             ("image_root", args.image_root),
-            ("out_dir", args.out),
+            ("output_dir", args.output_dir),
             ("device", args.device),
         )
         if value
@@ -188,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, limit=cfg.limit)
     if cfg.max_rounds < 2:
         print(f"legion regenerate: warning: max_rounds={cfg.max_rounds}: no prompt revision will happen")
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.output_dir)
     save_resolved_config(cfg, out_dir)
     # The cheap checks first: a missing key or weight file fails before the big models load.
     reviser = build_reviser(cfg.reviser, cfg.device)

@@ -1,6 +1,6 @@
 """ToyScars: a procedural SynthScars look-alike, small enough for a tiny model to learn on a CPU.
 
-    legion make-toy-data --out data/toyscars --num-train 400 --num-test 100 --seed 0 --size 128
+    legion make-toy-data --output-dir data/toyscars --num-train 400 --num-test 100 --seed 0 --size 128
 
 Each image shows one of the 4 SynthScars content types (human, animal, object, scene) drawn from
 gradients, value-noise textures and shapes, lit by a visible light source (sun or lamp) with
@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from legion.cli_args import add_output_dir_argument
 from legion.data.synthscars import MARKER, PREFIX, rasterize_polygons
 from legion.errors import OptionError
 from legion.utils.io import atomic_write_bytes, atomic_write_text
@@ -763,7 +764,7 @@ def make_toy_data(
 
 # --- CLI -----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (created if missing)")
+    add_output_dir_argument(parser, required=True, help="output directory (created if missing)")
     parser.add_argument("--num-train", type=int, default=400, help="training images (default 400)")
     parser.add_argument("--num-test", type=int, default=100, help="test images (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -787,11 +788,11 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("--num-train and --num-test must be >= 0")
     if args.size < 48:
         raise OptionError(f"--size {args.size} is too small (min 48)")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise OptionError(f"--out {args.out} exists and is not a directory")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise OptionError(f"--output-dir {args.output_dir} exists and is not a directory")
     start = time.perf_counter()
     out = make_toy_data(
-        args.out,
+        args.output_dir,
         args.num_train,
         args.num_test,
         args.seed,

@@ -1,9 +1,9 @@
 """Metrics from saved predictions, and tables shaped like the paper's.
 
-  legion eval localization --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --out runs/x/loc
-  legion eval explanation  --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --out runs/x/exp
-  legion eval detection    --pred detector_scores.jsonl [--gt data/ufd_test] --out runs/x/detection
-  legion eval compare runs/x runs/y --with-paper [--format md|csv|json] [--out table.md]
+  legion eval localization --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --output-dir runs/x/loc
+  legion eval explanation  --pred predictions.jsonl --gt data/SynthScars --dataset synthscars --output-dir runs/x/exp
+  legion eval detection    --pred detector_scores.jsonl [--gt data/ufd_test] --output-dir runs/x/detection
+  legion eval compare runs/x runs/y --with-paper [--format md|csv|json] [--output-dir table.md]
 
 Each evaluation writes DIR/metrics.json (values 0-100, `overall` plus breakdowns, the protocol
 choices), DIR/per_image.jsonl (per-image counts and values on a 0-1 scale),
@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from legion.cli_args import add_output_dir_argument
 from legion.errors import DataError, OptionError, require_path
 from legion.eval.ground_truth import DATASETS, GT_RASTERS
 from legion.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
@@ -108,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "reference JSON list, used when records lack subset / is_fake",
     )
     det.add_argument("--data-base", default=None, help="base folder for image paths of a JSON --gt list")
-    det.add_argument("--out", required=True, help="output directory")
+    add_output_dir_argument(det, required=True, help="output directory")
 
     cmp_ = sub.add_parser(
         "compare",
@@ -132,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(refused by default: their numbers are not comparable); each row then names its raster",
     )
     cmp_.add_argument("--format", default="md", choices=["md", "csv", "json"], help="output format (default md)")
-    cmp_.add_argument("--out", default=None, help="also write the table(s) to this file")
+    add_output_dir_argument(cmp_, metavar="FILE", help="also write the table(s) to this file")
 
 
 def _doc(name: str) -> str:
@@ -182,7 +183,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="LOKI: skip boxes with x2 <= x1 or y2 <= y1 (ArtiAgent) instead of drawing them (reference)",
     )
-    p.add_argument("--out", required=True, help="output directory")
+    add_output_dir_argument(p, required=True, help="output directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,7 +294,7 @@ def _run_localization(args) -> int:
         "perturbation": _perturbations(predictions, args.pred),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics, ensure_ascii=False)
     rows = result.per_image_rows()
@@ -328,7 +329,7 @@ def _run_explanation(args) -> int:
         "gt": str(args.gt),
         "perturbation": _perturbations(predictions, args.pred),
     }
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics, ensure_ascii=False)
     atomic_write_jsonl(out / "per_image.jsonl", result.rows, ensure_ascii=False)
@@ -365,7 +366,7 @@ def _run_detection(args) -> int:
         "gt": args.gt,
         "perturbation": _perturbations(records, args.pred),
     }
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics, ensure_ascii=False)
     atomic_write_jsonl(out / "per_image.jsonl", records, ensure_ascii=False)
@@ -426,6 +427,6 @@ def _run_compare(args) -> int:
         print(text)
     except BrokenPipeError:  # `legion eval compare ... | head`
         sys.stderr.close()
-    if args.out:
-        atomic_write_text(args.out, text)
+    if args.output_dir:
+        atomic_write_text(args.output_dir, text)
     return 0

@@ -15,7 +15,7 @@ Checkpoint directories understood by `load_model` (docs/model.md §13):
   - SAM: an optional `sam_vit_h_4b8939.pth`-style file fills `model.grounding_encoder.*` (the
     checkpoint's own SAM weights take precedence, as in the reference).
 
-`legion make-tiny --out DIR [--seed S]` runs `make_tiny`.
+`legion make-tiny --output-dir DIR [--seed S]` runs `make_tiny`.
 """
 
 from __future__ import annotations
@@ -569,14 +569,16 @@ def _materialize_meta(model: nn.Module) -> None:
 
 # --- CLI: legion make-tiny -------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="directory to write (created; existing files are overwritten)")
+    from legion.cli_args import add_output_dir_argument
+
+    add_output_dir_argument(parser, required=True, help="directory to write (created; existing files are overwritten)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise OptionError(f"--out {out} exists and is not a directory")
+        raise OptionError(f"--output-dir {out} exists and is not a directory")
     path = make_tiny(out, seed=args.seed)
     n_params = sum(t.numel() for t in _read_state_dict_file(path / WEIGHTS_NAME).values())
     print(f"wrote tiny LEGION checkpoint to {path} ({n_params:,} saved parameters + CLIP in {VISION_TOWER_DIRNAME}/)")

@@ -18,8 +18,8 @@ checkpoint is a directory holding the head and a *reference* to the backbone, ne
                              label mapping, preprocessing
 
     det = build_detector("checkpoints/legion_7b")            # fresh head (HF default init)
-    det.save("runs/cls")                                     # head + reference
-    det = load_detector("runs/cls", device="cuda")
+    det.save("runs/detector")                                # head + reference
+    det = load_detector("runs/detector", device="cuda")
     p_fake = det.fake_probability(pixel_values)              # [B]
 """
 

@@ -53,7 +53,7 @@ from legion.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 
 @dataclass
-class ClsDataConfig:
+class DetectorDataConfig:
     train: str = field(default="", metadata={"help": "training folder (<subset>/[<class>/]0_real|1_fake) or JSON list"})
     train_data_base: str | None = field(default=None, metadata={"help": "root of the JSON list's relative paths"})
     val: str | None = field(default=None, metadata={"help": "validation folder / JSON list; empty: split from train"})
@@ -64,7 +64,7 @@ class ClsDataConfig:
 
 
 @dataclass
-class ClsModelConfig:
+class DetectorModelConfig:
     backbone: str = field(default="", metadata={"help": "merged LEGION checkpoint dir or a CLIP dir"})
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP dir overriding config.mm_vision_tower"})
     dtype: str = field(
@@ -80,7 +80,7 @@ class ClsModelConfig:
 
 
 @dataclass
-class ClsOptimConfig:
+class DetectorOptimConfig:
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
@@ -89,8 +89,8 @@ class ClsOptimConfig:
 
 
 @dataclass
-class TrainClsConfig:
-    output_dir: str = "runs/cls"
+class DetectorTrainConfig:
+    output_dir: str = "runs/detector"
     epochs: int = 3
     batch_size: int = field(
         default=64, metadata={"help": "head-training batch (global: one process). The reference: 64 per GPU"}
@@ -104,9 +104,9 @@ class TrainClsConfig:
     )
     log_every: int = 20
     skip_unreadable: bool = field(default=True, metadata={"help": "skip (and count) images that fail to decode"})
-    data: ClsDataConfig = field(default_factory=ClsDataConfig)
-    model: ClsModelConfig = field(default_factory=ClsModelConfig)
-    optim: ClsOptimConfig = field(default_factory=ClsOptimConfig)
+    data: DetectorDataConfig = field(default_factory=DetectorDataConfig)
+    model: DetectorModelConfig = field(default_factory=DetectorModelConfig)
+    optim: DetectorOptimConfig = field(default_factory=DetectorOptimConfig)
 
 
 # --- feature cache --------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def train_head(
     detector,
     train_x: torch.Tensor,
     train_y: torch.Tensor,
-    cfg: TrainClsConfig,
+    cfg: DetectorTrainConfig,
     val_x: torch.Tensor | None = None,
     val_y: torch.Tensor | None = None,
     logger=None,
@@ -435,7 +435,7 @@ def train_head(
 # --- recipe -----------------------------------------------------------------------------------
 
 
-def _load_items(cfg: TrainClsConfig) -> tuple[list[DetectionItem], list[DetectionItem]]:
+def _load_items(cfg: DetectorTrainConfig) -> tuple[list[DetectionItem], list[DetectionItem]]:
     d = cfg.data
     if not d.train:
         raise ConfigError("data.train is required (a detection folder or a JSON list)")
@@ -449,7 +449,7 @@ def _load_items(cfg: TrainClsConfig) -> tuple[list[DetectionItem], list[Detectio
     return train, val
 
 
-def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
+def train_detector(cfg: DetectorTrainConfig, progress: bool = True) -> dict:
     """Run the whole recipe; returns the summary also written to `metrics.json`."""
     from legion.model.detector import build_detector
     from legion.train.logging import TrainLogger
@@ -546,7 +546,7 @@ def train_cls(cfg: TrainClsConfig, progress: bool = True) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(
         parser,
-        TrainClsConfig,
+        DetectorTrainConfig,
         "YAML config (e.g. configs/legion_7b/train_cls.yaml)",
         "data.train=data/cnndetection/progan_train epochs=1",
     )
@@ -554,16 +554,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(TrainClsConfig, args.config, args.overrides)
+    cfg = load_config(DetectorTrainConfig, args.config, args.overrides)
     for key, value in (
         ("data.train", cfg.data.train),
         ("data.val", cfg.data.val),
         ("model.backbone", cfg.model.backbone),
         ("model.vision_tower", cfg.model.vision_tower),
     ):
-        if value:  # an empty required key is reported by train_cls
+        if value:  # an empty required key is reported by train_detector
             require_path(value, key)
-    summary = train_cls(cfg, progress=not args.no_progress)
+    summary = train_detector(cfg, progress=not args.no_progress)
     best = summary["best_val_accuracy"]
     print(
         f"best epoch {summary['best_epoch']}"

@@ -1,6 +1,6 @@
 """Evaluate the real/fake detector (`legion cls-eval`; docs/metrics.md §6).
 
-    legion cls-eval --config configs/legion_7b/eval_cls.yaml detector=runs/cls data.test=data/ufd/test
+    legion cls-eval --config configs/legion_7b/eval_cls.yaml detector_path=runs/detector data.test=data/ufd/test
 
 Runs the detector over a UniversalFakeDetect / CNNDetection test folder (or a reference JSON
 list), writes one prediction per image, and computes the metrics from those predictions with
@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -32,7 +33,7 @@ from legion.utils.io import atomic_write_json, atomic_write_jsonl
 
 
 @dataclass
-class ClsEvalDataConfig:
+class DetectorEvalDataConfig:
     test: str = field(default="", metadata={"help": "test folder (<subset>/[<class>/]0_real|1_fake) or JSON list"})
     data_base: str | None = field(default=None, metadata={"help": "root of the JSON list's relative paths"})
     subsets: list[str] | None = field(default=None, metadata={"help": "evaluate only these subsets"})
@@ -40,10 +41,12 @@ class ClsEvalDataConfig:
 
 
 @dataclass
-class EvalClsConfig:
-    detector: str = field(default="", metadata={"help": "detector checkpoint dir (written by cls-train)"})
-    backbone: str | None = field(default=None, metadata={"help": "LEGION or CLIP dir overriding the recorded one"})
-    output_dir: str = "runs/cls_eval"
+class DetectorEvalConfig:
+    detector_path: str = field(default="", metadata={"help": "detector checkpoint dir (written by cls-train)"})
+    detector_backbone: str | None = field(
+        default=None, metadata={"help": "LEGION or CLIP dir overriding the one recorded in detector.json"}
+    )
+    output_dir: str = "runs/detector_eval"
     batch_size: int = 64
     num_workers: int = 4
     device: str = "auto"
@@ -55,12 +58,15 @@ class EvalClsConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of the noise perturbation"})
     feature_cache_dir: str | None = field(default=None, metadata={"help": "reuse CLS features across runs"})
-    data: ClsEvalDataConfig = field(default_factory=ClsEvalDataConfig)
+    data: DetectorEvalDataConfig = field(default_factory=DetectorEvalDataConfig)
+
+    # named as in `legion infer`; the old names are accepted until the next release (legion.config)
+    RENAMED: ClassVar[dict] = {"detector": ("detector_path", None), "backbone": ("detector_backbone", None)}
 
 
-def predict(detector, items, cfg: EvalClsConfig, progress: bool = True) -> list[dict]:
+def predict(detector, items, cfg: DetectorEvalConfig, progress: bool = True) -> list[dict]:
     """One prediction record per item (unreadable images get fake_prob None and an error)."""
-    from legion.train.cls import FeatureCache, extract_features
+    from legion.train.detector import FeatureCache, extract_features
 
     transform, signature = None, ""
     if cfg.perturbation:
@@ -147,7 +153,7 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_perturbation_description(cfg: EvalClsConfig) -> dict | None:
+def parse_perturbation_description(cfg: DetectorEvalConfig) -> dict | None:
     if not cfg.perturbation:
         return None
     from legion.data.perturb import parse_perturbation
@@ -155,21 +161,23 @@ def parse_perturbation_description(cfg: EvalClsConfig) -> dict | None:
     return parse_perturbation(cfg.perturbation, seed=cfg.seed).describe()
 
 
-def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
+def evaluate_detector(cfg: DetectorEvalConfig, progress: bool = True) -> dict:
     """Run the detector, write predictions.jsonl and metrics.json; return the metrics."""
     from legion.eval.detection import detection_metrics
     from legion.model.detector import load_detector
     from legion.utils.devices import resolve_device, resolve_dtype
 
-    if not cfg.detector:
-        raise ConfigError("detector is required (a checkpoint dir written by `legion cls-train`)")
+    if not cfg.detector_path:
+        raise ConfigError("detector_path is required (a checkpoint dir written by `legion cls-train`)")
     if not cfg.data.test:
         raise ConfigError("data.test is required (a detection folder or a JSON list)")
     out = Path(cfg.output_dir)
     save_resolved_config(cfg, out)
     device = resolve_device(cfg.device)
     items = list_detection_images(cfg.data.test, cfg.data.data_base, cfg.data.subsets, cfg.data.allow_absolute_paths)
-    detector = load_detector(cfg.detector, device=device, dtype=resolve_dtype(cfg.dtype, device), backbone=cfg.backbone)
+    detector = load_detector(
+        cfg.detector_path, device=device, dtype=resolve_dtype(cfg.dtype, device), backbone=cfg.detector_backbone
+    )
     t0 = time.time()
     records = predict(detector, items, cfg, progress=progress)
     seconds = time.time() - t0
@@ -194,19 +202,23 @@ def evaluate_cls(cfg: EvalClsConfig, progress: bool = True) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(
         parser,
-        EvalClsConfig,
+        DetectorEvalConfig,
         "YAML config (e.g. configs/legion_7b/eval_cls.yaml)",
-        "detector=runs/cls data.test=data/ufd/test",
+        "detector_path=runs/detector data.test=data/ufd/test",
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(EvalClsConfig, args.config, args.overrides)
-    for key, value in (("detector", cfg.detector), ("data.test", cfg.data.test), ("backbone", cfg.backbone)):
-        if value:  # an empty required key is reported by evaluate_cls
+    cfg = load_config(DetectorEvalConfig, args.config, args.overrides)
+    for key, value in (
+        ("detector_path", cfg.detector_path),
+        ("data.test", cfg.data.test),
+        ("detector_backbone", cfg.detector_backbone),
+    ):
+        if value:  # an empty required key is reported by evaluate_detector
             require_path(value, key)
-    summary = evaluate_cls(cfg, progress=not args.no_progress)
+    summary = evaluate_detector(cfg, progress=not args.no_progress)
     print(format_table(summary["metrics"]))
     if summary["n_unreadable"]:
         print(f"warning: {summary['n_unreadable']} unreadable images left out (see predictions.jsonl)")
