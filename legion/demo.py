@@ -32,6 +32,7 @@ import numpy as np
 from legion.cli_args import add_output_dir_argument
 from legion.errors import LegionError, OptionError
 from legion.utils.io import atomic_write_text
+from legion.utils.run_info import recorded
 
 REPO = Path(__file__).resolve().parents[1]
 GALLERY_FAKE, GALLERY_REAL = 12, 4
@@ -98,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@recorded("demo", lambda args: args.output_dir, eager=False)  # --fresh empties the folder first
 def run(args: argparse.Namespace) -> int:
     if args.num_train < 1 or args.num_test < 1:
         raise OptionError("--num-train and --num-test must be >= 1")

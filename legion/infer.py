@@ -37,6 +37,7 @@ from legion.errors import UsageError, require_path
 from legion.record import PredictionRecord
 from legion.utils.devices import resolve_device, resolve_dtype
 from legion.utils.io import append_jsonl, atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl
+from legion.utils.run_info import RunRecord
 
 PREDICTIONS = "predictions.jsonl"
 RESOLVED_CONFIG = "infer_config.yaml"
@@ -531,6 +532,20 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 
 def run_inference(
+    cfg: InferConfig, analyzer: Analyzer | None = None, rank: int | None = None, world_size: int | None = None
+) -> dict:
+    """Analyze every image of `cfg` and write the outputs (and `output_dir/run_info.json`). Returns a summary
+    dict; see `_run_inference`."""
+    if not cfg.output_dir:
+        raise InferError("give output_dir=FOLDER")
+    writer = (rank if rank is not None else _dist_info()[0]) == 0
+    with RunRecord(cfg.output_dir, "infer", write=writer) as record:
+        summary = _run_inference(cfg, analyzer, rank, world_size)
+        record.update(summary=summary)
+    return summary
+
+
+def _run_inference(
     cfg: InferConfig, analyzer: Analyzer | None = None, rank: int | None = None, world_size: int | None = None
 ) -> dict:
     """Analyze every image of `cfg` and write the outputs. Returns a summary dict.

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from legion.errors import LegionError, require_path
 from legion.model.export import DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, save_safetensors
 from legion.utils.io import atomic_write_text
+from legion.utils.run_info import recorded
 
 # Keys never carried into a merged model: CLIP is loaded from its own folder (docs/model.md §13.2),
 # and old checkpoints carry RoPE buffers that current transformers recompute.
@@ -168,6 +169,16 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _step1_record_dir(ckpt_dir, out, *args, **kwargs) -> str:
+    return str(Path(out).parent if Path(out).suffix == ".safetensors" else out)
+
+
+def _step1_record_name(ckpt_dir, out, *args, **kwargs) -> str:
+    # next to weights.safetensors as weights.run_info.json: the training run's own run_info.json is left alone
+    return f"{Path(out).stem}.run_info.json" if Path(out).suffix == ".safetensors" else "run_info.json"
+
+
+@recorded("merge step1", _step1_record_dir, file_name=_step1_record_name)
 def step1(
     ckpt_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -274,6 +285,7 @@ def merge_lora_state_dict(
     return plain, report
 
 
+@recorded("merge step2", lambda base_dir, weights, out_dir, *args, **kwargs: out_dir)
 def step2(
     base_dir: str | os.PathLike,
     weights: str | os.PathLike,

@@ -137,6 +137,7 @@ def test_detector_train_and_eval_recipes(setup, tmp_path):
         "head.safetensors",
         "log.jsonl",
         "metrics.json",
+        "run_info.json",
     ]
     assert summary["best_val_accuracy"] >= 0.85 and summary["n_train"] + summary["n_val"] == 80
     events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]

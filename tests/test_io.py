@@ -263,5 +263,11 @@ def test_eval_localization_failing_metrics_write_keeps_the_previous_metrics(tmp_
         monkeypatch.setattr(lio.os, "fsync", fsync)
         with pytest.raises(RuntimeError, match="injected failure"):  # not a LegionError: not swallowed
             main([*args, "--both-empty", "zero"])
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # metrics.json untouched, nothing new
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    record, previous = json.loads(after.pop("run_info.json")), json.loads(before.pop("run_info.json"))
+    if failure == "disk full at the rename":  # the run's own record says it failed, and why
+        assert record["status"] == "failed" and "No space left" in record["error"]
+    else:  # no write can succeed: the record is the previous run's, intact
+        assert record == previous
+    assert after == before  # metrics.json untouched, nothing new
     assert _leftovers(tmp_path) == []

@@ -37,3 +37,36 @@ def test_a_script_run_from_elsewhere_resolves_paths_from_there(tmp_path):
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == "legion merge step1: error: ckpt has no 'latest' file; pass --tag (found: nothing)\n"
+
+
+def test_download_script_dry_run_names_the_documented_layout(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1"}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts/download_weights.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    commands = proc.stdout.splitlines()
+    expected = [
+        ("MBZUAI/GLaMM-GranD-Pretrained", "checkpoints/GLaMM-GranD-Pretrained"),
+        ("openai/clip-vit-large-patch14-336", "checkpoints/clip-vit-large-patch14-336"),
+        ("khr0516/legion_LE", "checkpoints/legion_LE"),
+        ("khr0516/SynthScars", "data/SynthScars"),
+    ]
+    for (repo_id, folder), line in zip(expected, commands):
+        assert f"download {repo_id} " in line and line.endswith(f"--local-dir {REPO / folder}")
+    assert "--repo-type dataset" in commands[3]
+    readme = (REPO / "README.md").read_text()
+    assert all(folder in readme for _, folder in expected)  # the README's cluster section names the same places
+    bad = subprocess.run(
+        ["bash", str(REPO / "scripts/download_weights.sh"), "weights"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "unknown item" in bad.stderr

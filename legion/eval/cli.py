@@ -187,12 +187,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {
+    handler = {
         "localization": _run_localization,
         "explanation": _run_explanation,
         "detection": _run_detection,
         "compare": _run_compare,
-    }[args.eval_command](args)
+    }[args.eval_command]
+    if args.eval_command == "compare":  # prints a table; its --output-dir is one file
+        return handler(args)
+    from legion.utils.run_info import RunRecord
+
+    with RunRecord(args.output_dir, f"eval {args.eval_command}", eager=False):
+        return handler(args)
 
 
 def _load_inputs(args):

@@ -30,6 +30,7 @@ from legion.config import ConfigError, add_config_arguments, load_config, save_r
 from legion.data.detection import list_detection_images, summarize
 from legion.errors import DataError, require_path
 from legion.utils.io import atomic_write_json, atomic_write_jsonl
+from legion.utils.run_info import recorded
 
 
 @dataclass
@@ -161,6 +162,7 @@ def parse_perturbation_description(cfg: DetectorEvalConfig) -> dict | None:
     return parse_perturbation(cfg.perturbation, seed=cfg.seed).describe()
 
 
+@recorded("cls-eval", lambda cfg, *args, **kwargs: cfg.output_dir)
 def evaluate_detector(cfg: DetectorEvalConfig, progress: bool = True) -> dict:
     """Run the detector, write predictions.jsonl and metrics.json; return the metrics."""
     from legion.eval.detection import detection_metrics

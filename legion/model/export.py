@@ -333,9 +333,10 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) 
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="model directory, checkpoints/<name>, or a Hub id (org/name)")
-    parser.add_argument(
-        "--output-dir",
-        default=None,
+    from legion.cli_args import add_output_dir_argument
+
+    add_output_dir_argument(
+        parser,
         help="where to write the exported model (default: a temporary folder, when only pushing)",
     )
     parser.add_argument(

@@ -48,6 +48,7 @@ from legion.data.detection import DetectionItem, is_fake_to_reference_index, lis
 from legion.errors import DataError, require_path
 from legion.utils.devices import resolve_device, resolve_dtype
 from legion.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from legion.utils.run_info import recorded
 
 # --- config ------------------------------------------------------------------------------------
 
@@ -449,6 +450,7 @@ def _load_items(cfg: DetectorTrainConfig) -> tuple[list[DetectionItem], list[Det
     return train, val
 
 
+@recorded("cls-train", lambda cfg, *args, **kwargs: cfg.output_dir)
 def train_detector(cfg: DetectorTrainConfig, progress: bool = True) -> dict:
     """Run the whole recipe; returns the summary also written to `metrics.json`."""
     from legion.model.detector import build_detector

@@ -39,6 +39,7 @@ import torch
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
 from legion.errors import require_path
 from legion.utils.io import atomic_write_text
+from legion.utils.run_info import RunRecord
 
 if TYPE_CHECKING:
     from legion.train.checkpointing import CheckpointManager
@@ -566,13 +567,19 @@ class EpochBatches:
 
 def train(cfg: TrainConfig) -> dict:
     """The loc/exp recipe: build (distributed setup, seeds, batch plan, model, data, optimizer, DeepSpeed
-    engine, checkpoints + resume, encoder cache, logger, loaders), `fit`, export. Returns the summary."""
+    engine, checkpoints + resume, encoder cache, logger, loaders), `fit`, export. Returns the summary.
+    `output_dir/run_info.json` records the run (code version, packages, machine, batch plan, summary)."""
+    rank, world_size, device = setup_distributed()
+    with RunRecord(cfg.output_dir, "train", write=rank == 0) as record:
+        return _train(cfg, rank, world_size, device, record)
+
+
+def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, record: RunRecord) -> dict:
     import deepspeed
 
     from legion.data.synthscars import EpochSampler
     from legion.train.checkpointing import CheckpointManager
 
-    rank, world_size, device = setup_distributed()
     seed_everything(cfg.seed + rank)  # LoRA dropout differs per rank, reproducibly
     out_dir = Path(cfg.output_dir)
     plan = plan_batches(cfg.schedule.global_batch_size, world_size, cfg.schedule.micro_batch_size)
@@ -584,8 +591,9 @@ def train(cfg: TrainConfig) -> dict:
     ds_config = build_deepspeed_config(cfg, plan, steps.lr_schedule, optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     run_info = describe_run(model, lora_targets, plan, steps, device, train_set, val_set, preprocessing)
+    record.update(training=run_info)
     if rank == 0:
-        write_run_files(cfg, out_dir, ds_config, run_info)
+        write_run_files(cfg, out_dir, ds_config)
 
     ckpt = CheckpointManager(
         out_dir / "checkpoints",
@@ -628,6 +636,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.distributed.barrier()
     log.event("end", at.step, summary)
     log.close()
+    record.update(summary=summary)
     return summary
 
 
@@ -726,11 +735,10 @@ def describe_run(
     }
 
 
-def write_run_files(cfg: TrainConfig, out_dir: Path, ds_config: dict, run_info: dict) -> None:
-    """config.yaml (resolved), ds_config.json, run_info.json; rank 0 only."""
+def write_run_files(cfg: TrainConfig, out_dir: Path, ds_config: dict) -> None:
+    """config.yaml (resolved) and ds_config.json; rank 0 only (run_info.json is the RunRecord's)."""
     save_resolved_config(cfg, out_dir)
     atomic_write_text(out_dir / "ds_config.json", json.dumps(ds_config, indent=2))
-    atomic_write_text(out_dir / "run_info.json", json.dumps(run_info, indent=2))
 
 
 def resume(cfg: TrainConfig, ckpt: CheckpointManager, engine, plan: BatchPlan) -> TrainingPosition:
