@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("legion.model.export", "re-write a model directory the Hugging Face way (bf16, shards, card); push"),
     "infer": ("legion.infer", "explain and segment artifacts in a folder of images"),
     "eval": ("legion.eval.cli", "localization / explanation / detection metrics from saved predictions"),
+    "app": ("legion.app", "a web page: upload an image, see the verdict, explanation and masks"),
+    "report": ("legion.report", "an HTML report of any runs: training curves, metric tables, prediction gallery"),
     "cls-train": ("legion.train.detector", "train the real/fake detector head"),
     "cls-eval": ("legion.eval.detector_run", "evaluate the real/fake detector on UniversalFakeDetect"),
     "regenerate": ("legion.controller.regenerate", "LEGION-guided prompt revision + regeneration"),

@@ -12,7 +12,8 @@ next run unless its inputs changed or --fresh is given):
   5. cls-train         the real/fake detector head on the merged model's CLIP
   6. infer             gated inference on the test images (+ a few real images for the gallery)
   7. eval              localization, explanation and detection metrics from the saved predictions
-  8. report            demo_out/report.html + report.md (tables, loss curve, gallery)
+  8. report            demo_out/report.html + report.md (tables, loss curve, gallery), then the
+                       `legion app` command that opens a web page on the trained model
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from legion.cli_args import add_output_dir_argument
 from legion.errors import LegionError, OptionError
@@ -277,7 +276,23 @@ def run(args: argparse.Namespace) -> int:
         f"demo finished in {elapsed / 60:.1f} min "
         f"({', '.join(f'{n} {s:.0f}s' + (' (reused)' if r else '') for n, s, r in st.timings)})"
     )
+    print(f"\nLook at your own images with the trained model in a web page:\n  {app_command(out)}")
     return 0
+
+
+def app_command(out: Path) -> str:
+    """The `legion app` command line for the model and detector this demo trained, with ToyScars examples."""
+    import shlex
+
+    def short(path: Path) -> str:
+        relative = os.path.relpath(path)
+        return shlex.quote(relative if not relative.startswith("..") else str(path))
+
+    examples = [out / "data" / "test" / "images", out / "data" / "detection" / "test" / "toyscars" / "0_real"]
+    return (
+        f".venv/bin/legion app --model {short(out / 'model')} --detector {short(out / 'detector')} "
+        f"--examples {' '.join(short(e) for e in examples)}"
+    )
 
 
 def _file_hash(path: Path) -> str:
@@ -290,77 +305,21 @@ def _read_json(path: Path) -> dict:
 
 
 def write_demo_report(out: Path) -> tuple[Path, Path]:
-    """Build report.html / report.md from the demo's saved outputs (never from a live model)."""
-    from legion.data.images import read_image
-    from legion.data.synthscars import find_annotation_file, load_annotations, rasterize_polygons
-    from legion.eval.ground_truth import read_predictions
-    from legion.gallery import GalleryItem, Table, write_report
-    from legion.utils.rle import rle_to_mask
+    """report.html / report.md from the demo's saved outputs, with `legion report`'s code (never a live model)."""
+    from legion.report import build_report
 
-    ev = out / "eval"
-    loc = _read_json(ev / "localization" / "metrics.json").get("overall", {})
-    exp = _read_json(ev / "explanation" / "metrics.json").get("overall", {})
-    det = _read_json(ev / "detection" / "metrics.json").get("metrics", {})
-    tables = [
-        Table(
-            "Localization (ToyScars test, gated inference)",
-            [
-                {
-                    "run": "tiny demo",
-                    **{
-                        k: loc.get(k)
-                        for k in ("miou", "f1", "fg_iou", "fg_f1", "giou", "ciou", "num_images", "num_missing")
-                    },
-                }
-            ],
-            "mIoU/F1: the paper's protocol (mean of background and foreground IoU; F1 = 1 when both empty). "
-            "Images the detector judged real count as empty predictions.",
-        ),
-        Table(
-            "Explanation",
-            [{"run": "tiny demo", **{k: v for k, v in exp.items() if not isinstance(v, dict)}}],
-            "ROUGE-L F (stemming) and CSS (cosine of sentence embeddings), 0-100.",
-        ),
-        Table(
-            "Real/fake detection (ToyScars detection test split)",
-            [
-                {
-                    "subset": name,
-                    **{
-                        k: v
-                        for k, v in row.items()
-                        if k in ("accuracy", "ap", "real_accuracy", "fake_accuracy", "num_images")
-                    },
-                }
-                for name, row in det.get("per_subset", {}).items()
-            ],
-            "Accuracy with P(fake) >= 0.5; AP with fake as the positive class.",
-        ),
-    ]
-
-    data = out / "data"
-    records, _ = load_annotations(find_annotation_file(data, "test"))
-    gt_by_name = {r.img_file_name: r for r in records}
-    gallery = []
-    fake_preds, real_preds = out / "predictions" / "predictions.jsonl", out / "predictions_real" / "predictions.jsonl"
-    for rec in (read_predictions(fake_preds) if fake_preds.is_file() else [])[:GALLERY_FAKE]:
-        image = read_image(data / "test" / "images" / rec.image)
-        h, w = image.shape[:2]
-        masks = [rle_to_mask(m) for m in rec.masks]
-        gt = gt_by_name.get(Path(rec.image).name)
-        gt_mask = None
-        if gt is not None:
-            gt_mask = np.zeros((h, w), np.uint8)
-            for ref in gt.refs:
-                gt_mask |= rasterize_polygons(ref.polygons, h, w)
-        gallery.append(GalleryItem(image, rec, masks, gt_mask, f"fake: {rec.image}"))
-    for rec in (read_predictions(real_preds) if real_preds.is_file() else [])[:GALLERY_REAL]:
-        image = read_image(data / "detection" / "test" / "toyscars" / "0_real" / rec.image)
-        masks = [rle_to_mask(m) for m in rec.masks]
-        gallery.append(GalleryItem(image, rec, masks, None, f"real: {rec.image}"))
     intro = (
         "LEGION's whole pipeline on ToyScars (procedural images with planted artifacts) with a tiny, "
         "randomly initialised model trained on the CPU: DeepSpeed + LoRA training, merge, detector, gated "
-        "inference, evaluation. The numbers show the pipeline works end to end; they are not the paper's."
+        "inference, evaluation. The numbers show the pipeline works end to end; they are not the paper's. "
+        "Fake images the detector judged real count as empty predictions."
     )
-    return write_report(out, "LEGION demo report", tables, gallery, loss_log=out / "train" / "log.jsonl", intro=intro)
+    runs = [out / "train", out / "predictions", out / "predictions_real", out / "eval"]
+    return build_report(
+        [r for r in runs if r.is_dir()],
+        out,
+        gt=out / "data",
+        gallery_size=GALLERY_FAKE,
+        title="LEGION demo report",
+        intro=intro,
+    )

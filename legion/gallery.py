@@ -139,30 +139,32 @@ def _table_html(table: Table) -> str:
     return f"<h3>{html.escape(table.title)}</h3><table><tr>{head}</tr>{body}</table>{note}"
 
 
-def plot_loss_curve(
-    log_jsonl: str | os.PathLike,
+def plot_curves(
+    rows: Sequence[dict],
+    keys: Iterable[str],
     out_png: str | os.PathLike,
-    keys: Iterable[str] = ("loss", "ce_loss", "bce_loss", "dice_loss"),
+    ylabel: str = "loss",
+    log_scale: bool = True,
 ) -> Path | None:
-    """Plot training losses from a JSONL log (one object per logged step with a `step` field)."""
+    """One line per key over `step` from log records (dicts with a `step` field); None when no key has values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_jsonl(log_jsonl, skip_invalid=True)  # a run killed mid-write leaves a torn line
-    keys = [k for k in keys if any(k in r for r in rows)]
-    rows = [r for r in rows if "step" in r and any(k in r for k in keys)]
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    rows = [r for r in rows if "step" in r and any(r.get(k) is not None for k in keys)]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
     for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None]
+        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
         if pts:
-            ax.plot(*zip(*pts), label=k, linewidth=1.4)
+            ax.plot(*zip(*pts), label=k, linewidth=1.4, marker="o" if len(pts) < 30 else None, markersize=3)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    if log_scale:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     fig.tight_layout()
@@ -171,6 +173,16 @@ def plot_loss_curve(
         fig.savefig(tmp)
     plt.close(fig)
     return out_png
+
+
+def plot_loss_curve(
+    log_jsonl: str | os.PathLike,
+    out_png: str | os.PathLike,
+    keys: Iterable[str] = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss"),
+) -> Path | None:
+    """Training losses of a log.jsonl (its "train" events; a run killed mid-write leaves a torn line)."""
+    rows = [r for r in read_jsonl(log_jsonl, skip_invalid=True) if r.get("event", "train") == "train"]
+    return plot_curves(rows, keys, out_png)
 
 
 _CSS = """
@@ -198,14 +210,15 @@ def write_report(
     title: str,
     tables: Sequence[Table],
     gallery: Sequence[GalleryItem],
-    loss_log: str | os.PathLike | None = None,
+    figures: Sequence[tuple[str, str | os.PathLike]] = (),
     intro: str = "",
 ) -> tuple[Path, Path]:
-    """Write `out_dir/report.html` and `out_dir/report.md`; returns both paths."""
+    """Write `out_dir/report.html` and `out_dir/report.md`; returns both paths. `figures`: (heading, PNG)
+    pairs, the PNGs inside `out_dir/report_assets/` (e.g. from `plot_curves`)."""
     out = Path(out_dir)
     assets = out / "report_assets"
     assets.mkdir(parents=True, exist_ok=True)
-    curve = plot_loss_curve(loss_log, assets / "loss_curve.png") if loss_log and Path(loss_log).is_file() else None
+    figures = [(heading, Path(png).relative_to(out).as_posix()) for heading, png in figures]
 
     cards_html, cards_md = [], []
     for n, item in enumerate(gallery):
@@ -231,14 +244,14 @@ def write_report(
         )
         card_title = html.escape(item.title or rec.image or "")
         labels = ["input", "prediction", "ground truth"]
-        figures = "".join(
+        pictures = "".join(
             f'<img src="{src}" alt="{labels[i]} {html.escape(item.title)}" title="{labels[i]}">'
             for i, src in enumerate(imgs)
         )
         cards_html.append(
             f'<div class="card"><div><b>{card_title}</b> '
             f'<span class="verdict {html.escape(verdict)}">{html.escape(verdict)}</span>{html.escape(prob_txt)}</div>'
-            f'<div>{figures}</div><p class="expl">{body}</p></div>'
+            f'<div>{pictures}</div><p class="expl">{body}</p></div>'
         )
         cards_md.append(
             f"- **{item.title or rec.image or ''}** — {verdict}{prob_txt}: "
@@ -246,8 +259,9 @@ def write_report(
         )
 
     tables_html = "".join(_table_html(t) for t in tables)
-    curve_html = (
-        '<h2>Training loss</h2><img src="report_assets/loss_curve.png" alt="training loss curve">' if curve else ""
+    curve_html = "".join(
+        f'<h2>{html.escape(heading)}</h2><img src="{html.escape(src)}" alt="{html.escape(heading)}">'
+        for heading, src in figures
     )
     page = (
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -260,8 +274,8 @@ def write_report(
     html_path, md_path = out / "report.html", out / "report.md"
     atomic_write_text(html_path, page)
     md = [f"# {title}", "", intro, "", "## Metrics", ""] + [_table_md(t) for t in tables]
-    if curve:
-        md += ["## Training loss", "", "![loss](report_assets/loss_curve.png)", ""]
+    for heading, src in figures:
+        md += [f"## {heading}", "", f"![{heading}]({src})", ""]
     md += ["## Gallery", ""] + cards_md
     atomic_write_text(md_path, "\n".join(md) + "\n")
     return html_path, md_path

@@ -538,6 +538,8 @@ def run_inference(
     dict; see `_run_inference`."""
     if not cfg.output_dir:
         raise InferError("give output_dir=FOLDER")
+    if analyzer is None:
+        check_analyzer_config(cfg)  # a typo fails before run_info.json (and the output folder) is written
     writer = (rank if rank is not None else _dist_info()[0]) == 0
     with RunRecord(cfg.output_dir, "infer", write=writer) as record:
         summary = _run_inference(cfg, analyzer, rank, world_size)

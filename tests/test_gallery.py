@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from legion.gallery import GalleryItem, Table, colour, highlight_phrases, overlay_masks, write_report
+from legion.gallery import GalleryItem, Table, colour, highlight_phrases, overlay_masks, plot_loss_curve, write_report
 from legion.record import PredictionRecord
 from tests.browser import open_page
 
@@ -47,8 +47,9 @@ def test_report_renders_in_browser(tmp_path):
     log.write_text(
         "\n".join(json.dumps({"step": s, "loss": 2.0 / (s + 1), "ce_loss": 1.0 / (s + 1)}) for s in range(10))
     )
+    curve = plot_loss_curve(log, tmp_path / "report_assets" / "loss_curve.png")
     html_path, md_path = write_report(
-        tmp_path, "Test report", [Table("m", [{"run": "x", "miou": 50.0}])], items, loss_log=log
+        tmp_path, "Test report", [Table("m", [{"run": "x", "miou": 50.0}])], items, figures=[("Training loss", curve)]
     )
     assert "| run | miou |" in md_path.read_text()
     result = open_page(html_path)

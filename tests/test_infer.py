@@ -255,8 +255,10 @@ def test_detector_gate(tiny_model, tiny_model_dir, tmp_path):
 def test_cli_errors_and_config(tmp_path, capsys):
     from legion.cli import main
 
-    assert main(["infer", "--config", str(REPO / "configs/tiny/infer.yaml"), "image_dir=x", "output_dir=y"]) == 2
+    out = tmp_path / "y"
+    assert main(["infer", "--config", str(REPO / "configs/tiny/infer.yaml"), "image_dir=x", f"output_dir={out}"]) == 2
     assert "model_path" in capsys.readouterr().err
+    assert not out.exists()  # a usage error writes nothing
     assert main(["infer", "batch_sise=3"]) == 2
     assert "did you mean 'batch_size'" in capsys.readouterr().err
     assert (

@@ -265,19 +265,21 @@ def resolve_model_source(name_or_path: str | os.PathLike, what: str = "model") -
     Hugging Face Hub id (`org/name`) downloaded into the HF cache when the usual environment allows it
     (`HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE` unset). Offline, or for an unknown name, a clear error."""
     text = str(name_or_path)
-    for candidate in (Path(text), Path("checkpoints") / text):
+    candidates = [Path(text)] if Path(text).is_absolute() else [Path(text), Path("checkpoints") / text]
+    for candidate in candidates:
         if candidate.is_dir():
             return candidate
+    tried = "" if len(candidates) == 1 else f" (also tried checkpoints/{text})"
     if not HUB_ID.match(text):
         raise InputNotFoundError(
-            f"{what} {text!r}: no such folder (also tried checkpoints/{text}); a Hugging Face Hub id looks like "
-            "org/name (e.g. khr0516/legion_LE)"
+            f"{what} {text!r}: no such folder{tried}; a Hugging Face Hub id looks like org/name "
+            "(e.g. khr0516/legion_LE)"
         )
     if _offline():
         raise InputNotFoundError(
-            f"{what} {text!r} is not a local folder and the Hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set): "
-            f"download it first, e.g. `hf download {text} --local-dir checkpoints/{text.split('/')[-1]}` "
-            "(scripts/download_weights.sh), then pass that folder"
+            f"{what} {text!r}: no such folder{tried}; as a Hub id it needs the network, "
+            "but HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set: download it first, e.g. "
+            f"`hf download {text} --local-dir checkpoints/{text.split('/')[-1]}` (scripts/download_weights.sh)"
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
