@@ -165,6 +165,13 @@ def _rename_overrides(overrides: Sequence[str], renames: dict[str, tuple[str, di
     return out
 
 
+def load_config_with_flags(schema: type[T], args, flags: dict[str, Any]) -> T:
+    """`load_config` from `args.config` and `args.overrides`, then the command's own flags
+    ({config key: value}; unset ones skipped), which win over both."""
+    extra = [f"{key}={value}" for key, value in flags.items() if value]
+    return load_config(schema, args.config, list(args.overrides) + extra)
+
+
 def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a `schema` dataclass instance from defaults <- YAML file <- `key=value` overrides.
 

@@ -231,30 +231,21 @@ def run(args: argparse.Namespace) -> int:
     st.run(
         "eval",
         [
-            _cli(
-                "eval",
-                "localization",
-                "--pred",
-                str(preds / "predictions.jsonl"),
-                "--gt",
-                str(data),
-                "--dataset",
-                "synthscars",
-                "--output-dir",
-                str(ev / "localization"),
-            ),
-            _cli(
-                "eval",
-                "explanation",
-                "--pred",
-                str(preds / "predictions.jsonl"),
-                "--gt",
-                str(data),
-                "--dataset",
-                "synthscars",
-                "--output-dir",
-                str(ev / "explanation"),
-            ),
+            *[
+                _cli(
+                    "eval",
+                    kind,
+                    "--pred",
+                    str(preds / "predictions.jsonl"),
+                    "--gt",
+                    str(data),
+                    "--dataset",
+                    "synthscars",
+                    "--output-dir",
+                    str(ev / kind),
+                )
+                for kind in ("localization", "explanation")
+            ],
             _cli(
                 "cls-eval",
                 "--config",

@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from legion.cli_args import add_output_dir_argument
-from legion.config import add_config_arguments, load_config, save_resolved_config
+from legion.config import add_config_arguments, load_config_with_flags, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, run_case, run_cases
 from legion.controller.report import format_scores
@@ -195,17 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> InpaintConfig:
-    extra = [
-        f"{key}={value}"
-        for key, value in (
-            ("inputs", args.inputs),
-            ("image_root", args.image_root),
-            ("output_dir", args.output_dir),
-            ("device", args.device),
-        )
-        if value
-    ]
-    return load_config(InpaintConfig, args.config, list(args.overrides) + extra)
+    flags = dict(inputs=args.inputs, image_root=args.image_root, output_dir=args.output_dir, device=args.device)
+    return load_config_with_flags(InpaintConfig, args, flags)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -90,6 +90,22 @@ def _byte_level_alphabet() -> list[str]:
     return chars
 
 
+def tiny_clip_text_config(tokenizer) -> dict:
+    """The tiny CLIP text tower shared by the tiny pipelines and the tiny CLIP scorer (for `tokenizer`,
+    from build_tiny_clip_tokenizer)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
 def build_tiny_clip_tokenizer(max_length: int = 77):
     """A CLIPTokenizer with a byte-level vocabulary and no merges (every byte is a token).
 
@@ -124,20 +140,7 @@ def build_tiny_pipeline(task: str, seed: int = 0, sample_size: int = 32):
         raise ValueError(f"unknown pipeline task '{task}'; choose one of {TASKS}")
     tokenizer = build_tiny_clip_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            projection_dim=32,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config(tokenizer), projection_dim=32))
     # inpainting UNets see [noisy latents (4), mask (1), masked-image latents (4)] = 9 channels
     unet = UNet2DConditionModel(
         sample_size=sample_size // 2,

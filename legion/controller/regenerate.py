@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from legion.cli_args import add_output_dir_argument
-from legion.config import add_config_arguments, load_config, save_resolved_config
+from legion.config import add_config_arguments, load_config_with_flags, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, StopCase, run_case, run_cases
 from legion.controller.prompt_reviser import PromptReviser, ReviserConfig, ReviserError, build_reviser
@@ -172,17 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
-    extra = [
-        f"{key}={value}"
-        for key, value in (
-            ("inputs", args.prompts),
-            ("image_root", args.image_root),
-            ("output_dir", args.output_dir),
-            ("device", args.device),
-        )
-        if value
-    ]
-    return load_config(RegenerateConfig, args.config, list(args.overrides) + extra)
+    flags = dict(inputs=args.prompts, image_root=args.image_root, output_dir=args.output_dir, device=args.device)
+    return load_config_with_flags(RegenerateConfig, args, flags)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -118,22 +118,12 @@ class ClipScorer(Scorer):
         """A random tiny CLIP (32 px, byte-level tokenizer): exercises the code path, scores mean nothing."""
         from transformers import CLIPConfig, CLIPModel
 
-        from legion.controller.pipelines import build_tiny_clip_tokenizer
+        from legion.controller.pipelines import build_tiny_clip_tokenizer, tiny_clip_text_config
 
         tokenizer = build_tiny_clip_tokenizer()
         torch.manual_seed(seed)
         config = CLIPConfig(
-            text_config=dict(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            ),
+            text_config=tiny_clip_text_config(tokenizer),
             vision_config=dict(
                 image_size=32,
                 patch_size=8,
