@@ -1,0 +1,156 @@
+"""Faults and bad input (issue 20): every item gets a clear error or a correct result, and nothing is lost.
+
+One section per item of the issue; each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from legion.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTION = "Upon examining the image. I have found: Image {name}.\nTo elaborate, I have found the following artifacts. "
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), **extra)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LEGION_DEBUG"):
+        env.pop(key, None)
+    return env
+
+
+def _synthscars(root: Path, names=("a.png",), size=(20, 30), split="test") -> Path:
+    """A SynthScars-layout split: one 10x10 artifact in the corner of each (black) image."""
+    (root / split / "annotations").mkdir(parents=True)
+    (root / split / "images").mkdir(parents=True)
+    records = []
+    for i, name in enumerate(names):
+        Image.fromarray(np.zeros((*size, 3), np.uint8)).save(root / split / "images" / name)
+        ref = {"sentence": "part", "explanation": "bent.", "bbox": None, "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]}
+        caption = CAPTION.format(name=name) + "part:bent."
+        records.append({str(i): {"img_file_name": name, "caption": caption, "refs": [ref]}})
+    (root / split / "annotations" / f"{split}.json").write_text(json.dumps(records))
+    return root
+
+
+def _prediction(name: str, size=(20, 30), **fields) -> dict:
+    from legion.utils.rle import mask_to_rle
+
+    mask = np.zeros(size, np.uint8)
+    mask[0:5, 0:10] = 1
+    record = {"image": name, "width": size[1], "height": size[0], "verdict": "fake", "fake_prob": None}
+    record.update(explanation="part bent.", phrases=["part"], masks=[mask_to_rle(mask)], union_mask=mask_to_rle(mask))
+    record.update(fields)
+    return record
+
+
+def _write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _eval_args(kind, pred, gt, out):
+    args = ["eval", kind, "--pred", str(pred), "--gt", str(gt), "--dataset", "synthscars", "--output-dir", str(out)]
+    return args + (["--workers", "1", "--no-plots"] if kind == "localization" else ["--no-css"])
+
+
+# ------------------------------------------------------------------ 1. malformed RLE: no hang, no wrong area
+def test_rle_problem_names_what_is_wrong():
+    from legion.utils.rle import mask_to_rle, rle_problem
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (0, 4), (7, 5), (64, 48), (300, 200)]:
+        for p in (0.0, 0.01, 0.5, 1.0):
+            assert rle_problem(mask_to_rle(rng.random(shape) < p)) is None
+    assert rle_problem({"size": [32, 32], "counts": [10, 5, 1009]}) is None
+    assert "add up to 1015, not 32x32 = 1024" in rle_problem({"size": [32, 32], "counts": [10, 5, 1000]})
+    assert "add up to" in rle_problem({"size": [32, 32], "counts": ":5Xo0"})  # the same, compressed
+    assert "negative" in rle_problem({"size": [32, 32], "counts": [10, -5, 1019]})
+    assert "alphabet" in rle_problem({"size": [4, 4], "counts": "~~"})
+    assert "middle of a number" in rle_problem({"size": [4, 4], "counts": "0P"})
+    assert "size" in rle_problem({"size": [-1, 4], "counts": ""})
+    assert "size" in rle_problem({"size": [10**6, 10**6], "counts": ""})
+    assert "size" in rle_problem({"size": "32x32", "counts": ""})
+
+
+@pytest.mark.timeout(120)
+def test_eval_refuses_a_malformed_mask_instead_of_hanging(tmp_path):
+    """Run lengths that do not add up to h x w made pycocotools' merge spin forever (issue 20, item 1)."""
+    root = _synthscars(tmp_path / "SynthScars")
+    bad = _prediction("a.png", union_mask={"size": [20, 30], "counts": [10, 5, 100]})
+    pred = _write_jsonl(tmp_path / "infer" / "predictions.jsonl", [bad])
+    cmd = [sys.executable, "-m", "legion.cli", *_eval_args("localization", pred, root, tmp_path / "eval")]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "a.png" in out.stderr and "malformed RLE mask" in out.stderr and "add up to 115, not 20x30" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_eval_refuses_a_malformed_mask_where_no_merge_happens(tmp_path):
+    """With an empty ground truth no merge runs: the area of a malformed mask was silently wrong."""
+    from legion.errors import DataError
+    from legion.eval.ground_truth import GroundTruthItem
+    from legion.eval.localization import evaluate_localization
+    from legion.utils.rle import mask_to_rle
+
+    gt = {"a.png": GroundTruthItem("a.png", union_rle=mask_to_rle(np.zeros((20, 30), np.uint8)))}
+    bad = _prediction("a.png", masks=[{"size": [20, 30], "counts": [0, 700]}], union_mask=None)
+    with pytest.raises(DataError, match=r"a\.png.*masks\[0\].*add up to 700, not 20x30 = 600"):
+        evaluate_localization([bad], gt)
+
+
+# ---------------------------------------------- 11. eval: duplicates, predictions of other images, empty files
+def test_eval_refuses_duplicated_records(tmp_path, capsys):
+    root = _synthscars(tmp_path / "SynthScars", names=("a.png", "b.png"))
+    pred = _write_jsonl(tmp_path / "p" / "predictions.jsonl", [_prediction("a.png"), _prediction("b.png")] * 2)
+    for kind in ("localization", "explanation"):
+        assert main(_eval_args(kind, pred, root, tmp_path / kind)) == 1
+        err = capsys.readouterr().err
+        assert "2 records for a.png" in err and "b.png" in err, err
+        assert not (tmp_path / kind / "metrics.json").exists()
+
+
+def test_eval_refuses_predictions_made_on_other_images_with_the_same_names(tmp_path, capsys):
+    """`legion infer` on another folder whose files carry the ground truth's names: matched by file name
+    alone, those predictions were scored against the wrong images."""
+    root = _synthscars(tmp_path / "SynthScars", names=("a.png", "b.png"))
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(other / name)
+    out = tmp_path / "infer_other"
+    pred = _write_jsonl(out / "predictions.jsonl", [_prediction("a.png"), _prediction("b.png")])
+    (out / "infer_config.yaml").write_text(f"image_dir: {other}\nimage_list: null\n")
+    assert main(_eval_args("localization", pred, root, tmp_path / "eval")) == 1
+    err = capsys.readouterr().err
+    assert "2 predictions are for other images" in err and str(other) in err and "a.png" in err, err
+
+    # the same names in a copy of the ground-truth images (same bytes): accepted
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("a.png", "b.png"):
+        (copy / name).write_bytes((root / "test" / "images" / name).read_bytes())
+    (out / "infer_config.yaml").write_text(f"image_dir: {copy}\nimage_list: null\n")
+    assert main(_eval_args("localization", pred, root, tmp_path / "eval")) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["overall"]["num_images"] == 2 and metrics["overall"]["num_missing"] == 0
+
+
+def test_eval_refuses_an_empty_predictions_file(tmp_path, capsys):
+    root = _synthscars(tmp_path / "SynthScars")
+    pred = tmp_path / "predictions.jsonl"
+    pred.write_text("\n")
+    for kind in ("localization", "explanation"):
+        assert main(_eval_args(kind, pred, root, tmp_path / kind)) == 1
+        assert "no prediction records" in capsys.readouterr().err
+        assert not (tmp_path / kind / "metrics.json").exists()
