@@ -154,3 +154,90 @@ def test_eval_refuses_an_empty_predictions_file(tmp_path, capsys):
         assert main(_eval_args(kind, pred, root, tmp_path / kind)) == 1
         assert "no prediction records" in capsys.readouterr().err
         assert not (tmp_path / kind / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- 6. the prompt reviser never leaks its key
+class _Server:
+    """A one-route HTTP server on 127.0.0.1 recording each request's path and Authorization header;
+    `answer(handler)` writes the response."""
+
+    def __init__(self, answer):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                owner.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                answer(self)
+
+            do_GET = do_POST = _any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _json_answer(handler, status=200):
+    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "a leaked answer"}}]}).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307])
+def test_reviser_refuses_redirects_and_never_sends_its_key_elsewhere(monkeypatch, code):
+    from legion.controller.prompt_reviser import ReviserConfig, ReviserError, build_reviser
+
+    with _Server(_json_answer) as other:
+
+        def redirect(handler):
+            handler.send_response(code)
+            handler.send_header("Location", other.url + "/v1/chat/completions")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        with _Server(redirect) as endpoint:
+            monkeypatch.setenv("OPENAI_BASE_URL", endpoint.url + "/v1")
+            monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+            reviser = build_reviser(ReviserConfig(backend="openai", retries=0))
+            with pytest.raises(ReviserError, match=r"redirected \(HTTP \d+\) to another host"):
+                reviser.revise("a prompt", "an explanation")
+    assert endpoint.requests == [("POST", "/v1/chat/completions", "Bearer sk-secret")]
+    assert other.requests == []  # the key never reached the other host, and its answer was not used
+
+
+def test_reviser_endpoint_and_key_never_come_from_the_config(monkeypatch, tmp_path, capsys):
+    """A config file naming another variable (any secret of the environment) and another default host."""
+    from legion.config import ConfigError
+    from legion.controller.prompt_reviser import ReviserConfig, build_reviser
+
+    monkeypatch.setenv("SOME_OTHER_SECRET", "aws-secret")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    for key, value in [("api_key_env", "SOME_OTHER_SECRET"), ("default_base_url", "http://127.0.0.1:9/v1")]:
+        with pytest.raises(ConfigError, match=f"reviser.{key}.*not settable.*OPENAI_"):
+            build_reviser(ReviserConfig(backend="openai", **{key: value}))
+    # the CLI refuses it before loading anything (usage error, exit code 2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    code = main(
+        ["regenerate", "--config", str(REPO / "configs/tiny/regenerate.yaml"), "--prompts", str(prompts)]
+        + ["--output-dir", str(tmp_path / "out"), "reviser.backend=openai", "reviser.api_key_env=SOME_OTHER_SECRET"]
+    )
+    assert code == 2 and "not settable" in capsys.readouterr().err
