@@ -241,3 +241,71 @@ def test_reviser_endpoint_and_key_never_come_from_the_config(monkeypatch, tmp_pa
         + ["--output-dir", str(tmp_path / "out"), "reviser.backend=openai", "reviser.api_key_env=SOME_OTHER_SECRET"]
     )
     assert code == 2 and "not settable" in capsys.readouterr().err
+
+
+# ------------------------------------------------- 2. infer: no stale records under another run's settings
+def _infer(model_dir, image_dir, out, *overrides):
+    args = ["infer", "--config", str(REPO / "configs/tiny/infer.yaml"), f"model_path={model_dir}"]
+    args += [f"image_dir={image_dir}", f"output_dir={out}", "max_new_tokens=3", "progress=false"]
+    return main(args + ["save_overlay=false", "save_phrase_masks=false", *overrides])
+
+
+def _images(folder: Path, names=("a.png", "b.png")) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(folder / os.fsdecode(name))
+    return folder
+
+
+def test_infer_rerun_with_other_settings_is_refused_unless_overwrite(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from legion.model.builders import make_tiny
+
+    images, out = _images(tmp_path / "imgs"), tmp_path / "infer"
+    assert _infer(tiny_model_dir, images, out) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    other_model = make_tiny(tmp_path / "other_model", seed=1)  # the same architecture, other weights
+    for override, named in [
+        ("perturb=jpeg:50", "perturb: none -> jpeg:50"),
+        (f"model_path={other_model}", "model_path: "),
+        ("max_new_tokens=4", "max_new_tokens: 3 -> 4"),
+    ]:
+        assert _infer(tiny_model_dir, images, out, override) == 2
+        err = capsys.readouterr().err
+        assert named in err and "overwrite=true" in err, err
+        # nothing was touched: the records, their config and summary, the run record
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    moved = tmp_path / "moved_model"
+    shutil.copytree(tiny_model_dir, moved)  # the same model elsewhere: the same settings, resumed
+    assert _infer(moved, images, out) == 0
+    assert json.loads((out / "infer_summary.json").read_text())["resumed"] == 2
+
+    assert _infer(tiny_model_dir, images, out, "perturb=jpeg:50", "overwrite=true") == 0
+    summary = json.loads((out / "infer_summary.json").read_text())
+    assert summary["resumed"] == 0 and summary["perturbation"]["kind"] == "jpeg"
+    assert "perturb: jpeg:50" in (out / "infer_config.yaml").read_text()
+    assert _infer(tiny_model_dir, images, out, "perturb=jpeg:50") == 0  # now they match: resumed
+    assert json.loads((out / "infer_summary.json").read_text())["resumed"] == 2
+
+
+# ------------------------------------------------------ 5. file names of any bytes (not valid UTF-8)
+def test_infer_handles_file_names_that_are_not_utf8(tiny_model_dir, tmp_path):
+    from legion.infer import read_records
+
+    bad = os.fsdecode(b"caf\xe9 \xff.png")  # Latin-1 bytes: not UTF-8
+    images = _images(tmp_path / "imgs", names=("a.png", b"caf\xe9 \xff.png"))
+    out = tmp_path / "infer"
+    assert _infer(tiny_model_dir, images, out, "save_reference_layout=true") == 0
+    records = {r["image"]: r for r in read_records(out / "predictions.jsonl")}
+    assert set(records) == {"a.png", bad} and records[bad]["verdict"] == "fake"
+    (out / "predictions.jsonl").read_bytes().decode("utf-8")  # still a UTF-8 file (\udcXX escapes)
+    assert (out / bad / "mask.png").is_file() and os.fsencode(out / bad).endswith(b"caf\xe9 \xff.png")
+    explanation = json.loads((out / bad / "explanation.json").read_text())
+    assert list(explanation) == [f"{images}/{bad}"]
+    assert _infer(tiny_model_dir, images, out, "save_reference_layout=true") == 0  # a rerun resumes both
+    assert json.loads((out / "infer_summary.json").read_text())["resumed"] == 2

@@ -15,6 +15,12 @@ loss) can leave a temporary file behind; it never has the target's name.
     with atomic_path(path) as tmp:                         # for writers that want a file name:
         save_file(state, str(tmp))                         # safetensors, torch.save, PIL, savefig, ...
 
+Text that is not UTF-8. File names that are not valid UTF-8 reach Python as ``os.fsdecode`` strings
+with lone surrogates ("\\udcff" for the byte 0xff), which no UTF-8 encoder accepts. The JSON writers
+(`atomic_write_json`, `atomic_write_jsonl`, `append_jsonl`) then write that record with ``\\udcXX``
+escapes (``ensure_ascii``), valid JSON that ``json.loads`` reads back to the same string, so the name
+still opens the same file.
+
 JSON Lines. ``read_jsonl`` returns the records of a file as dicts and, by default, refuses a
 line that is not a JSON object (a ``ValueError`` naming ``path:lineno``). ``append_jsonl`` adds
 one record durably (flush + fsync), for outputs that grow record by record and are resumed
@@ -128,7 +134,7 @@ def atomic_write_json(
 
     The object is serialised before any file is touched, so an unserialisable value leaves `path`
     as it was. (Files that have no trailing newline go through `atomic_write_text(path, json.dumps(...))`.)"""
-    text = json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, default=default)
+    text = _dumps(obj, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys, default=default)
     atomic_write_text(path, text + "\n")
 
 
@@ -140,8 +146,20 @@ def atomic_write_jsonl(
     default: Callable[[Any], Any] | None = None,
 ) -> None:
     """Write one ``json.dumps(record)`` line per record (each ending in "\\n") to `path` atomically."""
-    text = "".join(json.dumps(r, ensure_ascii=ensure_ascii, default=default) + "\n" for r in records)
+    text = "".join(_dumps(r, ensure_ascii=ensure_ascii, default=default) + "\n" for r in records)
     atomic_write_text(path, text)
+
+
+def _dumps(obj: Any, *, ensure_ascii: bool, **kwargs: Any) -> str:
+    """json.dumps; with ensure_ascii=False, text that cannot be UTF-8 (lone surrogates of a file name that is
+    not UTF-8) is written as \\u escapes instead (module docstring)."""
+    text = json.dumps(obj, ensure_ascii=ensure_ascii, **kwargs)
+    if not ensure_ascii:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
 
 
 # --- JSON Lines ------------------------------------------------------------------------------------
@@ -193,7 +211,7 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
     Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    line = (_dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     with open(path, "a+b") as fh:
         end = fh.seek(0, os.SEEK_END)
         if end:
