@@ -309,3 +309,87 @@ def test_infer_handles_file_names_that_are_not_utf8(tiny_model_dir, tmp_path):
     assert list(explanation) == [f"{images}/{bad}"]
     assert _infer(tiny_model_dir, images, out, "save_reference_layout=true") == 0  # a rerun resumes both
     assert json.loads((out / "infer_summary.json").read_text())["resumed"] == 2
+
+
+# ------------------------------------------------------------------ 10. merges write a folder atomically
+def _lora_weights(model, path: Path, seed: int) -> Path:
+    """The model's weights with a LoRA pair on one projection (what training saves), as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    key = "model.layers.0.self_attn.q_proj"
+    base = state.pop(f"{key}.weight")
+    gen = torch.Generator().manual_seed(seed)
+    state[f"{key}.base_layer.weight"] = base
+    state[f"{key}.lora_A.default.weight"] = torch.randn(8, base.shape[1], generator=gen)
+    state[f"{key}.lora_B.default.weight"] = torch.randn(base.shape[0], 8, generator=gen)
+    save_file(state, str(path))
+    return path
+
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_step2_writes_a_temporary_folder_and_renames_it(tiny_model, tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    from legion.merge import step2
+    from legion.model import export
+    from legion.model.builders import load_model
+
+    model, _ = tiny_model
+    target = tmp_path / "models" / "merged"
+    real_save = export.save_safetensors
+
+    def disk_full(*args, **kwargs):  # the weights are half written when the disk fills up
+        real_save(*args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # a first merge that fails half-way leaves nothing that looks like a model
+    monkeypatch.setattr(export, "save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        step2(tiny_model_dir, _lora_weights(model, tmp_path / "w1.safetensors", 1), target, dtype="float32")
+    assert not target.exists() and os.listdir(target.parent) == []
+
+    monkeypatch.setattr(export, "save_safetensors", real_save)
+    step2(tiny_model_dir, tmp_path / "w1.safetensors", target, dtype="float32")
+    old = _tree(target)
+    assert "config.json" in old and "model.safetensors" in old
+
+    # a re-merge of other weights that fails leaves the old model intact under its name
+    monkeypatch.setattr(export, "save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        step2(tiny_model_dir, _lora_weights(model, tmp_path / "w2.safetensors", 2), target, dtype="float32")
+    assert _tree(target) == old and os.listdir(target.parent) == ["merged"]
+    assert load_model(target, verbose=False)[2].ok
+
+    # a re-merge that succeeds replaces it whole
+    monkeypatch.setattr(export, "save_safetensors", real_save)
+    step2(tiny_model_dir, tmp_path / "w2.safetensors", target, dtype="float32")
+    assert _tree(target)["model.safetensors"] != old["model.safetensors"] and os.listdir(target.parent) == ["merged"]
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_a_model(tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "my_documents"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    assert main(["export", str(tiny_model_dir), "--output-dir", str(folder), "--dtype", "float32"]) == 2
+    assert "not a model folder" in capsys.readouterr().err and _tree(folder) == {"thesis.tex": b"years of work"}
+    out = tmp_path / "exported"
+    assert main(["export", str(tiny_model_dir), "--output-dir", str(out), "--dtype", "float32"]) == 0
+    assert (out / "config.json").is_file() and sorted(os.listdir(tmp_path)) == ["exported", "my_documents"]
+
+
+def test_merge_step2_of_weights_without_lora(tiny_model, tiny_model_dir, tmp_path):
+    """Fully fine-tuned weights (no LoRA pair) used to fail formatting the model card (scale None)."""
+    from safetensors.torch import save_file
+
+    from legion.merge import step2
+
+    model, _ = tiny_model
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.st"))
+    (tmp_path / "w.st").rename(tmp_path / "w.safetensors")
+    report = step2(tiny_model_dir, tmp_path / "w.safetensors", tmp_path / "merged", dtype="float32")
+    assert report["merged_modules"] == 0 and "no LoRA" in (tmp_path / "merged" / "README.md").read_text()

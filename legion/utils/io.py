@@ -14,6 +14,8 @@ loss) can leave a temporary file behind; it never has the target's name.
     atomic_write_jsonl(path, records)                      # one json.dumps(record) + "\\n" per record
     with atomic_path(path) as tmp:                         # for writers that want a file name:
         save_file(state, str(tmp))                         # safetensors, torch.save, PIL, savefig, ...
+    with atomic_dir(path) as tmp:                          # for outputs that are a whole folder (a model):
+        save_model(model, tokenizer, tmp)                  # the folder appears whole, or the old one stays
 
 Text that is not UTF-8. File names that are not valid UTF-8 reach Python as ``os.fsdecode`` strings
 with lone surrogates ("\\udcff" for the byte 0xff), which no UTF-8 encoder accepts. The JSON writers
@@ -45,6 +47,7 @@ from legion.errors import DataError
 
 __all__ = [
     "append_jsonl",
+    "atomic_dir",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -97,6 +100,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """For outputs that are a whole folder (a model directory): yields a new, empty temporary folder next
+    to `path` (``.<name>.tmp-<pid>-<random>``); when the block ends normally its files are fsynced and the
+    folder is renamed to `path`. An existing `path` is renamed aside first (``.<name>.old-<pid>-<random>``)
+    and deleted once the new folder is in place, so `path` names the whole old folder or the whole new one,
+    never a mix; only a process killed in the instant between those two renames leaves the old folder
+    under its ``.old`` name. When the block raises, the temporary folder is removed and `path` is left as
+    it was. Callers decide whether an existing `path` may be replaced (legion.model.export.writing_model_dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = temp_path_for(path)
+    folder.mkdir()
+    try:
+        yield folder
+        for file in folder.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                _fsync_file(file)
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(path, old)
+            try:
+                os.rename(folder, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            os.rename(folder, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already after the rename
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
