@@ -393,3 +393,275 @@ def test_merge_step2_of_weights_without_lora(tiny_model, tiny_model_dir, tmp_pat
     (tmp_path / "w.st").rename(tmp_path / "w.safetensors")
     report = step2(tiny_model_dir, tmp_path / "w.safetensors", tmp_path / "merged", dtype="float32")
     assert report["merged_modules"] == 0 and "no LoRA" in (tmp_path / "merged" / "README.md").read_text()
+
+
+# ------------------------------------------------------- 8. every setting checked before any model is loaded
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model (or starting DeepSpeed) fails the test: the settings must be refused before."""
+    import legion.model.builders
+    import legion.model.detector
+    import legion.train.loc_exp
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded (or DeepSpeed started) before the settings were checked")
+
+    for module, name in [
+        (legion.model.builders, "load_model"),
+        (legion.train.loc_exp, "setup_distributed"),
+        (legion.model.detector, "build_detector"),
+        (legion.model.detector, "load_detector"),
+    ]:
+        monkeypatch.setattr(module, name, loaded)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.every_steps=0", "checkpoint.every_steps must be >= 1, got 0"),
+        ("schedule.global_batch_size=0", "schedule.global_batch_size must be >= 1, got 0"),
+        ("optim.lr=-1e-4", "optim.lr must be > 0, got -0.0001"),
+        ("validation.every_steps=0", "validation.every_steps must be >= 1"),
+        ("logging.every_steps=0", "logging.every_steps must be >= 1"),
+        ("schedule.max_steps=0", "schedule.max_steps must be >= 1 or null"),
+        ("lora.r=0", "lora.r must be >= 1"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("deepspeed.config_file=nowhere.json", "deepspeed.config_file not found"),
+    ],
+)
+def test_train_settings_are_checked_before_any_model_is_loaded(
+    tiny_model_dir, toy_data_dir, tmp_path, capsys, no_loading, override, message
+):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "configs/tiny/train_loc_exp.yaml"), f"model.path={tiny_model_dir}"]
+    assert main([*args, f"data.root={toy_data_dir}", f"output_dir={out}", override]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command, override, message",
+    [
+        ("cls-train", "batch_size=0", "batch_size must be >= 1"),
+        ("cls-train", "optim.lr=-1", "optim.lr must be > 0"),
+        ("cls-train", "epochs=0", "epochs must be >= 1"),
+        ("cls-eval", "batch_size=0", "batch_size must be >= 1"),
+        ("cls-eval", "dtype=float64", "dtype must be one of"),
+        ("infer", "max_new_tokens=-5", "max_new_tokens must be >= 1"),
+    ],
+)
+def test_detector_and_infer_settings_are_checked_before_any_model_is_loaded(
+    tiny_model_dir, toy_data_dir, tmp_path, capsys, no_loading, command, override, message
+):
+    out = tmp_path / "out"
+    paths = {
+        "cls-train": [f"model.backbone={tiny_model_dir}", f"data.train={toy_data_dir / 'detection' / 'train'}"],
+        "cls-eval": [f"detector_path={tiny_model_dir}", f"data.test={toy_data_dir / 'detection' / 'test'}"],
+        "infer": [f"model_path={tiny_model_dir}", f"image_dir={toy_data_dir}"],
+    }[command]
+    assert main([command, *paths, f"output_dir={out}", override]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+# ------------------------------------------------------------ 3. unreadable training data is an error
+def _truncate_images(data_dir: Path, split: str = "train", keep: int = 100) -> list[Path]:
+    """Cut every image of the split after its header (the header still reads; the pixels do not)."""
+    files = sorted((data_dir / split / "images").iterdir())
+    for path in files:
+        path.write_bytes(path.read_bytes()[:keep])
+    return files
+
+
+def test_data_check_quick_finds_truncated_images_and_names_every_record(toy_data_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "toy"
+    shutil.copytree(toy_data_dir, data)
+    files = _truncate_images(data)
+    args = ["data", "check", "--root", str(data), "--split", "train", "--quick"]
+    assert main([*args, "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["usable_records"] == 0 and summary["images"]["unreadable"] == {"truncated": len(files)}
+    named = summary["unusable"]["image_unreadable"]
+    assert sorted(e["file"] for e in named) == sorted(str(p) for p in files)  # --json: every one of them
+    assert all("truncated" in e["detail"] and e["record"] for e in named)
+    assert sorted(f["file"] for f in summary["images"]["unreadable_files"]) == sorted(str(p) for p in files)
+
+    assert main(args) == 1  # text: the first 5 per reason, and how many more
+    out = capsys.readouterr().out
+    assert f"image_unreadable ({len(files)} records):" in out and f"and {len(files) - 5} more" in out
+    assert str(files[0]) in out and "verdict: NOT USABLE" in out
+
+
+def test_step_guard_stops_a_step_without_usable_samples_and_too_many_unusable_samples():
+    import torch
+
+    from legion.errors import DataError
+    from legion.train.loc_exp import StepGuard
+
+    guard = StepGuard(torch.device("cpu"), 1, run_samples=40, max_unusable_fraction=0.1, hint="legion data check")
+    ok = {"input_ids": torch.zeros(1, 3), "skipped": [("r7", "truncated")]}
+    guard.add(ok, 2)
+    guard.add(ok, 2)
+    assert guard.end_step(1) is False  # 2 of 4 samples usable: trained on, counted
+    guard.add(None, 2)  # a micro-batch whose every image failed
+    guard.add(None, 2)
+    with pytest.raises(DataError, match=r"step 2: none of its 4 samples could be loaded \(e\.g\. record r7: truncated"):
+        guard.end_step(2)
+    guard = StepGuard(torch.device("cpu"), 1, run_samples=40, max_unusable_fraction=0.1)  # 4 may fail
+    for step in (1, 2):
+        guard.add(ok, 2)
+        guard.add(ok, 2)
+        assert guard.end_step(step) is False  # 2, then 4 unusable samples: within the tolerance
+    guard.add(ok, 2)
+    guard.add(ok, 2)
+    with pytest.raises(DataError, match=r"6 of the 12 samples .* more than data.max_unusable_fraction=0.1 of the 40"):
+        guard.end_step(3)
+
+
+def _train_args(model_dir, data_dir, out_dir, **extra):
+    values = {
+        "model.path": model_dir,
+        "data.root": data_dir,
+        "output_dir": out_dir,
+        "data.val_size": 2,
+        "data.num_workers": 0,
+        "schedule.global_batch_size": 4,
+        "schedule.micro_batch_size": 2,
+        "schedule.max_steps": 3,
+        "optim.warmup_steps": 2,
+        "checkpoint.every_steps": 100,
+        "validation.every_steps": 100,
+        "logging.progress": "false",
+        "export.merged_model": "false",
+    }
+    values.update(extra)
+    cmd = [sys.executable, "-m", "legion.cli", "train", "--config", str(REPO / "configs/tiny/train_loc_exp.yaml")]
+    return cmd + [f"{k}={v}" for k, v in values.items()]
+
+
+def _events(out_dir, kind):
+    path = Path(out_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == kind]
+
+
+@pytest.mark.slow
+def test_training_on_unreadable_images_stops_with_a_clear_error(tiny_model_dir, toy_data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "toy"
+    shutil.copytree(toy_data_dir, data)
+    _truncate_images(data)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        _train_args(tiny_model_dir, data, out), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "step 1: none of its 4 samples could be loaded" in proc.stderr and "legion data check" in proc.stderr
+    assert "Traceback" not in proc.stderr and not _events(out, "train")
+    assert not list((out / "checkpoints").glob("global_step*"))  # no checkpoint of an untrained model
+
+
+# ------------------------------------------------------- Slurm: SIGTERM / SIGUSR1 save a checkpoint and stop
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_signal_saves_a_checkpoint_exits_75_and_resumes_to_the_same_weights(
+    tiny_model_dir, toy_data_dir, tmp_path, signame
+):
+    """Slurm preemption: the signal arrives mid-run; the run saves at the next step boundary (checkpoints are
+    otherwise only written at the end here), exits 75, and the rerun ends with the same weights."""
+    import signal
+    import time
+
+    import torch
+
+    from legion.merge import fp32_state_dict_from_deepspeed
+
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_train_args(tiny_model_dir, toy_data_dir, reference), env=_env(), check=True, cwd=REPO, timeout=900)
+
+    out = tmp_path / "preempted"
+    cmd = _train_args(tiny_model_dir, toy_data_dir, out)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900
+    while not _events(out, "train") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, signame))
+    stderr = proc.communicate(timeout=900)[1]
+    assert proc.returncode == 75, stderr[-2000:]
+    (stopped,) = _events(out, "preempted")
+    assert stopped["step"] < 3 and stopped["signal"] == signame
+    assert f"legion train: stopped: {signame} received: stopped at step {stopped['step']}" in stderr
+    assert [e["step"] for e in _events(out, "checkpoint")] == [stopped["step"]]
+    assert json.loads((out / "run_info.json").read_text())["status"] == "interrupted"
+
+    subprocess.run(cmd, env=_env(), check=True, cwd=REPO, timeout=900, stdout=subprocess.DEVNULL)
+    assert _events(out, "start")[-1]["resumed"] is True and _events(out, "start")[-1]["step"] == stopped["step"]
+    expected, got = (fp32_state_dict_from_deepspeed(d / "checkpoints")[0] for d in (reference, out))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], msg=key)
+
+
+def _fake_slurm(tmp_path: Path, python_body: str) -> dict:
+    """`srun` (2 tasks, one after the other), `scontrol` and a `python` that record what they were given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        "srun": '#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\ncode=0\n'
+        'for t in 0 1; do SLURM_PROCID=$t SLURM_LOCALID=$t "$@"; c=$?; [ $c -gt $code ] && code=$c; done\n'
+        "exit $code\n",
+        "scontrol": '#!/usr/bin/env bash\nif [ "$1" = show ]; then printf "nodeA\\nnodeB\\n"; '
+        'else echo "$@" >> "$FAKE_LOG/scontrol"; fi\n',
+        "python": "#!/usr/bin/env bash\n"
+        'echo "$RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT $*" >> "$FAKE_LOG/python"\n' + python_body,
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = _env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_LOG=str(tmp_path),
+        PYTHON=str(bin_dir / "python"),
+        SLURM_JOB_ID="12345",
+        SLURM_JOB_NODELIST="node[A-B]",
+        SLURM_NTASKS="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+    )
+    return env
+
+
+@pytest.mark.parametrize("exit_code, requeued", [(75, True), (0, False), (1, False)])
+def test_sbatch_script_launches_every_rank_and_requeues_a_preempted_run(tmp_path, exit_code, requeued):
+    env = _fake_slurm(tmp_path, f"exit {exit_code}\n")
+    script = REPO / "scripts" / "slurm" / "train_loc_exp.sbatch"
+    proc = subprocess.run(
+        ["bash", str(script), "model.path=m", "data.root=d"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == exit_code, proc.stderr
+    config = REPO / "configs" / "legion_7b" / "train_loc_exp.yaml"
+    calls = (tmp_path / "python").read_text().splitlines()
+    port = 20000 + 12345 % 20000
+    assert calls == [
+        f"{rank} {rank} 2 nodeA {port} -m legion.cli train --config {config} model.path=m data.root=d"
+        for rank in (0, 1)
+    ]
+    assert (tmp_path / "scontrol").is_file() == requeued
+    if requeued:
+        assert (tmp_path / "scontrol").read_text() == "requeue 12345\n"
+
+
+def test_sbatch_script_waits_through_a_signal_for_the_checkpoint(tmp_path):
+    """Slurm signals the batch shell too: it keeps waiting until training has saved and exited 75."""
+    import signal
+    import time
+
+    env = _fake_slurm(tmp_path, 'sleep 1; [ "$RANK" = 0 ] && touch "$FAKE_LOG/saved"; exit 75\n')
+    script = REPO / "scripts" / "slurm" / "train_loc_exp.sbatch"
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and (tmp_path / "saved").is_file(), err
+    assert "waiting for the training to save" in err and (tmp_path / "scontrol").read_text() == "requeue 12345\n"
