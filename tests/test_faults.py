@@ -665,3 +665,45 @@ def test_sbatch_script_waits_through_a_signal_for_the_checkpoint(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75 and (tmp_path / "saved").is_file(), err
     assert "waiting for the training to save" in err and (tmp_path / "scontrol").read_text() == "requeue 12345\n"
+
+
+# ------------------------------------------------------------- 9. every user-supplied string in HTML is escaped
+def test_report_gallery_escapes_every_string_of_a_tampered_predictions_file(tmp_path):
+    """A predictions file is user input: its verdict, image name, explanation, phrases and error must never
+    become markup in report.html (a tampered verdict used to be written as is)."""
+    from html.parser import HTMLParser
+
+    from legion.eval.ground_truth import read_predictions
+    from legion.gallery import GalleryItem, Table, write_report
+    from legion.record import PredictionRecord
+
+    evil = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
+    # the reader refuses a verdict that is not one of fake / real / error ...
+    pred = _write_jsonl(tmp_path / "p" / "predictions.jsonl", [_prediction("a.png", verdict=evil)])
+    with pytest.raises(ValueError, match="verdict"):
+        read_predictions(pred)
+    # ... and whatever reaches the gallery (records built in code, other fields) is escaped
+    image = np.zeros((8, 8, 3), np.uint8)
+    records = [
+        PredictionRecord(image=evil, verdict=evil, explanation=f"the {evil} part", phrases=[evil], fake_prob=0.9),
+        PredictionRecord(image=evil, verdict="fake", explanation=f"the {evil} part", phrases=[evil, "missing"]),
+        PredictionRecord(image=evil, verdict="error", error=evil),
+        PredictionRecord(image=evil, verdict="real", explanation=evil),
+    ]
+    items = [GalleryItem(image, r, [], None, title=evil) for r in records]
+    page, _ = write_report(tmp_path / "report", evil, [Table(evil, [{evil: evil}], note=evil)], items, intro=evil)
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+
+    parser = Tags()
+    parser.feed(page.read_text())
+    assert not [t for t, _ in parser.tags if t == "script"]
+    assert not [(t, a) for t, a in parser.tags if any(k.startswith("on") for k in a)]
+    assert all(a["src"].startswith("report_assets/") for t, a in parser.tags if t == "img")
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page.read_text()  # shown as text
