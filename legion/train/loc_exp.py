@@ -995,7 +995,7 @@ class StepGuard:
         from legion.train.preemption import PREEMPTED_EXIT_CODE, StopSignals, TrainingPreempted
 
         received = self.signals.received if self.signals is not None else 0
-        name = StopSignals.name(received) if received else "a stop signal on another rank"
+        name = StopSignals.name(received) if received else "another rank's signal"
         log.event("preempted", step, {"signal": name, "exit_code": PREEMPTED_EXIT_CODE})
         log.close()
         return TrainingPreempted(

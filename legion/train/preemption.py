@@ -12,6 +12,10 @@ from that checkpoint (`checkpoint.resume: auto`) to the same weights as an unint
 gets the signal (srun delivers it to each task); the ranks agree on the step to stop at through the
 all-reduce that checks each step (`loc_exp.StepGuard`), so no rank waits for another in a collective.
 
+Every rank exits with 75. Launched by srun (the sbatch script) the job step reports 75; torchrun and
+the deepspeed launcher turn a worker's non-zero exit into their own failure code (1), so wrappers around
+them should look for the ``preempted`` event in ``log.jsonl`` instead.
+
 75 is EX_TEMPFAIL of sysexits.h ("temporary failure; the user is invited to retry"): distinct from 0
 (done), 1 (failed work), 2 (usage), 130 (Ctrl-C), 124 (coreutils `timeout`) and 128+N (killed by a
 signal), so a wrapper can tell "checkpointed, run me again" from every other ending.
