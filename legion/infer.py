@@ -541,7 +541,9 @@ def settings_fingerprint(cfg: InferConfig) -> dict:
     """What decides the records, by InferConfig key: the model, CLIP, detector and detector backbone by the
     content of their folders (legion.utils.fingerprint: config, weight sizes and samples), the dtype as
     resolved, the generation settings, the perturbation as applied, and the image folder. Run-only keys
-    (batch_size, decoding, device, progress, max_images, resume, the optional files) are not in it."""
+    (batch_size, decoding, device, progress, max_images, resume, the optional files) are not in it. With an
+    Analyzer passed in (the Python API) the model is what `model_path` names; an empty `model_path` records
+    none, so runs of different in-memory models into one folder are not told apart."""
     from legion.data.perturb import parse_perturbation
     from legion.utils.fingerprint import fingerprint_dir
 
