@@ -43,6 +43,11 @@ Each class keeps the builtin base it had (or the builtin it replaces), so ``exce
 | `DetectorLoadError` | legion/model/detector.py | RuntimeError | failed work | 1 |
 | `CheckpointWriteError` | legion/train/checkpointing.py | RuntimeError | failed work | 1 |
 | `ResumeError` | legion/train/checkpointing.py | RuntimeError | failed work | 1 |
+| `TrainingPreempted` | legion/train/preemption.py | Exception | stopped by SIGTERM/SIGUSR1, checkpoint saved | 75 |
+
+`TrainingPreempted` is the one exception to the two kinds: training stopped by SIGTERM / SIGUSR1 (Slurm)
+after writing a checkpoint prints ``legion train: stopped: <message>`` and exits with 75 (EX_TEMPFAIL:
+run the same command again to resume).
 
 Commands check their main inputs before they start (`require_path`), so a mistyped path is a
 usage error (2) even where the library function that would read it raises a failed-work class.

@@ -8,7 +8,10 @@ Per image: optional real/fake gate (detector) -> batched, KV-cached greedy gener
 mask per `[SEG]` (+ their union) -> `output_dir/predictions.jsonl` (docs/ARCHITECTURE.md), and on
 request the reference layout `<out>/<image>/explanation.json` + `mask.png`, per-phrase PNGs and
 an overlay. Runs are resumable: images with a complete record (and the requested files) are
-skipped. The resolved config is saved as `output_dir/infer_config.yaml`.
+skipped. The resolved config is saved as `output_dir/infer_config.yaml`, and what decides the records
+(model, detector, generation and perturbation settings, image folder) as `infer_fingerprint.json`: a
+rerun into the same folder with other settings is refused, naming the differences, unless
+`overwrite=true` (those predictions are then replaced) or another `output_dir`.
 
 In-process API (used by training for validation):
 
@@ -42,6 +45,7 @@ from legion.utils.run_info import RunRecord
 PREDICTIONS = "predictions.jsonl"
 RESOLVED_CONFIG = "infer_config.yaml"
 SUMMARY = "infer_summary.json"
+FINGERPRINT = "infer_fingerprint.json"
 OVERLAY_COLORS = np.array(
     [
         [255, 64, 64],
@@ -123,6 +127,13 @@ class InferConfig(AnalyzerConfig):
     save_phrase_masks: bool = field(default=False, metadata={"help": "also write <out>/<image>/mask_<i>.png"})
     save_overlay: bool = field(default=False, metadata={"help": "also write <out>/<image>/overlay.png"})
     resume: bool = field(default=True, metadata={"help": "skip images that already have a complete record"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace predictions in output_dir that were made with other settings (model, detector, "
+            "generation, perturbation, images); default: refuse and name the differences"
+        },
+    )
     max_images: int | None = field(default=None, metadata={"help": "process at most this many images (smoke tests)"})
     progress: bool = True
 
@@ -410,7 +421,7 @@ def output_subdir(output_dir: Path, key: str) -> Path:
     """`<out>/<image path as listed>/` (the reference's layout) — never outside `output_dir`."""
     parts = Path(key).parts
     if Path(key).is_absolute() or ".." in parts or not parts:
-        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        digest = hashlib.sha1(os.fsencode(key)).hexdigest()[:8]  # a name of any bytes (os.fsdecode'd)
         return output_dir / f"{digest}_{Path(key).name}"
     return output_dir.joinpath(*parts)
 
@@ -525,6 +536,104 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+# --- settings of an output folder ------------------------------------------------------------------------
+def settings_fingerprint(cfg: InferConfig) -> dict:
+    """What decides the records, by InferConfig key: the model, CLIP, detector and detector backbone by the
+    content of their folders (legion.utils.fingerprint: config, weight sizes and samples), the dtype as
+    resolved, the generation settings, the perturbation as applied, and the image folder. Run-only keys
+    (batch_size, decoding, device, progress, max_images, resume, the optional files) are not in it. With an
+    Analyzer passed in (the Python API) the model is what `model_path` names; an empty `model_path` records
+    none, so runs of different in-memory models into one folder are not told apart."""
+    from legion.data.perturb import parse_perturbation
+    from legion.utils.fingerprint import fingerprint_dir
+
+    def folder(path: str | None) -> dict | None:
+        return {"path": str(path), "content": fingerprint_dir(path)} if path else None
+
+    try:
+        perturbation = parse_perturbation(cfg.perturb, seed=cfg.perturb_seed).describe()
+    except ValueError as exc:
+        raise ConfigError(f"perturb: {exc}") from None
+    root = cfg.image_dir or (str(Path(cfg.image_list).parent) if cfg.image_list else "")
+    return {
+        "model_path": folder(cfg.model_path),
+        "vision_tower": folder(cfg.vision_tower),
+        "dtype": str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).replace("torch.", ""),
+        "dtype_policy": cfg.dtype_policy,
+        "quantization": cfg.quantization,
+        "max_new_tokens": cfg.max_new_tokens,
+        "sam_input_size": cfg.sam_input_size,
+        "detector_path": folder(cfg.detector_path),
+        "detector_backbone": folder(cfg.detector_backbone),
+        "gate_threshold": cfg.gate_threshold if cfg.detector_path else None,
+        "perturb": perturbation,
+        "image_dir": os.path.abspath(root) if root else None,
+    }
+
+
+def _same_setting(old, new) -> bool:
+    if isinstance(old, dict) and isinstance(new, dict) and "content" in old and "content" in new:
+        if old["content"] is not None and new["content"] is not None:
+            return old["content"] == new["content"]  # the same model moved elsewhere is the same model
+    return old == new
+
+
+def _show_setting(value) -> str:
+    if isinstance(value, dict) and "content" in value:
+        content = value["content"]
+        return f"{value['path']} (content {content[:12] if content else 'missing'})"
+    if isinstance(value, dict) and "kind" in value:
+        from legion.eval.report import perturbation_label
+
+        return perturbation_label(value) + (f" (seed {value['seed']})" if "seed" in value else "")
+    return "null" if value is None else str(value)
+
+
+def _has_records(output_dir: Path) -> bool:
+    return (output_dir / PREDICTIONS).is_file() or any(output_dir.glob("predictions.part*-of-*.jsonl"))
+
+
+def check_output_dir(cfg: InferConfig, settings: dict) -> bool:
+    """Refuse (InferError, before anything is written) an output folder whose predictions were made with
+    other settings, or by a version that did not record them, unless `overwrite`. Returns True when its
+    predictions are to be replaced (overwrite), False when they match or there are none."""
+    output_dir = Path(cfg.output_dir)
+    if not _has_records(output_dir):
+        return False
+    path = output_dir / FINGERPRINT
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")).get("settings") if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        previous = None
+    if isinstance(previous, dict):
+        differences = [
+            f"{key}: {_show_setting(previous.get(key))} -> {_show_setting(value)}"
+            for key, value in settings.items()
+            if not _same_setting(previous.get(key), value)
+        ]
+        if not differences:
+            return False
+        problem = f"holds predictions made with other settings: {'; '.join(differences)}"
+    else:
+        problem = (
+            f"holds predictions without a readable {FINGERPRINT} (another version of legion?): "
+            "their settings are unknown"
+        )
+    if cfg.overwrite:
+        return True
+    raise InferError(
+        f"output_dir {output_dir} {problem}. Write to another output_dir, or pass overwrite=true to replace them"
+    )
+
+
+def _start_output_dir(output_dir: Path, settings: dict, replace: bool) -> None:
+    """Remove the predictions to be replaced (overwrite), then record this run's settings."""
+    if replace:
+        for stale in [output_dir / PREDICTIONS, output_dir / SUMMARY, *output_dir.glob("predictions.part*-of-*.jsonl")]:
+            stale.unlink(missing_ok=True)
+    atomic_write_text(output_dir / FINGERPRINT, json.dumps({"settings": settings}, indent=2) + "\n")
+
+
 # --- the recipe ---------------------------------------------------------------------------------------
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
@@ -539,16 +648,24 @@ def run_inference(
     if not cfg.output_dir:
         raise InferError("give output_dir=FOLDER")
     if analyzer is None:
-        check_analyzer_config(cfg)  # a typo fails before run_info.json (and the output folder) is written
+        check_analyzer_config(cfg)  # a typo fails in a second, before run_info.json (and the folder) is written
+    # before anything is written (run_info.json included): the folder's predictions must match these settings
+    settings = settings_fingerprint(cfg)
+    replace = check_output_dir(cfg, settings)
     writer = (rank if rank is not None else _dist_info()[0]) == 0
     with RunRecord(cfg.output_dir, "infer", write=writer) as record:
-        summary = _run_inference(cfg, analyzer, rank, world_size)
+        summary = _run_inference(cfg, analyzer, rank, world_size, settings, replace)
         record.update(summary=summary)
     return summary
 
 
 def _run_inference(
-    cfg: InferConfig, analyzer: Analyzer | None = None, rank: int | None = None, world_size: int | None = None
+    cfg: InferConfig,
+    analyzer: Analyzer | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    settings: dict | None = None,
+    replace: bool = False,
 ) -> dict:
     """Analyze every image of `cfg` and write the outputs. Returns a summary dict.
 
@@ -582,9 +699,14 @@ def _run_inference(
     mine = items[rank::world]
 
     own_group = False if explicit else _init_distributed(world)
-    if rank == 0:
+    if rank == 0 or explicit:  # explicit ranks run one after the other: the first one prepares the folder
         output_dir.mkdir(parents=True, exist_ok=True)
+        unrecorded = not _has_records(output_dir) or not (output_dir / FINGERPRINT).is_file()
+        if settings is not None and (replace or unrecorded):
+            _start_output_dir(output_dir, settings, replace)
         save_resolved_config(cfg, output_dir, RESOLVED_CONFIG)
+    if not explicit:
+        _barrier(world)  # no rank reads old records before rank 0 has removed those it replaces
     if analyzer is None:
         analyzer = Analyzer.from_config(cfg)
 

@@ -285,7 +285,6 @@ def merge_lora_state_dict(
     return plain, report
 
 
-@recorded("merge step2", lambda base_dir, weights, out_dir, *args, **kwargs: out_dir)
 def step2(
     base_dir: str | os.PathLike,
     weights: str | os.PathLike,
@@ -306,11 +305,31 @@ def step2(
     not have are an error; base keys the weights lack keep their base values and are reported.
     dtype "bfloat16" (default): the released checkpoints' layout (SAM + text_hidden_fcs stay fp32);
     "float32": everything fp32 (twice the size).
+
+    The directory is written into a temporary folder next to `out_dir` and renamed into place when complete
+    (legion.model.export.writing_model_dir), run_info.json and merge_report.json included: a failed or killed
+    merge leaves no folder that looks complete, and a failed re-merge leaves the previous model whole.
     """
+    from legion.model.export import check_model_output_dir, writing_model_dir
+    from legion.utils.run_info import RunRecord
+
+    check_model_output_dir(out_dir)  # before minutes of loading
+    with writing_model_dir(out_dir) as tmp, RunRecord(tmp, "merge step2") as record:
+        report = _step2(
+            base_dir, weights, Path(out_dir), tmp, lora_alpha, lora_r, adapter, use_rslora, dtype, vision_tower
+        )
+        record.update(report=report)
+    return report
+
+
+def _step2(
+    base_dir, weights, out_dir: Path, folder: Path, lora_alpha, lora_r, adapter, use_rslora, dtype, vision_tower
+):
+    """step2's work, writing into `folder` (the temporary folder that becomes `out_dir`)."""
     from legion.model.builders import load_model, save_model
     from legion.model.export import ModelCard
 
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    base_dir = Path(base_dir)
     state, lora = merge_lora_state_dict(load_safetensors(weights), lora_alpha, lora_r, adapter, use_rslora)
     model, tokenizer, _ = load_model(
         base_dir, dtype=torch.float32, device="cpu", vision_tower=vision_tower, verbose=False
@@ -335,9 +354,10 @@ def step2(
         title=f"LEGION, merged from {base_dir.name}",
         base_model=_hub_id_of(base_dir),
         datasets=["khr0516/SynthScars"],
-        notes=f"LoRA (rank {lora.rank}, scale {lora.scale:g}) merged into `{base_dir}` by `legion merge step2`.",
+        notes=(f"LoRA (rank {lora.rank}, scale {lora.scale:g}) merged" if lora.rank else "Weights (no LoRA) loaded")
+        + f" into `{base_dir}` by `legion merge step2`.",
     )
-    save_model(model, tokenizer, out_dir, dtype=dtype, card=card)
+    save_model(model, tokenizer, folder, dtype=dtype, card=card)
     report = {
         "base": str(base_dir),
         "weights": str(weights),
@@ -349,7 +369,7 @@ def step2(
         "dtype": dtype,
         "missing_keys_kept_from_base": missing,
     }
-    atomic_write_text(out_dir / "merge_report.json", json.dumps(report, indent=2))
+    atomic_write_text(folder / "merge_report.json", json.dumps(report, indent=2))
     return report
 
 

@@ -81,13 +81,9 @@ def test_remote_reviser_sends_the_explanation_and_cleans_the_answer(monkeypatch)
     with FakeChatServer(
         [(200, _answer('New prompt: "a portrait of a man with two natural, symmetric eyes"\n'))]
     ) as srv:
-        monkeypatch.setenv("TEST_LLM_URL", srv.base_url)
-        monkeypatch.setenv("TEST_LLM_KEY", "sk-test")
-        reviser = build_reviser(
-            ReviserConfig(
-                backend="openai", model="gpt-4o", base_url_env="TEST_LLM_URL", api_key_env="TEST_LLM_KEY", retries=0
-            )
-        )
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        reviser = build_reviser(ReviserConfig(backend="openai", model="gpt-4o", retries=0))
         out = reviser.revise("a portrait of a man", "the left eye is larger than the right eye", ["the left eye"])
     assert out == "a portrait of a man with two natural, symmetric eyes"
     (request,) = srv.requests
@@ -127,10 +123,10 @@ def test_remote_reviser_times_out():
 
 
 def test_remote_reviser_needs_a_key_for_the_default_endpoint(monkeypatch):
-    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    monkeypatch.delenv("NO_SUCH_URL_VAR", raising=False)
-    with pytest.raises(ReviserError, match="NO_SUCH_KEY_VAR"):
-        build_reviser(ReviserConfig(backend="openai", api_key_env="NO_SUCH_KEY_VAR", base_url_env="NO_SUCH_URL_VAR"))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ReviserError, match="OPENAI_API_KEY"):
+        build_reviser(ReviserConfig(backend="openai"))
 
 
 def test_clean_revision_and_template():

@@ -54,7 +54,7 @@ def test_text_summary(synthscars_sample_root, capsys):
     assert code == 0
     assert "records           119 (of 119 entries; 1 without refs)" in out
     assert "refs              260" in out and "119 found / 119 distinct, 0 missing" in out
-    assert "headers only" in out and "verdict: USABLE" in out
+    assert "headers and end markers" in out and "verdict: USABLE" in out
     assert "record 1547" in out  # problems name the record
 
 

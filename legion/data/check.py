@@ -5,9 +5,12 @@
 
 Reports records, refs, images found / missing / unreadable (with reasons and conversions), refs
 located in the caption and dropped (and why), polygons outside their image, and mask-area
-statistics. Exit code 0 when the split is usable (at least one usable record and at most
---max-unusable-fraction of the records unusable), 1 otherwise (the summary says why), 2 when
---root or --annotations does not exist.
+statistics, and names every unusable record with its image file and the reason: the text summary
+shows the first few per reason and the count, `--json` lists all of them (`unusable`, and every
+unreadable file under `images.unreadable_files`). `--quick` reads the image headers and the files'
+end markers (a file cut after its header is "truncated") instead of decoding every image. Exit code
+0 when the split is usable (at least one usable record and at most --max-unusable-fraction of the
+records unusable), 1 otherwise (the summary says why), 2 when --root or --annotations does not exist.
 """
 
 from __future__ import annotations
@@ -49,15 +52,15 @@ def _stats(values: list[float]) -> dict | None:
     }
 
 
-def _probe(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None, str | None]:
-    """((H, W) or None, failure reason or None, conversion or None)."""
+def _probe(path: Path, decode: bool) -> tuple[tuple[int, int] | None, str | None, str | None, str]:
+    """((H, W) or None, failure reason or None, conversion or None, failure detail)."""
     try:
         if decode:
             result = read_image_info(path)
-            return result.image.shape[:2], None, result.conversion
-        return read_image_size(path), None, None
+            return result.image.shape[:2], None, result.conversion, ""
+        return read_image_size(path, check_end=True), None, None, ""
     except ImageReadError as err:
-        return None, err.reason, None
+        return None, err.reason, None, err.detail
 
 
 def _area_fraction(polygons_per_ref: list[list[list[float]]], height: int, width: int) -> tuple[list[float], float]:
@@ -83,7 +86,8 @@ def check_split(
     max_examples: int = 20,
     progress: bool = False,
 ) -> dict:
-    """The data-check summary as a dict (what `--json` prints). `summary["usable"]` is the verdict."""
+    """The data-check summary as a dict (what `--json` prints). `summary["usable"]` is the verdict;
+    `summary["unusable"]` names every unusable record: {reason: [{"record", "file", "detail"}, ...]}."""
     summary: dict = {"root": str(root), "split": split, "usable": False, "fatal": None}
     try:
         path = Path(annotation_path) if annotation_path else find_annotation_file(root, split)
@@ -99,16 +103,23 @@ def check_split(
     summary["annotation_errors"] = dict(report.counts("error"))
     summary["annotation_warnings"] = dict(report.counts("warning"))
     summary["annotation_examples"] = [str(p) for p in report.problems[:max_examples]]
+    summary["annotation_problems"] = [str(p) for p in report.problems]  # all of them (records dropped or mended)
 
     # images: resolve, then probe each distinct file once
     unusable: dict[str, str] = {}
+    details: dict[str, dict] = {}  # record id -> {"record", "file", "detail"} of its unusable entry
+
+    def mark(record, reason: str, file, detail: str = "") -> None:
+        unusable[record.id] = reason
+        details[record.id] = {"record": record.id, "file": str(file), "detail": detail}
+
     paths: dict[str, Path] = {}
     escape_examples: list[str] = []
     for record in records:
         try:
             paths[record.id] = resolve_image_path(root, split, record.img_file_name, allow_absolute)
         except PathEscapeError:
-            unusable[record.id] = "path_escape"
+            mark(record, "path_escape", record.img_file_name, "img_file_name leaves the images folder")
             escape_examples.append(f"path escape: record {record.id}, img_file_name {record.img_file_name!r}")
     distinct = sorted(set(paths.values()))
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -124,13 +135,18 @@ def check_split(
                 ),
             )
         )
-    failures = Counter(reason for _, reason, _ in probes.values() if reason)
+    failures = Counter(reason for _, reason, _, _ in probes.values() if reason)
     summary["images"] = {
         "distinct": len(distinct),
-        "found": sum(1 for s, _, _ in probes.values() if s is not None),
+        "found": sum(1 for s, _, _, _ in probes.values() if s is not None),
         "missing": failures.pop("missing", 0),
         "unreadable": dict(failures),
-        "conversions": dict(Counter(c for _, _, c in probes.values() if c)),
+        "unreadable_files": [
+            {"file": str(p), "reason": reason, "detail": detail}
+            for p, (_, reason, _, detail) in probes.items()
+            if reason and reason != "missing"
+        ],
+        "conversions": dict(Counter(c for _, _, c, _ in probes.values() if c)),
         "decoded": decode,
         "records_sharing_an_image": sum(n - 1 for n in Counter(paths.values()).values() if n > 1),
     }
@@ -148,18 +164,19 @@ def check_split(
         dropped.update(reason for _, reason in drops)
         if record.id in unusable:
             continue
-        size, reason, _ = probes[paths[record.id]]
+        size, reason, _, detail = probes[paths[record.id]]
         if size is None:
-            unusable[record.id] = "image_missing" if reason == "missing" else "image_unreadable"
+            problem = "image_missing" if reason == "missing" else "image_unreadable"
+            mark(record, problem, paths[record.id], reason if not detail else f"{reason}: {detail}")
             continue
         if not spans:
-            unusable[record.id] = "no_grounded_ref"
+            mark(record, "no_grounded_ref", paths[record.id], "no ref sentence found in the caption")
             continue
         height, width = size
         kept = [record.refs[s.ref_index] for s in spans]
         over = max(polygons_outside(r.polygons, height, width) for r in kept)
         if over > 0:
-            unusable[record.id] = "polygon_outside_image"
+            mark(record, "polygon_outside_image", paths[record.id], f"a vertex {over:.1f} px outside {width}x{height}")
             outside_examples.append(
                 f"polygon outside image: record {record.id}, a vertex {over:.1f} px beyond "
                 f"the tolerated {width}x{height} frame"
@@ -183,6 +200,10 @@ def check_split(
     }
     n_unusable = len(unusable)
     summary["unusable_records"] = dict(Counter(unusable.values()))
+    summary["unusable"] = {
+        reason: [details[rid] for rid, r in unusable.items() if r == reason]
+        for reason in sorted(set(unusable.values()))
+    }
     summary["usable_records"] = len(records) - n_unusable
     fraction = n_unusable / len(records) if records else 1.0
     summary["unusable_fraction"] = fraction
@@ -204,7 +225,19 @@ def _fmt_counts(counts: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
-def format_summary(s: dict) -> str:
+def _named(s: dict, per_reason: int) -> list[str]:
+    """Text lines naming the unusable records (first `per_reason` per reason) and unreadable files."""
+    lines = []
+    for reason, entries in s.get("unusable", {}).items():
+        lines.append(f"  {reason} ({len(entries)} records):")
+        for e in entries[:per_reason]:
+            lines.append(f"    record {e['record']}: {e['file']}" + (f" ({e['detail']})" if e["detail"] else ""))
+        if len(entries) > per_reason:
+            lines.append(f"    ... and {len(entries) - per_reason} more (--json lists all)")
+    return lines
+
+
+def format_summary(s: dict, per_reason: int = 5) -> str:
     lines = [f"SynthScars check: {s['root']} [{s['split']}]"]
     if s.get("fatal"):
         return "\n".join(lines + [f"  FATAL: {s['fatal']}", "  verdict: NOT USABLE"])
@@ -217,7 +250,7 @@ def format_summary(s: dict) -> str:
         f"  annotation notes  {_fmt_counts(s['annotation_warnings'])}",
         f"  images            {img['found']} found / {img['distinct']} distinct, {img['missing']} missing, "
         f"{img['path_escapes']} names rejected (escape the root), "
-        f"unreadable: {_fmt_counts(img['unreadable'])} ({'decoded' if img['decoded'] else 'headers only'})",
+        f"unreadable: {_fmt_counts(img['unreadable'])} ({'decoded' if img['decoded'] else 'headers and end markers'})",
         f"  conversions       {_fmt_counts(img['conversions'])}",
         f"  shared images     {img['records_sharing_an_image']} records reuse an image of another record",
         f"  refs located      {_fmt_counts(s['spans']['located'])}",
@@ -232,6 +265,10 @@ def format_summary(s: dict) -> str:
     if examples:
         lines.append("  first problems:")
         lines += [f"    {e}" for e in examples[:20]]
+    named = _named(s, per_reason)
+    if named:
+        lines.append(f"  unusable records (first {per_reason} per reason):")
+        lines += named
     verdict = (
         "USABLE"
         if s["usable"]
@@ -256,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--split", default="train", choices=["train", "test"], help="split to check (default train)")
     check.add_argument("--annotations", default=None, help="annotation file (default: found under --root)")
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
-    check.add_argument("--quick", action="store_true", help="read image headers only (no full decode)")
+    check.add_argument("--quick", action="store_true", help="read image headers and end markers only (no full decode)")
     check.add_argument(
         "--allow-absolute-paths",
         action="store_true",

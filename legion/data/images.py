@@ -128,16 +128,48 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     return read_image_info(path, max_pixels).image
 
 
-def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(H, W) of the stored image from its header only (no decode). Raises `ImageReadError`."""
+def read_image_size(path: str | os.PathLike, check_end: bool = False) -> tuple[int, int]:
+    """(H, W) of the stored image from its header only (no decode). Raises `ImageReadError`.
+
+    check_end: also read the file's last bytes and raise ImageReadError(reason "truncated") when they are not
+    what a complete file of its format ends with (`file_end_problem`): a file cut after its header passes
+    the header read but is caught here, still without decoding."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "missing" if not path.exists() else "not_a_file")
     try:
         with Image.open(path) as img:
             width, height = img.size
+            image_format = img.format
     except UnidentifiedImageError as err:
         raise ImageReadError(path, "corrupt", str(err)) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(path, "corrupt", str(err)) from None
+    if check_end:
+        problem = file_end_problem(path, image_format)
+        if problem is not None:
+            raise ImageReadError(path, "truncated", problem)
     return height, width
+
+
+def file_end_problem(path: str | os.PathLike, image_format: str | None) -> str | None:
+    """Why the file does not end as a complete `image_format` file does, or None (also for formats without a
+    cheap check, e.g. TIFF). JPEG: the EOI marker FFD9 (trailing padding allowed); PNG: the IEND chunk; GIF:
+    the trailer 0x3B; WebP and BMP: the file is at least as long as its header says. A file cut after its
+    header fails this; a file damaged in the middle needs a full decode (`read_image`)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        fh.seek(max(0, size - 64))
+        tail = fh.read()
+    if image_format == "JPEG" and not tail.rstrip(b"\0\r\n\t ").endswith(b"\xff\xd9"):
+        return "no JPEG end marker (FFD9)"
+    if image_format == "PNG" and b"IEND\xaeB`\x82" not in tail:
+        return "no PNG IEND chunk"
+    if image_format == "GIF" and not tail.rstrip(b"\0").endswith(b";"):
+        return "no GIF trailer"
+    if image_format == "WEBP" and len(head) >= 8 and size < int.from_bytes(head[4:8], "little") + 8:
+        return f"{size} bytes, the header says {int.from_bytes(head[4:8], 'little') + 8}"
+    if image_format == "BMP" and len(head) >= 6 and size < int.from_bytes(head[2:6], "little"):
+        return f"{size} bytes, the header says {int.from_bytes(head[2:6], 'little')}"
+    return None

@@ -8,7 +8,10 @@
 Each evaluation writes DIR/metrics.json (values 0-100, `overall` plus breakdowns, the protocol
 choices), DIR/per_image.jsonl (per-image counts and values on a 0-1 scale),
 DIR/table.{md,csv,json} and, for localization, PNG plots.
-Images without a prediction are scored as empty predictions and counted in num_missing.
+Images without a prediction are scored as empty predictions and counted in num_missing; predictions
+of images outside the ground truth are listed (extra_predictions), not scored. Refused before any metric
+(exit 1): an empty predictions file, a mask whose RLE is malformed, two records for one image, and
+predictions made on other images that carry ground-truth names (docs/data_formats.md §8.1).
 """
 
 from __future__ import annotations
@@ -202,13 +205,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_inputs(args):
-    from legion.eval.ground_truth import load_ground_truth, read_predictions
+    from legion.eval.ground_truth import check_matching, load_ground_truth, match_predictions, read_predictions
 
     require_path(args.pred, "--pred")
     require_path(args.gt, "--gt")
     if args.content_types:
         require_path(args.content_types, "--content-types", "file")
     predictions = read_predictions(args.pred)
+    if not predictions:
+        raise DataError(f"--pred {args.pred}: no prediction records (an empty predictions file): nothing to evaluate")
     ground_truth = load_ground_truth(
         args.gt,
         args.dataset,
@@ -221,7 +226,17 @@ def _load_inputs(args):
         raise DataError(f"--gt {args.gt}: no ground-truth images found")
     if args.content_types:
         _apply_content_types(ground_truth, args.content_types)
+    # duplicates and predictions of other images are refused before any model (CSS) is loaded
+    paths = {name: item.path for name, item in ground_truth.items()}
+    check_matching(match_predictions(predictions, list(ground_truth), _image_root(args.pred), paths))
     return predictions, ground_truth
+
+
+def _image_root(pred) -> str | None:
+    from legion.eval.ground_truth import prediction_image_root
+
+    root = prediction_image_root(pred)
+    return None if root is None else str(root)
 
 
 def _apply_content_types(ground_truth, path) -> None:
@@ -291,6 +306,7 @@ def _run_localization(args) -> int:
         workers=args.workers,
         dataset=args.dataset,
         progress=True,
+        image_root=_image_root(args.pred),
     )
     metrics = {
         "kind": "localization",
@@ -327,7 +343,9 @@ def _run_explanation(args) -> int:
 
     predictions, ground_truth = _load_inputs(args)
     css = None if args.no_css else CssScorer(args.css_model, device=args.device)
-    result = evaluate_explanations(predictions, ground_truth, css=css, dataset=args.dataset)
+    result = evaluate_explanations(
+        predictions, ground_truth, css=css, dataset=args.dataset, image_root=_image_root(args.pred)
+    )
     metrics = {
         "kind": "explanation",
         **result.metrics,

@@ -65,6 +65,24 @@ class DetectorEvalConfig:
     RENAMED: ClassVar[dict] = {"detector": ("detector_path", None), "backbone": ("detector_backbone", None)}
 
 
+def check_detector_eval_config(cfg: DetectorEvalConfig) -> None:
+    """Settings that need no model or data, checked before anything is loaded or written (ConfigError)."""
+    from legion.data.perturb import parse_perturbation
+    from legion.utils.devices import DTYPES, resolve_device
+
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.dtype not in ("auto", *DTYPES):
+        raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    try:
+        parse_perturbation(cfg.perturbation, seed=cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"perturbation: {exc}") from None
+    resolve_device(cfg.device)
+
+
 def predict(detector, items, cfg: DetectorEvalConfig, progress: bool = True) -> list[dict]:
     """One prediction record per item (unreadable images get fake_prob None and an error)."""
     from legion.train.detector import FeatureCache, extract_features
@@ -169,6 +187,7 @@ def evaluate_detector(cfg: DetectorEvalConfig, progress: bool = True) -> dict:
     from legion.model.detector import load_detector
     from legion.utils.devices import resolve_device, resolve_dtype
 
+    check_detector_eval_config(cfg)
     if not cfg.detector_path:
         raise ConfigError("detector_path is required (a checkpoint dir written by `legion cls-train`)")
     if not cfg.data.test:
@@ -213,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(DetectorEvalConfig, args.config, args.overrides)
+    check_detector_eval_config(cfg)  # before run_info.json or any loading
     for key, value in (
         ("detector_path", cfg.detector_path),
         ("data.test", cfg.data.test),

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 
 from legion.errors import InputNotFoundError
-from legion.eval.ground_truth import GroundTruthItem, match_predictions
+from legion.eval.ground_truth import GroundTruthItem, check_matching, match_predictions
 
 _TAG = re.compile(r"<[^>]*>")
 
@@ -190,13 +190,18 @@ def evaluate_explanations(
     ground_truth: Mapping[str, GroundTruthItem],
     css: CssScorer | None = None,
     dataset: str | None = None,
+    image_root: str | None = None,
 ) -> ExplanationResult:
     """Score every ground-truth image that has a reference text. A missing prediction or a
-    "real"/"error" verdict is an empty explanation (scores 0). ``css=None`` skips CSS."""
+    "real"/"error" verdict is an empty explanation (scores 0). ``css=None`` skips CSS. Two records for one
+    image, or predictions of other images (`image_root`: the folder they were made on), are refused
+    (legion.eval.ground_truth.check_matching)."""
     refs = {
         n: clean_ref for n, item in ground_truth.items() if (clean_ref := " ".join((item.reference_text or "").split()))
     }
-    matching = match_predictions(predictions, list(refs))
+    paths = {name: item.path for name, item in ground_truth.items()}
+    matching = match_predictions(predictions, list(ground_truth), image_root, paths)
+    check_matching(matching)
     rows = []
     for name, reference in refs.items():
         rec = matching.by_name.get(name)
@@ -233,7 +238,7 @@ def evaluate_explanations(
         },
         "overall": _summary(rows, with_css),
         "by_content_type": {k: _summary(v, with_css) for k, v in sorted(by_type.items())},
-        "missing_images": matching.missing,
+        "missing_images": [n for n in matching.missing if n in refs],
         "extra_predictions": matching.extra,
         "images_without_reference": sorted(set(ground_truth) - set(refs)),
     }

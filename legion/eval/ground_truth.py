@@ -5,7 +5,11 @@ arrays, so that a 1,000-image test set needs no more memory than its annotation 
 
 Matching (docs/data_formats.md §8): an image's ground truth is found by **exact file name**;
 a prediction's ``image`` (path relative to the inference image dir) matches a ground-truth
-name exactly, or else by its base name when that base name is unique.
+name exactly, or else by its base name when that base name is unique. When the folder the
+predictions were made on is known (``infer_config.yaml`` next to ``predictions.jsonl``) and the
+ground-truth image file too, a name match must also be the same image (the same file or the same
+bytes): predictions made on other images that happen to carry the ground truth's names are refused,
+as are two records for one image (`check_matching`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class GroundTruthItem:
     boxes: list[list[float]] | None = None  # LOKI [x, y, w, h] regions, drawn at the image size
     boxes_skip_degenerate: bool = False
     raster: str = "paper"  # "paper" | "coco" (GT_RASTERS): how polygons/boxes are drawn
+    path: str | None = None  # the stored image file, when found (the same-image check of `match_predictions`)
     _phrase_rles: list[dict] | None = field(default=None, repr=False)
 
     def resolved_size(self, fallback: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -211,6 +216,7 @@ def load_synthscars(
             item = items[name] = GroundTruthItem(
                 name=name,
                 size=size,
+                path=str(path) if path is not None else None,
                 phrase_polygons=[],
                 phrase_texts=[],
                 reference_text=_normalise_space(rec.caption),
@@ -297,6 +303,7 @@ def load_loki(
             item = items[name] = GroundTruthItem(
                 name=name,
                 size=image_size(path) if path else None,
+                path=str(path) if path else None,
                 boxes=[],
                 boxes_skip_degenerate=skip_degenerate,
                 raster=raster,
@@ -329,7 +336,7 @@ def load_richhf(gt: str | os.PathLike, threshold: float = 0.0) -> dict[str, Grou
             raise DataError(f"{entry.image_path}: unreadable image")
         mask = benchmarks.richhf_mask(entry.heatmap_path, threshold=threshold, expected_size=size)
         items[entry.image_path.name] = GroundTruthItem(
-            name=entry.image_path.name, size=size, union_rle=mask_to_rle(mask)
+            name=entry.image_path.name, size=size, union_rle=mask_to_rle(mask), path=str(entry.image_path)
         )
     return items
 
@@ -412,17 +419,41 @@ class Matching:
     by_name: dict[str, PredictionRecord]  # GT name -> prediction record
     missing: list[str]  # GT names without a prediction (scored as empty)
     extra: list[str]  # prediction images with no ground truth (not scored)
-    duplicates: list[str]  # GT names predicted more than once (the last one is kept)
+    duplicates: list[str]  # GT names predicted more than once (the last one is kept; `check_matching` refuses)
+    foreign: list[str] = field(default_factory=list)  # predictions of other images with a GT name (not matched)
+    duplicate_images: dict[str, list[str]] = field(default_factory=dict)  # GT name -> the records' images
+    image_root: str | None = None  # the folder the predictions' images are relative to, when known
 
 
-def match_predictions(predictions: Iterable[PredictionRecord | dict], names: Iterable[str]) -> Matching:
+def same_image(a: str | os.PathLike, b: str | os.PathLike) -> bool | None:
+    """True when `a` and `b` are the same file or hold the same bytes, False when they differ, None when
+    either cannot be read (then only the names can be compared)."""
+    import filecmp
+
+    try:
+        return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return None
+
+
+def match_predictions(
+    predictions: Iterable[PredictionRecord | dict],
+    names: Iterable[str],
+    image_root: str | os.PathLike | None = None,
+    gt_paths: dict[str, str | None] | None = None,
+) -> Matching:
+    """Pair prediction records with ground-truth names (module docstring). With `image_root` (the folder
+    the predictions' ``image`` paths are relative to) and `gt_paths` (GT name -> its image file), a record
+    whose image is a different picture than the ground truth's of that name is not matched but listed in
+    `foreign`."""
     names = list(names)
     name_set = set(names)
     by_base: dict[str, list[str]] = {}
     for n in names:
         by_base.setdefault(os.path.basename(n), []).append(n)
     by_name: dict[str, dict] = {}
-    extra, duplicates = [], []
+    extra, duplicates, foreign = [], [], []
+    images: dict[str, list[str]] = {}
     for rec in map(as_record, predictions):
         image = str(rec.image).replace("\\", "/")
         if image in name_set:
@@ -433,8 +464,79 @@ def match_predictions(predictions: Iterable[PredictionRecord | dict], names: Ite
         if key is None:
             extra.append(image)
             continue
+        gt_path = (gt_paths or {}).get(key)
+        if image_root is not None and gt_path and same_image(Path(image_root) / image, gt_path) is False:
+            foreign.append(image)
+            continue
+        images.setdefault(key, []).append(image)
         if key in by_name:
             duplicates.append(key)
         by_name[key] = rec
     missing = [n for n in names if n not in by_name]
-    return Matching(by_name=by_name, missing=missing, extra=extra, duplicates=duplicates)
+    return Matching(
+        by_name=by_name,
+        missing=missing,
+        extra=extra,
+        duplicates=duplicates,
+        foreign=foreign,
+        duplicate_images={k: images[k] for k in dict.fromkeys(duplicates)},
+        image_root=None if image_root is None else str(image_root),
+    )
+
+
+def check_matching(matching: Matching) -> None:
+    """Refuse what cannot be scored honestly: several records for one image (which one would count?) and
+    predictions made on other images that carry ground-truth names. DataError naming them."""
+    if matching.duplicate_images:
+        shown = "; ".join(
+            f"{len(images)} records for {name}" + (f" ({', '.join(images)})" if set(images) != {name} else "")
+            for name, images in list(matching.duplicate_images.items())[:5]
+        )
+        more = len(matching.duplicate_images) - 5
+        raise DataError(
+            f"the predictions hold more than one record for {len(matching.duplicate_images)} image(s): {shown}"
+            + (f" and {more} more" if more > 0 else "")
+            + "; a predictions file has one record per image (write each run to its own output_dir)"
+        )
+    if matching.foreign:
+        shown = ", ".join(matching.foreign[:5]) + (", ..." if len(matching.foreign) > 5 else "")
+        raise DataError(
+            f"{len(matching.foreign)} predictions are for other images than the ground truth's of the same name "
+            f"(made on {matching.image_root}: {shown}); evaluate predictions made on the ground-truth images"
+        )
+
+
+def check_record_masks(record: PredictionRecord) -> None:
+    """DataError naming the image when one of the record's masks is not a well-formed RLE (legion.utils.rle:
+    malformed run lengths would hang pycocotools or give a wrong area)."""
+    from legion.utils.rle import check_rle
+
+    if not isinstance(record.masks, list):
+        raise DataError(f"prediction for {record.image}: masks is not a list")
+    for i, rle in enumerate(record.masks):
+        check_rle(rle, f"prediction for {record.image}: masks[{i}]")
+    if record.union_mask is not None:
+        check_rle(record.union_mask, f"prediction for {record.image}: union_mask")
+
+
+def prediction_image_root(pred_path: str | os.PathLike) -> Path | None:
+    """The folder the images of a `legion infer` output are relative to: ``image_dir`` of the
+    ``infer_config.yaml`` next to ``predictions.jsonl`` (else the folder of its ``image_list``); None when
+    there is no such file (predictions written by other tools)."""
+    import yaml
+
+    pred_path = Path(pred_path)
+    config = (pred_path if pred_path.is_dir() else pred_path.parent) / "infer_config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("image_dir"):
+        return Path(str(data["image_dir"]))
+    if data.get("image_list"):
+        return Path(str(data["image_list"])).parent
+    return None

@@ -278,11 +278,14 @@ def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         notes="Random weights from `legion make-tiny --seed "
         f"{seed}`: the full-size module tree at CPU size, for tests and the demo. Not a trained model.",
     )
-    out = save_model(model, tokenizer, out_dir, card=card)
-    sam_state = {k: v.detach().clone() for k, v in model.model.grounding_encoder.state_dict().items()}
-    with atomic_path(out / TINY_SAM_CHECKPOINT) as tmp:
-        torch.save(sam_state, tmp)
-    return out
+    from legion.model.export import writing_model_dir
+
+    with writing_model_dir(out_dir) as folder:  # the whole folder appears at once
+        save_model(model, tokenizer, folder, card=card)
+        sam_state = {k: v.detach().clone() for k, v in model.model.grounding_encoder.state_dict().items()}
+        with atomic_path(folder / TINY_SAM_CHECKPOINT) as tmp:
+            torch.save(sam_state, tmp)
+    return Path(out_dir)
 
 
 # --- loading --------------------------------------------------------------------------------

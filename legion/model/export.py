@@ -1,7 +1,9 @@
 """Write a LEGION model directory the Hugging Face way, and read it back from a folder or the Hub.
 
 Every model this project writes (`legion make-tiny`, `legion merge step2`, training's
-`final_model/`, `legion export`) goes through `export_model`:
+`final_model/`, `legion export`) goes through `export_model`, into a temporary folder next to the
+target that is renamed into place when complete (`writing_model_dir`: a kill or a failed write
+leaves the previous model whole under its name, never a folder that only looks complete):
 
     OUT/config.json                 model_type "legion" (transformers Auto classes, after `import legion`)
     OUT/model.safetensors           or model-0000i-of-0000n.safetensors + model.safetensors.index.json
@@ -17,16 +19,17 @@ encoder and CLIP in bf16, SAM and `text_hidden_fcs` in fp32 (about half of an fp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from legion.errors import InputNotFoundError, OptionError
-from legion.utils.io import atomic_path, atomic_write_text
+from legion.utils.io import atomic_dir, atomic_path, atomic_write_text
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as Hugging Face counts
@@ -116,6 +119,35 @@ def cast_for_export(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, 
 
 
 # --- the model directory ---------------------------------------------------------------------------
+REPLACEABLE_WITHOUT_CONFIG = {"run_info.json", "merge_report.json"}  # what a failed earlier write may have left
+
+
+def check_model_output_dir(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` when a model directory may be written there: it does not exist, or it is a model directory
+    (it has a config.json), or it holds nothing but run records. Any other folder or file is refused
+    (OptionError) so that a mistyped output folder is never replaced. Recipes call it before loading."""
+    out = Path(out_dir)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OptionError(f"output folder {out} exists and is not a folder; choose another output folder")
+        entries = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+        if entries - REPLACEABLE_WITHOUT_CONFIG and "config.json" not in entries:
+            raise OptionError(
+                f"output folder {out} exists and is not a model folder (no config.json): it is not replaced; "
+                "choose another output folder"
+            )
+    return out
+
+
+@contextlib.contextmanager
+def writing_model_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Write a model directory atomically (legion.utils.io.atomic_dir): yields a temporary folder that
+    becomes `out_dir` when the block succeeds; `check_model_output_dir` decides whether an existing
+    `out_dir` may be replaced."""
+    with atomic_dir(check_model_output_dir(out_dir)) as tmp:
+        yield tmp
+
+
 def export_model(
     model,
     tokenizer,
@@ -368,6 +400,8 @@ def run(args) -> int:
 
     if not args.output_dir and not args.push_to_hub:
         raise OptionError("give --output-dir DIR and/or --push-to-hub REPO")
+    if args.output_dir:
+        check_model_output_dir(args.output_dir)
     max_shard_bytes = parse_size(args.max_shard_size)
     source = resolve_model_source(args.model)
     for path in args.metrics:
@@ -383,7 +417,8 @@ def run(args) -> int:
     )
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(args.output_dir or scratch)
-        export_model(model, tokenizer, out, dtype=args.dtype, max_shard_bytes=max_shard_bytes, card=card)
+        with writing_model_dir(out) if args.output_dir else contextlib.nullcontext(out) as folder:
+            export_model(model, tokenizer, folder, dtype=args.dtype, max_shard_bytes=max_shard_bytes, card=card)
         files = sorted(p.name for p in out.iterdir())
         print(f"exported {source} -> {out} ({args.dtype}): {', '.join(files)}")
         if args.push_to_hub:

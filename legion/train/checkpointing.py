@@ -12,9 +12,21 @@ Layout of `ckpt_dir` (DeepSpeed's own layout, so `zero_to_fp32.py` and `legion m
 
 Why atomic: a run killed (or out of disk) in the middle of `save_checkpoint` must never leave
 `latest` pointing at a half-written tag. Every rank writes into `<tag>.tmp/`; only when all
-ranks succeeded does rank 0 rename it to `<tag>/` and then replace `latest` (write + os.replace).
-A failed write raises `CheckpointWriteError`, removes the partial directory and leaves the
+ranks succeeded does rank 0 write `trainer_state.json` into it (so a `<tag>.tmp/` holding
+`trainer_state.json` is complete), rename it to `<tag>/` and then replace `latest` (write +
+os.replace). Re-saving an existing tag renames the old one to `<tag>.old/` first and deletes it
+once the new one is in place. Any failed write (an OSError, or torch's RuntimeError "file write
+failed" on a full disk) raises `CheckpointWriteError`, removes the partial directory and leaves the
 previous checkpoint and `latest` untouched.
+
+On resume, `recover` first finishes or undoes what a killed save left (a complete `<tag>.tmp/`
+whose `<tag>/` is missing is renamed into place, an incomplete one is removed, a `<tag>.old/`
+is restored or removed, temporary files of atomic writes are removed), then `resume_tag` picks the
+tag named by `latest`, or, when `latest` is missing, unreadable or names no complete checkpoint,
+the newest complete tag (with a note). No problem with `latest` ever makes a run start from step 0
+over existing checkpoints: with no complete tag to fall back on it refuses (ResumeError), and
+`checkpoint.resume: none` in a folder that holds checkpoints is refused too (they would be
+overwritten and pruned).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +51,10 @@ from legion.utils.io import atomic_write_text
 
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 PARTIAL_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"  # a tag being replaced by a re-save of the same step
 TRAINER_STATE_FILE = "trainer_state.json"
+# temporary files of legion.utils.io's atomic writes (`latest`), left only by a process killed mid-write
+ATOMIC_TEMP = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
 
 
 class CheckpointWriteError(LegionError, RuntimeError):
@@ -100,6 +116,34 @@ def _any_rank_failed(failed: bool) -> bool:
     return bool(flag.item())
 
 
+def _read_pointer(pointer: Path) -> str:
+    return pointer.read_bytes().decode("utf-8").strip()
+
+
+def _is_tag_name(tag: str) -> bool:
+    """A checkpoint folder name `latest` may point at: a plain child name, no path."""
+    return bool(tag) and tag not in (".", "..") and "/" not in tag and "\\" not in tag and "\0" not in tag
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        return None
+
+
+def _note(message: str) -> None:
+    if _rank() == 0:
+        print(f"legion train: note: {message}", file=sys.stderr, flush=True)
+
+
 class CheckpointManager:
     """Saves and restores DeepSpeed engines plus the trainer's own state in `ckpt_dir`.
 
@@ -119,13 +163,64 @@ class CheckpointManager:
         pointer = self.ckpt_dir / "latest"
         if not pointer.is_file():
             return None
-        tag = pointer.read_text().strip()
-        if not tag or not (self.ckpt_dir / tag).is_dir():
+        try:
+            tag = _read_pointer(pointer)
+        except UnicodeDecodeError:
+            tag = "<not text>"
+        if not _is_tag_name(tag) or not (self.ckpt_dir / tag).is_dir():
             raise MissingFileError(
-                f"{pointer} names checkpoint '{tag}', but {self.ckpt_dir / tag} does not exist; "
-                "delete the `latest` file or point it at an existing global_step* directory"
+                f"{pointer} names checkpoint {tag!r}, but there is no such checkpoint in {self.ckpt_dir}; "
+                f"checkpoint.resume=<tag> loads another one (found: {', '.join(self.complete_tags()) or 'none'})"
             )
         return tag
+
+    def resumable_tags(self) -> list[str]:
+        """Complete checkpoints of `legion train` (a tag folder holding trainer_state.json), oldest first."""
+        return [t for t in self.complete_tags() if (self.ckpt_dir / t / TRAINER_STATE_FILE).is_file()]
+
+    def resume_tag(self) -> str | None:
+        """The tag `checkpoint.resume: auto` continues from: the one `latest` names when it is a complete
+        checkpoint; else (latest missing, unreadable, or naming no complete checkpoint) the newest complete
+        tag, with a note on stderr; None when the folder holds no checkpoint at all. ResumeError when there
+        are checkpoints but none to resume from (nothing is changed: a run from step 0 would overwrite them)."""
+        pointer = self.ckpt_dir / "latest"
+        resumable = self.resumable_tags()
+        problem = None
+        if pointer.is_file():
+            try:
+                tag = _read_pointer(pointer)
+            except (OSError, UnicodeDecodeError) as exc:
+                problem = f"{pointer} is unreadable ({type(exc).__name__})"
+            else:
+                if tag in resumable:
+                    return tag
+                problem = f"{pointer} names {tag[:60]!r}, which is not a complete checkpoint in {self.ckpt_dir}"
+        elif pointer.exists() or pointer.is_symlink():
+            problem = f"{pointer} is not a file"
+        elif resumable:
+            problem = f"{pointer} is missing"
+        if resumable:
+            _note(f"{problem}; resuming from the newest complete checkpoint, {resumable[-1]}")
+            return resumable[-1]
+        others = self.complete_tags()
+        if problem is None and not others:
+            return None
+        found = f"it holds {', '.join(others)}, none with {TRAINER_STATE_FILE}" if others else "it holds no checkpoint"
+        raise ResumeError(
+            f"{problem + '; ' if problem else ''}nothing to resume from in {self.ckpt_dir}: {found}. Nothing was "
+            "changed. To train from step 0, use another output_dir"
+            + (" (a run from step 0 here would overwrite them)" if others else " or checkpoint.resume=none")
+        )
+
+    def check_fresh_start(self) -> None:
+        """`checkpoint.resume: none`: refused (ConfigError) when the folder holds checkpoints, which a run from
+        step 0 would overwrite and prune."""
+        tags = self.complete_tags()
+        if tags:
+            raise ConfigError(
+                f"checkpoint.resume=none, but {self.ckpt_dir} holds checkpoints ({', '.join(tags[-3:])}) that a run "
+                "from step 0 would overwrite and prune; use another output_dir, or checkpoint.resume=auto to continue"
+            )
 
     def complete_tags(self) -> list[str]:
         """Complete `global_step*` tags, oldest first."""
@@ -134,70 +229,126 @@ class CheckpointManager:
         tags = [p.name for p in self.ckpt_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None]
         return sorted(tags, key=step_of_tag)
 
+    def recover(self) -> list[str]:
+        """Finish or undo what a run killed while saving left behind, before `latest` is read (every rank
+        calls it; rank 0 acts, the others wait): a complete `<tag>.tmp` (it holds trainer_state.json) whose
+        `<tag>` is missing is renamed into place, any other `<tag>.tmp` removed; a `<tag>.old` is restored
+        when `<tag>` is missing, else removed; temporary files of atomic writes are removed. Returns what
+        was done (also printed on stderr)."""
+        notes: list[str] = []
+        if _rank() == 0 and self.ckpt_dir.is_dir():
+            entries = sorted(self.ckpt_dir.iterdir())
+            for path in entries:
+                tag = path.name[: -len(PARTIAL_SUFFIX)]
+                if not (path.name.endswith(PARTIAL_SUFFIX) and _is_tag_name(tag)) or path.is_symlink():
+                    continue
+                final = self.ckpt_dir / tag
+                if path.is_dir() and not final.exists() and (path / TRAINER_STATE_FILE).is_file():
+                    os.rename(path, final)
+                    notes.append(f"completed checkpoint {tag} (written, not yet renamed into place)")
+                else:
+                    _remove(path)
+                    notes.append(f"removed the partial checkpoint {path.name}")
+            for path in entries:
+                tag = path.name[: -len(OLD_SUFFIX)]
+                if not (path.name.endswith(OLD_SUFFIX) and _is_tag_name(tag)) or not path.exists():
+                    continue
+                if (self.ckpt_dir / tag).exists():
+                    _remove(path)
+                else:
+                    os.rename(path, self.ckpt_dir / tag)
+                    notes.append(f"restored checkpoint {tag} (its replacement was never completed)")
+            for path in entries:
+                if ATOMIC_TEMP.match(path.name) and (path.exists() or path.is_symlink()):
+                    _remove(path)
+            for note in notes:
+                _note(note)
+        _barrier()
+        return notes
+
     def remove_partial(self) -> None:
-        """Delete `*.tmp` leftovers of a run killed while saving (rank 0 only)."""
-        if _rank() != 0 or not self.ckpt_dir.is_dir():
-            return
-        for path in self.ckpt_dir.iterdir():
-            if path.name.endswith(PARTIAL_SUFFIX):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        """Former name of `recover` (which no longer deletes a complete `<tag>.tmp`)."""
+        self.recover()
 
     # ---------------------------------------------------------------- save
     def save(self, engine, step: int, trainer_state: dict[str, Any]) -> Path:
         """Write tag `global_step{step}` atomically, update `latest`, prune old tags.
 
         trainer_state: JSON-serialisable (step, epoch, sampler state, ...); stored both in the
-        DeepSpeed client_state and as trainer_state.json for humans and tools.
+        DeepSpeed client_state and as trainer_state.json for humans and tools (written last: it marks
+        the tag complete).
         """
         tag = tag_for_step(step)
-        partial_tag = tag + PARTIAL_SUFFIX
+        partial_dir = self.ckpt_dir / (tag + PARTIAL_SUFFIX)
         rank = _rank()
         error: BaseException | None = None
         try:
             if rank == 0:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-                if (self.ckpt_dir / partial_tag).exists():
-                    shutil.rmtree(self.ckpt_dir / partial_tag)
+                if partial_dir.exists():
+                    shutil.rmtree(partial_dir)
             _barrier()
             engine.save_checkpoint(
                 str(self.ckpt_dir),
-                tag=partial_tag,
+                tag=partial_dir.name,
                 client_state={"trainer_state": trainer_state},
                 save_latest=False,
                 exclude_frozen_parameters=self.exclude_frozen_parameters,
             )
-            partial_dir = self.ckpt_dir / partial_tag
             torch.save(capture_rng_state(), partial_dir / f"rng_state_rank{rank}.pt")
-            if rank == 0:
-                atomic_write_text(partial_dir / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=2))
-        except OSError as exc:
+        except Exception as exc:  # OSError, and torch's RuntimeError ("file write failed") on a full disk
             error = exc
         if _any_rank_failed(error is not None):
+            self._failed(tag, error)
+        # every rank wrote its part: rank 0 marks the tag complete and puts it in place
+        try:
             if rank == 0:
-                shutil.rmtree(self.ckpt_dir / partial_tag, ignore_errors=True)
-            _barrier()
-            previous = self._latest_or_none()
-            reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write"
-            hint = " (disk full?)" if isinstance(error, OSError) and error.errno == errno.ENOSPC else ""
-            raise CheckpointWriteError(
-                f"could not write checkpoint '{tag}' to {self.ckpt_dir}{hint}: {reason}. "
-                f"The previous checkpoint ({previous or 'none'}) and `latest` are unchanged."
-            ) from error
-
-        if rank == 0:
-            final_dir = self.ckpt_dir / tag
-            if final_dir.exists():  # re-saving a step (e.g. resumed exactly at a save point)
-                shutil.rmtree(final_dir)
-            os.replace(self.ckpt_dir / partial_tag, final_dir)
-            atomic_write_text(self.ckpt_dir / "latest", tag)
-            self._prune(keep=tag)
-        _barrier()
+                atomic_write_text(partial_dir / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=2))
+                self._publish(tag, partial_dir)
+        except Exception as exc:
+            error = exc
+        if _any_rank_failed(error is not None):
+            self._failed(tag, error)
         return self.ckpt_dir / tag
+
+    def _publish(self, tag: str, partial_dir: Path) -> None:
+        """Rank 0: `<tag>.tmp` -> `<tag>` (an existing `<tag>` is kept as `<tag>.old` until then), `latest`, prune."""
+        final_dir = self.ckpt_dir / tag
+        if final_dir.exists():  # re-saving a step (e.g. resumed from an older tag)
+            aside = self.ckpt_dir / (tag + OLD_SUFFIX)
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.rename(final_dir, aside)
+            os.rename(partial_dir, final_dir)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(partial_dir, final_dir)
+        atomic_write_text(self.ckpt_dir / "latest", tag)
+        self._prune(keep=tag)
+
+    def _failed(self, tag: str, error: BaseException | None) -> None:
+        """Every rank: remove the partial tag (rank 0), then raise CheckpointWriteError."""
+        if _rank() == 0:
+            shutil.rmtree(self.ckpt_dir / (tag + PARTIAL_SUFFIX), ignore_errors=True)
+        _barrier()
+        previous = self._latest_or_none()
+        reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write"
+        free = _free_bytes(self.ckpt_dir)
+        full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(
+            text in str(error) for text in ("No space left", "file write failed", "write failed")
+        )
+        details = ["disk full?"] if full or (free is not None and free < 2**30) else []
+        details += [f"{free / 2**30:.2f} GiB free there"] if free is not None else []
+        hint = f" ({', '.join(details)})" if details else ""
+        raise CheckpointWriteError(
+            f"could not write checkpoint '{tag}' to {self.ckpt_dir}{hint}: {reason.strip()}. The previous "
+            f"checkpoint ({previous or 'none'}) and `latest` are unchanged; the partial files were removed."
+        ) from error
 
     def _latest_or_none(self) -> str | None:
         try:
             return self.latest_tag()
-        except FileNotFoundError:
+        except (OSError, UnicodeDecodeError):
             return None
 
     def _prune(self, keep: str) -> None:

@@ -110,6 +110,39 @@ class DetectorTrainConfig:
     optim: DetectorOptimConfig = field(default_factory=DetectorOptimConfig)
 
 
+def check_detector_train_config(cfg: DetectorTrainConfig) -> None:
+    """Every setting that needs no model or data, checked before anything is loaded or written (ConfigError)."""
+    import math
+
+    from legion.utils.devices import DTYPES
+
+    def need(ok: bool, key: str, rule: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for key in ("epochs", "batch_size", "extract_batch_size", "log_every"):
+        need(getattr(cfg, key) >= 1, key, ">= 1", getattr(cfg, key))
+    need(cfg.num_workers >= 0, "num_workers", ">= 0", cfg.num_workers)
+    o = cfg.optim
+    need(number(o.lr) and o.lr > 0, "optim.lr", "> 0", o.lr)
+    betas = list(o.betas)
+    need(len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas), "optim.betas", "2 numbers in [0, 1)", betas)
+    need(number(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    need(o.scheduler in ("cosine", "constant"), "optim.scheduler", "cosine or constant", o.scheduler)
+    need(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
+    fraction = cfg.data.val_fraction
+    need(number(fraction) and 0 <= fraction < 1, "data.val_fraction", "in [0, 1)", fraction)
+    need(
+        cfg.model.head_dtype in ("bfloat16", "float32"), "model.head_dtype", "bfloat16 or float32", cfg.model.head_dtype
+    )
+    dtypes = ("auto", *DTYPES)
+    need(cfg.model.dtype in dtypes, "model.dtype", " | ".join(dtypes), cfg.model.dtype)
+    resolve_device(cfg.device)
+
+
 # --- feature cache --------------------------------------------------------------------------
 
 
@@ -456,6 +489,7 @@ def train_detector(cfg: DetectorTrainConfig, progress: bool = True) -> dict:
     from legion.model.detector import build_detector
     from legion.train.logging import TrainLogger
 
+    check_detector_train_config(cfg)
     if not cfg.model.backbone:
         raise ConfigError("model.backbone is required (a merged LEGION checkpoint dir or a CLIP dir)")
     torch.manual_seed(cfg.seed)
@@ -557,6 +591,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(DetectorTrainConfig, args.config, args.overrides)
+    check_detector_train_config(cfg)  # before run_info.json or any loading
     for key, value in (
         ("data.train", cfg.data.train),
         ("data.val", cfg.data.val),

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from legion.config import ConfigError, add_config_arguments, load_config, save_resolved_config, to_dict
-from legion.errors import require_path
+from legion.errors import DataError, require_path
 from legion.utils.io import atomic_write_text
 from legion.utils.run_info import RunRecord
 
@@ -107,6 +107,13 @@ class DataSection:
     )
     num_workers: int = 2
     val_size: int = field(default=200, metadata={"help": "records held out from train for validation (0 = none)"})
+    max_unusable_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "stop (DataError) once the samples that fail to load (e.g. truncated images) exceed this fraction "
+            "of the samples the run trains on; a step with no usable sample at all stops the run whatever this is"
+        },
+    )
 
 
 @dataclass
@@ -205,6 +212,58 @@ class TrainConfig:
     RENAMED: ClassVar[dict] = {"model.precision": ("model.dtype", {"bf16": "bfloat16", "fp32": "float32"})}
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Every setting that needs no model or data, checked before anything is loaded (ConfigError, exit 2):
+    a zero or negative count, step interval or learning rate fails in a second, not after minutes of loading
+    or as a ZeroDivisionError. The batch plan is checked against the world size by `plan_batches`."""
+    import functools
+    import math
+
+    from legion.train.checkpointing import _is_tag_name
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def need(ok: bool, key: str, rule: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+    def at_least(key: str, minimum, strict: bool = False, none_ok: bool = False) -> None:
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if value is None and none_ok:
+            return
+        ok = number(value) and (value > minimum if strict else value >= minimum)
+        need(ok, key, f"{'>' if strict else '>='} {minimum}" + (" or null" if none_ok else ""), value)
+
+    need(cfg.model.dtype in ("bfloat16", "float32"), "model.dtype", "bfloat16 or float32", cfg.model.dtype)
+    at_least("lora.r", 1)
+    at_least("lora.alpha", 0, strict=True)
+    need(number(cfg.lora.dropout) and 0 <= cfg.lora.dropout < 1, "lora.dropout", "in [0, 1)", cfg.lora.dropout)
+    for key in ("loss.ce_weight", "loss.bce_weight", "loss.dice_weight", "data.num_workers", "data.val_size"):
+        at_least(key, 0)
+    at_least("data.sam_input_size", 1)
+    at_least("data.max_length", 1, none_ok=True)
+    fraction = cfg.data.max_unusable_fraction
+    need(number(fraction) and 0 <= fraction <= 1, "data.max_unusable_fraction", "in [0, 1]", fraction)
+    at_least("optim.lr", 0, strict=True)
+    for key, value in cfg.optim.module_lr.items():
+        need(number(value) and value > 0, f"optim.module_lr[{key!r}]", "> 0", value)
+    betas = list(cfg.optim.betas)
+    need(len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas), "optim.betas", "2 numbers in [0, 1)", betas)
+    at_least("optim.eps", 0, strict=True)
+    for key in ("optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "optim.warmup_min_lr"):
+        at_least(key, 0)
+    for key in ("schedule.global_batch_size", "schedule.epochs", "checkpoint.every_steps", "checkpoint.keep_last"):
+        at_least(key, 1)
+    for key in ("validation.every_steps", "validation.batch_size", "logging.every_steps"):
+        at_least(key, 1)
+    for key in ("schedule.micro_batch_size", "schedule.max_steps", "schedule.total_steps"):
+        at_least(key, 1, none_ok=True)
+    resume = str(cfg.checkpoint.resume)
+    need(_is_tag_name(resume), "checkpoint.resume", "auto, none or a checkpoint tag (global_stepN)", resume)
+    read_deepspeed_config(cfg)
+
+
 # ------------------------------------------------------------------------------ distributed setup
 def _free_port() -> int:
     with socket.socket() as s:
@@ -268,12 +327,7 @@ def build_deepspeed_config(
 ) -> dict:
     """Our DeepSpeed JSON + batch sizes, clipping and the LR schedule (the peak lr of each of
     `optimizer`'s groups, e.g. from `optim.module_lr`; `optim.lr` when it has one group or none is given)."""
-    path = Path(cfg.deepspeed.config_file)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.is_file():
-        raise ConfigError(f"deepspeed.config_file not found: {cfg.deepspeed.config_file}")
-    ds = json.loads(path.read_text())
+    ds = read_deepspeed_config(cfg)
     group_lrs = [group["lr"] for group in optimizer.param_groups] if optimizer else []
     peak_lr = group_lrs if len(group_lrs) > 1 else cfg.optim.lr  # DeepSpeed takes a list: one per group
     ds.update(
@@ -298,6 +352,22 @@ def build_deepspeed_config(
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.dtype == "bfloat16"}
     ds.pop("fp16", None)
     ds.pop("optimizer", None)  # a torch AdamW is passed in (no DeepSpeed op to compile)
+    return ds
+
+
+def read_deepspeed_config(cfg: TrainConfig) -> dict:
+    """The JSON object of `deepspeed.config_file` (relative paths: from the current folder, else the repository)."""
+    path = Path(cfg.deepspeed.config_file)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file not found: {cfg.deepspeed.config_file}")
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"deepspeed.config_file {path}: not JSON ({exc})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed.config_file {path}: expected a JSON object")
     return ds
 
 
@@ -568,13 +638,18 @@ class EpochBatches:
 def train(cfg: TrainConfig) -> dict:
     """The loc/exp recipe: build (distributed setup, seeds, batch plan, model, data, optimizer, DeepSpeed
     engine, checkpoints + resume, encoder cache, logger, loaders), `fit`, export. Returns the summary.
-    `output_dir/run_info.json` records the run (code version, packages, machine, batch plan, summary)."""
+    `output_dir/run_info.json` records the run (code version, packages, machine, batch plan, summary).
+    SIGTERM / SIGUSR1 stop it at the next optimizer step with a checkpoint (TrainingPreempted, exit code 75:
+    legion.train.preemption)."""
+    from legion.train.preemption import StopSignals
+
+    check_train_config(cfg)
     rank, world_size, device = setup_distributed()
-    with RunRecord(cfg.output_dir, "train", write=rank == 0) as record:
-        return _train(cfg, rank, world_size, device, record)
+    with RunRecord(cfg.output_dir, "train", write=rank == 0) as record, StopSignals() as signals:
+        return _train(cfg, rank, world_size, device, record, signals)
 
 
-def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, record: RunRecord) -> dict:
+def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, record: RunRecord, signals=None) -> dict:
     import deepspeed
 
     from legion.data.synthscars import EpochSampler
@@ -583,6 +658,12 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, r
     seed_everything(cfg.seed + rank)  # LoRA dropout differs per rank, reproducibly
     out_dir = Path(cfg.output_dir)
     plan = plan_batches(cfg.schedule.global_batch_size, world_size, cfg.schedule.micro_batch_size)
+    ckpt = CheckpointManager(
+        out_dir / "checkpoints",
+        keep_last=cfg.checkpoint.keep_last,
+        exclude_frozen_parameters=cfg.checkpoint.exclude_frozen,
+    )
+    start_tag = plan_resume(cfg, ckpt, plan)  # before loading: a checkpoint problem fails in a second
 
     model, tokenizer, lora_targets = prepare_model(cfg, device)
     train_set, val_set, preprocessing = build_datasets(cfg, tokenizer, model.config)
@@ -595,12 +676,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, r
     if rank == 0:
         write_run_files(cfg, out_dir, ds_config)
 
-    ckpt = CheckpointManager(
-        out_dir / "checkpoints",
-        keep_last=cfg.checkpoint.keep_last,
-        exclude_frozen_parameters=cfg.checkpoint.exclude_frozen,
-    )
-    at = resume(cfg, ckpt, engine, plan)
+    at = resume(cfg, ckpt, engine, plan, start_tag)
     cached = build_encoder_cache(cfg, engine, preprocessing, out_dir)
     log = start_logger(cfg, out_dir, rank, run_info, at)
 
@@ -622,6 +698,14 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, r
         cached=cached,
         ckpt=ckpt,
         log=log,
+        guard=StepGuard(
+            device,
+            world_size,
+            (steps.total - at.step) * plan.global_batch,
+            cfg.data.max_unusable_fraction,
+            signals,
+            f"legion data check --root {cfg.data.root} --split {cfg.data.split}",
+        ),
     )
 
     summary = {
@@ -654,9 +738,13 @@ def fit(
     cached: CachedFrozenEncoders | None,
     ckpt: CheckpointManager,
     log: TrainLogger,
+    guard: StepGuard | None = None,
 ) -> None:
     """Train from `at` to `steps.total` (advancing `at`): micro-batches epoch after epoch; after each optimizer
-    step log, validate and save a checkpoint when due; at the end validate and save unless that step just did."""
+    step log, validate and save a checkpoint when due; at the end validate and save unless that step just did.
+    Before each update `guard` checks the step's samples (DataError when none loaded) and whether a stop signal
+    arrived; after a signal the step is saved and TrainingPreempted raised."""
+    guard = guard or StepGuard(device, plan.world_size, steps.total * plan.global_batch, 1.0)
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     epoch_records = steps.per_epoch * plan.per_device  # this rank's records per epoch
     losses = StepLosses(device, plan.grad_accum)
@@ -668,8 +756,10 @@ def fit(
             at.epoch, at.position = at.epoch + 1, 0
         for batch in batches.loader(at.epoch, at.position):
             forward_backward(engine, batch, device, cached, trainable, losses)
+            guard.add(batch, plan.micro_batch)
             lrs = engine.get_lr()
             boundary = engine.is_gradient_accumulation_boundary()
+            stop = guard.end_step(at.step + 1) if boundary else False  # before the update
             engine.step()
             if not boundary:
                 continue
@@ -679,12 +769,14 @@ def fit(
                 log_step(log, at, losses, lrs, optimizer, plan, step_start)
             losses.reset()
             step_start = time.time()
-            if at.step % cfg.validation.every_steps == 0:
+            if at.step % cfg.validation.every_steps == 0 and not stop:
                 run_validation(engine, val_loader, device, cached, log, at.step)
-            if at.step % cfg.checkpoint.every_steps == 0 or at.step == steps.total:
+            if at.step % cfg.checkpoint.every_steps == 0 or at.step == steps.total or stop:
                 ckpt.save(engine, at.step, at.trainer_state(plan))
                 last_saved = at.step
                 log.event("checkpoint", at.step, {"tag": f"global_step{at.step}"})
+            if stop:
+                raise guard.preempted(at.step, steps.total, log)
             if at.step >= steps.total or at.position >= epoch_records:
                 break
     if at.step % cfg.validation.every_steps != 0:
@@ -741,20 +833,49 @@ def write_run_files(cfg: TrainConfig, out_dir: Path, ds_config: dict) -> None:
     atomic_write_text(out_dir / "ds_config.json", json.dumps(ds_config, indent=2))
 
 
-def resume(cfg: TrainConfig, ckpt: CheckpointManager, engine, plan: BatchPlan) -> TrainingPosition:
-    """Drop a half-written tag, then load `checkpoint.resume` (auto: `latest`, when there is one) into the
-    engine: weights, optimizer, LR schedule, RNG states. Returns where that run stopped (step 0 if none)."""
-    ckpt.remove_partial()
+def plan_resume(cfg: TrainConfig, ckpt: CheckpointManager, plan: BatchPlan) -> str | None:
+    """Before the model is loaded: finish or undo a save that a killed run left (`CheckpointManager.recover`),
+    then choose the tag to continue from (`checkpoint.resume`: auto = the one `latest` names, else the newest
+    complete tag; a tag; none = from step 0, refused over existing checkpoints) and check that it was written
+    with this (world, micro, accumulation) plan. None: start at step 0."""
+    from legion.train.checkpointing import TRAINER_STATE_FILE
+
+    ckpt.recover()
     resume = cfg.checkpoint.resume
-    if resume == "none" or (resume == "auto" and ckpt.latest_tag() is None):
-        return TrainingPosition()
-    state = ckpt.load(engine, None if resume == "auto" else resume)
+    if resume == "none":
+        ckpt.check_fresh_start()
+        return None
+    tag = ckpt.resume_tag() if resume == "auto" else resume
+    if tag is None:
+        return None
+    state_file = ckpt.ckpt_dir / tag / TRAINER_STATE_FILE
+    if not (ckpt.ckpt_dir / tag).is_dir():
+        found = ", ".join(ckpt.complete_tags()) or "none"
+        raise ConfigError(f"checkpoint.resume={tag}: no such checkpoint in {ckpt.ckpt_dir} (found: {found})")
+    if state_file.is_file():
+        try:
+            _check_plan(json.loads(state_file.read_text(encoding="utf-8")), plan)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass  # the load reports an unreadable checkpoint
+    return tag
+
+
+def _check_plan(state: dict, plan: BatchPlan) -> None:
     if state.get("plan") and state["plan"] != [plan.world_size, plan.micro_batch, plan.grad_accum]:
         raise ConfigError(
             f"checkpoint was written with (world, micro, accum) = {state['plan']}; this run has "
             f"{[plan.world_size, plan.micro_batch, plan.grad_accum]}: the data position cannot be "
             "continued exactly"
         )
+
+
+def resume(cfg: TrainConfig, ckpt: CheckpointManager, engine, plan: BatchPlan, tag: str | None) -> TrainingPosition:
+    """Load `tag` (from `plan_resume`) into the engine: weights, optimizer, LR schedule, RNG states. Returns where
+    that run stopped (step 0 when `tag` is None)."""
+    if tag is None:
+        return TrainingPosition()
+    state = ckpt.load(engine, tag)
+    _check_plan(state, plan)
     return TrainingPosition(state["step"], state["sampler"]["epoch"], state["sampler"]["position"])
 
 
@@ -812,6 +933,75 @@ def build_val_loader(cfg: TrainConfig, val_set, rank: int, world_size: int, pad_
         return None
     sampler = EpochSampler(len(val_set), seed=cfg.seed, rank=rank, world_size=world_size, shuffle=False)
     return make_loader(val_set, sampler, cfg.validation.batch_size, cfg.data.num_workers, pad_id, 0)
+
+
+class StepGuard:
+    """Checked at every optimizer step, before the update: how many of the step's samples loaded and how many
+    did not (unreadable images: the dataset returns a SkippedSample, a micro-batch of them is None), summed
+    over ranks, and whether a stop signal (SIGTERM / SIGUSR1, legion.train.preemption) arrived on any rank.
+    One all-reduce of three numbers per optimizer step (none on one process); every rank gets the same answer,
+    so all stop at the same step.
+
+    A step in which no sample at all could be loaded stops the run (DataError; the update is not applied): its
+    loss would be 0 and the run would "succeed" on unreadable data. So does a run whose unusable samples exceed
+    `max_unusable_fraction` of the `run_samples` it trains on."""
+
+    def __init__(self, device, world_size: int, run_samples: int, max_unusable_fraction: float, signals=None, hint=""):
+        self.device, self.world_size = device, world_size
+        self.run_samples, self.max_fraction = run_samples, max_unusable_fraction
+        self.signals, self.hint = signals, hint
+        self.usable = self.unusable = 0  # this step, this rank
+        self.total_unusable = self.total_seen = 0  # this run so far, all ranks
+        self.examples: list[str] = []  # unusable records named by partly usable micro-batches (this rank)
+
+    def add(self, batch, micro_batch: int) -> None:
+        if batch is None:
+            self.unusable += micro_batch
+            return
+        self.usable += len(batch["input_ids"])
+        skipped = batch.get("skipped") or []
+        self.unusable += len(skipped)
+        self.examples += [f"record {record_id}: {reason}" for record_id, reason in skipped[: 3 - len(self.examples)]]
+
+    def end_step(self, step: int) -> bool:
+        """The step's verdict (all ranks): True when a stop signal arrived. Raises DataError on unusable data."""
+        signal = self.signals.received if self.signals is not None else 0
+        values = [self.usable, self.unusable, 1 if signal else 0]
+        if self.world_size > 1:
+            totals = torch.tensor(values, dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(totals)
+            values = totals.tolist()
+        usable, unusable, stop = values
+        self.usable = self.unusable = 0
+        self.total_unusable += unusable
+        self.total_seen += usable + unusable
+        examples = f" (e.g. {'; '.join(self.examples)})" if self.examples else ""
+        check = f"; `{self.hint}` lists every unreadable record and file" if self.hint else ""
+        if usable == 0:
+            raise DataError(
+                f"step {step}: none of its {unusable} samples could be loaded{examples}: the training images are "
+                f"unreadable (see the warnings above){check}"
+            )
+        if self.total_unusable > self.max_fraction * self.run_samples:
+            raise DataError(
+                f"step {step}: {self.total_unusable} of the {self.total_seen} samples read so far could not be "
+                f"loaded{examples}, more than data.max_unusable_fraction={self.max_fraction} of the "
+                f"{self.run_samples} samples this run trains on{check}"
+            )
+        return bool(stop)
+
+    def preempted(self, step: int, total: int, log) -> Exception:
+        """The exception that ends a run stopped by a signal, after its checkpoint was saved."""
+        from legion.train.preemption import PREEMPTED_EXIT_CODE, StopSignals, TrainingPreempted
+
+        received = self.signals.received if self.signals is not None else 0
+        name = StopSignals.name(received) if received else "another rank's signal"
+        log.event("preempted", step, {"signal": name, "exit_code": PREEMPTED_EXIT_CODE})
+        log.close()
+        return TrainingPreempted(
+            f"{name} received: stopped at step {step} of {total} with checkpoint global_step{step}; run the same "
+            f"command again to resume from it (exit code {PREEMPTED_EXIT_CODE})"
+        )
 
 
 def forward_backward(engine, batch, device, cached, trainable: list, losses: StepLosses) -> None:
@@ -892,6 +1082,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    check_train_config(cfg)
     for name in ("model.path", "data.root"):
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)

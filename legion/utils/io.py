@@ -14,6 +14,14 @@ loss) can leave a temporary file behind; it never has the target's name.
     atomic_write_jsonl(path, records)                      # one json.dumps(record) + "\\n" per record
     with atomic_path(path) as tmp:                         # for writers that want a file name:
         save_file(state, str(tmp))                         # safetensors, torch.save, PIL, savefig, ...
+    with atomic_dir(path) as tmp:                          # for outputs that are a whole folder (a model):
+        save_model(model, tokenizer, tmp)                  # the folder appears whole, or the old one stays
+
+Text that is not UTF-8. File names that are not valid UTF-8 reach Python as ``os.fsdecode`` strings
+with lone surrogates ("\\udcff" for the byte 0xff), which no UTF-8 encoder accepts. The JSON writers
+(`atomic_write_json`, `atomic_write_jsonl`, `append_jsonl`) then write that record with ``\\udcXX``
+escapes (``ensure_ascii``), valid JSON that ``json.loads`` reads back to the same string, so the name
+still opens the same file.
 
 JSON Lines. ``read_jsonl`` returns the records of a file as dicts and, by default, refuses a
 line that is not a JSON object (a ``ValueError`` naming ``path:lineno``). ``append_jsonl`` adds
@@ -39,6 +47,7 @@ from legion.errors import DataError
 
 __all__ = [
     "append_jsonl",
+    "atomic_dir",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -93,6 +102,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """For outputs that are a whole folder (a model directory): yields a new, empty temporary folder next
+    to `path` (``.<name>.tmp-<pid>-<random>``); when the block ends normally its files are fsynced and the
+    folder is renamed to `path`. An existing `path` is renamed aside first (``.<name>.old-<pid>-<random>``)
+    and deleted once the new folder is in place, so `path` names the whole old folder or the whole new one,
+    never a mix; only a process killed in the instant between those two renames leaves the old folder
+    under its ``.old`` name. When the block raises, the temporary folder is removed and `path` is left as
+    it was. Callers decide whether an existing `path` may be replaced (legion.model.export.writing_model_dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = temp_path_for(path)
+    folder.mkdir()
+    try:
+        yield folder
+        for file in folder.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                _fsync_file(file)
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.rename(path, old)
+            try:
+                os.rename(folder, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            os.rename(folder, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already after the rename
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file + fsync + rename)."""
     path = Path(path)
@@ -128,7 +173,7 @@ def atomic_write_json(
 
     The object is serialised before any file is touched, so an unserialisable value leaves `path`
     as it was. (Files that have no trailing newline go through `atomic_write_text(path, json.dumps(...))`.)"""
-    text = json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, default=default)
+    text = _dumps(obj, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys, default=default)
     atomic_write_text(path, text + "\n")
 
 
@@ -140,8 +185,20 @@ def atomic_write_jsonl(
     default: Callable[[Any], Any] | None = None,
 ) -> None:
     """Write one ``json.dumps(record)`` line per record (each ending in "\\n") to `path` atomically."""
-    text = "".join(json.dumps(r, ensure_ascii=ensure_ascii, default=default) + "\n" for r in records)
+    text = "".join(_dumps(r, ensure_ascii=ensure_ascii, default=default) + "\n" for r in records)
     atomic_write_text(path, text)
+
+
+def _dumps(obj: Any, *, ensure_ascii: bool, **kwargs: Any) -> str:
+    """json.dumps; with ensure_ascii=False, text that cannot be UTF-8 (lone surrogates of a file name that is
+    not UTF-8) is written as \\u escapes instead (module docstring)."""
+    text = json.dumps(obj, ensure_ascii=ensure_ascii, **kwargs)
+    if not ensure_ascii:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
 
 
 # --- JSON Lines ------------------------------------------------------------------------------------
@@ -193,7 +250,7 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
     Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    line = (_dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     with open(path, "a+b") as fh:
         end = fh.seek(0, os.SEEK_END)
         if end:

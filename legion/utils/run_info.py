@@ -156,8 +156,8 @@ class RunRecord:
             self.finish("done")
             return
         try:  # the run's own error is what the user must see, not a failure to record it
-            if issubclass(exc_type, KeyboardInterrupt):
-                self.finish("interrupted")
+            if issubclass(exc_type, KeyboardInterrupt) or getattr(exc, "run_status", None) == "interrupted":
+                self.finish("interrupted", None if issubclass(exc_type, KeyboardInterrupt) else str(exc))
             else:
                 self.finish("failed", f"{exc_type.__name__}: {exc}")
         except Exception as record_error:  # e.g. the disk that failed the run is full
