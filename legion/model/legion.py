@@ -17,6 +17,7 @@ the last position's final-layer state: the same state a teacher-forced forward p
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -33,13 +34,20 @@ from legion.model.grounding import build_sam, predict_masks, sam_image_embedding
 from legion.model.losses import causal_lm_loss, mask_losses
 from legion.model.preprocessing import SAM_MEAN, SAM_STD
 from legion.model.region import RegionEncoder
-from legion.model.static_decoding import DynamicDecoder, StaticDecoder
+from legion.model.static_decoding import DynamicDecoder, StaticDecoder, generation_attention
 from legion.model.vision import CLIPVisionTower, build_mm_projector
 
 # Modules that never receive LoRA (reference rule; they also hold q_proj/v_proj Linears).
 LORA_EXCLUDED_MODULES = ("grounding_encoder", "vision_tower", "mm_projector", "text_hidden_fcs")
 VISION_TOWER_PREFIX = "vision_tower."
 DECODING_MODES = ("auto", "dynamic", "static", "cuda_graph")
+# generate_grounded reads the greedy tokens back to the host once every SYNC_EVERY steps (not once per token),
+# so the host can queue the next steps while the device runs; a batch that finished early costs at most
+# SYNC_EVERY - 1 more steps.
+SYNC_EVERY = 16
+# Static decoders (StaticCache + captured CUDA graph) kept per model for reuse by later generations of the same
+# shape (batch, cache length): a `legion infer` run alternates at most between full batches and its last one.
+DECODER_CACHE_ENTRIES = 2
 # LEGION's vocabulary (32,007) is odd: logits rows of that length push cuBLAS onto unaligned GEMM
 # kernels, ~6 % of a 7B LoRA training step on an H200 (benchmarks/results). `lm_logits` pads the
 # weight with zero rows to a multiple of this and slices the logits back: same values, aligned GEMMs.
@@ -516,6 +524,33 @@ class LegionForCausalLM(LlamaForCausalLM):
         )
 
     # --- generation -------------------------------------------------------------------------------
+    def clear_decoder_cache(self) -> None:
+        """Drop the static decoders (caches, captured graphs) kept for reuse by `generate_grounded`."""
+        self.__dict__.pop("_legion_static_decoders", None)
+
+    def _static_decoder(self, batch: int, max_length: int, use_graph: bool, reuse: bool) -> StaticDecoder:
+        """A StaticDecoder for (batch, max_length): with `reuse`, the one an earlier generation of that shape built
+        (reset; its CUDA graph kept), from a small LRU kept on the model (DECODER_CACHE_ENTRIES)."""
+        if not reuse:
+            return StaticDecoder(self.model, batch, max_length, use_graph=use_graph)
+        weight = self.model.embed_tokens.weight
+        # the weights a captured graph reads: another dtype, device or re-allocated parameters invalidate every entry
+        fingerprint = (weight.dtype, weight.device, tuple(p.data_ptr() for p in self.model.layers.parameters()))
+        entries = self.__dict__.get("_legion_static_decoders")
+        if entries is None or entries[0] != fingerprint:
+            entries = self.__dict__["_legion_static_decoders"] = (fingerprint, OrderedDict())
+        decoders = entries[1]
+        key = (batch, max_length, use_graph)
+        decoder = decoders.pop(key, None)
+        if decoder is None:
+            while len(decoders) >= max(DECODER_CACHE_ENTRIES, 1):  # free before allocating the new cache
+                decoders.popitem(last=False)
+            decoder = StaticDecoder(self.model, batch, max_length, use_graph=use_graph)
+        else:
+            decoder.reset()
+        decoders[key] = decoder
+        return decoder
+
     @torch.no_grad()
     def generate_grounded(
         self,
@@ -530,6 +565,9 @@ class LegionForCausalLM(LlamaForCausalLM):
         eos_token_id: int | None = None,
         tokenizer=None,
         decoding: str = "auto",
+        attention_backend: str = "auto",
+        sync_every: int | None = None,
+        reuse_decoder: bool = True,
     ) -> list[GroundedGeneration]:
         """Batched greedy decoding, then one mask per generated `[SEG]`.
 
@@ -541,11 +579,19 @@ class LegionForCausalLM(LlamaForCausalLM):
         decoding (with the cache): "dynamic" grows a DynamicCache; "static" preallocates a
         StaticCache; "cuda_graph" replays each step of the static one from a CUDA graph
         (legion/model/static_decoding.py); "auto" = "cuda_graph" on CUDA, "dynamic" elsewhere.
+        attention_backend: the attention kernels generation may use (static_decoding.ATTENTION_BACKENDS;
+        "auto" never uses cuDNN's, "torch" lets torch choose). sync_every: greedy tokens and the
+        finished flags are computed on the device and read back once every `sync_every` steps (default
+        SYNC_EVERY; 1 = every step); the tokens are the same for every value. reuse_decoder: keep the
+        static decoder (cache + CUDA graph) for the next generation of the same shape.
         """
         if decoding not in DECODING_MODES:
             raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
         if decoding == "auto":
             decoding = "cuda_graph" if input_ids.device.type == "cuda" else "dynamic"
+        sync_every = SYNC_EVERY if sync_every is None else int(sync_every)
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         seg = self.seg_token_idx
         bsz = input_ids.shape[0]
@@ -555,50 +601,63 @@ class LegionForCausalLM(LlamaForCausalLM):
         seg_states: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
         finished = [False] * bsz
 
-        def take(last_states: torch.Tensor) -> torch.Tensor:
-            """Greedy pick from the last states [B, D]; record tokens and [SEG] states."""
-            next_tokens = self.lm_head(last_states).argmax(-1)
-            for b, tok in enumerate(next_tokens.tolist()):  # one device->host copy per step
-                if finished[b]:
-                    continue
-                if tok == eos:
-                    finished[b] = True
-                    continue
-                tokens[b].append(tok)
-                if tok == seg:
-                    seg_states[b].append(last_states[b].clone())
-            return next_tokens
+        def record(step_tokens: list[list[int]], step_states: torch.Tensor) -> None:
+            """Host bookkeeping of consecutive steps: step_tokens [S][B] greedy picks, step_states [S, B, D] the
+            last states that predicted them. Tokens after a sample's eos are ignored."""
+            for step, row in enumerate(step_tokens):
+                for b, tok in enumerate(row):
+                    if finished[b]:
+                        continue
+                    if tok == eos:
+                        finished[b] = True
+                        continue
+                    tokens[b].append(tok)
+                    if tok == seg:
+                        seg_states[b].append(step_states[step, b].clone())
 
-        if use_cache:
-            mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
-            if decoding == "dynamic":
-                decoder = DynamicDecoder(self.model)
+        with generation_attention(attention_backend):
+            if use_cache:
+                mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
+                if decoding == "dynamic":
+                    decoder = DynamicDecoder(self.model)
+                else:
+                    length = mm.attention_mask.shape[1] + max_new_tokens
+                    decoder = self._static_decoder(bsz, length, decoding == "cuda_graph", reuse_decoder)
+                states = decoder.prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids)
+                positions = mm.position_ids[:, -1:]
+                # The last `chunk` steps' greedy tokens [S, B] and states [S, B, D], on the device until read back.
+                chunk = min(sync_every, max_new_tokens)
+                chunk_tokens = torch.empty(chunk, bsz, dtype=torch.long, device=states.device)
+                chunk_states = states.new_empty(chunk, *states.shape)
+                filled = 0
+                for step in range(max_new_tokens):
+                    next_tokens = self.lm_head(states).argmax(-1)
+                    chunk_tokens[filled].copy_(next_tokens)
+                    chunk_states[filled].copy_(states)
+                    filled += 1
+                    last = step == max_new_tokens - 1
+                    if filled == chunk or last:
+                        record(chunk_tokens[:filled].tolist(), chunk_states)  # the one device->host read
+                        filled = 0
+                        if all(finished) or last:
+                            break
+                    positions = positions + 1
+                    states = decoder.step(self.model.embed_tokens(next_tokens[:, None]), positions)
             else:
-                decoder = StaticDecoder(
-                    self.model, bsz, mm.attention_mask.shape[1] + max_new_tokens, use_graph=decoding == "cuda_graph"
-                )
-            states = decoder.prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids)
-            positions = mm.position_ids[:, -1:]
-            for step in range(max_new_tokens):
-                next_tokens = take(states)
-                if all(finished) or step == max_new_tokens - 1:
-                    break
-                positions = positions + 1
-                states = decoder.step(self.model.embed_tokens(next_tokens[:, None]), positions)
-        else:
-            prompts = [input_ids[b, attention_mask[b].bool()] for b in range(bsz)]
-            for _ in range(max_new_tokens):
-                ids, mask = _left_pad([torch.cat([p, p.new_tensor(t)]) for p, t in zip(prompts, tokens)])
-                mm = self.prepare_multimodal_inputs(ids, mask, clip_pixel_values, padding_side="left")
-                out = self.model(
-                    inputs_embeds=mm.inputs_embeds,
-                    attention_mask=mm.attention_mask,
-                    position_ids=mm.position_ids,
-                    use_cache=False,
-                )
-                take(out.last_hidden_state[:, -1])
-                if all(finished):
-                    break
+                prompts = [input_ids[b, attention_mask[b].bool()] for b in range(bsz)]
+                for _ in range(max_new_tokens):
+                    ids, mask = _left_pad([torch.cat([p, p.new_tensor(t)]) for p, t in zip(prompts, tokens)])
+                    mm = self.prepare_multimodal_inputs(ids, mask, clip_pixel_values, padding_side="left")
+                    out = self.model(
+                        inputs_embeds=mm.inputs_embeds,
+                        attention_mask=mm.attention_mask,
+                        position_ids=mm.position_ids,
+                        use_cache=False,
+                    )
+                    last_states = out.last_hidden_state[:, -1]
+                    record([self.lm_head(last_states).argmax(-1).tolist()], last_states[None])
+                    if all(finished):
+                        break
 
         hidden = self.config.hidden_size
         states = [torch.stack(s) if s else self.lm_head.weight.new_zeros(0, hidden) for s in seg_states]
