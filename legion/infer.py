@@ -92,6 +92,17 @@ class AnalyzerConfig:
             "unless quantized, dynamic elsewhere; docs/inference.md)"
         },
     )
+    attention_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "attention kernels while generating: auto (flash, efficient or math; never cuDNN) | torch "
+            "(torch's own choice) | a comma-separated list of flash, efficient, math, cudnn (docs/inference.md)"
+        },
+    )
+    fused_projections: bool = field(
+        default=False,
+        metadata={"help": "one GEMM for q/k/v and one for gate/up per LLM layer (same values up to fp rounding)"},
+    )
     sam_input_size: int | None = field(
         default=1024,
         metadata={"help": "SAM ResizeLongestSide S (reference inference: 1024); null = the SAM encoder size"},
@@ -136,6 +147,7 @@ def check_analyzer_config(cfg: AnalyzerConfig) -> None:
         raise ConfigError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {cfg.dtype_policy!r}")
     if cfg.decoding not in DECODING_MODES:
         raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {cfg.decoding!r}")
+    _check_attention_backend(cfg.attention_backend)
     if cfg.quantization is not None and cfg.quantization not in QUANTIZATION_MODES:
         raise ConfigError(f"quantization: {cfg.quantization!r} is not one of 8bit, 4bit (or null)")
     if cfg.max_new_tokens < 1:
@@ -149,6 +161,15 @@ def check_analyzer_config(cfg: AnalyzerConfig) -> None:
     require_path(cfg.model_path, "model_path", "dir")
     if cfg.detector_path:
         require_path(cfg.detector_path, "detector_path", "dir")
+
+
+def _check_attention_backend(setting: str) -> None:
+    from legion.model.static_decoding import attention_kernels
+
+    try:
+        attention_kernels(setting)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # --- masks -> output helpers ------------------------------------------------------------------
@@ -176,13 +197,16 @@ class Analyzer:
         gate_threshold: float = 0.5,
         question: str | None = None,
         decoding: str = "auto",
+        attention_backend: str = "auto",
     ):
         from legion.model import conversation as conv
         from legion.model.legion import DECODING_MODES
 
         if decoding not in DECODING_MODES:
             raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+        _check_attention_backend(attention_backend)
         self.decoding = decoding
+        self.attention_backend = attention_backend
 
         self.model, self.tokenizer, self.detector = model, tokenizer, detector
         self.sam_pad_to = int(model.config.sam_config["image_size"])
@@ -229,6 +253,10 @@ class Analyzer:
             quantize_language_model(model, cfg.quantization, dtype)
             if decoding == "auto":  # bitsandbytes kernels under CUDA-graph capture are not verified
                 decoding = "dynamic"
+        if cfg.fused_projections:
+            from legion.model.fused_projections import fuse_projections
+
+            fuse_projections(model.model)  # plain nn.Linear only: quantized layers are left as they are
         model.to(device).eval()
         detector = None
         if cfg.detector_path:
@@ -236,7 +264,14 @@ class Analyzer:
 
             detector = load_detector(cfg.detector_path, device=device, backbone=cfg.detector_backbone)
         return cls(
-            model, tokenizer, detector, cfg.sam_input_size, cfg.max_new_tokens, cfg.gate_threshold, decoding=decoding
+            model,
+            tokenizer,
+            detector,
+            cfg.sam_input_size,
+            cfg.max_new_tokens,
+            cfg.gate_threshold,
+            decoding=decoding,
+            attention_backend=cfg.attention_backend,
         )
 
     @property
@@ -271,6 +306,7 @@ class Analyzer:
             max_new_tokens=self.max_new_tokens,
             use_cache=True,
             decoding=self.decoding,
+            attention_backend=self.attention_backend,
         )
         seconds = (time.perf_counter() - start) / len(images)
         records = []

@@ -375,3 +375,31 @@ def test_torchrun_two_ranks(tiny_model_dir, tmp_path):
     keys = [r["image"] for r in read_records(tmp_path / "out" / "predictions.jsonl")]
     assert keys == ["a.jpg", "b.png", "sub/c.png", "zz_broken.png"]
     assert not list((tmp_path / "out").glob("predictions.part*"))
+
+
+def test_fused_projections_and_attention_backend_keep_the_records(tiny_model_dir):
+    """fused_projections / attention_backend (issue 21): the same records as the defaults; bad names fail early."""
+    from legion.model.fused_projections import projections_fused
+
+    answers = [f"I found {conv.tag_phrase('the hand')} and {conv.tag_phrase('the sky')}."]
+    records = {}
+    for name, extra in {
+        "default": {},
+        "fused": {"fused_projections": True},
+        "math": {"attention_backend": "math"},
+        "torch": {"attention_backend": "torch"},
+    }.items():
+        cfg = AnalyzerConfig(
+            model_path=str(tiny_model_dir), device="cpu", sam_input_size=None, max_new_tokens=16, **extra
+        )
+        analyzer = Analyzer.from_config(cfg)
+        assert projections_fused(analyzer.model.model) == (name == "fused")
+        script = ScriptedAnswers(analyzer.model, analyzer.tokenizer, answers)
+        records[name] = [r.to_json() for r in analyzer.analyze(_images()[:2])]
+        script.remove()
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert all(len(r["masks"]) == 2 for r in records["default"])
+    for name in ("fused", "math", "torch"):
+        assert strip(records[name]) == strip(records["default"]), name
+    with pytest.raises(ConfigError, match="attention_backend"):
+        Analyzer.from_config(AnalyzerConfig(model_path=str(tiny_model_dir), device="cpu", attention_backend="fast"))
