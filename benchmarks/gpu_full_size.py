@@ -593,7 +593,8 @@ def bench_encoder_cache(
 # ------------------------------------------------------------------------------------ inference
 @contextlib.contextmanager
 def forced_length(model, eos_id: int, seg_id: int, seg_steps: set[int]):
-    """Every generation step (one lm_head call) suppresses `</s>`; steps in `seg_steps` (1-based) emit `[SEG]`.
+    """Every generation step (one lm_head call) suppresses `</s>`; steps in `seg_steps` (1-based) emit `[SEG]`, the
+    others never do.
 
     Random weights would stop or never ground at arbitrary points: this makes the cached and the
     uncached method generate the same number of tokens and decode the same number of masks.
@@ -606,6 +607,8 @@ def forced_length(model, eos_id: int, seg_id: int, seg_steps: set[int]):
         logits[..., eos_id] = torch.finfo(logits.dtype).min
         if state["step"] in seg_steps:
             logits[..., seg_id] = logits.max() + 1e4
+        else:  # a random model may pick [SEG] by itself (the tiny one does): exactly len(seg_steps) masks
+            logits[..., seg_id] = torch.finfo(logits.dtype).min
         return logits
 
     handle = model.lm_head.register_forward_hook(hook)
