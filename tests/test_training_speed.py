@@ -219,15 +219,15 @@ def test_two_lengths_in_one_bucket_compile_once_and_give_the_eager_losses():
 @pytest.mark.parametrize(
     "per_device, gib, compiled, expected",
     [
-        (2, 79.1, True, (False, 2)),  # 8 x 80 GB (the paper's 8 GPUs): mb 2 is bounded by the measured mb 4
-        (16, 79.1, True, (False, 4)),  # 1 x 80 GB: 72.0 GiB (mb 8) > 90 % of 79.1
-        (16, 139.8, True, (False, 8)),  # 1 x H200: mb 8, the largest measured without checkpointing
-        (16, 139.8, False, (False, 8)),  # eager: 86.5 GiB
-        (16, 79.1, False, (False, 4)),  # eager mb 4: 55.8 GiB
-        (16, 39.4, True, (True, 8)),  # 40 GB: checkpointed mb 16 (38.0 GiB) > 35.5: mb 8 (30.5)
-        (2, 39.4, True, (True, 2)),
-        (16, 23.6, False, (True, 1)),  # 24 GB: checkpointed mb 1 (21.2 GiB)
-        (16, 16.0, False, (True, 1)),  # nothing measured fits: checkpointing, micro-batch 1
+        (2, 79.6, True, (False, 2)),  # 8 x 80 GB (the paper's 8 GPUs): mb 2 is bounded by the measured mb 4
+        (16, 79.6, True, (False, 4)),  # 1 x 80 GB: 72.0 GiB (mb 8) > 85 % of 79.6
+        (16, 80.0, True, (False, 4)),  # an A100 80 GB reports 80.0 GiB: still mb 4
+        (16, 140.4, True, (False, 8)),  # 1 x H200: mb 8, the largest measured without checkpointing
+        (16, 140.4, False, (False, 8)),  # eager: 86.5 GiB
+        (16, 79.6, False, (False, 4)),  # eager mb 4: 55.8 GiB
+        (16, 40.0, True, (True, 8)),  # 40 GB: checkpointed mb 16 (38.0 GiB) > 34.0: mb 8 (30.5)
+        (2, 40.0, True, (True, 2)),
+        (16, 24.0, False, (True, 1)),  # 24 GB: nothing measured fits 20.4 GiB: checkpointing, micro-batch 1
         (16, None, True, (False, 16)),  # no CUDA
     ],
 )
@@ -244,13 +244,13 @@ def test_auto_settings_are_resolved_into_the_config(monkeypatch):
     from legion.train import loc_exp, speed
 
     cfg = load_config(loc_exp.TrainConfig, loc_exp.REPO_ROOT / "configs/legion_7b/train_loc_exp.yaml")
-    monkeypatch.setattr(speed, "cuda_memory_gib", lambda device: 79.1)
+    monkeypatch.setattr(speed, "cuda_memory_gib", lambda device: 79.6)
     reason = loc_exp.resolve_auto_settings(cfg, world_size=8, device=torch.device("cuda", 0))
-    assert (cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size) == (False, 2) and "79.1 GiB" in reason
+    assert (cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size) == (False, 2) and "79.6 GiB" in reason
     assert loc_exp.plan_batches(16, 8, cfg.schedule.micro_batch_size).grad_accum == 1
     assert loc_exp.resolve_auto_settings(cfg, 8, torch.device("cuda", 0)) is None  # nothing auto left
     cfg = load_config(loc_exp.TrainConfig, None, ["model.gradient_checkpointing=auto", "schedule.micro_batch_size=4"])
-    monkeypatch.setattr(speed, "cuda_memory_gib", lambda device: 39.4)
+    monkeypatch.setattr(speed, "cuda_memory_gib", lambda device: 40.0)
     loc_exp.resolve_auto_settings(cfg, 1, torch.device("cuda", 0))
     assert (cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size) == (True, 4)
     cfg = load_config(loc_exp.TrainConfig, None, ["schedule.micro_batch_size=big"])
