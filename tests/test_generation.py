@@ -312,6 +312,9 @@ def test_static_decoder_is_reused_for_the_same_shape_and_gives_the_same_result(s
         assert a.token_ids == b.token_ids == c.token_ids
         assert torch.equal(a.seg_embeddings, b.seg_embeddings) and torch.equal(b.seg_embeddings, c.seg_embeddings)
         assert torch.equal(a.mask_logits, c.mask_logits)
+    # another attention setting is another entry (a captured graph keeps the kernels it was captured with)
+    run(decoding="static", attention_backend="math")
+    assert len(decoders) == 2 and key in decoders
     # another batch size is another entry; the cache is bounded (least recently used goes first)
     run(n=2, decoding="static")
     run(n=1, decoding="static")

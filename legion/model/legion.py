@@ -588,9 +588,12 @@ class LegionForCausalLM(LlamaForCausalLM):
         """Drop the static decoders (caches, captured graphs) kept for reuse by `generate_grounded`."""
         self.__dict__.pop("_legion_static_decoders", None)
 
-    def _static_decoder(self, batch: int, max_length: int, use_graph: bool, reuse: bool) -> StaticDecoder:
+    def _static_decoder(
+        self, batch: int, max_length: int, use_graph: bool, reuse: bool, attention_backend: str = "auto"
+    ) -> StaticDecoder:
         """A StaticDecoder for (batch, max_length): with `reuse`, the one an earlier generation of that shape built
-        (reset; its CUDA graph kept), from a small LRU kept on the model (DECODER_CACHE_ENTRIES)."""
+        (reset; its CUDA graph kept), from a small LRU kept on the model (DECODER_CACHE_ENTRIES). The attention
+        setting is part of the key: a captured graph replays the kernels chosen when it was captured."""
         if not reuse:
             return StaticDecoder(self.model, batch, max_length, use_graph=use_graph)
         weight = self.model.embed_tokens.weight
@@ -600,7 +603,7 @@ class LegionForCausalLM(LlamaForCausalLM):
         if entries is None or entries[0] != fingerprint:
             entries = self.__dict__["_legion_static_decoders"] = (fingerprint, OrderedDict())
         decoders = entries[1]
-        key = (batch, max_length, use_graph)
+        key = (batch, max_length, use_graph, attention_backend)
         decoder = decoders.pop(key, None)
         if decoder is None:
             while len(decoders) >= max(DECODER_CACHE_ENTRIES, 1):  # free before allocating the new cache
@@ -682,7 +685,9 @@ class LegionForCausalLM(LlamaForCausalLM):
                     decoder = DynamicDecoder(self.model)
                 else:
                     length = mm.attention_mask.shape[1] + max_new_tokens
-                    decoder = self._static_decoder(bsz, length, decoding == "cuda_graph", reuse_decoder)
+                    decoder = self._static_decoder(
+                        bsz, length, decoding == "cuda_graph", reuse_decoder, attention_backend
+                    )
                 states = decoder.prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids)
                 positions = mm.position_ids[:, -1:]
                 # The last `chunk` steps' greedy tokens [S, B] and states [S, B, D], on the device until read back.
