@@ -200,6 +200,10 @@ class PreparedImages:
         index = torch.as_tensor(list(indices), dtype=torch.long)
         return PreparedImages(self.clip[index], self.sam[index], [self.sam_sizes[i] for i in indices])
 
+    def pin_memory(self) -> PreparedImages:
+        """Page-locked copies (DataLoader(pin_memory=True) calls this): the copies to the GPU run asynchronously."""
+        return PreparedImages(self.clip.pin_memory(), self.sam.pin_memory(), self.sam_sizes)
+
 
 @dataclass(frozen=True)
 class Preprocessor:
