@@ -108,13 +108,13 @@ def chunked_causal_lm_loss(
     (which rows are supervised is known without reading the device). Only the supervised rows are
     multiplied by the head, `chunk` rows at a time, each chunk's fp32 softmax freed before the next:
     the same mean CE, values and gradients equal to the plain path within fp rounding
-    (tests/test_losses.py). vocab_multiple: pad the head's rows to a multiple (aligned GEMMs, as
+    (tests/test_training_speed.py). vocab_multiple: pad the head's rows to a multiple (aligned GEMMs, as
     legion.model.legion.lm_logits does). No supervised row gives NaN, like F.cross_entropy.
     """
     rows, targets = supervised_rows(labels_host.cpu())
-    width = hidden.shape[-1]
-    flat = hidden[:, :-1].reshape(-1, width)
-    selected = flat[rows.to(hidden.device, non_blocking=True)]
+    length, width = hidden.shape[1], hidden.shape[-1]
+    rows_in_hidden = rows // (length - 1) * length + rows % (length - 1)  # [B, T-1] row -> [B * T] row, no copy
+    selected = hidden.reshape(-1, width)[rows_in_hidden.to(hidden.device, non_blocking=True)]
     vocab = weight.shape[0]
     pad = -vocab % max(vocab_multiple, 1)
     if pad:
