@@ -61,7 +61,15 @@ from legion.model.preprocessing import clip_preprocess, sam_preprocess  # noqa: 
 from legion.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM and H200: 989 TFLOP/s bf16 dense (no sparsity)
-TARGETS = {"no_oom_micro_batch": 2, "mfu": 0.35, "cache_speedup": 10.0}
+TARGETS = {
+    "no_oom_micro_batch": 2,
+    "mfu": 0.35,
+    "cache_speedup": 10.0,
+    # issue 21 (--compare): one image within 1.5x the decode's bandwidth floor, legion infer throughput, recipe MFU
+    "latency_vs_bandwidth_limit": 1.5,
+    "images_per_min": 300.0,
+    "recipe_mfu": 0.45,
+}
 # "Fits on an 80 GB GPU" when measured on a larger one (H200): peak allocated below this, a little under
 # the nominal 80 to leave room for the CUDA context.
 GPU_80GB_USABLE_GIB = 79.0
@@ -212,10 +220,11 @@ def training_batch(
         lo, hi = k * image_size // (num_seg + 1), (k + 2) * image_size // (num_seg + 1)
         gt[k, lo:hi, lo:hi] = 1
     rep = lambda t: t[None].expand(micro_batch, *t.shape).contiguous().to(device)  # noqa: E731
+    host = lambda t: t[None].expand(micro_batch, *t.shape).contiguous()  # noqa: E731 - as the recipe's to_device
     return {
-        "input_ids": rep(ids),
-        "labels": rep(labels),
-        "attention_mask": rep(torch.ones_like(ids)),
+        "input_ids": host(ids),
+        "labels": host(labels),
+        "attention_mask": host(torch.ones_like(ids)),
         "clip_pixel_values": rep(clip),
         "sam_pixel_values": rep(sam),
         "sam_resized_sizes": [tuple(resized)] * micro_batch,
@@ -225,13 +234,21 @@ def training_batch(
 
 
 # ------------------------------------------------------------------------------------- training
-def prepare_for_training(model, gradient_checkpointing: bool = True, compile_layers: bool = False) -> list[str]:
+def prepare_for_training(
+    model,
+    gradient_checkpointing: bool = True,
+    compile_layers: bool = False,
+    ce_chunk_size: int | None = None,
+    sequence_bucket: int | None = None,
+) -> list[str]:
     """The recipe's set-up on the in-memory random model, with its default LoRA, trainable set and loss
-    weights (legion.train.loc_exp.setup_for_training); returns the LoRA targets."""
+    weights (legion.train.loc_exp.setup_for_training); returns the LoRA targets. ce_chunk_size None: lm_head
+    over every position then the CE (the path before issue 21)."""
     from legion.train.loc_exp import TrainConfig, setup_for_training
 
     cfg = TrainConfig()
     cfg.model.gradient_checkpointing, cfg.model.compile_layers = gradient_checkpointing, compile_layers
+    cfg.loss.ce_chunk_size, cfg.model.sequence_bucket = ce_chunk_size, sequence_bucket
     return setup_for_training(model, cfg)
 
 
@@ -244,7 +261,7 @@ class Trainer:
     optimizer: object
     kind: str
 
-    def step(self, batch: dict) -> float:
+    def step(self, batch: dict, read_loss: bool = True) -> float | None:
         if self.kind == "deepspeed":
             out = self.engine(**batch)
             self.engine.backward(out.loss)
@@ -255,7 +272,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return float(out.loss.detach().float())
+        return float(out.loss.detach().float()) if read_loss else None
 
 
 def make_trainer(model, engine: str, dtype: torch.dtype, device: torch.device, fused_adamw: bool = True) -> Trainer:
@@ -576,7 +593,8 @@ def bench_encoder_cache(
 # ------------------------------------------------------------------------------------ inference
 @contextlib.contextmanager
 def forced_length(model, eos_id: int, seg_id: int, seg_steps: set[int]):
-    """Every generation step (one lm_head call) suppresses `</s>`; steps in `seg_steps` (1-based) emit `[SEG]`.
+    """Every generation step (one lm_head call) suppresses `</s>`; steps in `seg_steps` (1-based) emit `[SEG]`, the
+    others never do.
 
     Random weights would stop or never ground at arbitrary points: this makes the cached and the
     uncached method generate the same number of tokens and decode the same number of masks.
@@ -589,6 +607,8 @@ def forced_length(model, eos_id: int, seg_id: int, seg_steps: set[int]):
         logits[..., eos_id] = torch.finfo(logits.dtype).min
         if state["step"] in seg_steps:
             logits[..., seg_id] = logits.max() + 1e4
+        else:  # a random model may pick [SEG] by itself (the tiny one does): exactly len(seg_steps) masks
+            logits[..., seg_id] = torch.finfo(logits.dtype).min
         return logits
 
     handle = model.lm_head.register_forward_hook(hook)
@@ -607,9 +627,11 @@ def generate_images(
     use_cache: bool,
     num_seg: int = 3,
     decoding: str = "auto",
+    **generation,
 ) -> tuple[tuple[float, float], list]:
     """End to end for a batch of RGB images: preprocess, SAM 1024 + CLIP, greedy decoding of exactly
-    `new_tokens` tokens, masks at the original resolution, on the host.
+    `new_tokens` tokens, masks at the original resolution, on the host. `generation`: more
+    generate_grounded settings (attention_backend, sync_every, reuse_decoder).
     Returns ((wall seconds, CPU seconds), generations)."""
     config = model.config
     sam_size = config.sam_config["image_size"]
@@ -631,6 +653,7 @@ def generate_images(
             max_new_tokens=new_tokens,
             use_cache=use_cache,
             decoding=decoding,
+            **generation,
         )
     masks = [(g.mask_logits > 0).cpu() for g in gens]
     seconds = clock.stop()
@@ -657,27 +680,35 @@ def bench_inference(
     image_size: int,
     repeats: int = 1,
     decodings: list[str] | None = None,
+    generation: dict | None = None,
 ) -> dict:
     """Seconds per image with the KV cache (each decoding in `decodings`; the first one is the headline
-    and runs the batched throughput) vs. without it, and cached throughput per batch size."""
+    and runs the batched throughput) vs. without it, and cached throughput per batch size. `generation`:
+    generate_grounded settings of the cached runs (attention_backend, sync_every, reuse_decoder)."""
     model.eval()
     decodings = decodings or default_decodings(device)
     headline = decodings[0]
+    generation = generation or {}
 
     def timed(images, use_cache, decoding=headline):  # median (wall, CPU) seconds over `repeats`, last generations
+        settings = generation if use_cache else {}
         runs = [
-            generate_images(model, tokenizer, images, device, new_tokens, use_cache, decoding=decoding)
+            generate_images(model, tokenizer, images, device, new_tokens, use_cache, decoding=decoding, **settings)
             for _ in range(repeats)
         ]
         return statistics.median(r[0][0] for r in runs), statistics.median(r[0][1] for r in runs), runs[-1][1]
 
     # Warm-up at full length: a short one left the first timed cached run measurably slower than later ones.
-    generate_images(model, tokenizer, [synthetic_image(image_size)], device, new_tokens, True, decoding=headline)
+    generate_images(
+        model, tokenizer, [synthetic_image(image_size)], device, new_tokens, True, decoding=headline, **generation
+    )
     single = [synthetic_image(image_size)]
     variants, token_ids = [], []
     for decoding in decodings:
         if decoding != headline:  # a short warm-up of this decoding's own kernels
-            generate_images(model, tokenizer, single, device, min(new_tokens, 16), True, decoding=decoding)
+            generate_images(
+                model, tokenizer, single, device, min(new_tokens, 16), True, decoding=decoding, **generation
+            )
         seconds, cpu_seconds, gens = timed(single, True, decoding)
         variants.append(
             {
@@ -740,7 +771,477 @@ def bench_inference(
         "speedup_cpu_time": round(uncached_cpu / cached_cpu, 3),
         "load_average": load_average(),
         "batched_with_cache": throughput,
+        "generation": {k: v for k, v in generation.items()},
     }
+
+
+# ------------------------------------------------------------------------------ --compare (issue 21)
+# generate_grounded as it ran before issue 21 (a host read per token, torch's own attention kernels, a fresh
+# static decoder and CUDA graph per call) and as it runs now. SAM: the benchmark of 2026-11-26 ran it in fp32.
+GENERATION_BEFORE = {"sync_every": 1, "attention_backend": "torch", "reuse_decoder": False}
+GENERATION_NOW = {"sync_every": None, "attention_backend": "auto", "reuse_decoder": True}
+# The 7B training recipe as configs/legion_7b said before issue 21 (8-GPU layout: micro-batch 2 per GPU).
+RECIPE_BEFORE = {
+    "gradient_checkpointing": True,
+    "compile_layers": False,
+    "sequence_bucket": None,
+    "ce_chunk_size": None,
+    "micro_batch_size": 2,
+}
+H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e
+
+
+class Recorder:
+    """The result dict, written (JSON + markdown, atomically) after every measurement: a run cut short by a
+    timeout keeps what finished."""
+
+    def __init__(self, result: dict, out_dir: Path, tag: str):
+        self.result, self.json, self.md = (
+            result,
+            out_dir / f"gpu_full_size_{tag}.json",
+            out_dir / f"gpu_full_size_{tag}.md",
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(self) -> None:
+        self.result["targets"] = check_targets(self.result)
+        atomic_write_json(self.json, _without_tokens(self.result))  # token lists are for the equality checks only
+        write_markdown(self.result, self.md)
+
+    def measure(self, section: str, name: str, fn, *args, **kwargs):
+        """Run one measurement; its result (or its error) goes to result[section][name], then the files."""
+        started = time.perf_counter()
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - one failed measurement must not lose the others
+            value = {"error": f"{type(error).__name__}: {error}"[:400], "oom": is_oom(error)}
+            free_memory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        if isinstance(value, dict):
+            value.setdefault("measure_seconds", round(time.perf_counter() - started, 2))
+        self.result.setdefault(section, {})[name] = value
+        print(json.dumps({section: {name: _without_tokens(value)}}, default=str)[:2000], flush=True)
+        self.save()
+        return value
+
+
+def _without_tokens(obj):
+    if isinstance(obj, dict):
+        return {k: _without_tokens(v) for k, v in obj.items() if k != "tokens"}
+    if isinstance(obj, list):
+        return [_without_tokens(v) for v in obj]
+    return obj
+
+
+def set_grounding_dtype(model, dtype: torch.dtype) -> None:
+    """SAM and text_hidden_fcs in `dtype`: the benchmark dtype = `legion infer`'s dtype_policy reference; fp32 =
+    fp32_grounding (and the released checkpoints' storage)."""
+    from legion.model.builders import FP32_MODULES
+
+    for name in FP32_MODULES:
+        model.get_submodule(name).to(dtype)
+
+
+def decode_bandwidth_limit(model, new_tokens: int, prompt_positions: int, batch: int, bandwidth: float) -> dict:
+    """Seconds to read, per generated token, every weight of the LLM (decoder layers, norm, lm_head) and the KV
+    cache so far, at `bandwidth` bytes/s: the floor of a memory-bound decode (encoders, prefill, masks not counted)."""
+    cfg = model.config
+    weights = [*model.model.layers.parameters(), *model.model.norm.parameters(), model.lm_head.weight]
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    element = model.lm_head.weight.element_size()
+    kv_per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element * batch
+    mean_positions = prompt_positions + new_tokens / 2
+    per_token = weight_bytes + kv_per_position * mean_positions
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_position": kv_per_position,
+        "seconds_per_token": per_token / bandwidth,
+        "seconds": new_tokens * per_token / bandwidth,
+        "bandwidth": bandwidth,
+    }
+
+
+def _timed_generation(
+    model, tokenizer, images, device, new_tokens, repeats, grounding_dtype, statistic="median", **generation
+) -> dict:
+    """`statistic` "min": the steady state of repeated calls of one shape (the first one captures the graph that
+    later calls reuse, as a `legion infer` run does after its first batch)."""
+    set_grounding_dtype(model, grounding_dtype)
+    runs = [generate_images(model, tokenizer, images, device, new_tokens, True, **generation) for _ in range(repeats)]
+    pick = min if statistic == "min" else statistics.median
+    seconds = pick(r[0][0] for r in runs)
+    return {
+        "seconds": round(seconds, 4),
+        "statistic": statistic,
+        "cpu_seconds": round(pick(r[0][1] for r in runs), 4),
+        "seconds_each": [round(r[0][0], 4) for r in runs],
+        "images": len(images),
+        "images_per_min": round(60 * len(images) / seconds, 3),
+        "tokens": [g.token_ids for g in runs[-1][1]],  # not written (Recorder.save), compared in memory
+    }
+
+
+def _equal_share(a: list[list[int]], b: list[list[int]]) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return round(sum(x == y for x, y in pairs) / max(len(pairs), 1), 4)
+
+
+def profile_decode_steps(model, tokenizer, device, steps: int, **generation) -> dict:
+    """torch.profiler over a short generation: the top device kernels (CPU ops off CUDA) and the host time of
+    the ops named after cuDNN (plan building shows up there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    image = [synthetic_image(256)]
+    with profile(activities=activities) as prof:
+        generate_images(model, tokenizer, image, device, steps, True, **generation)
+    rows = []
+    for event in prof.key_averages():
+        device_us = event.self_device_time_total if cuda else 0
+        rows.append((event.key, device_us / 1e6, event.self_cpu_time_total / 1e6, event.count))
+    rows.sort(key=lambda r: -(r[1] if cuda else r[2]))
+    cudnn = [r for r in rows if "cudnn" in r[0].lower()]
+    return {
+        "steps": steps,
+        "top": [
+            {"name": n[:120], "device_s": round(d, 5), "cpu_s": round(c, 5), "calls": k} for n, d, c, k in rows[:15]
+        ],
+        "cudnn_cpu_seconds": round(sum(r[2] for r in cudnn), 5),
+        "cudnn_device_seconds": round(sum(r[1] for r in cudnn), 5),
+        "attention_kernels": sorted({r[0][:80] for r in rows if kernel_group(r[0]) == "attention"})[:10],
+    }
+
+
+def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorder) -> None:
+    """generate_grounded before vs now in one process: one image end to end (+ each change alone), the dynamic
+    decode with torch's vs our attention kernels (+ a profile of each), batched throughput, and `legion infer`'s
+    loop with and without loader workers."""
+    from legion.model.fused_projections import fuse_projections, unfuse_projections
+
+    dtype = model.lm_head.weight.dtype
+    n = args.new_tokens
+    single = [synthetic_image(args.image_size)]
+    section = "compare_inference"
+    limit = decode_bandwidth_limit(model, n, model.config.num_image_tokens + 60, 1, args.peak_bandwidth)
+    rec.result.setdefault(section, {}).update(bandwidth_limit_one_image=limit, new_tokens=n)
+    decoding = "cuda_graph" if device.type == "cuda" else "static"
+
+    def one(
+        label,
+        generation,
+        grounding_dtype,
+        repeats=args.compare_repeats,
+        images=single,
+        tokens=n,
+        dec=decoding,
+        stat=None,
+    ):
+        stat = stat or "median"
+        value = _timed_generation(
+            model, tokenizer, images, device, tokens, repeats, grounding_dtype, stat, decoding=dec, **generation
+        )
+        value.update(decoding=dec, grounding_dtype=str(grounding_dtype).replace("torch.", ""), **generation)
+        return value
+
+    # warm-up of both paths at full length (kernels, cuBLAS workspaces, allocator)
+    rec.measure(section, "warmup", one, "warmup", GENERATION_NOW, dtype, 1)
+    before = rec.measure(section, "before", one, "before", GENERATION_BEFORE, torch.float32)
+    now = rec.measure(section, "now", one, "now", GENERATION_NOW, dtype)
+    if "seconds" in before and "seconds" in now:
+        rec.result[section]["now_vs_before"] = {
+            "speedup": round(before["seconds"] / now["seconds"], 3),
+            "tokens_equal": _equal_share(now["tokens"], before["tokens"]),
+            "now_vs_bandwidth_limit": round(now["seconds"] / limit["seconds"], 3),
+        }
+    fuse_projections(model.model)
+    try:
+        fused = rec.measure(section, "now_fused_projections", one, "fused", GENERATION_NOW, dtype)
+    finally:
+        unfuse_projections(model.model)
+        model.clear_decoder_cache()  # the captured graphs read the fused weights
+    if "seconds" in fused and "seconds" in now:
+        rec.result[section]["fused_vs_now"] = {
+            "speedup": round(now["seconds"] / fused["seconds"], 3),
+            "tokens_equal": _equal_share(fused["tokens"], now["tokens"]),
+        }
+    rec.save()
+    # each change alone, undone from `now` (1 run each)
+    for name, change, grounding in [
+        ("now_but_sync_every_token", {"sync_every": 1}, dtype),
+        ("now_but_torch_attention", {"attention_backend": "torch"}, dtype),
+        ("now_but_no_decoder_reuse", {"reuse_decoder": False}, dtype),
+        ("now_but_sam_fp32", {}, torch.float32),
+    ]:
+        rec.measure(section, name, one, name, {**GENERATION_NOW, **change}, grounding, 1)
+    # the dynamic decode (quantized runs' default): torch's kernels vs ours, timed and profiled
+    dyn = args.dynamic_tokens
+    for name, backend in [("dynamic_torch_attention", "torch"), ("dynamic_auto_attention", "auto")]:
+        generation = {**GENERATION_NOW, "attention_backend": backend}
+        rec.measure(section, name, one, name, generation, dtype, 1, single, dyn, "dynamic")
+        rec.measure(
+            section,
+            f"profile_{name}",
+            profile_decode_steps,
+            model,
+            tokenizer,
+            device,
+            8,
+            decoding="dynamic",
+            **generation,
+        )
+    # batched throughput, 512 tokens per image
+    for bsz in args.compare_batches:
+        images = [synthetic_image(args.image_size, seed=i) for i in range(bsz)]
+        free_memory(device)
+        reset_peak_memory(device)
+        # 2 calls, the faster one: the second replays the graph the first captured (steady state of a run)
+        value = rec.measure(section, f"now_batch_{bsz}", one, "now", GENERATION_NOW, dtype, 2, images, stat="min")
+        if "seconds" in value:
+            value["peak_memory_gb"] = round(peak_memory_gb(device)[0], 3)
+        if bsz in args.before_batches:
+            model.clear_decoder_cache()
+            free_memory(device)
+            rec.measure(section, f"before_batch_{bsz}", one, "before", GENERATION_BEFORE, torch.float32, 1, images)
+        model.clear_decoder_cache()
+    set_grounding_dtype(model, dtype)
+    # legion infer's loop on files: loader workers vs none
+    for workers in args.pipeline_workers:
+        rec.measure(section, f"legion_infer_workers_{workers}", bench_pipeline, model, tokenizer, device, args, workers)
+    model.clear_decoder_cache()
+
+
+class ScriptedAnswer:
+    """lm_head forward hook: every row answers the same token sequence (then eos), like the test suite's
+    ScriptedAnswers: real decoding, [SEG] states, masks and records, at a chosen length."""
+
+    def __init__(self, model, token_ids: list[int], eos: int):
+        self.ids, self.eos, self.step = token_ids, eos, 0
+        self.hooks = [
+            model.lm_head.register_forward_hook(self),
+            model.model.register_forward_pre_hook(self._prompt, with_kwargs=True),
+        ]
+
+    def _prompt(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:
+            self.step = 0
+
+    def __call__(self, module, inputs, output):
+        if output.dim() != 2:
+            return output
+        token = self.ids[self.step] if self.step < len(self.ids) else self.eos
+        output = output.clone()
+        output[:, token] = output.max() + 1e4
+        self.step += 1
+        return output
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def scripted_answer_ids(tokenizer, tokens: int, num_seg: int = 3) -> list[int]:
+    """A LEGION-style answer of exactly `tokens` ids (the tokenizer's own): `num_seg` grounded phrases, each
+    followed by an equal share of filler text."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    phrases = [encode(f"{conv.tag_phrase(f'region number {k + 1}')}:") for k in range(num_seg)]
+    room = tokens - sum(len(p) for p in phrases)
+    if room < 0:
+        raise ValueError(f"{tokens} tokens cannot hold {num_seg} grounded phrases")
+    filler = encode(FILLER * (1 + room // 8))
+    ids = []
+    for k, phrase in enumerate(phrases):
+        share = room // num_seg + (1 if k < room % num_seg else 0)
+        ids += phrase + filler[:share]
+    return ids
+
+
+def bench_pipeline(model, tokenizer, device: torch.device, args, workers: int) -> dict:
+    """`legion infer` (run_inference: listing, reading, preprocessing, generation, masks, RLE, reference-layout
+    files, predictions.jsonl) over JPEG files, with `workers` loader processes; every answer is scripted to
+    `--new-tokens` tokens with 3 [SEG]."""
+    from PIL import Image
+
+    from legion.infer import Analyzer, InferConfig, run_inference
+
+    seg = tokenizer.convert_tokens_to_ids(conv.SEG)
+    saved_seg = model.config.seg_token_idx
+    model.config.seg_token_idx = seg  # the tiny tokenizer's ids are valid rows of any preset's vocabulary
+    script = ScriptedAnswer(model, scripted_answer_ids(tokenizer, args.new_tokens), model.config.eos_token_id)
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu_full_size_pipeline_") as tmp:
+            image_dir = Path(tmp) / "images"
+            image_dir.mkdir()
+            for i in range(args.pipeline_images):
+                Image.fromarray(synthetic_image(args.image_size, seed=i)).save(image_dir / f"{i:05d}.jpg", quality=95)
+            analyzer = Analyzer(
+                model,
+                tokenizer,
+                sam_input_size=model.config.sam_config["image_size"],
+                max_new_tokens=args.new_tokens + 1,
+                decoding="cuda_graph" if device.type == "cuda" else "static",
+            )
+            cfg = InferConfig(
+                image_dir=str(image_dir),
+                output_dir=str(Path(tmp) / "out"),
+                batch_size=args.pipeline_batch,
+                num_workers=workers,
+                save_reference_layout=True,
+                progress=False,
+            )
+            clock = Clock(device)
+            summary = run_inference(cfg, analyzer=analyzer, rank=0, world_size=1)
+            seconds, cpu_seconds = clock.stop()
+            records = [json.loads(line) for line in (Path(cfg.output_dir) / "predictions.jsonl").open()]
+    finally:
+        script.remove()
+        model.config.seg_token_idx = saved_seg
+    masks = [len(r["masks"]) for r in records]
+    return {
+        "images": len(records),
+        "batch_size": args.pipeline_batch,
+        "num_workers": workers,
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "images_per_min": round(60 * len(records) / seconds, 3),
+        "fake": summary["fake"],
+        "errors": summary["error"],
+        "masks_per_image": sorted(set(masks)),
+        "answer_tokens": args.new_tokens,
+        "image_size": args.image_size,
+    }
+
+
+def recipe_settings(device: torch.device, world_size: int = 1) -> dict:
+    """configs/legion_7b/train_loc_exp.yaml's speed settings, `auto` resolved for `world_size` GPUs like `device`."""
+    from legion.config import load_config
+    from legion.model import grounding
+    from legion.model import legion as legion_model
+    from legion.train import loc_exp
+
+    cfg = load_config(loc_exp.TrainConfig, REPO / "configs/legion_7b/train_loc_exp.yaml")
+    loc_exp.resolve_auto_settings(cfg, world_size, device)
+    micro = cfg.schedule.micro_batch_size or cfg.schedule.global_batch_size // world_size
+    return {
+        "gradient_checkpointing": bool(cfg.model.gradient_checkpointing),
+        "compile_layers": cfg.model.compile_layers,
+        "sequence_bucket": cfg.model.sequence_bucket,
+        "ce_chunk_size": cfg.loss.ce_chunk_size,
+        "micro_batch_size": int(micro),
+        "fused_adamw": cfg.optim.fused,
+        "sam_encoder_chunk": grounding.SAM_ENCODER_CHUNK,
+        "logits_vocab_multiple": legion_model.LOGITS_VOCAB_MULTIPLE,
+        "world_size": world_size,
+    }
+
+
+def training_settings(model, args, micro_batch: int) -> dict:
+    from legion.model import grounding
+    from legion.model import legion as legion_model
+
+    return {
+        "gradient_checkpointing": bool(model.is_gradient_checkpointing),
+        "compile_layers": bool(getattr(model.model.layers[0], "_compiled_call_impl", None)),
+        "sequence_bucket": model.sequence_bucket,
+        "ce_chunk_size": model.ce_chunk_size,
+        "micro_batch_size": micro_batch,
+        "fused_adamw": args.fused_adamw,
+        "sam_encoder_chunk": grounding.SAM_ENCODER_CHUNK,
+        "logits_vocab_multiple": legion_model.LOGITS_VOCAB_MULTIPLE,
+    }
+
+
+def is_recipe_defaults(settings: dict, recipe: dict) -> bool:
+    return all(settings.get(k) == v for k, v in recipe.items() if k != "world_size")
+
+
+def count_host_syncs(trainer: Trainer, batch: dict, device: torch.device) -> dict:
+    """Host-device synchronisations during one training step (torch.cuda.set_sync_debug_mode warnings; the
+    benchmark's own loss read-back is not made). CUDA only."""
+    import warnings
+
+    if device.type != "cuda":
+        return {"syncs": None, "note": "needs CUDA"}
+    trainer.step(batch, read_loss=False)
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step(batch, read_loss=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = {}
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+    return {"syncs": sum(where.values()), "by_place": dict(sorted(where.items(), key=lambda kv: -kv[1])[:15])}
+
+
+def compare_training(model, tokenizer, device: torch.device, dtype: torch.dtype, args, rec: Recorder) -> None:
+    """The 7B recipe's training step before vs now in one process: the old defaults (checkpointing, eager, micro-batch
+    2, logits over every position), the new defaults (`auto` resolved for 1 GPU and for 8 of this kind), the
+    chunked CE alone, host syncs per step and a profile."""
+    from legion.train.loc_exp import LoraSection
+
+    section = "compare_training"
+    recipe_1 = recipe_settings(device, 1)
+    recipe_8 = recipe_settings(device, 8)
+    rec.result.setdefault(section, {}).update(recipe_world_1=recipe_1, recipe_world_8=recipe_8)
+    prepare_for_training(model, gradient_checkpointing=True, compile_layers=False)
+    trainer = make_trainer(model, args.engine, dtype, device, args.fused_adamw)
+    sam_input = min(args.sam_input, model.config.sam_config["image_size"])
+    common = (args.text_tokens, sam_input, args.image_size, args.num_seg, args.steps, args.warmup, args.peak_flops)
+
+    def run(micro_batch: int) -> dict:
+        value = bench_training(model, tokenizer, trainer, device, [micro_batch], *common, LoraSection().r)
+        value["settings"] = settings = training_settings(model, args, micro_batch)
+        value["recipe_defaults"] = is_recipe_defaults(settings, recipe_1)
+        value["recipe_defaults_8_gpus"] = is_recipe_defaults(settings, recipe_8)
+        return value
+
+    rec.measure(section, "before_recipe", run, RECIPE_BEFORE["micro_batch_size"])
+    # switch to the new defaults in place (the same DeepSpeed engine and parameters)
+    if not recipe_1["gradient_checkpointing"]:
+        model.gradient_checkpointing_disable()
+    model.ce_chunk_size, model.sequence_bucket = recipe_1["ce_chunk_size"], recipe_1["sequence_bucket"]
+    if recipe_1["compile_layers"]:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for layer in model.model.layers:
+            layer.compile(dynamic=False if model.sequence_bucket else None)
+    # most important first (a timeout keeps what finished): the 1-GPU defaults, host syncs, the chunked CE alone,
+    # a profile, then the 8-GPU layout's micro-batch (another compiled shape)
+    micro = recipe_1["micro_batch_size"]
+    rec.measure(section, f"recipe_defaults_micro_batch_{micro}", run, micro)
+    batch = training_batch(model, tokenizer, micro, args.text_tokens, sam_input, args.image_size, args.num_seg, device)
+    rec.measure(section, "host_syncs_per_step", count_host_syncs, trainer, batch, device)
+    del batch
+    model.ce_chunk_size = None
+    rec.measure(section, f"recipe_defaults_but_full_logits_micro_batch_{micro}", run, micro)
+    model.ce_chunk_size = recipe_1["ce_chunk_size"]
+    if args.profile:
+        rec.measure(
+            section,
+            "profile",
+            profile_training_step,
+            model,
+            tokenizer,
+            trainer,
+            device,
+            args.profile,
+            args.text_tokens,
+            sam_input,
+            args.image_size,
+            args.num_seg,
+        )
+    if recipe_8["micro_batch_size"] != micro:
+        rec.measure(
+            section, f"recipe_defaults_micro_batch_{recipe_8['micro_batch_size']}", run, recipe_8["micro_batch_size"]
+        )
 
 
 # ------------------------------------------------------------------------------------- targets
@@ -768,6 +1269,7 @@ def check_targets(result: dict) -> list[dict]:
                 "met": (max(mfus) >= TARGETS["mfu"]) if mfus and full_gpu else None,
             }
         )
+    rows += compare_targets(result, full_gpu)
     infer = result.get("inference")
     if infer:
         ratio = infer["speedup_cache_vs_no_cache"]
@@ -779,6 +1281,129 @@ def check_targets(result: dict) -> list[dict]:
             }
         )
     return rows
+
+
+def compare_targets(result: dict, full_gpu: bool) -> list[dict]:
+    rows = []
+    inf = result.get("compare_inference") or {}
+    if "now" in inf and "seconds" in inf["now"]:
+        limit = inf["bandwidth_limit_one_image"]["seconds"]
+        ratio = inf["now"]["seconds"] / limit
+        bound = TARGETS["latency_vs_bandwidth_limit"]
+        rows.append(
+            {
+                "target": f"one image end to end <= {bound}x the decode bandwidth floor ({bound * limit:.2f} s here)",
+                "measured": f"{inf['now']['seconds']} s = {ratio:.2f}x",
+                "met": (ratio <= bound) if full_gpu and inf.get("new_tokens") == 512 else None,
+            }
+        )
+    pipeline = [v for k, v in inf.items() if k.startswith("legion_infer_workers_") and "images_per_min" in v]
+    if pipeline:
+        best = max(pipeline, key=lambda v: v["images_per_min"])
+        rows.append(
+            {
+                "target": f"legion infer >= {TARGETS['images_per_min']:.0f} images/min (batch 32-64, 512 tokens)",
+                "measured": f"{best['images_per_min']} at batch {best['batch_size']}, {best['num_workers']} workers",
+                "met": (best["images_per_min"] >= TARGETS["images_per_min"])
+                if full_gpu and best["batch_size"] >= 32 and best["answer_tokens"] == 512
+                else None,
+            }
+        )
+    train = result.get("compare_training") or {}
+    recipe_rows = [
+        row
+        for v in train.values()
+        if isinstance(v, dict) and v.get("recipe_defaults")
+        for row in v.get("rows", [])
+        if not row.get("oom") and row.get("mfu") is not None
+    ]
+    if recipe_rows:
+        mfu = max(r["mfu"] for r in recipe_rows)
+        rows.append(
+            {
+                "target": f"training MFU >= {TARGETS['recipe_mfu']:.0%} at the recipe's defaults (1 GPU)",
+                "measured": mfu,
+                "met": (mfu >= TARGETS["recipe_mfu"]) if full_gpu else None,
+            }
+        )
+    return rows
+
+
+def compare_markdown(result: dict) -> list[str]:
+    lines = []
+    inf = result.get("compare_inference")
+    if inf:
+        limit = inf.get("bandwidth_limit_one_image", {})
+        lines += [
+            "## --compare: inference, before vs now (same process)",
+            "",
+            f"Decode bandwidth floor for one image: {limit.get('seconds', 0):.3f} s "
+            f"({limit.get('weight_bytes', 0) / 1e9:.2f} GB of LLM weights + the KV cache per token at "
+            f"{limit.get('bandwidth', 0) / 1e12:.1f} TB/s).",
+            "",
+            "| measurement | decoding | SAM | sync_every | attention | reuse | images | s | images/min | note |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, v in inf.items():
+            if not isinstance(v, dict) or name == "bandwidth_limit_one_image" or name.startswith("profile_"):
+                continue
+            if "error" in v:
+                lines.append(f"| {name} | | | | | | | error | | {v['error'][:80]} |")
+            elif "seconds" in v and "decoding" in v:
+                lines.append(
+                    f"| {name} | {v['decoding']} | {v['grounding_dtype']} | {v['sync_every']} "
+                    f"| {v['attention_backend']} | {v['reuse_decoder']} | {v['images']} | {v['seconds']} "
+                    f"| {v['images_per_min']} | |"
+                )
+            elif "num_workers" in v:
+                lines.append(
+                    f"| {name} (legion infer) | | | | | | {v['images']} | {v['seconds']} | {v['images_per_min']} "
+                    f"| batch {v['batch_size']}, {v['num_workers']} loader workers |"
+                )
+        for key in ("now_vs_before", "fused_vs_now"):
+            if key in inf:
+                lines.append(f"\n{key}: " + ", ".join(f"{k} {v}" for k, v in inf[key].items()))
+        for name in ("profile_dynamic_torch_attention", "profile_dynamic_auto_attention"):
+            prof = inf.get(name)
+            if prof and "top" in prof:
+                lines += [
+                    "",
+                    f"{name}: cuDNN ops {prof['cudnn_cpu_seconds']} s host / {prof['cudnn_device_seconds']} s device; "
+                    f"attention kernels {prof['attention_kernels']}",
+                    "",
+                    "| op / kernel | device s | host s | calls |",
+                    "|---|---|---|---|",
+                ]
+                lines += [f"| `{r['name']}` | {r['device_s']} | {r['cpu_s']} | {r['calls']} |" for r in prof["top"][:8]]
+        lines.append("")
+    train = result.get("compare_training")
+    if train:
+        lines += [
+            "## --compare: training step, before vs now (same process)",
+            "",
+            "| measurement | checkpointing | compiled | bucket | CE chunk | micro-batch | samples/s | GiB | MFU "
+            "| recipe defaults (1 GPU / 8 GPUs) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, v in train.items():
+            if not isinstance(v, dict) or "rows" not in v and "error" not in v:
+                continue
+            if "error" in v:
+                lines.append(f"| {name} | error: {v['error'][:80]} | | | | | | | | |")
+                continue
+            st = v["settings"]
+            for r in v["rows"]:
+                cells = "OOM | | " if r.get("oom") else f"{r['samples_per_s']} | {r['peak_memory_gb']} | {r['mfu']}"
+                lines.append(
+                    f"| {name} | {st['gradient_checkpointing']} | {st['compile_layers']} | {st['sequence_bucket']} "
+                    f"| {st['ce_chunk_size']} | {r['micro_batch']} | {cells} | {v['recipe_defaults']} / "
+                    f"{v['recipe_defaults_8_gpus']} |"
+                )
+        syncs = train.get("host_syncs_per_step")
+        if syncs:
+            lines += ["", f"Host syncs in one recipe-default step: {syncs.get('syncs')} {syncs.get('by_place', '')}"]
+        lines.append("")
+    return lines
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -902,6 +1527,7 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"| {r['peak_memory_gb']} |"
             )
         lines.append("")
+    lines += compare_markdown(result)
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
         lines.append(
@@ -919,6 +1545,16 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def int_list0(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
     return values
 
 
@@ -940,6 +1576,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--infer", action="store_true", help="inference: KV cache vs use_cache=False, batched throughput"
     )
     parser.add_argument("--cache", action="store_true", help="training step with vs without the frozen-encoder cache")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="issue 21: today's path and the new one in the same process, with ratios (with --infer / --train: "
+        "that side only); results written after every measurement",
+    )
     parser.add_argument("--compile-layers", action="store_true", help="training: model.compile_layers=true")
     parser.add_argument(
         "--no-fused-adamw",
@@ -1026,12 +1668,58 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="device peak FLOP/s for MFU (default 989e12 on CUDA: H100/H200 bf16 dense; none on the CPU -> MFU n/a)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    new = parser.add_argument_group("issue 21 settings (the defaults are the new code's)")
+    new.add_argument(
+        "--dtype-policy",
+        choices=["reference", "fp32_grounding"],
+        default="reference",
+        help="inference: SAM + text_hidden_fcs in --dtype (reference, legion infer's default) or fp32",
+    )
+    new.add_argument("--attention-backend", default="auto", help="inference: generate_grounded attention_backend")
+    new.add_argument(
+        "--sync-every", type=int, default=None, help="inference: greedy read-back interval (1 = per token)"
+    )
+    new.add_argument("--no-decoder-reuse", dest="reuse_decoder", action="store_false", help="inference: fresh graphs")
+    new.add_argument("--fused-projections", action="store_true", help="inference: fused q/k/v and gate/up")
+    new.add_argument(
+        "--ce-chunk-size", type=int, default=None, help="training: loss.ce_chunk_size (default: off = full logits)"
+    )
+    new.add_argument("--sequence-bucket", type=int, default=None, help="training: model.sequence_bucket")
+    new.add_argument(
+        "--recipe-defaults",
+        action="store_true",
+        help="training: configs/legion_7b's settings with auto resolved for one GPU like this one (overrides "
+        "--no-gradient-checkpointing, --compile-layers, --ce-chunk-size, --sequence-bucket, --micro-batches)",
+    )
+    new.add_argument("--compare-repeats", type=int, default=2, help="--compare: timed runs of the one-image figures")
+    new.add_argument("--dynamic-tokens", type=int, default=64, help="--compare: tokens of the dynamic-decode runs")
+    new.add_argument("--compare-batches", type=int_list, default=None, help="--compare: batches, new path")
+    new.add_argument("--before-batches", type=int_list, default=None, help="--compare: batches also run the old way")
+    new.add_argument("--pipeline-images", type=int, default=None, help="--compare: JPEG files for legion infer")
+    new.add_argument("--pipeline-batch", type=int, default=None, help="--compare: legion infer batch_size")
+    new.add_argument(
+        "--pipeline-workers", type=int_list0, default=None, help="--compare: legion infer num_workers values"
+    )
+    new.add_argument(
+        "--peak-bandwidth", type=float, default=H200_BANDWIDTH, help="bytes/s for the decode floor (H200: 4.8e12)"
+    )
     add_output_dir_argument(
         parser, default=str(REPO / "benchmarks" / "results"), help="result folder (default benchmarks/results)"
     )
     parser.add_argument("--tag", default=None, help="file name part (default: <cuda|cpu>_<preset>)")
     args = parser.parse_args(argv)
-    if not (args.train or args.infer or args.cache or args.profile):
+    if args.compare:
+        if not (args.train or args.infer):
+            args.train = args.infer = True
+        gpu = args.device.startswith("cuda")
+        args.compare_batches = args.compare_batches or ([8, 32, 64] if gpu else [1, 2])
+        args.before_batches = args.before_batches or ([8, 32] if gpu else [2])
+        args.pipeline_images = args.pipeline_images or (64 if gpu else 4)
+        args.pipeline_batch = args.pipeline_batch or (32 if gpu else 2)
+        args.pipeline_workers = (
+            args.pipeline_workers if args.pipeline_workers is not None else ([0, 4] if gpu else [0, 2])
+        )
+    elif not (args.train or args.infer or args.cache or args.profile):
         args.train = args.infer = args.cache = True
     if args.device.startswith("cuda") and not cuda:
         parser.error("--device cuda but torch.cuda.is_available() is False (use --device cpu --preset tiny)")
@@ -1102,8 +1790,39 @@ def main(argv=None) -> int:
             "logits_vocab_multiple": legion_model.LOGITS_VOCAB_MULTIPLE,
         },
     }
+    out = Path(args.output_dir)
+    tag = args.tag or f"{device.type}_{args.preset}" + ("_compare" if args.compare else "")
+    rec = Recorder(result, out, tag)
+    result["settings"].update(
+        dtype_policy=args.dtype_policy,
+        attention_backend=args.attention_backend,
+        sync_every=args.sync_every,
+        reuse_decoder=args.reuse_decoder,
+        fused_projections=args.fused_projections,
+        ce_chunk_size=args.ce_chunk_size,
+        sequence_bucket=args.sequence_bucket,
+    )
+    if args.compare:
+        result["settings"] = {"compare": "each measurement names its own settings"}
+        if args.infer:
+            model.eval()
+            compare_inference(model, tokenizer, device, args, rec)
+        if args.train:
+            set_grounding_dtype(model, torch.float32)  # the training recipe keeps SAM and the fcs fp32
+            compare_training(model, tokenizer, device, dtype, args, rec)
+        return finish(result, rec, t0)
     # Inference first, on the plain model (no LoRA layers); the training sweep last since it ends at OOM.
     if args.infer:
+        set_grounding_dtype(model, dtype if args.dtype_policy == "reference" else torch.float32)
+        if args.fused_projections:
+            from legion.model.fused_projections import fuse_projections
+
+            fuse_projections(model.model)
+        generation = {
+            "attention_backend": args.attention_backend,
+            "sync_every": args.sync_every,
+            "reuse_decoder": args.reuse_decoder,
+        }
         result["inference"] = bench_inference(
             model,
             tokenizer,
@@ -1113,11 +1832,29 @@ def main(argv=None) -> int:
             args.image_size,
             args.infer_repeats,
             args.decodings,
+            generation,
         )
+        if args.fused_projections:
+            from legion.model.fused_projections import unfuse_projections
+
+            unfuse_projections(model.model)
+        model.clear_decoder_cache()
+        set_grounding_dtype(model, torch.float32)  # the training recipe keeps SAM and the fcs fp32
+        rec.save()
     if args.train or args.cache or args.profile:
         from legion.train.loc_exp import LoraSection
 
-        prepare_for_training(model, args.gradient_checkpointing, args.compile_layers)
+        gradient_checkpointing, compile_layers = args.gradient_checkpointing, args.compile_layers
+        ce_chunk, bucket, micro_batches = args.ce_chunk_size, args.sequence_bucket, args.micro_batches
+        recipe = recipe_settings(device, 1)
+        if args.recipe_defaults:
+            gradient_checkpointing, compile_layers = recipe["gradient_checkpointing"], recipe["compile_layers"]
+            ce_chunk, bucket, micro_batches = (
+                recipe["ce_chunk_size"],
+                recipe["sequence_bucket"],
+                [recipe["micro_batch_size"]],
+            )
+        prepare_for_training(model, gradient_checkpointing, compile_layers, ce_chunk, bucket)
         trainer = make_trainer(model, args.engine, dtype, device, args.fused_adamw)
         if args.cache:
             result["encoder_cache"] = bench_encoder_cache(
@@ -1132,13 +1869,14 @@ def main(argv=None) -> int:
                 args.steps,
             )
             print(json.dumps(result["encoder_cache"]), flush=True)
+            rec.save()
         if args.train:
-            result["training"] = bench_training(
+            result["training"] = train = bench_training(
                 model,
                 tokenizer,
                 trainer,
                 device,
-                args.micro_batches,
+                micro_batches,
                 args.text_tokens,
                 sam_input,
                 args.image_size,
@@ -1148,6 +1886,13 @@ def main(argv=None) -> int:
                 args.peak_flops,
                 LoraSection().r,
             )
+            # recipe_defaults: every setting the 7B config resolves to on this GPU, and only its micro-batch
+            settings = training_settings(model, args, micro_batches[0])
+            train["settings"], train["recipe_settings"] = settings, recipe
+            train["recipe_defaults"] = micro_batches == [recipe["micro_batch_size"]] and is_recipe_defaults(
+                settings, recipe
+            )
+            rec.save()
         if args.profile:
             free_memory(device)
             result["profile"] = profile_training_step(
@@ -1162,17 +1907,15 @@ def main(argv=None) -> int:
                 args.num_seg,
             )
             print(json.dumps(result["profile"]["groups"]), flush=True)
+    return finish(result, rec, t0)
+
+
+def finish(result: dict, rec: Recorder, t0: float) -> int:
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     result["peak_rss_gb"] = round(peak_rss_gb(), 3)
     result["load_average"] = load_average()
-    result["targets"] = check_targets(result)
-
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{device.type}_{args.preset}"
-    atomic_write_json(out / f"gpu_full_size_{tag}.json", result)
-    write_markdown(result, out / f"gpu_full_size_{tag}.md")
-    print(f"wrote {out}/gpu_full_size_{tag}.json and .md")
+    rec.save()
+    print(f"wrote {rec.json} and .md")
     return 0
 
 

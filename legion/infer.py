@@ -96,6 +96,17 @@ class AnalyzerConfig:
             "unless quantized, dynamic elsewhere; docs/inference.md)"
         },
     )
+    attention_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "attention kernels while generating: auto (flash, efficient or math; never cuDNN) | torch "
+            "(torch's own choice) | a comma-separated list of flash, efficient, math, cudnn (docs/inference.md)"
+        },
+    )
+    fused_projections: bool = field(
+        default=False,
+        metadata={"help": "one GEMM for q/k/v and one for gate/up per LLM layer (same values up to fp rounding)"},
+    )
     sam_input_size: int | None = field(
         default=1024,
         metadata={"help": "SAM ResizeLongestSide S (reference inference: 1024); null = the SAM encoder size"},
@@ -126,6 +137,13 @@ class InferConfig(AnalyzerConfig):
     )
     save_phrase_masks: bool = field(default=False, metadata={"help": "also write <out>/<image>/mask_<i>.png"})
     save_overlay: bool = field(default=False, metadata={"help": "also write <out>/<image>/overlay.png"})
+    num_workers: int = field(
+        default=2,
+        metadata={
+            "help": "processes that read, perturb and preprocess the next batches while the model runs (0 = none: "
+            "everything in order in the main process); with workers the outputs are written on a background thread"
+        },
+    )
     resume: bool = field(default=True, metadata={"help": "skip images that already have a complete record"})
     overwrite: bool = field(
         default=False,
@@ -147,6 +165,7 @@ def check_analyzer_config(cfg: AnalyzerConfig) -> None:
         raise ConfigError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {cfg.dtype_policy!r}")
     if cfg.decoding not in DECODING_MODES:
         raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {cfg.decoding!r}")
+    _check_attention_backend(cfg.attention_backend)
     if cfg.quantization is not None and cfg.quantization not in QUANTIZATION_MODES:
         raise ConfigError(f"quantization: {cfg.quantization!r} is not one of 8bit, 4bit (or null)")
     if cfg.max_new_tokens < 1:
@@ -162,11 +181,55 @@ def check_analyzer_config(cfg: AnalyzerConfig) -> None:
         require_path(cfg.detector_path, "detector_path", "dir")
 
 
+def _check_attention_backend(setting: str) -> None:
+    from legion.model.static_decoding import attention_kernels
+
+    try:
+        attention_kernels(setting)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 # --- masks -> output helpers ------------------------------------------------------------------
 def _empty_rle(height: int, width: int) -> dict:
     from legion.utils.rle import mask_to_rle
 
     return mask_to_rle(np.zeros((height, width), dtype=np.uint8))
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+@dataclass
+class PreparedImages:
+    """A batch preprocessed for `Analyzer.explain`: CLIP pixels [N, 3, S, S], SAM pixels [N, 3, P, P] (fp32, CPU)
+    and the sizes after SAM's ResizeLongestSide, one (h, w) per image."""
+
+    clip: torch.Tensor
+    sam: torch.Tensor
+    sam_sizes: list[tuple[int, int]]
+
+    def select(self, indices: Sequence[int]) -> PreparedImages:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return PreparedImages(self.clip[index], self.sam[index], [self.sam_sizes[i] for i in indices])
+
+    def pin_memory(self) -> PreparedImages:
+        """Page-locked copies (DataLoader(pin_memory=True) calls this): the copies to the GPU run asynchronously."""
+        return PreparedImages(self.clip.pin_memory(), self.sam.pin_memory(), self.sam_sizes)
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """RGB uint8 images -> PreparedImages (legion.model.preprocessing); picklable, for DataLoader workers."""
+
+    clip_size: int
+    sam_input_size: int
+    sam_pad_to: int
+
+    def __call__(self, images: Sequence[np.ndarray]) -> PreparedImages:
+        from legion.model.preprocessing import clip_preprocess, sam_preprocess
+
+        clip = torch.stack([clip_preprocess(im, self.clip_size) for im in images])
+        sam = [sam_preprocess(im, self.sam_input_size, self.sam_pad_to) for im in images]
+        return PreparedImages(clip, torch.stack([t for t, _ in sam]), [tuple(size) for _, size in sam])
 
 
 # --- the analyzer ---------------------------------------------------------------------------------
@@ -187,13 +250,16 @@ class Analyzer:
         gate_threshold: float = 0.5,
         question: str | None = None,
         decoding: str = "auto",
+        attention_backend: str = "auto",
     ):
         from legion.model import conversation as conv
         from legion.model.legion import DECODING_MODES
 
         if decoding not in DECODING_MODES:
             raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+        _check_attention_backend(attention_backend)
         self.decoding = decoding
+        self.attention_backend = attention_backend
 
         self.model, self.tokenizer, self.detector = model, tokenizer, detector
         self.sam_pad_to = int(model.config.sam_config["image_size"])
@@ -240,6 +306,10 @@ class Analyzer:
             quantize_language_model(model, cfg.quantization, dtype)
             if decoding == "auto":  # bitsandbytes kernels under CUDA-graph capture are not verified
                 decoding = "dynamic"
+        if cfg.fused_projections:
+            from legion.model.fused_projections import fuse_projections
+
+            fuse_projections(model.model)  # plain nn.Linear only: quantized layers are left as they are
         model.to(device).eval()
         detector = None
         if cfg.detector_path:
@@ -247,7 +317,14 @@ class Analyzer:
 
             detector = load_detector(cfg.detector_path, device=device, backbone=cfg.detector_backbone)
         return cls(
-            model, tokenizer, detector, cfg.sam_input_size, cfg.max_new_tokens, cfg.gate_threshold, decoding=decoding
+            model,
+            tokenizer,
+            detector,
+            cfg.sam_input_size,
+            cfg.max_new_tokens,
+            cfg.gate_threshold,
+            decoding=decoding,
+            attention_backend=cfg.attention_backend,
         )
 
     @property
@@ -260,28 +337,35 @@ class Analyzer:
             return [None] * len(images)
         return [float(p) for p in self.detector.fake_probability_images(list(images))]
 
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The CPU preprocessing of `explain` as a picklable callable (what `legion infer`'s loader workers run)."""
+        return Preprocessor(self.clip_size, self.sam_input_size, self.sam_pad_to)
+
     @torch.no_grad()
-    def explain(self, images: Sequence[np.ndarray]) -> list[PredictionRecord]:
-        """Generation + masks for a batch of RGB uint8 images (no gate). One record each."""
+    def explain(self, images: Sequence[np.ndarray], prepared: PreparedImages | None = None) -> list[PredictionRecord]:
+        """Generation + masks for a batch of RGB uint8 images (no gate). One record each.
+        `prepared`: `self.preprocessor(images)` when it was already computed (e.g. by a loader worker)."""
         from legion.model import conversation as conv
-        from legion.model.preprocessing import clip_preprocess, sam_preprocess
         from legion.utils.rle import mask_to_rle
 
         start = time.perf_counter()
-        clip = torch.stack([clip_preprocess(im, self.clip_size) for im in images]).to(self.device)
-        sam = [sam_preprocess(im, self.sam_input_size, self.sam_pad_to) for im in images]
-        sam_pixels = torch.stack([s[0] for s in sam]).to(self.device)
+        if prepared is None:
+            prepared = self.preprocessor(images)
+        clip = prepared.clip.to(self.device, non_blocking=True)
+        sam_pixels = prepared.sam.to(self.device, non_blocking=True)
         ids = self.prompt_ids[None].repeat(len(images), 1).to(self.device)
         results = self.model.generate_grounded(
             ids,
             torch.ones_like(ids),
             clip,
             sam_pixels,
-            [s[1] for s in sam],
+            prepared.sam_sizes,
             [im.shape[:2] for im in images],
             max_new_tokens=self.max_new_tokens,
             use_cache=True,
             decoding=self.decoding,
+            attention_backend=self.attention_backend,
         )
         seconds = (time.perf_counter() - start) / len(images)
         records = []
@@ -312,12 +396,12 @@ class Analyzer:
             records.append(record)
         return records
 
-    def analyze(self, images: Sequence[np.ndarray]) -> list[PredictionRecord]:
+    def analyze(self, images: Sequence[np.ndarray], prepared: PreparedImages | None = None) -> list[PredictionRecord]:
         """RGB uint8 images [H, W, 3] -> prediction records (legion.record, `image` left None).
 
         With a detector, images with P(fake) < gate_threshold get verdict "real" and no analysis.
         A batch that fails as a whole is retried image by image; an image that fails gets an
-        `error` record.
+        `error` record. `prepared`: `self.preprocessor(images)`, when already computed (the same records).
         """
         start = time.perf_counter()
         records: list[PredictionRecord | None] = [None] * len(images)
@@ -338,13 +422,13 @@ class Analyzer:
                 todo.append(i)
         if todo:
             try:
-                explained = self.explain([images[i] for i in todo])
+                explained = self.explain([images[i] for i in todo], prepared and prepared.select(todo))
             except (RuntimeError, ValueError) as exc:
                 if len(todo) == 1:
                     h, w = images[todo[0]].shape[:2]
                     explained = [PredictionRecord.failed(f"{type(exc).__name__}: {exc}", w, h, self.sam_input_size)]
                 else:
-                    explained = [self.analyze([images[i]])[0] for i in todo]
+                    explained = [self.analyze([images[i]], prepared and prepared.select([i]))[0] for i in todo]
             for i, record in zip(todo, explained):
                 record.fake_prob = probs[i]
                 records[i] = record
@@ -640,6 +724,99 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[start : start + size]
 
 
+def load_batch(batch: list, perturbation, preprocessor: Preprocessor | None) -> tuple:
+    """Read, perturb and (with a preprocessor) preprocess one batch of (key, path) items ->
+    (batch, images, keys, {key: error message}, PreparedImages or None). A batch whose preprocessing fails is
+    returned unprepared: `Analyzer.analyze` then preprocesses it itself and reports the failure per image."""
+    from legion.data.images import ImageReadError, read_image
+
+    loaded, keys, errors = [], [], {}
+    for key, path in batch:
+        try:
+            image = read_image(path)
+            loaded.append(perturbation(image, key=key))
+            keys.append(key)
+        except (ImageReadError, OSError) as exc:
+            errors[key] = str(exc)
+    prepared = None
+    if preprocessor is not None and loaded:
+        try:
+            prepared = preprocessor(loaded)
+        except (RuntimeError, ValueError):
+            prepared = None
+    return batch, loaded, keys, errors, prepared
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """`load_batch` per batch, for DataLoader workers (images travel as tensors, through shared memory)."""
+
+    def __init__(self, batches: list, perturbation, preprocessor: Preprocessor):
+        self.batches, self.perturbation, self.preprocessor = batches, perturbation, preprocessor
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> tuple:
+        batch, loaded, keys, errors, prepared = load_batch(self.batches[index], self.perturbation, self.preprocessor)
+        return batch, [torch.from_numpy(np.ascontiguousarray(im)) for im in loaded], keys, errors, prepared
+
+
+def _as_is(item):
+    return item
+
+
+def load_batches(todo: list, batch_size: int, perturbation, analyzer: Analyzer, num_workers: int) -> Iterable[tuple]:
+    """`load_batch` over `todo` in chunks of `batch_size`, in order: inline (num_workers 0: read and perturbed in
+    this process, preprocessed by the analyzer as before) or by `num_workers` DataLoader processes that keep two
+    batches each ready while the model runs (pinned memory on CUDA, for asynchronous copies)."""
+    chunks = list(_chunks(todo, batch_size))
+    if num_workers == 0:
+        for chunk in chunks:
+            yield load_batch(chunk, perturbation, None)
+        return
+    loader = torch.utils.data.DataLoader(
+        _BatchDataset(chunks, perturbation, analyzer.preprocessor),
+        batch_size=None,
+        num_workers=min(num_workers, max(len(chunks), 1)),
+        collate_fn=_as_is,
+        pin_memory=analyzer.device.type == "cuda",
+        prefetch_factor=2,
+    )
+    for batch, images, keys, errors, prepared in loader:
+        yield batch, [im.numpy() for im in images], keys, errors, prepared
+
+
+class OrderedWriter:
+    """Runs write jobs in the order they are submitted: inline, or (background) on one thread so that writing a
+    batch's outputs overlaps the next batch's analysis; at most one job waits, and its error is raised by the
+    next `submit` or by `close`."""
+
+    def __init__(self, background: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="legion-infer-writer") if background else None
+        self.pending = None
+
+    def submit(self, fn, *args) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+
 def run_inference(
     cfg: InferConfig, analyzer: Analyzer | None = None, rank: int | None = None, world_size: int | None = None
 ) -> dict:
@@ -675,7 +852,6 @@ def _run_inference(
     barrier: no image is lost or processed twice, also when resuming. Passing `rank` and
     `world_size` explicitly shards without a process group (the caller runs rank 0 last).
     """
-    from legion.data.images import ImageReadError, read_image
     from legion.data.perturb import parse_perturbation
 
     if not cfg.output_dir:
@@ -684,6 +860,8 @@ def _run_inference(
         check_analyzer_config(cfg)  # before any listing or loading: a typo fails in a second
     if cfg.batch_size < 1:
         raise ConfigError("batch_size must be >= 1")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
     try:
         perturbation = parse_perturbation(cfg.perturb, seed=cfg.perturb_seed)
     except ValueError as exc:
@@ -743,40 +921,38 @@ def _run_inference(
         disable=not cfg.progress,
         position=rank if world > 1 else None,
     )
+
+    def write_batch(batch, records: dict, images: dict) -> None:
+        for key, _ in batch:
+            record = records[key]
+            record.image = key
+            try:
+                write_image_files(cfg, output_dir, key, record, images.get(key), cfg.image_dir or None)
+            except OSError as exc:
+                record.verdict, record.error = "error", f"could not write outputs: {exc}"
+            append_jsonl(part, record.to_json())
+            counts[record.verdict] += 1
+            counts["no_seg"] += bool(record.no_seg)
+            counts["mismatch"] += bool(record.mismatch)
+            bar.update(1)
+
+    batches = load_batches(todo, cfg.batch_size, perturbation, analyzer, cfg.num_workers)
+    writer = OrderedWriter(background=cfg.num_workers > 0)
     try:
-        for batch in _chunks(todo, cfg.batch_size):
-            loaded, keys, records = [], [], {}
-            for key, path in batch:
-                try:
-                    image = read_image(path)
-                    loaded.append(perturbation(image, key=key))
-                    keys.append(key)
-                except ImageReadError as exc:
-                    records[key] = PredictionRecord.failed(
-                        f"unreadable image: {exc}", sam_input_size=analyzer.sam_input_size
-                    )
-                except OSError as exc:
-                    records[key] = PredictionRecord.failed(
-                        f"unreadable image: {exc}", sam_input_size=analyzer.sam_input_size
-                    )
+        for batch, loaded, keys, errors, prepared in batches:
+            records = {
+                key: PredictionRecord.failed(f"unreadable image: {error}", sam_input_size=analyzer.sam_input_size)
+                for key, error in errors.items()
+            }
             if loaded:
-                for key, record in zip(keys, analyzer.analyze(loaded)):
+                for key, record in zip(keys, analyzer.analyze(loaded, prepared)):
                     records[key] = record
-            images = dict(zip(keys, loaded))
-            for key, _ in batch:
-                record = records[key]
-                record.image = key
-                try:
-                    write_image_files(cfg, output_dir, key, record, images.get(key), cfg.image_dir or None)
-                except OSError as exc:
-                    record.verdict, record.error = "error", f"could not write outputs: {exc}"
-                append_jsonl(part, record.to_json())
-                counts[record.verdict] += 1
-                counts["no_seg"] += bool(record.no_seg)
-                counts["mismatch"] += bool(record.mismatch)
-                bar.update(1)
+            writer.submit(write_batch, batch, records, dict(zip(keys, loaded)))
     finally:
-        bar.close()
+        try:
+            writer.close()
+        finally:
+            bar.close()
     if not explicit:
         _barrier(world)
     summary = {

@@ -16,7 +16,7 @@ report gallery. The fields are defined here once; docs point at this class.
 | `no_seg` | true when the answer has no `[SEG]`: `masks` is empty, never an unexplained black mask |
 | `raw_text` | the decoded answer, special tokens kept |
 | `sam_input_size` | SAM's ResizeLongestSide S used |
-| `seconds` | wall time of the image's batch divided by the batch size |
+| `seconds` | wall time of the image's batch / batch size (loader workers' reading + preprocessing not included) |
 | `error` | None, or why the image has no analysis (unreadable, failure during generation) |
 | `num_seg` | number of `[SEG]` tokens generated |
 | `mismatch` | None, or `"2 phrases, 1 [SEG], 1 masks"` when the three counts differ (pairing is by order) |

@@ -243,3 +243,78 @@ def test_main_writes_json_and_markdown_with_deepspeed(tmp_path):
     assert set(result) >= {"device", "torch", "preset", "inference", "encoder_cache", "training", "targets"}
     assert all(math.isfinite(x) for x in _numbers(result["training"]["rows"]))
     assert result["device"] in (tmp_path / "gpu_full_size_t.md").read_text()
+
+
+def test_compare_inference_on_tiny(bench, tmp_path):
+    """--compare's inference side: before and now in one process, each change alone, the dynamic decode with both
+    attention settings, throughput and `legion infer` with and without loader workers; written after each."""
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    model, tokenizer = bench.build_benchmark_model("tiny", torch.float32, device)
+    args = bench.parse_args(
+        ["--compare", "--infer", "--new-tokens", "48", "--image-size", "64", "--compare-repeats", "1"]
+        + ["--dynamic-tokens", "6", "--pipeline-images", "3", "--pipeline-workers", "0,1"]
+    )
+    result = {"device": "cpu", "device_type": "cpu", "torch": torch.__version__, "preset": "tiny", "dtype": "fp32"}
+    result.update(command="test", started_utc="now", settings={})
+    rec = bench.Recorder(result, tmp_path, "t")
+    bench.compare_inference(model, tokenizer, device, args, rec)
+    inf = json.loads((tmp_path / "gpu_full_size_t.json").read_text())["compare_inference"]
+    for name in ("before", "now", "now_fused_projections", "now_but_sync_every_token", "now_but_torch_attention"):
+        assert inf[name]["seconds"] > 0 and "error" not in inf[name], name
+    assert inf["before"]["sync_every"] == 1 and inf["before"]["attention_backend"] == "torch"
+    # fp32 on the CPU: the old and the new path, and the fused projections, give the same tokens
+    assert inf["now_vs_before"]["tokens_equal"] == 1.0 and inf["fused_vs_now"]["tokens_equal"] == 1.0
+    assert inf["dynamic_torch_attention"]["decoding"] == "dynamic" and inf["profile_dynamic_auto_attention"]["top"]
+    assert {"now_batch_1", "now_batch_2", "before_batch_2"} <= set(inf)
+    for workers in (0, 1):
+        run = inf[f"legion_infer_workers_{workers}"]
+        assert run["images"] == 3 and run["errors"] == 0 and run["masks_per_image"] == [3], run
+    assert "--compare: inference" in (tmp_path / "gpu_full_size_t.md").read_text()
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # unfused again after the fused run
+
+
+def test_scripted_answer_has_the_length_and_the_phrases(bench):
+    from legion.model.builders import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    seg = tokenizer.convert_tokens_to_ids("[SEG]")
+    for n in (40, 512):
+        ids = bench.scripted_answer_ids(tokenizer, n)
+        assert len(ids) == n and ids.count(seg) == 3
+    with pytest.raises(ValueError, match="cannot hold"):
+        bench.scripted_answer_ids(tokenizer, 10)
+
+
+def test_recipe_defaults_flag_and_memory_bound(bench):
+    recipe = bench.recipe_settings(torch.device("cpu"), 1)
+    assert recipe["compile_layers"] and recipe["sequence_bucket"] == 128 and recipe["ce_chunk_size"] == 2048
+    assert not recipe["gradient_checkpointing"] and recipe["micro_batch_size"] == 16  # no CUDA: the whole batch
+    settings = {k: v for k, v in recipe.items() if k != "world_size"}
+    assert bench.is_recipe_defaults(settings, recipe)
+    assert not bench.is_recipe_defaults({**settings, "ce_chunk_size": None}, recipe)
+    model, _ = bench.build_benchmark_model("tiny", torch.float32, torch.device("cpu"))
+    limit = bench.decode_bandwidth_limit(model, 512, 100, 1, 4.8e12)
+    assert limit["seconds"] > 0 and limit["weight_bytes"] > model.lm_head.weight.numel() * 4
+
+
+@pytest.mark.slow  # ~60 s: both compare sides in a subprocess, DeepSpeed and a compiled tiny layer included
+def test_main_compare_writes_both_sides_with_recipe_defaults(tmp_path):
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_full_size.py"), "--compare", "--threads", "1"]
+    cmd += ["--new-tokens", "48", "--image-size", "64", "--compare-repeats", "1", "--dynamic-tokens", "4"]
+    cmd += ["--compare-batches", "2", "--before-batches", "2", "--pipeline-images", "2", "--pipeline-workers", "1"]
+    cmd += ["--text-tokens", "80", "--steps", "1", "--warmup", "1", "--output-dir", str(tmp_path), "--tag", "c"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_full_size_c.json").read_text())
+    train = result["compare_training"]
+    assert train["before_recipe"]["recipe_defaults"] is False
+    defaults = [v for v in train.values() if isinstance(v, dict) and v.get("recipe_defaults")]
+    assert len(defaults) == 1 and defaults[0]["settings"]["compile_layers"] and not defaults[0]["rows"][0]["oom"]
+    assert any(v.get("recipe_defaults_8_gpus") for v in train.values() if isinstance(v, dict))
+    assert "now" in result["compare_inference"]
+    assert "--compare: training" in (tmp_path / "gpu_full_size_c.md").read_text()

@@ -17,6 +17,7 @@ from PIL import Image
 from legion.config import ConfigError
 from legion.errors import MissingDependencyError
 from legion.infer import (
+    SUMMARY,
     Analyzer,
     AnalyzerConfig,
     InferConfig,
@@ -377,3 +378,103 @@ def test_torchrun_two_ranks(tiny_model_dir, tmp_path):
     keys = [r["image"] for r in read_records(tmp_path / "out" / "predictions.jsonl")]
     assert keys == ["a.jpg", "b.png", "sub/c.png", "zz_broken.png"]
     assert not list((tmp_path / "out").glob("predictions.part*"))
+
+
+def test_fused_projections_and_attention_backend_keep_the_records(tiny_model_dir):
+    """fused_projections / attention_backend (issue 21): the same records as the defaults; bad names fail early."""
+    from legion.model.fused_projections import projections_fused
+
+    answers = [f"I found {conv.tag_phrase('the hand')} and {conv.tag_phrase('the sky')}."]
+    records = {}
+    for name, extra in {
+        "default": {},
+        "fused": {"fused_projections": True},
+        "math": {"attention_backend": "math"},
+        "torch": {"attention_backend": "torch"},
+    }.items():
+        cfg = AnalyzerConfig(
+            model_path=str(tiny_model_dir), device="cpu", sam_input_size=None, max_new_tokens=16, **extra
+        )
+        analyzer = Analyzer.from_config(cfg)
+        assert projections_fused(analyzer.model.model) == (name == "fused")
+        script = ScriptedAnswers(analyzer.model, analyzer.tokenizer, answers)
+        records[name] = [r.to_json() for r in analyzer.analyze(_images()[:2])]
+        script.remove()
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert all(len(r["masks"]) == 2 for r in records["default"])
+    for name in ("fused", "math", "torch"):
+        assert strip(records[name]) == strip(records["default"]), name
+    with pytest.raises(ConfigError, match="attention_backend"):
+        Analyzer.from_config(AnalyzerConfig(model_path=str(tiny_model_dir), device="cpu", attention_backend="fast"))
+
+
+@pytest.mark.parametrize("perturb", [None, "noise:5"])
+def test_loader_workers_give_the_same_records_and_files(tiny_model, tmp_path, perturb):
+    """num_workers > 0 (read + perturb + preprocess in DataLoader processes, outputs written on a background
+    thread) writes the same predictions.jsonl (but `seconds`) and the same files as the in-order path."""
+    model, tokenizer = tiny_model
+    _write_folder(tmp_path / "imgs")
+    analyzer = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=12)
+    outputs = {}
+    for workers in (0, 1, 3):
+        cfg = _cfg(
+            tmp_path,
+            output_dir=str(tmp_path / f"out{workers}"),
+            num_workers=workers,
+            save_reference_layout=True,
+            save_phrase_masks=True,
+            save_overlay=True,
+            perturb=perturb,
+        )
+        script = ScriptedAnswers(model, tokenizer, [f"see {conv.tag_phrase('it')}.", "nothing here."])
+        summary = run_inference(cfg, analyzer)
+        script.remove()
+        out = tmp_path / f"out{workers}"
+        lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        files = {
+            p.relative_to(out).as_posix(): p.read_bytes()
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in ("predictions.jsonl", "infer_config.yaml", "run_info.json", SUMMARY)
+        }
+        for line in lines:
+            line.pop("seconds")
+        outputs[workers] = (lines, files, {k: v for k, v in summary.items() if k != "output_dir"})
+    assert outputs[0][0][0]["masks"] and outputs[0][0][-1]["verdict"] == "error"
+    assert outputs[1] == outputs[0] and outputs[3] == outputs[0]
+
+
+def test_ordered_writer_runs_jobs_in_order_and_raises_their_errors():
+    from legion.infer import OrderedWriter
+
+    for background in (False, True):
+        done = []
+        writer = OrderedWriter(background)
+        for i in range(5):
+            writer.submit(done.append, i)
+        writer.close()
+        assert done == list(range(5))
+
+        def fail(_):
+            raise OSError("disk full")
+
+        writer = OrderedWriter(background)
+        with pytest.raises(OSError, match="disk full"):
+            writer.submit(fail, 0)
+            writer.close()
+
+
+def test_prepared_batches_give_the_same_records(tiny_model):
+    """Analyzer.analyze(images, prepared) with the loader's preprocessing = analyze(images); a gated subset or the
+    per-image retry selects the matching rows."""
+    model, tokenizer = tiny_model
+    analyzer = Analyzer(model, tokenizer, sam_input_size=None, max_new_tokens=8)
+    images = _images()
+    prepared = analyzer.preprocessor(images)
+    assert prepared.clip.shape[0] == prepared.sam.shape[0] == 3 and len(prepared.sam_sizes) == 3
+    plain = [r.to_json() for r in analyzer.analyze(images)]
+    with_prepared = [r.to_json() for r in analyzer.analyze(images, prepared)]
+    subset = [r.to_json() for r in analyzer.analyze(images[1:], prepared.select([1, 2]))]
+    for rows in (plain, with_prepared, subset):
+        for row in rows:
+            row.pop("seconds")
+    assert with_prepared == plain and subset == plain[1:]

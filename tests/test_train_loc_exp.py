@@ -32,7 +32,9 @@ def test_paper_config_has_the_paper_settings():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
     assert (cfg.loss.ce_weight, cfg.loss.bce_weight, cfg.loss.dice_weight) == (1.0, 0.4, 0.2)
     assert cfg.data.sam_input_size == 512 and cfg.data.max_length == 1536 - 575 == TrainConfig().data.max_length
-    assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing
+    assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing == "auto"
+    assert cfg.schedule.micro_batch_size == "auto" and cfg.model.compile_layers and cfg.model.sequence_bucket == 128
+    assert cfg.loss.ce_chunk_size == 2048
     assert sorted(cfg.trainable.name_contains) == ["embed_tokens", "lm_head", "mask_decoder", "text_hidden_fcs"]
 
     ds = build_deepspeed_config(cfg, plan_batches(16, 8), schedule_total_steps=2109)

@@ -17,6 +17,7 @@ the last position's final-layer state: the same state a teacher-forced forward p
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +31,23 @@ from transformers.utils import ModelOutput
 from legion.model.configuration import LegionConfig
 from legion.model.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from legion.model.grounding import build_sam, predict_masks, sam_image_embeddings
-from legion.model.losses import causal_lm_loss, mask_losses
+from legion.model.losses import causal_lm_loss, chunked_causal_lm_loss, mask_losses
 from legion.model.preprocessing import SAM_MEAN, SAM_STD
 from legion.model.region import RegionEncoder
-from legion.model.static_decoding import DynamicDecoder, StaticDecoder
+from legion.model.static_decoding import DynamicDecoder, StaticDecoder, generation_attention
 from legion.model.vision import CLIPVisionTower, build_mm_projector
 
 # Modules that never receive LoRA (reference rule; they also hold q_proj/v_proj Linears).
 LORA_EXCLUDED_MODULES = ("grounding_encoder", "vision_tower", "mm_projector", "text_hidden_fcs")
 VISION_TOWER_PREFIX = "vision_tower."
 DECODING_MODES = ("auto", "dynamic", "static", "cuda_graph")
+# generate_grounded reads the greedy tokens back to the host once every SYNC_EVERY steps (not once per token),
+# so the host can queue the next steps while the device runs; a batch that finished early costs at most
+# SYNC_EVERY - 1 more steps.
+SYNC_EVERY = 16
+# Static decoders (StaticCache + captured CUDA graph) kept per model for reuse by later generations of the same
+# shape (batch, cache length): a `legion infer` run alternates at most between full batches and its last one.
+DECODER_CACHE_ENTRIES = 2
 # LEGION's vocabulary (32,007) is odd: logits rows of that length push cuBLAS onto unaligned GEMM
 # kernels, ~6 % of a 7B LoRA training step on an H200 (benchmarks/results). `lm_logits` pads the
 # weight with zero rows to a multiple of this and slices the logits back: same values, aligned GEMMs.
@@ -91,6 +99,7 @@ class MultimodalInputs:
     inputs_embeds [B, T, D]; attention_mask [B, T] (long, 1 = token); position_ids [B, T];
     labels [B, T] or None; position_map [B, L]: expanded index of every text token (-1 where the
     text attention mask is 0; the image placeholder maps to its first image embedding).
+    position_map_host / labels_host: the same on the CPU, for index planning without reading the device.
     """
 
     inputs_embeds: torch.Tensor
@@ -98,6 +107,8 @@ class MultimodalInputs:
     position_ids: torch.Tensor
     labels: torch.Tensor | None
     position_map: torch.Tensor
+    position_map_host: torch.Tensor | None = None
+    labels_host: torch.Tensor | None = None
 
 
 # --- sequence construction --------------------------------------------------------------------
@@ -108,6 +119,7 @@ def build_multimodal_inputs(
     image_features: torch.Tensor,
     labels: torch.Tensor | None = None,
     padding_side: str = "right",
+    pad_to_multiple: int | None = None,
 ) -> MultimodalInputs:
     """Replace each sample's IMAGE_TOKEN_INDEX by its image embeddings and re-pad the batch.
 
@@ -115,60 +127,82 @@ def build_multimodal_inputs(
     input_ids / attention_mask / labels [B, L]: tokens where attention_mask is 1 are kept in order
     (any padding side); image_features [B, N_img, D]; padding_side of the result: "right" for
     training, "left" for batched generation. Padded positions get zero embeddings and label -100.
+    pad_to_multiple: pad the length T up to a multiple of it (static shapes for compiled layers).
+
+    Where every token goes is planned on the CPU from input_ids / attention_mask / labels (CPU tensors are
+    used as they are; device ones are copied back once), then the device only gathers and scatters:
+    no per-sample reads of device values.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     bsz, text_len = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.bool()
     n_img = image_features.shape[1]
     device = text_embeds.device
+    ids_host = input_ids.detach().cpu()
+    keep_host = torch.ones_like(ids_host, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    labels_in = None if labels is None else labels.detach().cpu()
 
-    rows, row_labels, row_maps = [], [], []
+    plans = []  # per sample: (text indices kept, their expanded indices, image position or None, expanded length)
     for b in range(bsz):
-        keep = attention_mask[b].nonzero(as_tuple=True)[0]  # text indices of real tokens, in order
-        ids = input_ids[b, keep]
-        image_at = (ids == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)[0]
+        keep = keep_host[b].nonzero(as_tuple=True)[0]
+        image_at = (ids_host[b, keep] == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)[0]
         if len(image_at) > 1:
             raise ValueError(f"sample {b} has {len(image_at)} image placeholders; LEGION uses exactly one")
-        emb = text_embeds[b, keep]
-        expanded_index = torch.arange(len(keep), device=device)
+        expanded_index = torch.arange(len(keep))
         if len(image_at) == 1:
             p = int(image_at[0])
-            feats = image_features[b].to(emb.dtype)
-            emb = torch.cat([emb[:p], feats, emb[p + 1 :]], 0)
             expanded_index = torch.where(expanded_index > p, expanded_index + n_img - 1, expanded_index)
-            if labels is not None:
-                lab = labels[b, keep]
-                lab = torch.cat([lab[:p], lab.new_full((n_img,), IGNORE_INDEX), lab[p + 1 :]], 0)
+            plans.append((keep, expanded_index, p, len(keep) + n_img - 1))
         else:
-            # keeps the projector in the graph for samples without an image (reference behaviour)
-            emb = emb + 0.0 * image_features[b].sum().to(emb.dtype)
-            if labels is not None:
-                lab = labels[b, keep]
-        rows.append(emb)
-        row_maps.append((keep, expanded_index))
-        if labels is not None:
-            row_labels.append(lab)
+            plans.append((keep, expanded_index, None, len(keep)))
 
-    total = max(r.shape[0] for r in rows)
-    dim = text_embeds.shape[-1]
-    embeds = text_embeds.new_zeros(bsz, total, dim)
-    mask = torch.zeros(bsz, total, dtype=torch.long, device=device)
-    out_labels = torch.full((bsz, total), IGNORE_INDEX, dtype=torch.long, device=device) if labels is not None else None
-    position_map = torch.full((bsz, text_len), -1, dtype=torch.long, device=device)
-    for b, emb in enumerate(rows):
-        n = emb.shape[0]
+    total = max(plan[3] for plan in plans)
+    if pad_to_multiple and pad_to_multiple > 1:
+        total = -(-total // pad_to_multiple) * pad_to_multiple
+    mask = torch.zeros(bsz, total, dtype=torch.long)
+    out_labels = torch.full((bsz, total), IGNORE_INDEX, dtype=torch.long) if labels is not None else None
+    position_map = torch.full((bsz, text_len), -1, dtype=torch.long)
+    text_rows, text_slots, text_sources, image_rows, image_slots, no_image = [], [], [], [], [], []
+    for b, (keep, expanded_index, p, n) in enumerate(plans):
         start = 0 if padding_side == "right" else total - n
-        embeds[b, start : start + n] = emb
         mask[b, start : start + n] = 1
-        if out_labels is not None:
-            out_labels[b, start : start + n] = row_labels[b]
-        keep, expanded_index = row_maps[b]
         position_map[b, keep] = expanded_index + start
+        is_text = torch.ones(len(keep), dtype=torch.bool)
+        if p is not None:
+            is_text[p] = False
+            image_rows.append(torch.full((n_img,), b))
+            image_slots.append(torch.arange(n_img) + start + p)
+        else:
+            no_image.append((b, start, n))
+        text_rows.append(torch.full((int(is_text.sum()),), b))
+        text_slots.append(expanded_index[is_text] + start)
+        text_sources.append(keep[is_text])
+        if out_labels is not None:
+            out_labels[b, start + expanded_index[is_text]] = labels_in[b, keep[is_text]]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    return MultimodalInputs(embeds, mask, position_ids, out_labels, position_map)
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    rows, slots = to_device(torch.cat(text_rows)), to_device(torch.cat(text_slots))
+    embeds = text_embeds.new_zeros(bsz, total, text_embeds.shape[-1])
+    embeds = embeds.index_put((rows, slots), text_embeds[rows, to_device(torch.cat(text_sources))])
+    if image_rows:
+        rows, slots = to_device(torch.cat(image_rows)), to_device(torch.cat(image_slots))
+        columns = to_device(torch.arange(n_img).repeat(len(image_rows)))
+        embeds = embeds.index_put((rows, slots), image_features[rows, columns].to(embeds.dtype))
+    for b, start, n in no_image:  # keeps the projector in the graph for samples without an image (reference behaviour)
+        embeds = embeds.clone()
+        embeds[b, start : start + n] = embeds[b, start : start + n] + 0.0 * image_features[b].sum().to(embeds.dtype)
+    return MultimodalInputs(
+        embeds,
+        to_device(mask),
+        to_device(position_ids),
+        None if out_labels is None else to_device(out_labels),
+        to_device(position_map),
+        position_map_host=position_map,
+        labels_host=out_labels,
+    )
 
 
 def lm_logits(hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
@@ -187,7 +221,9 @@ def lm_logits(hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
 
 
 def seg_state_positions(input_ids: torch.Tensor, position_map: torch.Tensor, seg_token_id: int) -> list[torch.Tensor]:
-    """Per sample, the expanded positions q-1 whose states stand for the `[SEG]` tokens at q, in order."""
+    """Per sample, the expanded positions q-1 whose states stand for the `[SEG]` tokens at q, in order.
+    Computed on the device of the arguments (pass CPU tensors, e.g. `MultimodalInputs.position_map_host`, to
+    plan without reading the device)."""
     positions = []
     for b in range(input_ids.shape[0]):
         is_seg = (input_ids[b] == seg_token_id) & (position_map[b] >= 0)
@@ -201,7 +237,7 @@ def seg_state_positions(input_ids: torch.Tensor, position_map: torch.Tensor, seg
 
 def select_seg_states(hidden: torch.Tensor, positions: list[torch.Tensor]) -> list[torch.Tensor]:
     """hidden [B, T, D] -> per sample [N_i, D] at the given positions."""
-    return [hidden[b, pos] for b, pos in enumerate(positions)]
+    return [hidden[b, pos.to(hidden.device, non_blocking=True)] for b, pos in enumerate(positions)]
 
 
 def lora_target_module_names(model: nn.Module) -> list[str]:
@@ -336,6 +372,13 @@ class LegionForCausalLM(LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.ce_loss_weight, self.bce_loss_weight, self.dice_loss_weight = 1.0, 0.4, 0.2
+        # Training speed settings (the recipe sets them; None = the plain path):
+        # ce_chunk_size: the CE is computed from the final states of the supervised positions only, this many rows
+        #   at a time (losses.chunked_causal_lm_loss); the output's `logits` is then None.
+        # sequence_bucket: the expanded sequence is right-padded to a multiple of this (static shapes for compiled
+        #   layers) and attends causally without a padding mask (real tokens are a prefix of every row).
+        self.ce_chunk_size: int | None = None
+        self.sequence_bucket: int | None = None
         self.post_init()
 
     def _init_weights(self, module):
@@ -416,11 +459,21 @@ class LegionForCausalLM(LlamaForCausalLM):
         return self.model.sam_image_embeddings(sam_pixel_values)
 
     def prepare_multimodal_inputs(
-        self, input_ids, attention_mask, clip_pixel_values, labels=None, padding_side: str = "right"
+        self,
+        input_ids,
+        attention_mask,
+        clip_pixel_values,
+        labels=None,
+        padding_side: str = "right",
+        pad_to_multiple: int | None = None,
     ) -> MultimodalInputs:
+        """input_ids / attention_mask / labels may be CPU tensors (then nothing is read back from the device)."""
         image_features = self.encode_images(clip_pixel_values)
-        text_embeds = self.model.embed_tokens(input_ids.clamp(min=0))
-        return build_multimodal_inputs(text_embeds, input_ids, attention_mask, image_features, labels, padding_side)
+        device = self.model.embed_tokens.weight.device
+        text_embeds = self.model.embed_tokens(input_ids.to(device, non_blocking=True).clamp(min=0))
+        return build_multimodal_inputs(
+            text_embeds, input_ids, attention_mask, image_features, labels, padding_side, pad_to_multiple
+        )
 
     def _masks_for(
         self, seg_states: list[torch.Tensor], sam_pixel_values, sam_resized_sizes, original_sizes
@@ -460,23 +513,38 @@ class LegionForCausalLM(LlamaForCausalLM):
         input_ids / attention_mask / labels [B, L] (one -200 per sample); clip_pixel_values
         [B, 3, S, S]; sam_pixel_values [B, 3, P, P]; sam_resized_sizes / original_sizes: per
         sample (h, w); gt_masks: per sample {0,1} [N_i, H_i, W_i], one per `[SEG]` in order.
+        input_ids / attention_mask / labels on the CPU (the training recipe passes them so) let the forward plan
+        every index without waiting for the device; device tensors are copied back once.
         """
         if clip_pixel_values is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
-        mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, labels)
+        ids_host = input_ids.cpu()
+        bucket = self.sequence_bucket
+        mm = self.prepare_multimodal_inputs(ids_host, attention_mask, clip_pixel_values, labels, pad_to_multiple=bucket)
         out = self.model(
             inputs_embeds=mm.inputs_embeds,
-            attention_mask=mm.attention_mask,
+            attention_mask=None if bucket else mm.attention_mask,  # right padding: causal is enough for real tokens
             position_ids=mm.position_ids,
             use_cache=False,
         )
         hidden = out.last_hidden_state  # final layer, after the RMSNorm
-        logits = lm_logits(hidden, self.lm_head)
-        positions = seg_state_positions(input_ids, mm.position_map, self.seg_token_idx)
+        fused_ce = labels is not None and bool(self.ce_chunk_size) and type(self.lm_head) is nn.Linear
+        logits = None if fused_ce else lm_logits(hidden, self.lm_head)
+        positions = seg_state_positions(ids_host, mm.position_map_host, self.seg_token_idx)
         seg_states = select_seg_states(hidden, positions)
 
-        ce = causal_lm_loss(logits, mm.labels) if labels is not None else None
+        if fused_ce:
+            ce = chunked_causal_lm_loss(
+                hidden,
+                self.lm_head.weight,
+                mm.labels_host,
+                self.lm_head.bias,
+                chunk=self.ce_chunk_size,
+                vocab_multiple=LOGITS_VOCAB_MULTIPLE,
+            )
+        else:
+            ce = causal_lm_loss(logits, mm.labels) if labels is not None else None
         pred_masks = None
         if sam_pixel_values is not None:
             if gt_masks is not None:
@@ -516,6 +584,36 @@ class LegionForCausalLM(LlamaForCausalLM):
         )
 
     # --- generation -------------------------------------------------------------------------------
+    def clear_decoder_cache(self) -> None:
+        """Drop the static decoders (caches, captured graphs) kept for reuse by `generate_grounded`."""
+        self.__dict__.pop("_legion_static_decoders", None)
+
+    def _static_decoder(
+        self, batch: int, max_length: int, use_graph: bool, reuse: bool, attention_backend: str = "auto"
+    ) -> StaticDecoder:
+        """A StaticDecoder for (batch, max_length): with `reuse`, the one an earlier generation of that shape built
+        (reset; its CUDA graph kept), from a small LRU kept on the model (DECODER_CACHE_ENTRIES). The attention
+        setting is part of the key: a captured graph replays the kernels chosen when it was captured."""
+        if not reuse:
+            return StaticDecoder(self.model, batch, max_length, use_graph=use_graph)
+        weight = self.model.embed_tokens.weight
+        # the weights a captured graph reads: another dtype, device or re-allocated parameters invalidate every entry
+        fingerprint = (weight.dtype, weight.device, tuple(p.data_ptr() for p in self.model.layers.parameters()))
+        entries = self.__dict__.get("_legion_static_decoders")
+        if entries is None or entries[0] != fingerprint:
+            entries = self.__dict__["_legion_static_decoders"] = (fingerprint, OrderedDict())
+        decoders = entries[1]
+        key = (batch, max_length, use_graph, attention_backend)
+        decoder = decoders.pop(key, None)
+        if decoder is None:
+            while len(decoders) >= max(DECODER_CACHE_ENTRIES, 1):  # free before allocating the new cache
+                decoders.popitem(last=False)
+            decoder = StaticDecoder(self.model, batch, max_length, use_graph=use_graph)
+        else:
+            decoder.reset()
+        decoders[key] = decoder
+        return decoder
+
     @torch.no_grad()
     def generate_grounded(
         self,
@@ -530,6 +628,9 @@ class LegionForCausalLM(LlamaForCausalLM):
         eos_token_id: int | None = None,
         tokenizer=None,
         decoding: str = "auto",
+        attention_backend: str = "auto",
+        sync_every: int | None = None,
+        reuse_decoder: bool = True,
     ) -> list[GroundedGeneration]:
         """Batched greedy decoding, then one mask per generated `[SEG]`.
 
@@ -541,11 +642,19 @@ class LegionForCausalLM(LlamaForCausalLM):
         decoding (with the cache): "dynamic" grows a DynamicCache; "static" preallocates a
         StaticCache; "cuda_graph" replays each step of the static one from a CUDA graph
         (legion/model/static_decoding.py); "auto" = "cuda_graph" on CUDA, "dynamic" elsewhere.
+        attention_backend: the attention kernels generation may use (static_decoding.ATTENTION_BACKENDS;
+        "auto" never uses cuDNN's, "torch" lets torch choose). sync_every: greedy tokens and the
+        finished flags are computed on the device and read back once every `sync_every` steps (default
+        SYNC_EVERY; 1 = every step); the tokens are the same for every value. reuse_decoder: keep the
+        static decoder (cache + CUDA graph) for the next generation of the same shape.
         """
         if decoding not in DECODING_MODES:
             raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
         if decoding == "auto":
             decoding = "cuda_graph" if input_ids.device.type == "cuda" else "dynamic"
+        sync_every = SYNC_EVERY if sync_every is None else int(sync_every)
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         seg = self.seg_token_idx
         bsz = input_ids.shape[0]
@@ -555,50 +664,65 @@ class LegionForCausalLM(LlamaForCausalLM):
         seg_states: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
         finished = [False] * bsz
 
-        def take(last_states: torch.Tensor) -> torch.Tensor:
-            """Greedy pick from the last states [B, D]; record tokens and [SEG] states."""
-            next_tokens = self.lm_head(last_states).argmax(-1)
-            for b, tok in enumerate(next_tokens.tolist()):  # one device->host copy per step
-                if finished[b]:
-                    continue
-                if tok == eos:
-                    finished[b] = True
-                    continue
-                tokens[b].append(tok)
-                if tok == seg:
-                    seg_states[b].append(last_states[b].clone())
-            return next_tokens
+        def record(step_tokens: list[list[int]], step_states: torch.Tensor) -> None:
+            """Host bookkeeping of consecutive steps: step_tokens [S][B] greedy picks, step_states [S, B, D] the
+            last states that predicted them. Tokens after a sample's eos are ignored."""
+            for step, row in enumerate(step_tokens):
+                for b, tok in enumerate(row):
+                    if finished[b]:
+                        continue
+                    if tok == eos:
+                        finished[b] = True
+                        continue
+                    tokens[b].append(tok)
+                    if tok == seg:
+                        seg_states[b].append(step_states[step, b].clone())
 
-        if use_cache:
-            mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
-            if decoding == "dynamic":
-                decoder = DynamicDecoder(self.model)
+        with generation_attention(attention_backend):
+            if use_cache:
+                mm = self.prepare_multimodal_inputs(input_ids, attention_mask, clip_pixel_values, padding_side="left")
+                if decoding == "dynamic":
+                    decoder = DynamicDecoder(self.model)
+                else:
+                    length = mm.attention_mask.shape[1] + max_new_tokens
+                    decoder = self._static_decoder(
+                        bsz, length, decoding == "cuda_graph", reuse_decoder, attention_backend
+                    )
+                states = decoder.prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids)
+                positions = mm.position_ids[:, -1:]
+                # The last `chunk` steps' greedy tokens [S, B] and states [S, B, D], on the device until read back.
+                chunk = min(sync_every, max_new_tokens)
+                chunk_tokens = torch.empty(chunk, bsz, dtype=torch.long, device=states.device)
+                chunk_states = states.new_empty(chunk, *states.shape)
+                filled = 0
+                for step in range(max_new_tokens):
+                    next_tokens = self.lm_head(states).argmax(-1)
+                    chunk_tokens[filled].copy_(next_tokens)
+                    chunk_states[filled].copy_(states)
+                    filled += 1
+                    last = step == max_new_tokens - 1
+                    if filled == chunk or last:
+                        record(chunk_tokens[:filled].tolist(), chunk_states)  # the one device->host read
+                        filled = 0
+                        if all(finished) or last:
+                            break
+                    positions = positions + 1
+                    states = decoder.step(self.model.embed_tokens(next_tokens[:, None]), positions)
             else:
-                decoder = StaticDecoder(
-                    self.model, bsz, mm.attention_mask.shape[1] + max_new_tokens, use_graph=decoding == "cuda_graph"
-                )
-            states = decoder.prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids)
-            positions = mm.position_ids[:, -1:]
-            for step in range(max_new_tokens):
-                next_tokens = take(states)
-                if all(finished) or step == max_new_tokens - 1:
-                    break
-                positions = positions + 1
-                states = decoder.step(self.model.embed_tokens(next_tokens[:, None]), positions)
-        else:
-            prompts = [input_ids[b, attention_mask[b].bool()] for b in range(bsz)]
-            for _ in range(max_new_tokens):
-                ids, mask = _left_pad([torch.cat([p, p.new_tensor(t)]) for p, t in zip(prompts, tokens)])
-                mm = self.prepare_multimodal_inputs(ids, mask, clip_pixel_values, padding_side="left")
-                out = self.model(
-                    inputs_embeds=mm.inputs_embeds,
-                    attention_mask=mm.attention_mask,
-                    position_ids=mm.position_ids,
-                    use_cache=False,
-                )
-                take(out.last_hidden_state[:, -1])
-                if all(finished):
-                    break
+                prompts = [input_ids[b, attention_mask[b].bool()] for b in range(bsz)]
+                for _ in range(max_new_tokens):
+                    ids, mask = _left_pad([torch.cat([p, p.new_tensor(t)]) for p, t in zip(prompts, tokens)])
+                    mm = self.prepare_multimodal_inputs(ids, mask, clip_pixel_values, padding_side="left")
+                    out = self.model(
+                        inputs_embeds=mm.inputs_embeds,
+                        attention_mask=mm.attention_mask,
+                        position_ids=mm.position_ids,
+                        use_cache=False,
+                    )
+                    last_states = out.last_hidden_state[:, -1]
+                    record([self.lm_head(last_states).argmax(-1).tolist()], last_states[None])
+                    if all(finished):
+                        break
 
         hidden = self.config.hidden_size
         states = [torch.stack(s) if s else self.lm_head.weight.new_zeros(0, hidden) for s in seg_states]

@@ -12,27 +12,77 @@ fixed address and shape, so the step can be captured once as a CUDA graph and re
 The static attention mask is a boolean [B, 1, 1, max_length] buffer (True = attend): left padding stays
 False, each new position turns True as it is written. transformers returns a 4-D mask as it is,
 so nothing in the captured step reads a value back to the host.
+
+`generation_attention(setting)` chooses the scaled-dot-product-attention kernels generation may use
+(ATTENTION_BACKENDS). "auto" leaves out cuDNN's: cuDNN attention builds an execution plan per new
+shape, and the growing DynamicCache gives every decode step a new key length (docs/inference.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, StaticCache
+
+# generate_grounded(attention_backend=...): "auto" = flash, efficient or math (never cuDNN); "torch" = torch's own
+# choice among all kernels (the behaviour before the setting existed); or a comma-separated list of kernel names.
+SDPA_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+ATTENTION_BACKENDS = ("auto", "torch", *SDPA_KERNELS)
+AUTO_ATTENTION_KERNELS = ("flash", "efficient", "math")
+
+
+def attention_kernels(setting: str) -> list[str] | None:
+    """The SDPA kernel names `setting` allows (None: no restriction). Raises ValueError for an unknown name."""
+    names = [n.strip() for n in str(setting).split(",") if n.strip()]
+    if names == ["torch"]:
+        return None
+    if names == ["auto"]:
+        return list(AUTO_ATTENTION_KERNELS)
+    bad = [n for n in names if n not in SDPA_KERNELS]
+    if not names or bad:
+        raise ValueError(
+            f"attention_backend must be auto, torch or a comma-separated list of {', '.join(SDPA_KERNELS)}; "
+            f"got {setting!r}"
+        )
+    return names
+
+
+@contextlib.contextmanager
+def generation_attention(setting: str) -> Iterator[None]:
+    """Restrict torch's scaled-dot-product attention to the kernels `setting` names while generating."""
+    names = attention_kernels(setting)
+    if names is None:
+        yield
+        return
+    with sdpa_kernel([SDPA_KERNELS[n] for n in names]):
+        yield
 
 
 class DynamicDecoder:
-    """Decode steps over a DynamicCache that grows by one position per step, with a 2-D attention
-    mask [B, T] that grows with it (transformers builds the causal mask from it)."""
+    """Decode steps over a DynamicCache that grows by one position per step.
+
+    Without padding in the prompt no mask is passed at all: transformers would build none either (it
+    drops an all-ones mask), but only after reading the mask back to the host at every step. With
+    padding, the prompt gets its 2-D mask [B, P] as before and each step the boolean [B, 1, 1, T]
+    mask transformers would build from the grown 2-D mask (same values, no host read)."""
 
     def __init__(self, decoder):
         self.decoder = decoder
         self.cache = DynamicCache(config=decoder.config)
-        self.mask: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # [B, T] (None: no padding)
 
-    def _forward(self, inputs_embeds, position_ids) -> torch.Tensor:
+    def _forward(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
         out = self.decoder(
             inputs_embeds=inputs_embeds,
-            attention_mask=self.mask,
+            attention_mask=attention_mask,
             position_ids=position_ids,
             cache=self.cache,
             use_cache=True,
@@ -44,14 +94,17 @@ class DynamicDecoder:
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         """Run the prompt [B, P, D] (left-padded: attention_mask [B, P]) -> final-layer last states [B, D]."""
-        self.mask = attention_mask
-        return self._forward(inputs_embeds, position_ids)
+        padded = not bool(attention_mask.bool().all())  # one host read per generation
+        self.mask = attention_mask.bool() if padded else None
+        return self._forward(inputs_embeds, attention_mask if padded else None, position_ids)
 
     @torch.no_grad()
     def step(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One new token per sample: embeds [B, 1, D], positions [B, 1] -> final-layer states [B, D]."""
+        if self.mask is None:
+            return self._forward(embeds, None, positions)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
-        return self._forward(embeds, positions)
+        return self._forward(embeds, self.mask[:, None, None, :], positions)
 
 
 class StaticDecoder:
@@ -75,6 +128,14 @@ class StaticDecoder:
         self.graph_states: torch.Tensor | None = None  # the captured step's output buffer [B, D]
         self.length = 0  # positions written so far
         self.steps = 0
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the cache for another generation of the same shape; buffers, cache tensors and the captured graph
+        keep their addresses, so a graph captured in an earlier generation is replayed from the first step."""
+        self.cache.reset()
+        self.mask.zero_()
+        self.length = 0
 
     def _forward(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
         out = self.decoder(

@@ -60,12 +60,25 @@ class ModelSection:
     dtype: str = field(
         default="bfloat16", metadata={"help": "bfloat16 | float32 (model dtype; bfloat16 also enables DeepSpeed bf16)"}
     )
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | str = field(
+        default=True,
+        metadata={
+            "help": "true | false | auto (off when the measured peak memory of the micro-batch fits the GPU: "
+            "legion/train/speed.py, docs/training.md)"
+        },
+    )
     compile_layers: bool = field(
         default=False,
         metadata={
             "help": "torch.compile each LLM decoder layer (fuses its norm, rotary, SiLU and LoRA element-wise ops); "
             "the first steps are slower while it compiles"
+        },
+    )
+    sequence_bucket: int | None = field(
+        default=None,
+        metadata={
+            "help": "pad each batch's expanded sequence to a multiple of this many positions (causal attention, no "
+            "padding mask): compiled layers then see a few static shapes instead of one per length"
         },
     )
 
@@ -88,6 +101,13 @@ class LossSection:
     ce_weight: float = 1.0
     bce_weight: float = 0.4
     dice_weight: float = 0.2
+    ce_chunk_size: int | None = field(
+        default=2048,
+        metadata={
+            "help": "CE from the supervised positions' states only, this many rows of 32k logits at a time "
+            "(legion.model.losses.chunked_causal_lm_loss); null = lm_head over every position, then the CE"
+        },
+    )
 
 
 @dataclass
@@ -143,7 +163,10 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     global_batch_size: int = field(default=16, metadata={"help": "samples per optimizer step, all ranks together"})
-    micro_batch_size: int | None = field(default=None, metadata={"help": "per device (default: global/world)"})
+    micro_batch_size: int | str | None = field(
+        default=None,
+        metadata={"help": "per device (default: global/world); auto: from the GPU's memory (docs/training.md)"},
+    )
     epochs: int = 1
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps (default: epochs)"})
     total_steps: int | None = field(default=None, metadata={"help": "LR schedule length (default: steps run)"})
@@ -289,6 +312,33 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 # ---------------------------------------------------------------------------------- batch sizes
+def resolve_auto_settings(cfg: TrainConfig, world_size: int, device: torch.device) -> str | None:
+    """Replace `model.gradient_checkpointing: auto` / `schedule.micro_batch_size: auto` in `cfg` by the values
+    legion.train.speed.resolve_memory_plan picks for this GPU; returns its reason (None when nothing was auto)."""
+    from legion.train.speed import cuda_memory_gib, resolve_memory_plan
+
+    gc, micro = cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size
+    for name, value in (("model.gradient_checkpointing", gc), ("schedule.micro_batch_size", micro)):
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f"{name} must be auto or a {'bool' if 'gradient' in name else 'number'}, got {value!r}")
+    if gc != "auto" and micro != "auto":
+        return None
+    if cfg.schedule.global_batch_size % world_size:
+        plan_batches(cfg.schedule.global_batch_size, world_size)  # raises the usual error
+    per_device = cfg.schedule.global_batch_size // world_size
+    if micro != "auto":
+        per_device = micro or per_device  # checkpointing alone is auto: decide it for the given micro-batch
+    chosen = resolve_memory_plan(per_device, cuda_memory_gib(device), cfg.model.compile_layers)
+    if gc == "auto":
+        cfg.model.gradient_checkpointing = chosen.gradient_checkpointing
+    if micro == "auto":
+        cfg.schedule.micro_batch_size = chosen.micro_batch_size
+    return (
+        f"gradient_checkpointing={cfg.model.gradient_checkpointing} micro_batch_size="
+        f"{cfg.schedule.micro_batch_size} ({chosen.reason})"
+    )
+
+
 @dataclass
 class BatchPlan:
     world_size: int
@@ -398,6 +448,10 @@ def setup_for_training(model, cfg: TrainConfig) -> list[str]:
     from legion.model.legion import lora_target_module_names
 
     model.set_loss_weights(cfg.loss.ce_weight, cfg.loss.bce_weight, cfg.loss.dice_weight)
+    if not isinstance(cfg.model.gradient_checkpointing, bool):
+        raise ConfigError("model.gradient_checkpointing=auto is resolved by the recipe (resolve_auto_settings) first")
+    model.ce_chunk_size = cfg.loss.ce_chunk_size or None
+    model.sequence_bucket = cfg.model.sequence_bucket or None
     model.config.use_cache = False
     targets = lora_target_module_names(model)
     # In place (no PeftModel wrapper): state-dict keys stay ours plus `.base_layer.` / `.lora_A.default.`.
@@ -418,8 +472,14 @@ def setup_for_training(model, cfg: TrainConfig) -> list[str]:
                 "GPU, recompiling for a new batch shape failed inside inductor (docs/training.md)",
                 stacklevel=2,
             )
+        static = model.sequence_bucket is not None  # a few static shapes: one compilation each, none dynamic
+        if static:
+            import torch._dynamo
+
+            # every bucket x batch size x train/eval is its own compilation of the one layer code
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in model.model.layers:
-            layer.compile()  # compiled in place: parameter names and the state dict stay the same
+            layer.compile(dynamic=False if static else None)  # in place: parameter names and state dict unchanged
     return targets
 
 
@@ -495,13 +555,20 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int, pad_id: int
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
         drop_last=False,
+        pin_memory=torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu",
     )
+
+
+# The model plans its sequence from these on the CPU and copies what it needs (no device reads in the step).
+HOST_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     moved = {}
     for key, value in batch.items():
-        if torch.is_tensor(value):
+        if key in HOST_KEYS:
+            moved[key] = value
+        elif torch.is_tensor(value):
             moved[key] = value.to(device, non_blocking=True)
         elif key == "gt_masks":
             moved[key] = [m.to(device, non_blocking=True) for m in value]
@@ -657,6 +724,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, r
 
     seed_everything(cfg.seed + rank)  # LoRA dropout differs per rank, reproducibly
     out_dir = Path(cfg.output_dir)
+    memory_plan = resolve_auto_settings(cfg, world_size, device)  # before config.yaml is written: it records the result
     plan = plan_batches(cfg.schedule.global_batch_size, world_size, cfg.schedule.micro_batch_size)
     ckpt = CheckpointManager(
         out_dir / "checkpoints",
@@ -672,6 +740,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device, r
     ds_config = build_deepspeed_config(cfg, plan, steps.lr_schedule, optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     run_info = describe_run(model, lora_targets, plan, steps, device, train_set, val_set, preprocessing)
+    if memory_plan is not None:
+        run_info["memory_plan"] = memory_plan
     record.update(training=run_info)
     if rank == 0:
         write_run_files(cfg, out_dir, ds_config)
