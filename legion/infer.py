@@ -822,11 +822,16 @@ def run_inference(
 ) -> dict:
     """Analyze every image of `cfg` and write the outputs (and `output_dir/run_info.json`). Returns a summary
     dict; see `_run_inference`."""
+    # Settings first: a typo fails in a second, before run_info.json (and the output folder) is written.
     if not cfg.output_dir:
         raise InferError("give output_dir=FOLDER")
     if analyzer is None:
-        check_analyzer_config(cfg)  # a typo fails in a second, before run_info.json (and the folder) is written
-    # before anything is written (run_info.json included): the folder's predictions must match these settings
+        check_analyzer_config(cfg)
+    if cfg.batch_size < 1:
+        raise ConfigError("batch_size must be >= 1")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    # The folder's predictions must match these settings (perturb is checked here too).
     settings = settings_fingerprint(cfg)
     replace = check_output_dir(cfg, settings)
     writer = (rank if rank is not None else _dist_info()[0]) == 0
@@ -854,18 +859,7 @@ def _run_inference(
     """
     from legion.data.perturb import parse_perturbation
 
-    if not cfg.output_dir:
-        raise InferError("give output_dir=FOLDER")
-    if analyzer is None:
-        check_analyzer_config(cfg)  # before any listing or loading: a typo fails in a second
-    if cfg.batch_size < 1:
-        raise ConfigError("batch_size must be >= 1")
-    if cfg.num_workers < 0:
-        raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
-    try:
-        perturbation = parse_perturbation(cfg.perturb, seed=cfg.perturb_seed)
-    except ValueError as exc:
-        raise ConfigError(f"perturb: {exc}") from None
+    perturbation = parse_perturbation(cfg.perturb, seed=cfg.perturb_seed)  # checked by settings_fingerprint
     explicit = rank is not None and world_size is not None
     rank, world = (rank, world_size) if explicit else _dist_info()
     if not 0 <= rank < world:

@@ -253,13 +253,17 @@ def test_detector_gate(tiny_model, tiny_model_dir, tmp_path):
         assert record.raw_text is not None
 
 
-def test_cli_errors_and_config(tmp_path, capsys):
+def test_cli_errors_and_config(tmp_path, capsys, tiny_model_dir):
     from legion.cli import main
 
     out = tmp_path / "y"
     assert main(["infer", "--config", str(REPO / "configs/tiny/infer.yaml"), "image_dir=x", f"output_dir={out}"]) == 2
     assert "model_path" in capsys.readouterr().err
     assert not out.exists()  # a usage error writes nothing
+    for bad in ("num_workers=-1", "batch_size=0", "perturb=jpeg:500"):
+        argv = ["infer", f"model_path={tiny_model_dir}", f"image_dir={tmp_path}", f"output_dir={out}", bad]
+        assert main(argv) == 2
+        assert bad.split("=")[0] in capsys.readouterr().err and not out.exists(), bad
     assert main(["infer", "batch_sise=3"]) == 2
     assert "did you mean 'batch_size'" in capsys.readouterr().err
     assert (
