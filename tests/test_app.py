@@ -124,6 +124,7 @@ def test_page_analyses_an_upload_and_survives_a_bad_one(app_setup, tmp_path):
         verdict = page.locator("#legion-verdict").inner_text()
         assert verdict.split()[0] in ("fake", "real") and "P(fake)" in verdict
         assert page.locator("#legion-explanation").inner_text().strip()
+        page.wait_for_timeout(1500)  # Gradio fades finished outputs back in: let that end before the picture
         shot = tmp_path / "app.png"
         page.screenshot(path=str(shot))
         assert shot.stat().st_size > 10_000
