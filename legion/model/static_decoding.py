@@ -66,7 +66,24 @@ def generation_attention(setting: str) -> Iterator[None]:
         yield
 
 
-class DynamicDecoder:
+class _CachedDecoder:
+    """The decoder run with `self.cache`, returning the last position's hidden state [B, D]."""
+
+    decoder: torch.nn.Module
+    cache: object
+
+    def _forward(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=self.cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state[:, -1]
+
+
+class DynamicDecoder(_CachedDecoder):
     """Decode steps over a DynamicCache that grows by one position per step.
 
     Without padding in the prompt no mask is passed at all: transformers would build none either (it
@@ -78,16 +95,6 @@ class DynamicDecoder:
         self.decoder = decoder
         self.cache = DynamicCache(config=decoder.config)
         self.mask: torch.Tensor | None = None  # [B, T] (None: no padding)
-
-    def _forward(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
-        out = self.decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=self.cache,
-            use_cache=True,
-        )
-        return out.last_hidden_state[:, -1]
 
     @torch.no_grad()
     def prefill(
@@ -107,7 +114,7 @@ class DynamicDecoder:
         return self._forward(embeds, self.mask[:, None, None, :], positions)
 
 
-class StaticDecoder:
+class StaticDecoder(_CachedDecoder):
     """Greedy-decoding steps of a LLaMA decoder (`LlamaModel`) over a StaticCache of `max_length` positions.
 
     use_graph: capture the step as a CUDA graph at the second step (the first runs eagerly and warms
@@ -136,16 +143,6 @@ class StaticDecoder:
         self.cache.reset()
         self.mask.zero_()
         self.length = 0
-
-    def _forward(self, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
-        out = self.decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=self.cache,
-            use_cache=True,
-        )
-        return out.last_hidden_state[:, -1]
 
     @torch.no_grad()
     def prefill(
