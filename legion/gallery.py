@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from legion.record import PredictionRecord
-from legion.utils.io import atomic_path, atomic_write_text, read_jsonl
+from legion.utils.io import atomic_path, atomic_write_text
 
 # Distinct, colour-blind friendly colours (Okabe-Ito + extras), RGB.
 PALETTE = [
@@ -173,16 +173,6 @@ def plot_curves(
         fig.savefig(tmp)
     plt.close(fig)
     return out_png
-
-
-def plot_loss_curve(
-    log_jsonl: str | os.PathLike,
-    out_png: str | os.PathLike,
-    keys: Iterable[str] = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss"),
-) -> Path | None:
-    """Training losses of a log.jsonl (its "train" events; a run killed mid-write leaves a torn line)."""
-    rows = [r for r in read_jsonl(log_jsonl, skip_invalid=True) if r.get("event", "train") == "train"]
-    return plot_curves(rows, keys, out_png)
 
 
 _CSS = """

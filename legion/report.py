@@ -136,20 +136,20 @@ def gallery_items(
     truth (`gt`: name -> GroundTruthItem) is shown only when the predictions were made on `gt_images`, the
     ground truth's own image folder (other folders may reuse its file names)."""
     from legion.data.images import ImageReadError, read_image
-    from legion.eval.ground_truth import read_predictions
+    from legion.eval.ground_truth import prediction_image_root, read_predictions
     from legion.gallery import GalleryItem
     from legion.utils.rle import rle_to_mask
 
-    root = Path(image_dir) if image_dir else _image_dir_of(predictions)
-    if root is None or gt_images is None or not root.is_dir() or root.resolve() != gt_images.resolve():
+    root = Path(image_dir) if image_dir else prediction_image_root(predictions)
+    if root is None:
+        return []
+    if gt_images is None or not root.is_dir() or root.resolve() != gt_images.resolve():
         gt = None
     records = read_predictions(predictions)
     records.sort(key=lambda r: (r.verdict != "fake", r.verdict != "real"))  # stable: listing order within
     items = []
     for record in records:
         if len(items) >= limit:
-            break
-        if root is None:
             break
         try:
             image = read_image(root / record.image)
@@ -163,17 +163,6 @@ def gallery_items(
             gt_mask = rle_to_mask(item.mask_rle((height, width)))
         items.append(GalleryItem(image, record, masks, gt_mask, f"{predictions.parent.name}: {record.image}"))
     return items
-
-
-def _image_dir_of(predictions: Path) -> Path | None:
-    """The image folder `legion infer` read, from the infer_config.yaml next to predictions.jsonl."""
-    import yaml
-
-    config = predictions.parent / "infer_config.yaml"
-    if not config.is_file():
-        return None
-    image_dir = (yaml.safe_load(config.read_text()) or {}).get("image_dir")
-    return Path(image_dir) if image_dir else None
 
 
 # --- the report -------------------------------------------------------------------------------------

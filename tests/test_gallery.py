@@ -1,8 +1,6 @@
-import json
-
 import numpy as np
 
-from legion.gallery import GalleryItem, Table, colour, highlight_phrases, overlay_masks, plot_loss_curve, write_report
+from legion.gallery import GalleryItem, Table, colour, highlight_phrases, overlay_masks, plot_curves, write_report
 from legion.record import PredictionRecord
 from tests.browser import open_page
 
@@ -43,11 +41,8 @@ def test_report_renders_in_browser(tmp_path):
         ),
         GalleryItem(img, PredictionRecord(image="b.png", verdict="real", fake_prob=0.1), [], None, "b.png"),
     ]
-    log = tmp_path / "log.jsonl"
-    log.write_text(
-        "\n".join(json.dumps({"step": s, "loss": 2.0 / (s + 1), "ce_loss": 1.0 / (s + 1)}) for s in range(10))
-    )
-    curve = plot_loss_curve(log, tmp_path / "report_assets" / "loss_curve.png")
+    rows = [{"step": s, "loss": 2.0 / (s + 1), "ce_loss": 1.0 / (s + 1)} for s in range(10)]
+    curve = plot_curves(rows, ["loss", "ce_loss"], tmp_path / "report_assets" / "loss_curve.png")
     html_path, md_path = write_report(
         tmp_path, "Test report", [Table("m", [{"run": "x", "miou": 50.0}])], items, figures=[("Training loss", curve)]
     )
