@@ -210,18 +210,19 @@ def run(args: argparse.Namespace) -> int:
         "save_reference_layout=false",
         "save_overlay=false",
         "save_phrase_masks=false",
+        "resume=false",
+        "overwrite=true",  # a re-run stage (after training or the detector changed) replaces its predictions
     ]
     st.run(
         "infer",
         [
-            _cli("infer", *infer_common, f"image_dir={data}/test/images", f"output_dir={preds}", "resume=false"),
+            _cli("infer", *infer_common, f"image_dir={data}/test/images", f"output_dir={preds}"),
             _cli(
                 "infer",
                 *infer_common,
                 f"image_dir={data}/detection/test/toyscars/0_real",
                 f"output_dir={preds_real}",
                 f"max_images={GALLERY_REAL}",
-                "resume=false",
             ),
         ],
         {"config": _file_hash(REPO / "configs/tiny/infer.yaml")},
