@@ -758,7 +758,9 @@ class _BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         batch, loaded, keys, errors, prepared = load_batch(self.batches[index], self.perturbation, self.preprocessor)
-        return batch, [torch.from_numpy(np.ascontiguousarray(im)) for im in loaded], keys, errors, prepared
+        # torch.from_numpy wants a writable, contiguous array (Pillow's decoded images are read-only)
+        images = [torch.from_numpy(np.require(im, requirements=["C", "W"])) for im in loaded]
+        return batch, images, keys, errors, prepared
 
 
 def _as_is(item):
