@@ -172,5 +172,10 @@ def to_rgb_array(image: ImageInput) -> np.ndarray:
     except ImportError:  # pragma: no cover - Pillow is a dependency
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        from legion.data.images import pil_to_rgb
+
+        try:  # the pixels a file of this mode gives `legion infer`
+            return np.require(pil_to_rgb(image)[0], requirements=["C", "W"])
+        except ValueError as exc:
+            raise OptionError(f"cannot analyse this PIL image: {exc}") from None
     raise OptionError(f"cannot analyse a {type(image).__name__}: give a path, a PIL image or a numpy array")

@@ -53,11 +53,6 @@ class PredictionRecord:
     mismatch: str | None = None
     truncated: bool = False
 
-    @property
-    def analysed(self) -> bool:
-        """True when LEGION explained this image (verdict "fake"); "real" and "error" records carry no analysis."""
-        return self.verdict == "fake"
-
     @classmethod
     def failed(
         cls, message: str, width: int | None = None, height: int | None = None, sam_input_size: int | None = None

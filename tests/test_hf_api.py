@@ -185,3 +185,28 @@ def test_python_api_matches_legion_infer(tiny_model_dir, tmp_path):
 
     for i, result in enumerate(results):
         assert comparable(result.to_json()) == comparable(written[f"{i}.png"])
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGBA", "P", "L", "CMYK"])
+def test_a_pil_image_gives_the_pixels_its_file_gives(tmp_path, mode):
+    """analyze(PIL image) and analyze(path) see the same pixels, 16-bit images included (high byte)."""
+    from legion.api import to_rgb_array
+
+    rng = np.random.default_rng(3)
+    if mode == "I;16":
+        picture = Image.fromarray(rng.integers(0, 65536, (9, 7), dtype=np.uint16))
+    else:
+        picture = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).convert(mode)
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    picture.save(path)
+    from_file = to_rgb_array(path)
+    from_pil = to_rgb_array(Image.open(path))
+    assert from_pil.dtype == np.uint8 and from_pil.shape == (9, 7, 3) and from_pil.flags.writeable
+    assert (from_pil == from_file).all()
+
+
+def test_a_pil_image_of_a_mode_files_are_refused_in_is_refused():
+    from legion.api import to_rgb_array
+
+    with pytest.raises(OptionError, match="unsupported pixel mode 'F'"):
+        to_rgb_array(Image.fromarray(np.zeros((4, 4), np.float32)))

@@ -49,7 +49,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
+def pil_to_rgb(img: Image.Image) -> tuple[np.ndarray, str | None]:
+    """(RGB uint8 [H, W, 3], the conversion applied or None) for any mode we read; ValueError for others."""
     mode = img.mode
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8), None
@@ -102,7 +103,7 @@ def read_image_info(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MA
                 )
                 img.load()
                 try:
-                    array, conversion = _to_rgb(img)
+                    array, conversion = pil_to_rgb(img)
                     if sixteen_bit_colour and conversion is None:
                         conversion = "rgb16->rgb"
                 except ValueError as err:

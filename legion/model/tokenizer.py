@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 TINY_VOCAB_SIZE = 3072  # upper bound of the tiny SentencePiece vocabulary (small corpora stop earlier)
 TINY_MODEL_MAX_LENGTH = 1536  # as in LEGION training
-TOKENIZER_FILES = ("tokenizer.model", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json")
 
 
 @dataclass
