@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from legion.cli_args import add_output_dir_argument
-from legion.config import add_config_arguments, load_config_with_flags, save_resolved_config
+from legion.config import ConfigError, add_config_arguments, load_config_with_flags, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, run_case, run_cases
 from legion.controller.report import format_scores
@@ -140,6 +140,8 @@ def inpaint_case(
 
 def loop_rules(cfg: InpaintConfig) -> LoopRules:
     """`max_iter` inpaintings after the original; no mask left always stops (nothing to inpaint)."""
+    if cfg.max_iter < 0:
+        raise ConfigError(f"max_iter must be >= 0 (inpaintings after the original), got {cfg.max_iter}")
     return LoopRules(
         max_rounds=cfg.max_iter + 1,
         limit_reason="max_iter",
@@ -210,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         dilate_mask(np.zeros((1, 1), np.uint8), cfg.dilation.kernel, cfg.dilation.iterations)  # validates
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    loop_rules(cfg)  # the loop settings too: a bad one stops here, before anything is written or loaded
     out_dir = Path(cfg.output_dir)
     save_resolved_config(cfg, out_dir)
     scorer = build_scorer(cfg.scorer, cfg.device)

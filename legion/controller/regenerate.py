@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, limit=cfg.limit)
     if cfg.max_rounds < 2:
         print(f"legion regenerate: warning: max_rounds={cfg.max_rounds}: no prompt revision will happen")
+    loop_rules(cfg)  # the loop settings: a bad one stops here, before anything is written or loaded
     out_dir = Path(cfg.output_dir)
     save_resolved_config(cfg, out_dir)
     # The cheap checks first: a missing key or weight file fails before the big models load.
