@@ -56,6 +56,8 @@ def test_regenerate_cli_with_a_pipeline_directory_and_a_remote_reviser(tiny_mode
     assert [r["prompt"] for r in summary["rounds"]] == ["a red apple", "a shiny red apple on a wooden table"]
     assert (tmp_path / "out" / "cases" / "prompt_0001" / "round_01" / "image.png").is_file()
     assert (tmp_path / "out" / "config.yaml").is_file() and (tmp_path / "out" / "index.html").is_file()
+    run_info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert run_info["command"] == "regenerate" and run_info["status"] == "done"
     assert "mean of per-image ratios" in capsys.readouterr().out
 
 
@@ -86,6 +88,8 @@ def test_inpaint_cli_on_a_mapping(tiny_model_dir, tmp_path, capsys):
     assert first.shape == (36, 44, 3)
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores["command"] == "inpaint" and scores["n"] == 1
+    run_info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert run_info["command"] == "inpaint" and run_info["status"] == "done"
 
 
 @pytest.mark.parametrize(

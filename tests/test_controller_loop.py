@@ -231,6 +231,8 @@ def test_run_cases_writes_summary_scores_and_page(tmp_path):
     assert saved["stop_reasons"] == {"max_iter": 2} and saved["post_mean"] == pytest.approx(0.35)
     page = (tmp_path / "index.html").read_text()
     assert "<title>T&lt;1&gt;</title>" in page and "cases/b/round_00/image.png" in page
+    run_info = json.loads((tmp_path / "run_info.json").read_text())
+    assert run_info["command"] == "inpaint" and run_info["status"] == "done"
 
 
 def test_the_recipes_rules():

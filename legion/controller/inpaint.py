@@ -32,7 +32,6 @@ from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analy
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, run_case, run_cases
 from legion.controller.report import format_scores
 from legion.controller.scoring import Scorer, ScorerConfig, build_scorer
-from legion.utils.run_info import recorded
 
 
 @dataclass
@@ -165,7 +164,6 @@ def inpainting_step(case: Case, image: np.ndarray, pipe, cfg: InpaintConfig) -> 
     return step
 
 
-@recorded("inpaint", lambda *args, **kwargs: kwargs.get("out_dir", args[-1] if args else None))
 def run_inpainting(
     cases: list[Case], analyzer, pipe, scorer: Scorer, cfg: InpaintConfig, out_dir: str | Path
 ) -> tuple[list[dict], dict]:

@@ -40,6 +40,7 @@ from legion.config import ConfigError
 from legion.controller.cases import Case, CaseWriter, has_artifact, record_masks
 from legion.controller.report import case_summary, write_html, write_summary
 from legion.record import PredictionRecord
+from legion.utils.run_info import RunRecord
 
 
 @dataclass(frozen=True)
@@ -149,11 +150,14 @@ def run_cases(
     command: str,
     title: str,
 ) -> tuple[list[dict], dict]:
-    """Every case through `run_one(case, writer)` -> (summaries, aggregate scores); writes summary.jsonl,
-    scores.json and index.html under out_dir. `command` names the progress bar and scores.json's command."""
+    """Every case through `run_one(case, writer)` -> (summaries, aggregate scores); writes run_info.json,
+    summary.jsonl, scores.json and index.html under out_dir. `command` names the progress bar and the
+    command of scores.json and run_info.json."""
     from tqdm import tqdm
 
-    summaries = [run_one(case, CaseWriter(out_dir, case.case_id)) for case in tqdm(cases, desc=command, unit="case")]
-    aggregate = write_summary(out_dir, summaries, scorer_name, command)
-    write_html(out_dir, summaries, aggregate, title)
+    with RunRecord(out_dir, command):
+        progress = tqdm(cases, desc=command, unit="case")
+        summaries = [run_one(case, CaseWriter(out_dir, case.case_id)) for case in progress]
+        aggregate = write_summary(out_dir, summaries, scorer_name, command)
+        write_html(out_dir, summaries, aggregate, title)
     return summaries, aggregate

@@ -30,7 +30,6 @@ from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, S
 from legion.controller.prompt_reviser import PromptReviser, ReviserConfig, ReviserError, build_reviser
 from legion.controller.report import format_scores
 from legion.controller.scoring import Scorer, ScorerConfig, build_scorer
-from legion.utils.run_info import recorded
 
 
 @dataclass
@@ -130,7 +129,6 @@ def regeneration_step(case: Case, start_image, pipe, reviser: PromptReviser, gen
     return step
 
 
-@recorded("regenerate", lambda *args, **kwargs: kwargs.get("out_dir", args[-1] if args else None))
 def run_regeneration(
     cases: list[Case],
     analyzer,
