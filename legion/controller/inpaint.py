@@ -83,12 +83,17 @@ class InpaintConfig:
     RENAMED: ClassVar[dict] = {"out_dir": ("output_dir", None)}  # accepted until the next release
 
 
+def check_dilation(kernel: int, iterations: int) -> None:
+    """ConfigError (a ValueError) unless kernel >= 1 and iterations >= 0."""
+    if kernel < 1 or iterations < 0:
+        raise ConfigError(f"dilation needs kernel >= 1 and iterations >= 0, got {kernel}, {iterations}")
+
+
 def dilate_mask(mask: np.ndarray, kernel: int = 5, iterations: int = 5) -> np.ndarray:
     """Grow a {0,1} mask [H, W] by a kernel x kernel square, `iterations` times -> uint8 {0,1} [H, W]."""
     import cv2
 
-    if kernel < 1 or iterations < 0:
-        raise ValueError(f"dilation needs kernel >= 1 and iterations >= 0, got {kernel}, {iterations}")
+    check_dilation(kernel, iterations)
     mask = (mask > 0).astype(np.uint8)
     if iterations == 0 or kernel == 1:
         return mask
@@ -200,17 +205,13 @@ def config_from_args(args: argparse.Namespace) -> InpaintConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from legion.config import ConfigError
-
     cfg = config_from_args(args)
     if not cfg.inputs:
         raise ConfigError("no input: pass --inputs FILE ({image: prompt} JSON) or set `inputs` in the config")
     cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, require_images=True, limit=cfg.limit)
-    try:
-        dilate_mask(np.zeros((1, 1), np.uint8), cfg.dilation.kernel, cfg.dilation.iterations)  # validates
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    loop_rules(cfg)  # the loop settings too: a bad one stops here, before anything is written or loaded
+    # the dilation and loop settings: a bad one stops here, before anything is written or loaded
+    check_dilation(cfg.dilation.kernel, cfg.dilation.iterations)
+    loop_rules(cfg)
     out_dir = Path(cfg.output_dir)
     save_resolved_config(cfg, out_dir)
     scorer = build_scorer(cfg.scorer, cfg.device)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from legion.cli_args import add_output_dir_argument
-from legion.config import add_config_arguments, load_config_with_flags, save_resolved_config
+from legion.config import ConfigError, add_config_arguments, load_config_with_flags, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, StopCase, run_case, run_cases
 from legion.controller.prompt_reviser import PromptReviser, ReviserConfig, ReviserError, build_reviser
@@ -175,8 +175,6 @@ def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from legion.config import ConfigError
-
     cfg = config_from_args(args)
     if not cfg.inputs:
         raise ConfigError("no input: pass --prompts FILE or set `inputs` in the config")
