@@ -140,7 +140,7 @@ def _run_command(name: str, module, args: argparse.Namespace) -> int:
     except LegionError as exc:
         if debug:
             raise
-        _print_error(f"legion {name}: {getattr(exc, 'label', 'error')}: {one_line(exc)}")
+        _print_error(f"legion {name}: {exc.label}: {one_line(exc)}")
         return exc.exit_code
     except KeyboardInterrupt:
         if debug:
