@@ -59,6 +59,8 @@ def test_from_pretrained_refuses_what_it_would_ignore(tiny_model_dir):
         LegionForCausalLM.from_pretrained(tiny_model_dir, trust_remote_code=True)
     with pytest.raises(TypeError, match="quantization_config"):
         LegionForCausalLM.from_pretrained(tiny_model_dir, quantization_config={"load_in_8bit": True})
+    with pytest.raises(TypeError, match="output_loading_info"):  # we return the model only, never (model, info)
+        LegionForCausalLM.from_pretrained(tiny_model_dir, output_loading_info=True)
     model = LegionForCausalLM.from_pretrained(tiny_model_dir, dtype="float32", device_map="cpu")
     assert model.dtype == torch.float32 and not model.training
 

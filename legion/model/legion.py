@@ -353,7 +353,6 @@ HF_LOADING_ARGS_IGNORED = frozenset(
         "_commit_hash",
         "trust_remote_code",
         "attn_implementation",
-        "output_loading_info",
         "key_mapping",
     }
 )
