@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from segment_anything.modeling import Sam
@@ -427,14 +428,26 @@ class LegionForCausalLM(LlamaForCausalLM):
         return model
 
     def save_pretrained(
-        self, save_directory, tokenizer=None, dtype: str = "bfloat16", max_shard_size: int | str = "5GB", **kwargs
+        self,
+        save_directory,
+        tokenizer=None,
+        dtype: str = "bfloat16",
+        max_shard_size: int | str = "5GB",
+        push_to_hub: bool = False,
+        **kwargs,
     ) -> None:
         """Write a model directory `from_pretrained` reads back (legion.model.export: sharded safetensors,
         config, generation config, CLIP in `vision_tower/`, model card); the tokenizer when given.
-        Hugging Face's own saving keyword arguments (push_to_hub aside) are accepted and ignored."""
-        from legion.model.export import export_model, parse_size
+        push_to_hub=True then uploads the folder (legion.model.export.push_to_hub) to `repo_id` (default:
+        the folder's name; a Hub id is `user/name`), created `private` when asked. Hugging Face's other
+        saving keyword arguments are accepted and ignored."""
+        from legion.model import export
 
-        export_model(self, tokenizer, save_directory, dtype=dtype, max_shard_bytes=parse_size(max_shard_size))
+        max_shard_bytes = export.parse_size(max_shard_size)
+        export.export_model(self, tokenizer, save_directory, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        if push_to_hub:
+            repo_id = kwargs.get("repo_id", Path(save_directory).name)
+            export.push_to_hub(save_directory, repo_id, private=kwargs.get("private", False))
 
     # --- helpers ----------------------------------------------------------------------------
     @property
