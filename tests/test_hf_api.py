@@ -98,6 +98,13 @@ def test_export_is_bf16_sharded_with_a_card_and_loads_back(tiny_model_dir, tmp_p
         parse_size("five")
 
 
+def test_an_export_dtype_is_checked_before_anything_is_written(tiny_model_dir, tmp_path):
+    model, _, _ = load_model(tiny_model_dir, verbose=False)
+    with pytest.raises(OptionError, match="bfloat16, float32, got 'float16'"):
+        model.save_pretrained(tmp_path / "m", dtype="float16")  # writes straight into the folder
+    assert not (tmp_path / "m").exists()  # no vision_tower/ left behind
+
+
 def test_model_sources_local_checkpoints_hub_and_offline(tiny_model_dir, tmp_path, monkeypatch):
     assert resolve_model_source(tiny_model_dir) == Path(tiny_model_dir)
     monkeypatch.chdir(tmp_path)

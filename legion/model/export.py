@@ -105,11 +105,16 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * factor)
 
 
-def cast_for_export(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Floating tensors in `dtype`, except SAM and text_hidden_fcs, which a bf16 export keeps fp32."""
+def export_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of an export dtype name (EXPORT_DTYPES); OptionError for any other."""
     if dtype not in EXPORT_DTYPES:
         raise OptionError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    target = getattr(torch, dtype)
+    return getattr(torch, dtype)
+
+
+def cast_for_export(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Floating tensors in `dtype`, except SAM and text_hidden_fcs, which a bf16 export keeps fp32."""
+    target = export_dtype(dtype)
     out = {}
     for key, tensor in state.items():
         if tensor.is_floating_point():
@@ -164,13 +169,12 @@ def export_model(
 
     from legion.model.checkpoint_keys import VISION_TOWER_KEY
 
+    target = export_dtype(dtype)  # before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     if save_vision_tower:
-        tower = copy.deepcopy(model.model.vision_tower.vision_tower).to(
-            torch.float32 if dtype == "float32" else torch.bfloat16
-        )
+        tower = copy.deepcopy(model.model.vision_tower.vision_tower).to(target)
         tower.save_pretrained(out / VISION_TOWER_DIRNAME, safe_serialization=True)
         _save_clip_image_processor(out / VISION_TOWER_DIRNAME, tower.config.image_size)
         config.mm_vision_tower = VISION_TOWER_DIRNAME
