@@ -31,11 +31,14 @@ import torch
 from legion.errors import InputNotFoundError, OptionError
 from legion.utils.io import atomic_dir, atomic_path, atomic_write_text
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"  # the weights in one file
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # the shards' index, when sharded
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as Hugging Face counts
 EXPORT_DTYPES = ("bfloat16", "float32")
-# Modules kept in fp32 in a bf16 export, as GLaMM/LEGION store them (docs/model.md §13.1).
-FP32_PREFIXES = ("model.grounding_encoder.", "model.text_hidden_fcs.")
+# Modules kept in fp32 in a bf16 export and when reproducing the reference in bf16
+# (builders.apply_dtype_policy), as GLaMM/LEGION's checkpoints store them (docs/model.md §13.1).
+FP32_MODULES = ("model.grounding_encoder", "model.text_hidden_fcs")
+FP32_PREFIXES = tuple(m + "." for m in FP32_MODULES)
 VISION_TOWER_DIRNAME = "vision_tower"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -77,9 +80,7 @@ def save_safetensors(
         out.mkdir(parents=True, exist_ok=True)
         n = len(shards)
         names = (
-            [out / "model.safetensors"]
-            if n == 1
-            else [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            [out / WEIGHTS_NAME] if n == 1 else [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
     for name, shard_keys in zip(names, shards):
         shard = {k: state[k].detach().to("cpu").contiguous().clone() for k in shard_keys}
