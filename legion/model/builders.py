@@ -573,7 +573,11 @@ def _materialize_meta(model: nn.Module) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from legion.cli_args import add_output_dir_argument
 
-    add_output_dir_argument(parser, required=True, help="directory to write (created; existing files are overwritten)")
+    add_output_dir_argument(
+        parser,
+        required=True,
+        help="directory to write (created; an existing model folder is replaced, any other existing folder refused)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
 
 
