@@ -192,9 +192,10 @@ def build_multimodal_inputs(
         rows, slots = to_device(torch.cat(image_rows)), to_device(torch.cat(image_slots))
         columns = to_device(torch.arange(n_img).repeat(len(image_rows)))
         embeds = embeds.index_put((rows, slots), image_features[rows, columns].to(embeds.dtype))
-    for b, start, n in no_image:  # keeps the projector in the graph for samples without an image (reference behaviour)
-        embeds = embeds.clone()
-        embeds[b, start : start + n] = embeds[b, start : start + n] + 0.0 * image_features[b].sum().to(embeds.dtype)
+    if no_image:  # keeps the projector in the graph for samples without an image (reference behaviour)
+        embeds = embeds.clone()  # once, then written in place for each such sample
+        for b, start, n in no_image:
+            embeds[b, start : start + n] = embeds[b, start : start + n] + 0.0 * image_features[b].sum().to(embeds.dtype)
     return MultimodalInputs(
         embeds,
         to_device(mask),
