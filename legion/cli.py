@@ -55,12 +55,23 @@ OPTIONAL_PACKAGES = {
 }
 
 
-def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+def _debug() -> bool:
+    """LEGION_DEBUG=1: re-raise the errors handled here, to show their traceback."""
+    return os.environ.get("LEGION_DEBUG", "") not in ("", "0")
+
+
+def _missing_extra(name: str, exc: ModuleNotFoundError) -> int:
+    """A command (its import or its run) met a missing package: one line naming the optional extra to
+    install, exit code 2. A package that is no extra's is a bug and re-raises, as does LEGION_DEBUG."""
     top = (exc.name or "").split(".")[0]
     extra = OPTIONAL_PACKAGES.get(top)
-    if extra is None:
-        return None
-    return f"needs the optional package {top!r}: pip install 'legion[{extra}]' (or bash scripts/setup_env.sh)"
+    if extra is None or _debug():
+        raise exc
+    _print_error(
+        f"legion {name}: error: needs the optional package {top!r}: pip install 'legion[{extra}]'"
+        " (or bash scripts/setup_env.sh)"
+    )
+    return 2
 
 
 def _setup_environment() -> None:
@@ -105,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if _missing_extra(exc) is None:
-            raise
-        _print_error(f"legion {name}: error: {_missing_extra(exc)}")
-        return 2
+        return _missing_extra(name, exc)
     parser = argparse.ArgumentParser(
         prog=f"legion {name}",
         description=(module.__doc__ or help_).strip(),
@@ -126,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(name: str, module, args: argparse.Namespace) -> int:
     from legion.errors import LegionError, one_line
 
-    debug = os.environ.get("LEGION_DEBUG", "") not in ("", "0")
+    debug = _debug()
     try:
         code = module.run(args)
     except LegionError as exc:
         if debug:
             raise
-        _print_error(f"legion {name}: {getattr(exc, 'label', 'error')}: {one_line(exc)}")
+        _print_error(f"legion {name}: {exc.label}: {one_line(exc)}")
         return exc.exit_code
     except KeyboardInterrupt:
         if debug:
@@ -140,10 +148,7 @@ def _run_command(name: str, module, args: argparse.Namespace) -> int:
         _print_error(f"legion {name}: interrupted")
         return 130
     except ModuleNotFoundError as exc:
-        if debug or _missing_extra(exc) is None:
-            raise
-        _print_error(f"legion {name}: error: {_missing_extra(exc)}")
-        return 2
+        return _missing_extra(name, exc)
     return int(code or 0)
 
 

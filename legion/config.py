@@ -88,20 +88,13 @@ def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 def renamed_keys(schema: type, prefix: str = "") -> dict[str, tuple[str, dict | None]]:
     """Every deprecated key of `schema` and its nested sections: full old key -> (full new key, value map)."""
-    found = {f"{prefix}{old}": (f"{prefix}{new}", mapping) for old, (new, mapping) in _renamed(schema).items()}
+    renamed = getattr(schema, "RENAMED", None) or {}
+    found = {f"{prefix}{old}": (f"{prefix}{new}", mapping) for old, (new, mapping) in renamed.items()}
     for field in dataclasses.fields(schema):
         factory = field.default_factory if field.default_factory is not dataclasses.MISSING else None
         if isinstance(factory, type) and dataclasses.is_dataclass(factory):
             found.update(renamed_keys(factory, prefix=f"{prefix}{field.name}."))
     return found
-
-
-def _renamed(schema: type) -> dict[str, tuple[str, dict | None]]:
-    out = {}
-    for old, spec in (getattr(schema, "RENAMED", None) or {}).items():
-        new, mapping = (spec, None) if isinstance(spec, str) else spec
-        out[old] = (new, mapping)
-    return out
 
 
 def _deprecation(where: str, old: str, new: str) -> None:

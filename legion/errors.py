@@ -63,6 +63,7 @@ class LegionError(Exception):
     """An error raised on purpose, with a message meant for the user. Exit code 1: failed work."""
 
     exit_code = 1
+    label = "error"  # `legion <command>: <label>: <message>` (legion.cli)
 
 
 class UsageError(LegionError):

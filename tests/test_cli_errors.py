@@ -199,3 +199,38 @@ def test_error_classes_keep_their_builtin_bases():
         assert issubclass(cls, LegionError) and issubclass(cls, builtin) and cls.exit_code == code
         assert issubclass(cls, UsageError) == (code == 2)
     assert one_line(LegionError()) == "LegionError"
+
+
+def _command_missing(package, when, tmp_path, monkeypatch):
+    """`legion app` replaced by a module that misses `package` when it is imported or when it runs."""
+    import legion.cli
+
+    missing = f"raise ModuleNotFoundError(\"No module named '{package}'\", name='{package}')"
+    body = missing if when == "import" else f"def add_arguments(parser):\n    pass\n\n\ndef run(args):\n    {missing}"
+    module = f"needs_{package}_at_{when}"
+    (tmp_path / f"{module}.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(legion.cli.COMMANDS, "app", (module, "a command that misses a package"))
+
+
+@pytest.mark.parametrize("when", ["import", "run"])
+def test_a_missing_optional_package_names_its_extra_and_legion_debug_reraises(when, tmp_path, monkeypatch, capsys):
+    _command_missing("gradio", when, tmp_path, monkeypatch)
+    monkeypatch.delenv("LEGION_DEBUG", raising=False)
+    assert main(["app"]) == 2
+    assert capsys.readouterr().err == (
+        "legion app: error: needs the optional package 'gradio': pip install 'legion[app]'"
+        " (or bash scripts/setup_env.sh)\n"
+    )
+    monkeypatch.setenv("LEGION_DEBUG", "1")  # re-raised, as every other error, wherever it is met
+    with pytest.raises(ModuleNotFoundError, match="gradio"):
+        main(["app"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("when", ["import", "run"])
+def test_a_missing_package_that_is_no_extra_is_a_bug(when, tmp_path, monkeypatch):
+    _command_missing("nope", when, tmp_path, monkeypatch)
+    monkeypatch.delenv("LEGION_DEBUG", raising=False)
+    with pytest.raises(ModuleNotFoundError, match="nope"):
+        main(["app"])

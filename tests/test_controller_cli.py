@@ -56,6 +56,8 @@ def test_regenerate_cli_with_a_pipeline_directory_and_a_remote_reviser(tiny_mode
     assert [r["prompt"] for r in summary["rounds"]] == ["a red apple", "a shiny red apple on a wooden table"]
     assert (tmp_path / "out" / "cases" / "prompt_0001" / "round_01" / "image.png").is_file()
     assert (tmp_path / "out" / "config.yaml").is_file() and (tmp_path / "out" / "index.html").is_file()
+    run_info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert run_info["command"] == "regenerate" and run_info["status"] == "done"
     assert "mean of per-image ratios" in capsys.readouterr().out
 
 
@@ -86,6 +88,8 @@ def test_inpaint_cli_on_a_mapping(tiny_model_dir, tmp_path, capsys):
     assert first.shape == (36, 44, 3)
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert scores["command"] == "inpaint" and scores["n"] == 1
+    run_info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert run_info["command"] == "inpaint" and run_info["status"] == "done"
 
 
 @pytest.mark.parametrize(
@@ -142,3 +146,25 @@ def test_cli_errors_are_clear(argv, message, exit_code, tmp_path, capsys):
     assert code == exit_code
     err = capsys.readouterr().err
     assert message in err and err.startswith(f"legion {argv[0]}: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "setting, message", [("max_iter=-1", "max_iter must be >= 0"), ("dilation.kernel=0", "kernel >= 1")]
+)
+def test_bad_loop_settings_stop_before_anything_is_loaded_or_written(setting, message, tmp_path, monkeypatch, capsys):
+    from legion.controller import inpaint
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before the settings were checked")
+
+    for loader in ("build_scorer", "load_inpainter", "load_analyzer"):
+        monkeypatch.setattr(inpaint, loader, must_not_load)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.json").write_text(json.dumps({"a.png": "a cat"}))
+    out = tmp_path / "out"
+    argv = ["inpaint", "--config", "configs/tiny/inpaint.yaml", "--inputs", str(tmp_path / "m.json")]
+    code = main([*argv, "--output-dir", str(out), setting])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("legion inpaint: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()  # no config.yaml, no run_info.json

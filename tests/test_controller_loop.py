@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from legion.config import ConfigError
 from legion.controller.cases import Case, CaseWriter
 from legion.controller.loop import LoopRules, NextImage, StopCase, run_case, run_cases
 from legion.record import PredictionRecord
@@ -169,7 +170,7 @@ def test_a_step_can_stop_the_case_before_its_round(tmp_path):
     assert not (tmp_path / "cases" / "c" / "round_02").exists()
     with pytest.raises(ValueError, match="before round 0"):
         run(tmp_path / "r0", [0.1], step=Step(stop_at=0))
-    with pytest.raises(ValueError, match="max_rounds >= 1"):
+    with pytest.raises(ConfigError, match="max_rounds >= 1"):  # a ValueError, exit code 2 from the command line
         run(tmp_path / "none", [0.1], rules=LoopRules(max_rounds=0, limit_reason="max_iter"))
 
 
@@ -230,6 +231,8 @@ def test_run_cases_writes_summary_scores_and_page(tmp_path):
     assert saved["stop_reasons"] == {"max_iter": 2} and saved["post_mean"] == pytest.approx(0.35)
     page = (tmp_path / "index.html").read_text()
     assert "<title>T&lt;1&gt;</title>" in page and "cases/b/round_00/image.png" in page
+    run_info = json.loads((tmp_path / "run_info.json").read_text())
+    assert run_info["command"] == "inpaint" and run_info["status"] == "done"
 
 
 def test_the_recipes_rules():

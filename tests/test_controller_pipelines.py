@@ -4,6 +4,7 @@ one inpainting step."""
 import numpy as np
 import pytest
 
+from legion.config import ConfigError
 from legion.controller.inpaint import InpainterConfig, dilate_mask, inpaint_image
 from legion.controller.pipelines import PipelineLoadError, generate, load_pipeline, save_tiny_pipeline
 
@@ -39,7 +40,7 @@ def test_dilation_grows_a_pixel_into_the_reference_square():
     ys, xs = np.nonzero(grown)
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (22, 42, 22, 42) and grown.sum() == 21 * 21
     assert np.array_equal(dilate_mask(mask * 255, kernel=3, iterations=0), mask)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="kernel >= 1"):  # a ValueError, exit code 2 from the command line
         dilate_mask(mask, kernel=0)
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import legion
 from legion.cli import main
-from legion.errors import InputNotFoundError, OptionError
+from legion.errors import InputNotFoundError, OptionError, UsageError
 from legion.infer import InferConfig, run_inference
 from legion.model import conversation as conv
 from legion.model.builders import load_model, save_model
@@ -59,6 +59,8 @@ def test_from_pretrained_refuses_what_it_would_ignore(tiny_model_dir):
         LegionForCausalLM.from_pretrained(tiny_model_dir, trust_remote_code=True)
     with pytest.raises(TypeError, match="quantization_config"):
         LegionForCausalLM.from_pretrained(tiny_model_dir, quantization_config={"load_in_8bit": True})
+    with pytest.raises(TypeError, match="output_loading_info"):  # we return the model only, never (model, info)
+        LegionForCausalLM.from_pretrained(tiny_model_dir, output_loading_info=True)
     model = LegionForCausalLM.from_pretrained(tiny_model_dir, dtype="float32", device_map="cpu")
     assert model.dtype == torch.float32 and not model.training
 
@@ -94,6 +96,13 @@ def test_export_is_bf16_sharded_with_a_card_and_loads_back(tiny_model_dir, tmp_p
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8
     with pytest.raises(OptionError):
         parse_size("five")
+
+
+def test_an_export_dtype_is_checked_before_anything_is_written(tiny_model_dir, tmp_path):
+    model, _, _ = load_model(tiny_model_dir, verbose=False)
+    with pytest.raises(OptionError, match="bfloat16, float32, got 'float16'"):
+        model.save_pretrained(tmp_path / "m", dtype="float16")  # writes straight into the folder
+    assert not (tmp_path / "m").exists()  # no vision_tower/ left behind
 
 
 def test_model_sources_local_checkpoints_hub_and_offline(tiny_model_dir, tmp_path, monkeypatch):
@@ -148,6 +157,37 @@ def test_legion_export_command_and_push(tiny_model_dir, tmp_path, monkeypatch, c
     assert main(["export", str(tiny_model_dir), "--push-to-hub", "me/legion-tiny", "--private"]) == 0
     assert calls["repo"] == ("me/legion-tiny", True)
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.model", "vision_tower"} <= set(calls["files"])
+
+
+def test_save_pretrained_pushes_to_the_hub_when_asked(tiny_model_dir, tmp_path, monkeypatch):
+    """push_to_hub=True uploads the written folder (legion.model.export.push_to_hub) instead of being ignored."""
+    import huggingface_hub
+
+    from legion.model.legion import LegionForCausalLM
+
+    model = LegionForCausalLM.from_pretrained(tiny_model_dir, dtype="float32", device_map="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="needs the network"):
+        model.save_pretrained(tmp_path / "offline", push_to_hub=True, repo_id="me/legion-tiny")
+    # online: what would be uploaded (the Hub API is the outside world, stood in for here)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append((repo_id, kwargs["private"]))
+
+        def upload_folder(self, folder_path, repo_id, **kwargs):
+            calls.append(sorted(p.name for p in Path(folder_path).iterdir()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model.save_pretrained(tmp_path / "online", push_to_hub=True, repo_id="me/legion-tiny", private=True)
+    assert calls[0] == ("me/legion-tiny", True) and {"config.json", "model.safetensors"} <= set(calls[1])
+    with pytest.raises(OptionError, match="user/name"):  # the default repo_id, the folder's name, has no user
+        model.save_pretrained(tmp_path / "legion-tiny", push_to_hub=True)
+    model.save_pretrained(tmp_path / "not_pushed", push_to_hub=False, repo_id="me/legion-tiny")
+    assert len(calls) == 2 and (tmp_path / "not_pushed" / "config.json").is_file()
 
 
 def test_python_api_matches_legion_infer(tiny_model_dir, tmp_path):

@@ -72,8 +72,8 @@ def _build_per_sample_reference(
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_host_planned_expansion_equals_the_per_sample_code_with_gradients(padding_side):
-    """Values (exactly) and gradients of text embeddings and image features, a sample without an image included."""
-    seqs = [*SEQS, [1, 5, 6, 7, 8]]  # the last one has no image placeholder
+    """Values (exactly) and gradients of text embeddings and image features, two samples without an image included."""
+    seqs = [*SEQS, [1, 5, 6, 7, 8], [1, 9, 10]]  # the last two have no image placeholder
     ids, mask = right_pad(seqs)
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
     g = torch.Generator().manual_seed(0)

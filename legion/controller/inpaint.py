@@ -27,12 +27,11 @@ from typing import ClassVar
 import numpy as np
 
 from legion.cli_args import add_output_dir_argument
-from legion.config import add_config_arguments, load_config_with_flags, save_resolved_config
+from legion.config import ConfigError, add_config_arguments, load_config_with_flags, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, run_case, run_cases
 from legion.controller.report import format_scores
 from legion.controller.scoring import Scorer, ScorerConfig, build_scorer
-from legion.utils.run_info import recorded
 
 
 @dataclass
@@ -84,12 +83,17 @@ class InpaintConfig:
     RENAMED: ClassVar[dict] = {"out_dir": ("output_dir", None)}  # accepted until the next release
 
 
+def check_dilation(kernel: int, iterations: int) -> None:
+    """ConfigError (a ValueError) unless kernel >= 1 and iterations >= 0."""
+    if kernel < 1 or iterations < 0:
+        raise ConfigError(f"dilation needs kernel >= 1 and iterations >= 0, got {kernel}, {iterations}")
+
+
 def dilate_mask(mask: np.ndarray, kernel: int = 5, iterations: int = 5) -> np.ndarray:
     """Grow a {0,1} mask [H, W] by a kernel x kernel square, `iterations` times -> uint8 {0,1} [H, W]."""
     import cv2
 
-    if kernel < 1 or iterations < 0:
-        raise ValueError(f"dilation needs kernel >= 1 and iterations >= 0, got {kernel}, {iterations}")
+    check_dilation(kernel, iterations)
     mask = (mask > 0).astype(np.uint8)
     if iterations == 0 or kernel == 1:
         return mask
@@ -140,6 +144,8 @@ def inpaint_case(
 
 def loop_rules(cfg: InpaintConfig) -> LoopRules:
     """`max_iter` inpaintings after the original; no mask left always stops (nothing to inpaint)."""
+    if cfg.max_iter < 0:
+        raise ConfigError(f"max_iter must be >= 0 (inpaintings after the original), got {cfg.max_iter}")
     return LoopRules(
         max_rounds=cfg.max_iter + 1,
         limit_reason="max_iter",
@@ -163,7 +169,6 @@ def inpainting_step(case: Case, image: np.ndarray, pipe, cfg: InpaintConfig) -> 
     return step
 
 
-@recorded("inpaint", lambda *args, **kwargs: kwargs.get("out_dir", args[-1] if args else None))
 def run_inpainting(
     cases: list[Case], analyzer, pipe, scorer: Scorer, cfg: InpaintConfig, out_dir: str | Path
 ) -> tuple[list[dict], dict]:
@@ -200,16 +205,13 @@ def config_from_args(args: argparse.Namespace) -> InpaintConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from legion.config import ConfigError
-
     cfg = config_from_args(args)
     if not cfg.inputs:
         raise ConfigError("no input: pass --inputs FILE ({image: prompt} JSON) or set `inputs` in the config")
     cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, require_images=True, limit=cfg.limit)
-    try:
-        dilate_mask(np.zeros((1, 1), np.uint8), cfg.dilation.kernel, cfg.dilation.iterations)  # validates
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    # the dilation and loop settings: a bad one stops here, before anything is written or loaded
+    check_dilation(cfg.dilation.kernel, cfg.dilation.iterations)
+    loop_rules(cfg)
     out_dir = Path(cfg.output_dir)
     save_resolved_config(cfg, out_dir)
     scorer = build_scorer(cfg.scorer, cfg.device)

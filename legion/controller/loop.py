@@ -36,9 +36,11 @@ from typing import Protocol
 
 import numpy as np
 
+from legion.config import ConfigError
 from legion.controller.cases import Case, CaseWriter, has_artifact, record_masks
 from legion.controller.report import case_summary, write_html, write_summary
 from legion.record import PredictionRecord
+from legion.utils.run_info import RunRecord
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class LoopRules:
     patience: int = 0  # stop after this many rounds in a row without a new best (0: never)
     min_improvement: float = 0.0  # a new best must beat the best score by more than this
     stop_on_clean: bool = True  # stop when LEGION finds no artifact
+
+    def __post_init__(self):
+        if self.max_rounds < 1:
+            raise ConfigError(f"the loop needs max_rounds >= 1 (round 0 included), got {self.max_rounds}")
 
 
 @dataclass
@@ -95,8 +101,6 @@ def run_case(case: Case, step: NextImageStep, analyzer, scorer, writer: CaseWrit
     analyzer: `.analyze([image]) -> [record]` (legion.infer.Analyzer); scorer: `.score([image], [prompt])
     -> [float]` and `.name` (legion.controller.scoring.Scorer).
     """
-    if rules.max_rounds < 1:
-        raise ValueError(f"the loop needs max_rounds >= 1 (round 0 included), got {rules.max_rounds}")
     rounds: list[dict] = []
     best_round, since_best, stop_reason = 0, 0, rules.limit_reason
     previous: Round | None = None
@@ -146,11 +150,14 @@ def run_cases(
     command: str,
     title: str,
 ) -> tuple[list[dict], dict]:
-    """Every case through `run_one(case, writer)` -> (summaries, aggregate scores); writes summary.jsonl,
-    scores.json and index.html under out_dir. `command` names the progress bar and scores.json's command."""
+    """Every case through `run_one(case, writer)` -> (summaries, aggregate scores); writes run_info.json,
+    summary.jsonl, scores.json and index.html under out_dir. `command` names the progress bar and the
+    command of scores.json and run_info.json."""
     from tqdm import tqdm
 
-    summaries = [run_one(case, CaseWriter(out_dir, case.case_id)) for case in tqdm(cases, desc=command, unit="case")]
-    aggregate = write_summary(out_dir, summaries, scorer_name, command)
-    write_html(out_dir, summaries, aggregate, title)
+    with RunRecord(out_dir, command):
+        progress = tqdm(cases, desc=command, unit="case")
+        summaries = [run_one(case, CaseWriter(out_dir, case.case_id)) for case in progress]
+        aggregate = write_summary(out_dir, summaries, scorer_name, command)
+        write_html(out_dir, summaries, aggregate, title)
     return summaries, aggregate

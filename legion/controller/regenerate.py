@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import ClassVar
 
 from legion.cli_args import add_output_dir_argument
-from legion.config import add_config_arguments, load_config_with_flags, save_resolved_config
+from legion.config import ConfigError, add_config_arguments, load_config_with_flags, save_resolved_config
 from legion.controller.cases import AnalyzerConfig, Case, CaseWriter, load_analyzer, read_cases
 from legion.controller.loop import LoopRules, NextImage, NextImageStep, Round, StopCase, run_case, run_cases
 from legion.controller.prompt_reviser import PromptReviser, ReviserConfig, ReviserError, build_reviser
 from legion.controller.report import format_scores
 from legion.controller.scoring import Scorer, ScorerConfig, build_scorer
-from legion.utils.run_info import recorded
 
 
 @dataclass
@@ -130,7 +129,6 @@ def regeneration_step(case: Case, start_image, pipe, reviser: PromptReviser, gen
     return step
 
 
-@recorded("regenerate", lambda *args, **kwargs: kwargs.get("out_dir", args[-1] if args else None))
 def run_regeneration(
     cases: list[Case],
     analyzer,
@@ -177,14 +175,13 @@ def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from legion.config import ConfigError
-
     cfg = config_from_args(args)
     if not cfg.inputs:
         raise ConfigError("no input: pass --prompts FILE or set `inputs` in the config")
     cases = read_cases(cfg.inputs, cfg.image_root, cfg.allow_absolute_paths, limit=cfg.limit)
     if cfg.max_rounds < 2:
         print(f"legion regenerate: warning: max_rounds={cfg.max_rounds}: no prompt revision will happen")
+    loop_rules(cfg)  # the loop settings: a bad one stops here, before anything is written or loaded
     out_dir = Path(cfg.output_dir)
     save_resolved_config(cfg, out_dir)
     # The cheap checks first: a missing key or weight file fails before the big models load.

@@ -36,7 +36,16 @@ from legion.errors import InputNotFoundError, LegionError, MissingFileError, Opt
 from legion.model import checkpoint_keys as ck
 from legion.model import conversation as conv
 from legion.model.configuration import CLIP_L14_336, REGION_ENCODER_GLAMM, SAM_VIT_H, LegionConfig
-from legion.model.export import VISION_TOWER_DIRNAME, ModelCard
+from legion.model.export import (
+    DEFAULT_MAX_SHARD_BYTES,
+    FP32_MODULES,
+    SAFETENSORS_INDEX,
+    VISION_TOWER_DIRNAME,
+    WEIGHTS_NAME,
+    ModelCard,
+    export_model,
+    writing_model_dir,
+)
 from legion.model.tokenizer import build_tiny_tokenizer, load_tokenizer, prompt_corpus
 from legion.utils.io import atomic_path
 
@@ -167,9 +176,6 @@ _TINY = dict(
 )
 PRESETS: dict[str, dict] = {"tiny": _TINY, "legion_7b": _LEGION_7B}
 
-# Modules kept in fp32 when reproducing the reference (its checkpoints store them fp32, docs/model.md §13.1).
-FP32_MODULES = ("model.grounding_encoder", "model.text_hidden_fcs")
-
 
 def tiny_tokenizer_corpus() -> list[str]:
     """What the tiny vocabulary is trained on: LEGION's prompts and every caption ToyScars can emit,
@@ -230,30 +236,25 @@ def apply_dtype_policy(model: nn.Module, dtype: torch.dtype, keep_fp32_modules: 
 
 
 # --- saving ---------------------------------------------------------------------------------
-WEIGHTS_NAME = "model.safetensors"
-
-
 def save_model(
     model,
     tokenizer,
     out_dir: str | os.PathLike,
     save_vision_tower: bool = True,
     dtype: str = "bfloat16",
-    max_shard_bytes: int | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     card=None,
 ) -> Path:
     """Write a model directory the Hugging Face way (legion.model.export.export_model): config.json,
     sharded safetensors (GLaMM key names, no CLIP), generation_config.json, tokenizer files, the CLIP
     tower as `vision_tower/` (named by config.json's `mm_vision_tower`), a README.md model card.
     dtype "bfloat16" (default): the released checkpoints' layout (SAM + text_hidden_fcs fp32)."""
-    from legion.model.export import DEFAULT_MAX_SHARD_BYTES, export_model
-
     return export_model(
         model,
         tokenizer,
         out_dir,
         dtype=dtype,
-        max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+        max_shard_bytes=max_shard_bytes,
         save_vision_tower=save_vision_tower,
         card=card,
     )
@@ -278,8 +279,6 @@ def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         notes="Random weights from `legion make-tiny --seed "
         f"{seed}`: the full-size module tree at CPU size, for tests and the demo. Not a trained model.",
     )
-    from legion.model.export import writing_model_dir
-
     with writing_model_dir(out_dir) as folder:  # the whole folder appears at once
         save_model(model, tokenizer, folder, card=card)
         sam_state = {k: v.detach().clone() for k, v in model.model.grounding_encoder.state_dict().items()}
@@ -362,7 +361,7 @@ def _read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 def find_weight_files(path: Path) -> list[Path]:
     """Weight files of a checkpoint dir: sharded (index.json) or single, safetensors preferred."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in (SAFETENSORS_INDEX, "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -574,7 +573,11 @@ def _materialize_meta(model: nn.Module) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from legion.cli_args import add_output_dir_argument
 
-    add_output_dir_argument(parser, required=True, help="directory to write (created; existing files are overwritten)")
+    add_output_dir_argument(
+        parser,
+        required=True,
+        help="directory to write (created; an existing model folder is replaced, any other existing folder refused)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
 
 

@@ -31,11 +31,14 @@ import torch
 from legion.errors import InputNotFoundError, OptionError
 from legion.utils.io import atomic_dir, atomic_path, atomic_write_text
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"  # the weights in one file
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # the shards' index, when sharded
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as Hugging Face counts
 EXPORT_DTYPES = ("bfloat16", "float32")
-# Modules kept in fp32 in a bf16 export, as GLaMM/LEGION store them (docs/model.md §13.1).
-FP32_PREFIXES = ("model.grounding_encoder.", "model.text_hidden_fcs.")
+# Modules kept in fp32 in a bf16 export and when reproducing the reference in bf16
+# (builders.apply_dtype_policy), as GLaMM/LEGION's checkpoints store them (docs/model.md §13.1).
+FP32_MODULES = ("model.grounding_encoder", "model.text_hidden_fcs")
+FP32_PREFIXES = tuple(m + "." for m in FP32_MODULES)
 VISION_TOWER_DIRNAME = "vision_tower"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -77,9 +80,7 @@ def save_safetensors(
         out.mkdir(parents=True, exist_ok=True)
         n = len(shards)
         names = (
-            [out / "model.safetensors"]
-            if n == 1
-            else [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            [out / WEIGHTS_NAME] if n == 1 else [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
     for name, shard_keys in zip(names, shards):
         shard = {k: state[k].detach().to("cpu").contiguous().clone() for k in shard_keys}
@@ -105,11 +106,16 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * factor)
 
 
-def cast_for_export(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Floating tensors in `dtype`, except SAM and text_hidden_fcs, which a bf16 export keeps fp32."""
+def export_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of an export dtype name (EXPORT_DTYPES); OptionError for any other."""
     if dtype not in EXPORT_DTYPES:
         raise OptionError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    target = getattr(torch, dtype)
+    return getattr(torch, dtype)
+
+
+def cast_for_export(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Floating tensors in `dtype`, except SAM and text_hidden_fcs, which a bf16 export keeps fp32."""
+    target = export_dtype(dtype)
     out = {}
     for key, tensor in state.items():
         if tensor.is_floating_point():
@@ -164,13 +170,12 @@ def export_model(
 
     from legion.model.checkpoint_keys import VISION_TOWER_KEY
 
+    target = export_dtype(dtype)  # before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     if save_vision_tower:
-        tower = copy.deepcopy(model.model.vision_tower.vision_tower).to(
-            torch.float32 if dtype == "float32" else torch.bfloat16
-        )
+        tower = copy.deepcopy(model.model.vision_tower.vision_tower).to(target)
         tower.save_pretrained(out / VISION_TOWER_DIRNAME, safe_serialization=True)
         _save_clip_image_processor(out / VISION_TOWER_DIRNAME, tower.config.image_size)
         config.mm_vision_tower = VISION_TOWER_DIRNAME

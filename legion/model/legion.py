@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from segment_anything.modeling import Sam
@@ -191,9 +192,10 @@ def build_multimodal_inputs(
         rows, slots = to_device(torch.cat(image_rows)), to_device(torch.cat(image_slots))
         columns = to_device(torch.arange(n_img).repeat(len(image_rows)))
         embeds = embeds.index_put((rows, slots), image_features[rows, columns].to(embeds.dtype))
-    for b, start, n in no_image:  # keeps the projector in the graph for samples without an image (reference behaviour)
-        embeds = embeds.clone()
-        embeds[b, start : start + n] = embeds[b, start : start + n] + 0.0 * image_features[b].sum().to(embeds.dtype)
+    if no_image:  # keeps the projector in the graph for samples without an image (reference behaviour)
+        embeds = embeds.clone()  # once, then written in place for each such sample
+        for b, start, n in no_image:
+            embeds[b, start : start + n] = embeds[b, start : start + n] + 0.0 * image_features[b].sum().to(embeds.dtype)
     return MultimodalInputs(
         embeds,
         to_device(mask),
@@ -353,7 +355,6 @@ HF_LOADING_ARGS_IGNORED = frozenset(
         "_commit_hash",
         "trust_remote_code",
         "attn_implementation",
-        "output_loading_info",
         "key_mapping",
     }
 )
@@ -428,14 +429,26 @@ class LegionForCausalLM(LlamaForCausalLM):
         return model
 
     def save_pretrained(
-        self, save_directory, tokenizer=None, dtype: str = "bfloat16", max_shard_size: int | str = "5GB", **kwargs
+        self,
+        save_directory,
+        tokenizer=None,
+        dtype: str = "bfloat16",
+        max_shard_size: int | str = "5GB",
+        push_to_hub: bool = False,
+        **kwargs,
     ) -> None:
         """Write a model directory `from_pretrained` reads back (legion.model.export: sharded safetensors,
         config, generation config, CLIP in `vision_tower/`, model card); the tokenizer when given.
-        Hugging Face's own saving keyword arguments (push_to_hub aside) are accepted and ignored."""
-        from legion.model.export import export_model, parse_size
+        push_to_hub=True then uploads the folder (legion.model.export.push_to_hub) to `repo_id` (default:
+        the folder's name; a Hub id is `user/name`), created `private` when asked. Hugging Face's other
+        saving keyword arguments are accepted and ignored."""
+        from legion.model import export
 
-        export_model(self, tokenizer, save_directory, dtype=dtype, max_shard_bytes=parse_size(max_shard_size))
+        max_shard_bytes = export.parse_size(max_shard_size)
+        export.export_model(self, tokenizer, save_directory, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        if push_to_hub:
+            repo_id = kwargs.get("repo_id", Path(save_directory).name)
+            export.push_to_hub(save_directory, repo_id, private=kwargs.get("private", False))
 
     # --- helpers ----------------------------------------------------------------------------
     @property
