@@ -280,7 +280,10 @@ def check_train_config(cfg: TrainConfig) -> None:
         at_least(key, 1)
     for key in ("validation.every_steps", "validation.batch_size", "logging.every_steps"):
         at_least(key, 1)
-    for key in ("schedule.micro_batch_size", "schedule.max_steps", "schedule.total_steps"):
+    check_auto_settings(cfg)
+    if cfg.schedule.micro_batch_size != "auto":
+        at_least("schedule.micro_batch_size", 1, none_ok=True)
+    for key in ("schedule.max_steps", "schedule.total_steps"):
         at_least(key, 1, none_ok=True)
     resume = str(cfg.checkpoint.resume)
     need(_is_tag_name(resume), "checkpoint.resume", "auto, none or a checkpoint tag (global_stepN)", resume)
@@ -312,15 +315,23 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 # ---------------------------------------------------------------------------------- batch sizes
+def check_auto_settings(cfg: TrainConfig) -> None:
+    """`model.gradient_checkpointing` and `schedule.micro_batch_size` may be `auto`, but no other string."""
+    for name, value in (
+        ("model.gradient_checkpointing", cfg.model.gradient_checkpointing),
+        ("schedule.micro_batch_size", cfg.schedule.micro_batch_size),
+    ):
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f"{name} must be auto or a {'bool' if 'gradient' in name else 'number'}, got {value!r}")
+
+
 def resolve_auto_settings(cfg: TrainConfig, world_size: int, device: torch.device) -> str | None:
     """Replace `model.gradient_checkpointing: auto` / `schedule.micro_batch_size: auto` in `cfg` by the values
     legion.train.speed.resolve_memory_plan picks for this GPU; returns its reason (None when nothing was auto)."""
     from legion.train.speed import cuda_memory_gib, resolve_memory_plan
 
+    check_auto_settings(cfg)
     gc, micro = cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size
-    for name, value in (("model.gradient_checkpointing", gc), ("schedule.micro_batch_size", micro)):
-        if isinstance(value, str) and value != "auto":
-            raise ConfigError(f"{name} must be auto or a {'bool' if 'gradient' in name else 'number'}, got {value!r}")
     if gc != "auto" and micro != "auto":
         return None
     if cfg.schedule.global_batch_size % world_size:
