@@ -334,9 +334,7 @@ def resolve_auto_settings(cfg: TrainConfig, world_size: int, device: torch.devic
     gc, micro = cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size
     if gc != "auto" and micro != "auto":
         return None
-    if cfg.schedule.global_batch_size % world_size:
-        plan_batches(cfg.schedule.global_batch_size, world_size)  # raises the usual error
-    per_device = cfg.schedule.global_batch_size // world_size
+    per_device = plan_batches(cfg.schedule.global_batch_size, world_size).per_device
     if micro != "auto":
         per_device = micro or per_device  # checkpointing alone is auto: decide it for the given micro-batch
     chosen = resolve_memory_plan(per_device, cuda_memory_gib(device), cfg.model.compile_layers)
