@@ -328,16 +328,16 @@ def check_auto_settings(cfg: TrainConfig) -> None:
 def resolve_auto_settings(cfg: TrainConfig, world_size: int, device: torch.device) -> str | None:
     """Replace `model.gradient_checkpointing: auto` / `schedule.micro_batch_size: auto` in `cfg` by the values
     legion.train.speed.resolve_memory_plan picks for this GPU; returns its reason (None when nothing was auto)."""
-    from legion.train.speed import cuda_memory_gib, resolve_memory_plan
+    from legion.train.speed import cuda_memory_gib, divisors, resolve_memory_plan
 
     check_auto_settings(cfg)
     gc, micro = cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size
     if gc != "auto" and micro != "auto":
         return None
     per_device = plan_batches(cfg.schedule.global_batch_size, world_size).per_device
-    if micro != "auto":
-        per_device = micro or per_device  # checkpointing alone is auto: decide it for the given micro-batch
-    chosen = resolve_memory_plan(per_device, cuda_memory_gib(device), cfg.model.compile_layers)
+    # checkpointing alone is auto: decide it for the given micro-batch (null: the whole per-device batch)
+    candidates = divisors(per_device) if micro == "auto" else [micro or per_device]
+    chosen = resolve_memory_plan(candidates, cuda_memory_gib(device), cfg.model.compile_layers)
     if gc == "auto":
         cfg.model.gradient_checkpointing = chosen.gradient_checkpointing
     if micro == "auto":
