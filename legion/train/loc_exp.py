@@ -647,7 +647,7 @@ def validate(engine, loader, device, cached) -> dict[str, float]:
             continue
         with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
             out = engine(**to_device(batch, device))
-        sums += np.array([loss_terms(out)[k] for k in LOSS_KEYS])
+        sums += np.array(list(loss_terms(out).values()))  # in LOSS_KEYS order
         batches += 1
         for pred, gt in zip(out.pred_masks, batch["gt_masks"]):
             pred_bin = (pred.float() > 0).cpu()
