@@ -266,10 +266,6 @@ class CheckpointManager:
         _barrier()
         return notes
 
-    def remove_partial(self) -> None:
-        """Former name of `recover` (which no longer deletes a complete `<tag>.tmp`)."""
-        self.recover()
-
     # ---------------------------------------------------------------- save
     def save(self, engine, step: int, trainer_state: dict[str, Any]) -> Path:
         """Write tag `global_step{step}` atomically, update `latest`, prune old tags.

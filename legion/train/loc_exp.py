@@ -817,13 +817,12 @@ def fit(
     cached: CachedFrozenEncoders | None,
     ckpt: CheckpointManager,
     log: TrainLogger,
-    guard: StepGuard | None = None,
+    guard: StepGuard,
 ) -> None:
     """Train from `at` to `steps.total` (advancing `at`): micro-batches epoch after epoch; after each optimizer
     step log, validate and save a checkpoint when due; at the end validate and save unless that step just did.
     Before each update `guard` checks the step's samples (DataError when none loaded) and whether a stop signal
     arrived; after a signal the step is saved and TrainingPreempted raised."""
-    guard = guard or StepGuard(device, plan.world_size, steps.total * plan.global_batch, 1.0)
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     epoch_records = steps.per_epoch * plan.per_device  # this rank's records per epoch
     losses = StepLosses(device, plan.grad_accum)
