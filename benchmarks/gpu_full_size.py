@@ -209,7 +209,10 @@ def training_batch(
     num_seg: int,
     device: torch.device,
 ) -> dict:
-    """The batch dict of docs/ARCHITECTURE.md: `micro_batch` copies of one long conversation."""
+    """The batch dict of docs/ARCHITECTURE.md: `micro_batch` copies of one long conversation, moved to `device`
+    as the recipe moves its batches (legion.train.loc_exp.to_device: the token tensors stay on the host)."""
+    from legion.train.loc_exp import to_device
+
     config = model.config
     ids, labels = long_conversation(tokenizer, config.vocab_size, text_tokens, num_seg)
     image = synthetic_image(image_size)
@@ -219,18 +222,18 @@ def training_batch(
     for k in range(num_seg):  # distinct boxes per [SEG]
         lo, hi = k * image_size // (num_seg + 1), (k + 2) * image_size // (num_seg + 1)
         gt[k, lo:hi, lo:hi] = 1
-    rep = lambda t: t[None].expand(micro_batch, *t.shape).contiguous().to(device)  # noqa: E731
-    host = lambda t: t[None].expand(micro_batch, *t.shape).contiguous()  # noqa: E731 - as the recipe's to_device
-    return {
-        "input_ids": host(ids),
-        "labels": host(labels),
-        "attention_mask": host(torch.ones_like(ids)),
+    rep = lambda t: t[None].expand(micro_batch, *t.shape).contiguous()  # noqa: E731
+    batch = {
+        "input_ids": rep(ids),
+        "labels": rep(labels),
+        "attention_mask": rep(torch.ones_like(ids)),
         "clip_pixel_values": rep(clip),
         "sam_pixel_values": rep(sam),
         "sam_resized_sizes": [tuple(resized)] * micro_batch,
         "original_sizes": [(image_size, image_size)] * micro_batch,
-        "gt_masks": [gt.to(device) for _ in range(micro_batch)],
+        "gt_masks": [gt] * micro_batch,
     }
+    return to_device(batch, device)
 
 
 # ------------------------------------------------------------------------------------- training
