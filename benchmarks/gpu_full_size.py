@@ -1187,7 +1187,7 @@ def compare_training(model, tokenizer, device: torch.device, dtype: torch.dtype,
     """The 7B recipe's training step before vs now in one process: the old defaults (checkpointing, eager, micro-batch
     2, logits over every position), the new defaults (`auto` resolved for 1 GPU and for 8 of this kind), the
     chunked CE alone, host syncs per step and a profile."""
-    from legion.train.loc_exp import LoraSection
+    from legion.train.loc_exp import LoraSection, compile_decoder_layers
 
     section = "compare_training"
     recipe_1 = recipe_settings(device, 1)
@@ -1211,11 +1211,7 @@ def compare_training(model, tokenizer, device: torch.device, dtype: torch.dtype,
         model.gradient_checkpointing_disable()
     model.ce_chunk_size, model.sequence_bucket = recipe_1["ce_chunk_size"], recipe_1["sequence_bucket"]
     if recipe_1["compile_layers"]:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for layer in model.model.layers:
-            layer.compile(dynamic=False if model.sequence_bucket else None)
+        compile_decoder_layers(model)
     # most important first (a timeout keeps what finished): the 1-GPU defaults, host syncs, the chunked CE alone,
     # a profile, then the 8-GPU layout's micro-batch (another compiled shape)
     micro = recipe_1["micro_batch_size"]

@@ -481,15 +481,21 @@ def setup_for_training(model, cfg: TrainConfig) -> list[str]:
                 "GPU, recompiling for a new batch shape failed inside inductor (docs/training.md)",
                 stacklevel=2,
             )
-        static = model.sequence_bucket is not None  # a few static shapes: one compilation each, none dynamic
-        if static:
-            import torch._dynamo
-
-            # every bucket x batch size x train/eval is its own compilation of the one layer code
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for layer in model.model.layers:
-            layer.compile(dynamic=False if static else None)  # in place: parameter names and state dict unchanged
+        compile_decoder_layers(model)
     return targets
+
+
+def compile_decoder_layers(model) -> None:
+    """torch.compile each LLM decoder layer in place (parameter names and state dict unchanged). With
+    `model.sequence_bucket` the shapes are a few static ones: one compilation each, none dynamic."""
+    static = model.sequence_bucket is not None
+    if static:
+        import torch._dynamo
+
+        # every bucket x batch size x train/eval is its own compilation of the one layer code
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in model.model.layers:
+        layer.compile(dynamic=False if static else None)
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: OptimSection) -> list[dict]:
