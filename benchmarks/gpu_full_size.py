@@ -693,13 +693,11 @@ def bench_inference(
     headline = decodings[0]
     generation = generation or {}
 
-    def timed(images, use_cache, decoding=headline):  # median (wall, CPU) seconds over `repeats`, last generations
+    def timed(images, use_cache, decoding=headline):  # median seconds over `repeats` (_timed_generation)
         settings = generation if use_cache else {}
-        runs = [
-            generate_images(model, tokenizer, images, device, new_tokens, use_cache, decoding=decoding, **settings)
-            for _ in range(repeats)
-        ]
-        return statistics.median(r[0][0] for r in runs), statistics.median(r[0][1] for r in runs), runs[-1][1]
+        return _timed_generation(
+            model, tokenizer, images, device, new_tokens, repeats, use_cache=use_cache, decoding=decoding, **settings
+        )
 
     # Warm-up at full length: a short one left the first timed cached run measurably slower than later ones.
     generate_images(
@@ -712,22 +710,17 @@ def bench_inference(
             generate_images(
                 model, tokenizer, single, device, min(new_tokens, 16), True, decoding=decoding, **generation
             )
-        seconds, cpu_seconds, gens = timed(single, True, decoding)
+        value = timed(single, True, decoding)
         variants.append(
-            {
-                "decoding": decoding,
-                "seconds_per_image": round(seconds, 4),
-                "cpu_seconds_per_image": round(cpu_seconds, 4),
-            }
+            {"decoding": decoding, "seconds_per_image": value["seconds"], "cpu_seconds_per_image": value["cpu_seconds"]}
         )
-        token_ids.append(gens[0].token_ids)
-    uncached_s, uncached_cpu, _ = timed(single, False)
+        token_ids.append(value["tokens"])  # of the one image
+    uncached = timed(single, False)
+    uncached_s, uncached_cpu = uncached["seconds"], uncached["cpu_seconds"]
     for v, tokens in zip(variants, token_ids):
         v["speedup_vs_no_cache"] = round(uncached_s / v["seconds_per_image"], 3)
         # Random weights: near-tied logits may break differently under another attention kernel.
-        v[f"tokens_equal_to_{headline}"] = round(
-            sum(a == b for a, b in zip(tokens, token_ids[0])) / len(token_ids[0]), 4
-        )
+        v[f"tokens_equal_to_{headline}"] = _equal_share(tokens, token_ids[0])
     cached_s, cached_cpu = variants[0]["seconds_per_image"], variants[0]["cpu_seconds_per_image"]
     print(
         json.dumps({"new_tokens": new_tokens, "cached": variants, "seconds_per_image_no_cache": round(uncached_s, 3)}),
@@ -739,7 +732,7 @@ def bench_inference(
         reset_peak_memory(device)
         images = [synthetic_image(image_size, seed=i) for i in range(bsz)]
         try:
-            seconds, cpu_seconds, _ = timed(images, True)
+            value = timed(images, True)
         except Exception as error:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
             if not is_oom(error):
                 raise
@@ -750,9 +743,9 @@ def bench_inference(
             {
                 "batch": bsz,
                 "oom": False,
-                "seconds": round(seconds, 4),
-                "cpu_seconds": round(cpu_seconds, 4),
-                "images_per_min": round(60 * bsz / seconds, 3),
+                "seconds": value["seconds"],
+                "cpu_seconds": value["cpu_seconds"],
+                "images_per_min": value["images_per_min"],
                 "peak_memory_gb": round(memory, 3),
                 "load_average": load_average(),
             }
@@ -865,12 +858,25 @@ def decode_bandwidth_limit(model, new_tokens: int, prompt_positions: int, batch:
 
 
 def _timed_generation(
-    model, tokenizer, images, device, new_tokens, repeats, grounding_dtype, statistic="median", **generation
+    model,
+    tokenizer,
+    images,
+    device,
+    new_tokens,
+    repeats,
+    grounding_dtype=None,
+    statistic="median",
+    use_cache=True,
+    **generation,
 ) -> dict:
-    """`statistic` "min": the steady state of repeated calls of one shape (the first one captures the graph that
-    later calls reuse, as a `legion infer` run does after its first batch)."""
-    set_grounding_dtype(model, grounding_dtype)
-    runs = [generate_images(model, tokenizer, images, device, new_tokens, True, **generation) for _ in range(repeats)]
+    """`repeats` calls of generate_images. grounding_dtype None: SAM and the fcs as they are. `statistic` "min":
+    the steady state of repeated calls of one shape (the first one captures the graph that later calls reuse,
+    as a `legion infer` run does after its first batch)."""
+    if grounding_dtype is not None:
+        set_grounding_dtype(model, grounding_dtype)
+    runs = [
+        generate_images(model, tokenizer, images, device, new_tokens, use_cache, **generation) for _ in range(repeats)
+    ]
     pick = min if statistic == "min" else statistics.median
     seconds = pick(r[0][0] for r in runs)
     return {
