@@ -831,8 +831,6 @@ def _without_tokens(obj):
 def set_grounding_dtype(model, dtype: torch.dtype) -> None:
     """SAM and text_hidden_fcs in `dtype`: the benchmark dtype = `legion infer`'s dtype_policy reference; fp32 =
     fp32_grounding (and the released checkpoints' storage)."""
-    from legion.model.builders import FP32_MODULES
-
     for name in FP32_MODULES:
         model.get_submodule(name).to(dtype)
 
@@ -937,16 +935,8 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
     decoding = "cuda_graph" if device.type == "cuda" else "static"
 
     def one(
-        label,
-        generation,
-        grounding_dtype,
-        repeats=args.compare_repeats,
-        images=single,
-        tokens=n,
-        dec=decoding,
-        stat=None,
+        generation, grounding_dtype, repeats=args.compare_repeats, images=single, tokens=n, dec=decoding, stat="median"
     ):
-        stat = stat or "median"
         value = _timed_generation(
             model, tokenizer, images, device, tokens, repeats, grounding_dtype, stat, decoding=dec, **generation
         )
@@ -954,9 +944,9 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
         return value
 
     # warm-up of both paths at full length (kernels, cuBLAS workspaces, allocator)
-    rec.measure(section, "warmup", one, "warmup", GENERATION_NOW, dtype, 1)
-    before = rec.measure(section, "before", one, "before", GENERATION_BEFORE, torch.float32)
-    now = rec.measure(section, "now", one, "now", GENERATION_NOW, dtype)
+    rec.measure(section, "warmup", one, GENERATION_NOW, dtype, 1)
+    before = rec.measure(section, "before", one, GENERATION_BEFORE, torch.float32)
+    now = rec.measure(section, "now", one, GENERATION_NOW, dtype)
     if "seconds" in before and "seconds" in now:
         rec.result[section]["now_vs_before"] = {
             "speedup": round(before["seconds"] / now["seconds"], 3),
@@ -965,7 +955,7 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
         }
     fuse_projections(model.model)
     try:
-        fused = rec.measure(section, "now_fused_projections", one, "fused", GENERATION_NOW, dtype)
+        fused = rec.measure(section, "now_fused_projections", one, GENERATION_NOW, dtype)
     finally:
         unfuse_projections(model.model)
         model.clear_decoder_cache()  # the captured graphs read the fused weights
@@ -982,12 +972,12 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
         ("now_but_no_decoder_reuse", {"reuse_decoder": False}, dtype),
         ("now_but_sam_fp32", {}, torch.float32),
     ]:
-        rec.measure(section, name, one, name, {**GENERATION_NOW, **change}, grounding, 1)
+        rec.measure(section, name, one, {**GENERATION_NOW, **change}, grounding, 1)
     # the dynamic decode (quantized runs' default): torch's kernels vs ours, timed and profiled
     dyn = args.dynamic_tokens
     for name, backend in [("dynamic_torch_attention", "torch"), ("dynamic_auto_attention", "auto")]:
         generation = {**GENERATION_NOW, "attention_backend": backend}
-        rec.measure(section, name, one, name, generation, dtype, 1, single, dyn, "dynamic")
+        rec.measure(section, name, one, generation, dtype, 1, single, dyn, "dynamic")
         rec.measure(
             section,
             f"profile_{name}",
@@ -1005,13 +995,13 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
         free_memory(device)
         reset_peak_memory(device)
         # 2 calls, the faster one: the second replays the graph the first captured (steady state of a run)
-        value = rec.measure(section, f"now_batch_{bsz}", one, "now", GENERATION_NOW, dtype, 2, images, stat="min")
+        value = rec.measure(section, f"now_batch_{bsz}", one, GENERATION_NOW, dtype, 2, images, stat="min")
         if "seconds" in value:
             value["peak_memory_gb"] = round(peak_memory_gb(device)[0], 3)
         if bsz in args.before_batches:
             model.clear_decoder_cache()
             free_memory(device)
-            rec.measure(section, f"before_batch_{bsz}", one, "before", GENERATION_BEFORE, torch.float32, 1, images)
+            rec.measure(section, f"before_batch_{bsz}", one, GENERATION_BEFORE, torch.float32, 1, images)
         model.clear_decoder_cache()
     set_grounding_dtype(model, dtype)
     # legion infer's loop on files: loader workers vs none
@@ -1543,23 +1533,14 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-def int_list(text: str) -> list[int]:
+def int_list(text: str, minimum: int = 1) -> list[int]:
+    """argparse type: comma-separated integers, each >= minimum."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def int_list0(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
     return values
 
 
@@ -1703,7 +1684,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     new.add_argument("--pipeline-images", type=int, default=None, help="--compare: JPEG files for legion infer")
     new.add_argument("--pipeline-batch", type=int, default=None, help="--compare: legion infer batch_size")
     new.add_argument(
-        "--pipeline-workers", type=int_list0, default=None, help="--compare: legion infer num_workers values"
+        "--pipeline-workers",
+        type=lambda text: int_list(text, minimum=0),
+        default=None,
+        help="--compare: legion infer num_workers values",
     )
     new.add_argument(
         "--peak-bandwidth", type=float, default=H200_BANDWIDTH, help="bytes/s for the decode floor (H200: 4.8e12)"
@@ -1798,15 +1782,6 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     tag = args.tag or f"{device.type}_{args.preset}" + ("_compare" if args.compare else "")
     rec = Recorder(result, out, tag)
-    result["settings"].update(
-        dtype_policy=args.dtype_policy,
-        attention_backend=args.attention_backend,
-        sync_every=args.sync_every,
-        reuse_decoder=args.reuse_decoder,
-        fused_projections=args.fused_projections,
-        ce_chunk_size=args.ce_chunk_size,
-        sequence_bucket=args.sequence_bucket,
-    )
     if args.compare:
         result["settings"] = {"compare": "each measurement names its own settings"}
         if args.infer:
@@ -1816,6 +1791,15 @@ def main(argv=None) -> int:
             set_grounding_dtype(model, torch.float32)  # the training recipe keeps SAM and the fcs fp32
             compare_training(model, tokenizer, device, dtype, args, rec)
         return finish(result, rec, t0)
+    result["settings"].update(
+        dtype_policy=args.dtype_policy,
+        attention_backend=args.attention_backend,
+        sync_every=args.sync_every,
+        reuse_decoder=args.reuse_decoder,
+        fused_projections=args.fused_projections,
+        ce_chunk_size=args.ce_chunk_size,
+        sequence_bucket=args.sequence_bucket,
+    )
     # Inference first, on the plain model (no LoRA layers); the training sweep last since it ends at OOM.
     if args.infer:
         set_grounding_dtype(model, dtype if args.dtype_policy == "reference" else torch.float32)
