@@ -209,7 +209,10 @@ def training_batch(
     num_seg: int,
     device: torch.device,
 ) -> dict:
-    """The batch dict of docs/ARCHITECTURE.md: `micro_batch` copies of one long conversation."""
+    """The batch dict of docs/ARCHITECTURE.md: `micro_batch` copies of one long conversation, moved to `device`
+    as the recipe moves its batches (legion.train.loc_exp.to_device: the token tensors stay on the host)."""
+    from legion.train.loc_exp import to_device
+
     config = model.config
     ids, labels = long_conversation(tokenizer, config.vocab_size, text_tokens, num_seg)
     image = synthetic_image(image_size)
@@ -219,18 +222,18 @@ def training_batch(
     for k in range(num_seg):  # distinct boxes per [SEG]
         lo, hi = k * image_size // (num_seg + 1), (k + 2) * image_size // (num_seg + 1)
         gt[k, lo:hi, lo:hi] = 1
-    rep = lambda t: t[None].expand(micro_batch, *t.shape).contiguous().to(device)  # noqa: E731
-    host = lambda t: t[None].expand(micro_batch, *t.shape).contiguous()  # noqa: E731 - as the recipe's to_device
-    return {
-        "input_ids": host(ids),
-        "labels": host(labels),
-        "attention_mask": host(torch.ones_like(ids)),
+    rep = lambda t: t[None].expand(micro_batch, *t.shape).contiguous()  # noqa: E731
+    batch = {
+        "input_ids": rep(ids),
+        "labels": rep(labels),
+        "attention_mask": rep(torch.ones_like(ids)),
         "clip_pixel_values": rep(clip),
         "sam_pixel_values": rep(sam),
         "sam_resized_sizes": [tuple(resized)] * micro_batch,
         "original_sizes": [(image_size, image_size)] * micro_batch,
-        "gt_masks": [gt.to(device) for _ in range(micro_batch)],
+        "gt_masks": [gt] * micro_batch,
     }
+    return to_device(batch, device)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -690,13 +693,11 @@ def bench_inference(
     headline = decodings[0]
     generation = generation or {}
 
-    def timed(images, use_cache, decoding=headline):  # median (wall, CPU) seconds over `repeats`, last generations
+    def timed(images, use_cache, decoding=headline):  # median seconds over `repeats` (_timed_generation)
         settings = generation if use_cache else {}
-        runs = [
-            generate_images(model, tokenizer, images, device, new_tokens, use_cache, decoding=decoding, **settings)
-            for _ in range(repeats)
-        ]
-        return statistics.median(r[0][0] for r in runs), statistics.median(r[0][1] for r in runs), runs[-1][1]
+        return _timed_generation(
+            model, tokenizer, images, device, new_tokens, repeats, use_cache=use_cache, decoding=decoding, **settings
+        )
 
     # Warm-up at full length: a short one left the first timed cached run measurably slower than later ones.
     generate_images(
@@ -709,22 +710,17 @@ def bench_inference(
             generate_images(
                 model, tokenizer, single, device, min(new_tokens, 16), True, decoding=decoding, **generation
             )
-        seconds, cpu_seconds, gens = timed(single, True, decoding)
+        value = timed(single, True, decoding)
         variants.append(
-            {
-                "decoding": decoding,
-                "seconds_per_image": round(seconds, 4),
-                "cpu_seconds_per_image": round(cpu_seconds, 4),
-            }
+            {"decoding": decoding, "seconds_per_image": value["seconds"], "cpu_seconds_per_image": value["cpu_seconds"]}
         )
-        token_ids.append(gens[0].token_ids)
-    uncached_s, uncached_cpu, _ = timed(single, False)
+        token_ids.append(value["tokens"])  # of the one image
+    uncached = timed(single, False)
+    uncached_s, uncached_cpu = uncached["seconds"], uncached["cpu_seconds"]
     for v, tokens in zip(variants, token_ids):
         v["speedup_vs_no_cache"] = round(uncached_s / v["seconds_per_image"], 3)
         # Random weights: near-tied logits may break differently under another attention kernel.
-        v[f"tokens_equal_to_{headline}"] = round(
-            sum(a == b for a, b in zip(tokens, token_ids[0])) / len(token_ids[0]), 4
-        )
+        v[f"tokens_equal_to_{headline}"] = _equal_share(tokens, token_ids[0])
     cached_s, cached_cpu = variants[0]["seconds_per_image"], variants[0]["cpu_seconds_per_image"]
     print(
         json.dumps({"new_tokens": new_tokens, "cached": variants, "seconds_per_image_no_cache": round(uncached_s, 3)}),
@@ -736,7 +732,7 @@ def bench_inference(
         reset_peak_memory(device)
         images = [synthetic_image(image_size, seed=i) for i in range(bsz)]
         try:
-            seconds, cpu_seconds, _ = timed(images, True)
+            value = timed(images, True)
         except Exception as error:  # noqa: BLE001 - only OOM is expected; anything else is re-raised
             if not is_oom(error):
                 raise
@@ -747,9 +743,9 @@ def bench_inference(
             {
                 "batch": bsz,
                 "oom": False,
-                "seconds": round(seconds, 4),
-                "cpu_seconds": round(cpu_seconds, 4),
-                "images_per_min": round(60 * bsz / seconds, 3),
+                "seconds": value["seconds"],
+                "cpu_seconds": value["cpu_seconds"],
+                "images_per_min": value["images_per_min"],
                 "peak_memory_gb": round(memory, 3),
                 "load_average": load_average(),
             }
@@ -835,8 +831,6 @@ def _without_tokens(obj):
 def set_grounding_dtype(model, dtype: torch.dtype) -> None:
     """SAM and text_hidden_fcs in `dtype`: the benchmark dtype = `legion infer`'s dtype_policy reference; fp32 =
     fp32_grounding (and the released checkpoints' storage)."""
-    from legion.model.builders import FP32_MODULES
-
     for name in FP32_MODULES:
         model.get_submodule(name).to(dtype)
 
@@ -862,12 +856,25 @@ def decode_bandwidth_limit(model, new_tokens: int, prompt_positions: int, batch:
 
 
 def _timed_generation(
-    model, tokenizer, images, device, new_tokens, repeats, grounding_dtype, statistic="median", **generation
+    model,
+    tokenizer,
+    images,
+    device,
+    new_tokens,
+    repeats,
+    grounding_dtype=None,
+    statistic="median",
+    use_cache=True,
+    **generation,
 ) -> dict:
-    """`statistic` "min": the steady state of repeated calls of one shape (the first one captures the graph that
-    later calls reuse, as a `legion infer` run does after its first batch)."""
-    set_grounding_dtype(model, grounding_dtype)
-    runs = [generate_images(model, tokenizer, images, device, new_tokens, True, **generation) for _ in range(repeats)]
+    """`repeats` calls of generate_images. grounding_dtype None: SAM and the fcs as they are. `statistic` "min":
+    the steady state of repeated calls of one shape (the first one captures the graph that later calls reuse,
+    as a `legion infer` run does after its first batch)."""
+    if grounding_dtype is not None:
+        set_grounding_dtype(model, grounding_dtype)
+    runs = [
+        generate_images(model, tokenizer, images, device, new_tokens, use_cache, **generation) for _ in range(repeats)
+    ]
     pick = min if statistic == "min" else statistics.median
     seconds = pick(r[0][0] for r in runs)
     return {
@@ -928,16 +935,8 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
     decoding = "cuda_graph" if device.type == "cuda" else "static"
 
     def one(
-        label,
-        generation,
-        grounding_dtype,
-        repeats=args.compare_repeats,
-        images=single,
-        tokens=n,
-        dec=decoding,
-        stat=None,
+        generation, grounding_dtype, repeats=args.compare_repeats, images=single, tokens=n, dec=decoding, stat="median"
     ):
-        stat = stat or "median"
         value = _timed_generation(
             model, tokenizer, images, device, tokens, repeats, grounding_dtype, stat, decoding=dec, **generation
         )
@@ -945,9 +944,9 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
         return value
 
     # warm-up of both paths at full length (kernels, cuBLAS workspaces, allocator)
-    rec.measure(section, "warmup", one, "warmup", GENERATION_NOW, dtype, 1)
-    before = rec.measure(section, "before", one, "before", GENERATION_BEFORE, torch.float32)
-    now = rec.measure(section, "now", one, "now", GENERATION_NOW, dtype)
+    rec.measure(section, "warmup", one, GENERATION_NOW, dtype, 1)
+    before = rec.measure(section, "before", one, GENERATION_BEFORE, torch.float32)
+    now = rec.measure(section, "now", one, GENERATION_NOW, dtype)
     if "seconds" in before and "seconds" in now:
         rec.result[section]["now_vs_before"] = {
             "speedup": round(before["seconds"] / now["seconds"], 3),
@@ -956,7 +955,7 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
         }
     fuse_projections(model.model)
     try:
-        fused = rec.measure(section, "now_fused_projections", one, "fused", GENERATION_NOW, dtype)
+        fused = rec.measure(section, "now_fused_projections", one, GENERATION_NOW, dtype)
     finally:
         unfuse_projections(model.model)
         model.clear_decoder_cache()  # the captured graphs read the fused weights
@@ -973,12 +972,12 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
         ("now_but_no_decoder_reuse", {"reuse_decoder": False}, dtype),
         ("now_but_sam_fp32", {}, torch.float32),
     ]:
-        rec.measure(section, name, one, name, {**GENERATION_NOW, **change}, grounding, 1)
+        rec.measure(section, name, one, {**GENERATION_NOW, **change}, grounding, 1)
     # the dynamic decode (quantized runs' default): torch's kernels vs ours, timed and profiled
     dyn = args.dynamic_tokens
     for name, backend in [("dynamic_torch_attention", "torch"), ("dynamic_auto_attention", "auto")]:
         generation = {**GENERATION_NOW, "attention_backend": backend}
-        rec.measure(section, name, one, name, generation, dtype, 1, single, dyn, "dynamic")
+        rec.measure(section, name, one, generation, dtype, 1, single, dyn, "dynamic")
         rec.measure(
             section,
             f"profile_{name}",
@@ -996,13 +995,13 @@ def compare_inference(model, tokenizer, device: torch.device, args, rec: Recorde
         free_memory(device)
         reset_peak_memory(device)
         # 2 calls, the faster one: the second replays the graph the first captured (steady state of a run)
-        value = rec.measure(section, f"now_batch_{bsz}", one, "now", GENERATION_NOW, dtype, 2, images, stat="min")
+        value = rec.measure(section, f"now_batch_{bsz}", one, GENERATION_NOW, dtype, 2, images, stat="min")
         if "seconds" in value:
             value["peak_memory_gb"] = round(peak_memory_gb(device)[0], 3)
         if bsz in args.before_batches:
             model.clear_decoder_cache()
             free_memory(device)
-            rec.measure(section, f"before_batch_{bsz}", one, "before", GENERATION_BEFORE, torch.float32, 1, images)
+            rec.measure(section, f"before_batch_{bsz}", one, GENERATION_BEFORE, torch.float32, 1, images)
         model.clear_decoder_cache()
     set_grounding_dtype(model, dtype)
     # legion infer's loop on files: loader workers vs none
@@ -1184,7 +1183,7 @@ def compare_training(model, tokenizer, device: torch.device, dtype: torch.dtype,
     """The 7B recipe's training step before vs now in one process: the old defaults (checkpointing, eager, micro-batch
     2, logits over every position), the new defaults (`auto` resolved for 1 GPU and for 8 of this kind), the
     chunked CE alone, host syncs per step and a profile."""
-    from legion.train.loc_exp import LoraSection
+    from legion.train.loc_exp import LoraSection, compile_decoder_layers
 
     section = "compare_training"
     recipe_1 = recipe_settings(device, 1)
@@ -1208,11 +1207,7 @@ def compare_training(model, tokenizer, device: torch.device, dtype: torch.dtype,
         model.gradient_checkpointing_disable()
     model.ce_chunk_size, model.sequence_bucket = recipe_1["ce_chunk_size"], recipe_1["sequence_bucket"]
     if recipe_1["compile_layers"]:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for layer in model.model.layers:
-            layer.compile(dynamic=False if model.sequence_bucket else None)
+        compile_decoder_layers(model)
     # most important first (a timeout keeps what finished): the 1-GPU defaults, host syncs, the chunked CE alone,
     # a profile, then the 8-GPU layout's micro-batch (another compiled shape)
     micro = recipe_1["micro_batch_size"]
@@ -1538,23 +1533,14 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-def int_list(text: str) -> list[int]:
+def int_list(text: str, minimum: int = 1) -> list[int]:
+    """argparse type: comma-separated integers, each >= minimum."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def int_list0(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
     return values
 
 
@@ -1698,7 +1684,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     new.add_argument("--pipeline-images", type=int, default=None, help="--compare: JPEG files for legion infer")
     new.add_argument("--pipeline-batch", type=int, default=None, help="--compare: legion infer batch_size")
     new.add_argument(
-        "--pipeline-workers", type=int_list0, default=None, help="--compare: legion infer num_workers values"
+        "--pipeline-workers",
+        type=lambda text: int_list(text, minimum=0),
+        default=None,
+        help="--compare: legion infer num_workers values",
     )
     new.add_argument(
         "--peak-bandwidth", type=float, default=H200_BANDWIDTH, help="bytes/s for the decode floor (H200: 4.8e12)"
@@ -1793,15 +1782,6 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     tag = args.tag or f"{device.type}_{args.preset}" + ("_compare" if args.compare else "")
     rec = Recorder(result, out, tag)
-    result["settings"].update(
-        dtype_policy=args.dtype_policy,
-        attention_backend=args.attention_backend,
-        sync_every=args.sync_every,
-        reuse_decoder=args.reuse_decoder,
-        fused_projections=args.fused_projections,
-        ce_chunk_size=args.ce_chunk_size,
-        sequence_bucket=args.sequence_bucket,
-    )
     if args.compare:
         result["settings"] = {"compare": "each measurement names its own settings"}
         if args.infer:
@@ -1811,6 +1791,15 @@ def main(argv=None) -> int:
             set_grounding_dtype(model, torch.float32)  # the training recipe keeps SAM and the fcs fp32
             compare_training(model, tokenizer, device, dtype, args, rec)
         return finish(result, rec, t0)
+    result["settings"].update(
+        dtype_policy=args.dtype_policy,
+        attention_backend=args.attention_backend,
+        sync_every=args.sync_every,
+        reuse_decoder=args.reuse_decoder,
+        fused_projections=args.fused_projections,
+        ce_chunk_size=args.ce_chunk_size,
+        sequence_bucket=args.sequence_bucket,
+    )
     # Inference first, on the plain model (no LoRA layers); the training sweep last since it ends at OOM.
     if args.infer:
         set_grounding_dtype(model, dtype if args.dtype_policy == "reference" else torch.float32)

@@ -30,6 +30,15 @@ def test_record_lifecycle(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_rank_that_does_not_write_collects_no_provenance(tmp_path, monkeypatch):
+    from legion.utils import run_info
+
+    monkeypatch.setattr(run_info, "provenance", lambda: pytest.fail("provenance collected for nothing"))
+    with RunRecord(tmp_path / "a", "train", write=False) as record:
+        record.update(step=1)
+    assert not (tmp_path / "a").exists()
+
+
 def test_git_state_names_this_checkout():
     state = git_state()
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -155,7 +155,7 @@ def test_a_complete_tmp_is_completed_not_deleted(tmp_path, dist_env):
     os.rename(ckpt / "global_step2", ckpt / "global_step2.tmp")  # complete: trainer_state.json is inside
     (ckpt / ".latest.tmp-123-0badc0de").write_text("global_st")  # a torn atomic write of `latest`
     (ckpt / "global_step1.tmp").mkdir()  # a partial save, no trainer_state.json: removed
-    manager.remove_partial()  # what resume ran first
+    manager.recover()  # what resume ran first
     assert manager.latest_tag() == "global_step2" and manager.complete_tags() == ["global_step1", "global_step2"]
     assert not [p.name for p in ckpt.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert manager.load(_engine()) == {"step": 2}

@@ -17,6 +17,7 @@ from legion.train.loc_exp import (
     TrainConfig,
     build_deepspeed_config,
     build_optimizer,
+    check_train_config,
     plan_batches,
     steps_per_epoch,
 )
@@ -36,6 +37,7 @@ def test_paper_config_has_the_paper_settings():
     assert cfg.schedule.micro_batch_size == "auto" and cfg.model.compile_layers and cfg.model.sequence_bucket == 128
     assert cfg.loss.ce_chunk_size == 2048
     assert sorted(cfg.trainable.name_contains) == ["embed_tokens", "lm_head", "mask_decoder", "text_hidden_fcs"]
+    check_train_config(cfg)  # `auto` is accepted before resolve_auto_settings replaces it
 
     ds = build_deepspeed_config(cfg, plan_batches(16, 8), schedule_total_steps=2109)
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True

@@ -232,11 +232,28 @@ def test_two_lengths_in_one_bucket_compile_once_and_give_the_eager_losses():
     ],
 )
 def test_memory_plan_rule(per_device, gib, compiled, expected):
-    from legion.train.speed import resolve_memory_plan
+    from legion.train.speed import divisors, resolve_memory_plan
 
-    plan = resolve_memory_plan(per_device, gib, compiled)
+    plan = resolve_memory_plan(divisors(per_device), gib, compiled)
     assert (plan.gradient_checkpointing, plan.micro_batch_size) == expected, plan.reason
     assert plan.reason
+
+
+def test_memory_plan_for_a_fixed_micro_batch(monkeypatch):
+    """Checkpointing alone is auto: it is decided for the given micro-batch, never for a smaller one that fits
+    without checkpointing (eager micro-batch 4's 55.8 GiB fits 85 % of 79.6, micro-batch 8's 86.5 does not)."""
+    from legion.config import load_config
+    from legion.train import loc_exp, speed
+
+    overrides = ["schedule.micro_batch_size=8", "model.compile_layers=false"]
+    cfg = load_config(loc_exp.TrainConfig, loc_exp.REPO_ROOT / "configs/legion_7b/train_loc_exp.yaml", overrides)
+    monkeypatch.setattr(speed, "cuda_memory_gib", lambda device: 79.6)
+    reason = loc_exp.resolve_auto_settings(cfg, world_size=1, device=torch.device("cuda", 0))
+    assert (cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size) == (True, 8), reason
+    assert "micro-batch 8 with gradient checkpointing" in reason
+    # nothing measured fits: checkpointing, the given micro-batch; no CUDA: no checkpointing, the given micro-batch
+    assert speed.resolve_memory_plan([16], 24.0, False).micro_batch_size == 16
+    assert speed.resolve_memory_plan([8], None, True).micro_batch_size == 8
 
 
 def test_auto_settings_are_resolved_into_the_config(monkeypatch):

@@ -266,10 +266,6 @@ class CheckpointManager:
         _barrier()
         return notes
 
-    def remove_partial(self) -> None:
-        """Former name of `recover` (which no longer deletes a complete `<tag>.tmp`)."""
-        self.recover()
-
     # ---------------------------------------------------------------- save
     def save(self, engine, step: int, trainer_state: dict[str, Any]) -> Path:
         """Write tag `global_step{step}` atomically, update `latest`, prune old tags.
@@ -335,7 +331,7 @@ class CheckpointManager:
         reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed to write"
         free = _free_bytes(self.ckpt_dir)
         full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(
-            text in str(error) for text in ("No space left", "file write failed", "write failed")
+            text in str(error) for text in ("No space left", "write failed")
         )
         details = ["disk full?"] if full or (free is not None and free < 2**30) else []
         details += [f"{free / 2**30:.2f} GiB free there"] if free is not None else []

@@ -498,8 +498,6 @@ def train_detector(cfg: DetectorTrainConfig, progress: bool = True) -> dict:
     save_resolved_config(cfg, out)
     device = resolve_device(cfg.device)
     train_items, val_items = _load_items(cfg)
-    if cfg.model.head_dtype not in ("bfloat16", "float32"):
-        raise ConfigError(f"model.head_dtype: bfloat16 or float32, got {cfg.model.head_dtype!r}")
     detector = build_detector(
         cfg.model.backbone,
         device=device,

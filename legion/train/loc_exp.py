@@ -280,7 +280,10 @@ def check_train_config(cfg: TrainConfig) -> None:
         at_least(key, 1)
     for key in ("validation.every_steps", "validation.batch_size", "logging.every_steps"):
         at_least(key, 1)
-    for key in ("schedule.micro_batch_size", "schedule.max_steps", "schedule.total_steps"):
+    check_auto_settings(cfg)
+    if cfg.schedule.micro_batch_size != "auto":
+        at_least("schedule.micro_batch_size", 1, none_ok=True)
+    for key in ("schedule.max_steps", "schedule.total_steps"):
         at_least(key, 1, none_ok=True)
     resume = str(cfg.checkpoint.resume)
     need(_is_tag_name(resume), "checkpoint.resume", "auto, none or a checkpoint tag (global_stepN)", resume)
@@ -312,23 +315,29 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 # ---------------------------------------------------------------------------------- batch sizes
+def check_auto_settings(cfg: TrainConfig) -> None:
+    """`model.gradient_checkpointing` and `schedule.micro_batch_size` may be `auto`, but no other string."""
+    for name, value in (
+        ("model.gradient_checkpointing", cfg.model.gradient_checkpointing),
+        ("schedule.micro_batch_size", cfg.schedule.micro_batch_size),
+    ):
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f"{name} must be auto or a {'bool' if 'gradient' in name else 'number'}, got {value!r}")
+
+
 def resolve_auto_settings(cfg: TrainConfig, world_size: int, device: torch.device) -> str | None:
     """Replace `model.gradient_checkpointing: auto` / `schedule.micro_batch_size: auto` in `cfg` by the values
     legion.train.speed.resolve_memory_plan picks for this GPU; returns its reason (None when nothing was auto)."""
-    from legion.train.speed import cuda_memory_gib, resolve_memory_plan
+    from legion.train.speed import cuda_memory_gib, divisors, resolve_memory_plan
 
+    check_auto_settings(cfg)
     gc, micro = cfg.model.gradient_checkpointing, cfg.schedule.micro_batch_size
-    for name, value in (("model.gradient_checkpointing", gc), ("schedule.micro_batch_size", micro)):
-        if isinstance(value, str) and value != "auto":
-            raise ConfigError(f"{name} must be auto or a {'bool' if 'gradient' in name else 'number'}, got {value!r}")
     if gc != "auto" and micro != "auto":
         return None
-    if cfg.schedule.global_batch_size % world_size:
-        plan_batches(cfg.schedule.global_batch_size, world_size)  # raises the usual error
-    per_device = cfg.schedule.global_batch_size // world_size
-    if micro != "auto":
-        per_device = micro or per_device  # checkpointing alone is auto: decide it for the given micro-batch
-    chosen = resolve_memory_plan(per_device, cuda_memory_gib(device), cfg.model.compile_layers)
+    per_device = plan_batches(cfg.schedule.global_batch_size, world_size).per_device
+    # checkpointing alone is auto: decide it for the given micro-batch (null: the whole per-device batch)
+    candidates = divisors(per_device) if micro == "auto" else [micro or per_device]
+    chosen = resolve_memory_plan(candidates, cuda_memory_gib(device), cfg.model.compile_layers)
     if gc == "auto":
         cfg.model.gradient_checkpointing = chosen.gradient_checkpointing
     if micro == "auto":
@@ -472,15 +481,21 @@ def setup_for_training(model, cfg: TrainConfig) -> list[str]:
                 "GPU, recompiling for a new batch shape failed inside inductor (docs/training.md)",
                 stacklevel=2,
             )
-        static = model.sequence_bucket is not None  # a few static shapes: one compilation each, none dynamic
-        if static:
-            import torch._dynamo
-
-            # every bucket x batch size x train/eval is its own compilation of the one layer code
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for layer in model.model.layers:
-            layer.compile(dynamic=False if static else None)  # in place: parameter names and state dict unchanged
+        compile_decoder_layers(model)
     return targets
+
+
+def compile_decoder_layers(model) -> None:
+    """torch.compile each LLM decoder layer in place (parameter names and state dict unchanged). With
+    `model.sequence_bucket` the shapes are a few static ones: one compilation each, none dynamic."""
+    static = model.sequence_bucket is not None
+    if static:
+        import torch._dynamo
+
+        # every bucket x batch size x train/eval is its own compilation of the one layer code
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for layer in model.model.layers:
+        layer.compile(dynamic=False if static else None)
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], optim: OptimSection) -> list[dict]:
@@ -638,7 +653,7 @@ def validate(engine, loader, device, cached) -> dict[str, float]:
             continue
         with cached.for_images(batch["image_paths"]) if cached else contextlib.nullcontext():
             out = engine(**to_device(batch, device))
-        sums += np.array([loss_terms(out)[k] for k in LOSS_KEYS])
+        sums += np.array(list(loss_terms(out).values()))  # in LOSS_KEYS order
         batches += 1
         for pred, gt in zip(out.pred_masks, batch["gt_masks"]):
             pred_bin = (pred.float() > 0).cpu()
@@ -808,13 +823,12 @@ def fit(
     cached: CachedFrozenEncoders | None,
     ckpt: CheckpointManager,
     log: TrainLogger,
-    guard: StepGuard | None = None,
+    guard: StepGuard,
 ) -> None:
     """Train from `at` to `steps.total` (advancing `at`): micro-batches epoch after epoch; after each optimizer
     step log, validate and save a checkpoint when due; at the end validate and save unless that step just did.
     Before each update `guard` checks the step's samples (DataError when none loaded) and whether a stop signal
     arrived; after a signal the step is saved and TrainingPreempted raised."""
-    guard = guard or StepGuard(device, plan.world_size, steps.total * plan.global_batch, 1.0)
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     epoch_records = steps.per_epoch * plan.per_device  # this rank's records per epoch
     losses = StepLosses(device, plan.grad_accum)

@@ -2,14 +2,16 @@
 
 `model.gradient_checkpointing: auto` and `schedule.micro_batch_size: auto` (configs/legion_7b) are resolved
 once per run by `resolve_memory_plan`, before anything is built, from the GPU's total memory and the peak
-memory per micro-batch MEASURED for LEGION-7B (docs/training.md has the table and the rule):
+memory per micro-batch MEASURED for LEGION-7B (docs/training.md has the table and the rule). The candidate
+micro-batches are the divisors of the per-device batch under `micro_batch_size: auto`, else only the micro-batch
+the config gives (checkpointing alone is auto: it is decided for that micro-batch). Of the candidates:
 
-1. Without checkpointing (the fastest setting measured): the largest micro-batch m that divides the per-device
-   batch and whose measured peak (m itself, or the next larger micro-batch measured: memory grows with m)
-   is at most USABLE_SHARE of the GPU's memory.
+1. Without checkpointing (the fastest setting measured): the largest candidate m whose measured peak (m itself,
+   or the next larger micro-batch measured: memory grows with m) is at most USABLE_SHARE of the GPU's memory.
 2. Otherwise with checkpointing, the largest such m from the checkpointed measurements.
-3. Nothing fits (or no CUDA): checkpointing on, micro-batch 1 on a GPU; on the CPU checkpointing off and the
-   whole per-device batch in one micro-batch (what the tiny recipe runs).
+3. Nothing fits (or no CUDA): checkpointing on, the smallest candidate (micro-batch 1 under auto) on a GPU;
+   on the CPU checkpointing off and the largest candidate (the whole per-device batch under auto: what the
+   tiny recipe runs).
 
 Micro-batches larger than the largest one measured are never chosen by `auto`: no number is extrapolated.
 """
@@ -50,17 +52,23 @@ def measured_bound(table: dict[int, float], micro_batch: int) -> float | None:
     return table[min(larger)] if larger else None
 
 
+def divisors(per_device_batch: int) -> list[int]:
+    """The micro-batches that split `per_device_batch` evenly: the candidates of `micro_batch_size: auto`."""
+    return [m for m in range(per_device_batch, 0, -1) if per_device_batch % m == 0]
+
+
 def resolve_memory_plan(
-    per_device_batch: int, gpu_memory_gib: float | None, compile_layers: bool, usable_share: float = USABLE_SHARE
+    micro_batches: list[int], gpu_memory_gib: float | None, compile_layers: bool, usable_share: float = USABLE_SHARE
 ) -> MemoryPlan:
-    """The rule of the module docstring. gpu_memory_gib: the GPU's total memory (None: no CUDA)."""
-    divisors = [m for m in range(per_device_batch, 0, -1) if per_device_batch % m == 0]
+    """The rule of the module docstring over the candidate `micro_batches` (`divisors` of the per-device batch,
+    or the one micro-batch the config gives). gpu_memory_gib: the GPU's total memory (None: no CUDA)."""
+    candidates = sorted(micro_batches, reverse=True)
     if gpu_memory_gib is None:
-        return MemoryPlan(False, per_device_batch, "no CUDA: no checkpointing, the whole per-device batch at once")
+        return MemoryPlan(False, candidates[0], f"no CUDA: no checkpointing, micro-batch {candidates[0]}")
     budget = usable_share * gpu_memory_gib
     for checkpointing in (False, True):
         table = MEASURED_PEAK_GIB[(checkpointing, compile_layers and not checkpointing)]
-        for m in divisors:
+        for m in candidates:
             bound = measured_bound(table, m)
             if bound is not None and bound <= budget:
                 return MemoryPlan(
@@ -70,7 +78,7 @@ def resolve_memory_plan(
                     f"{', compiled layers' if compile_layers and not checkpointing else ''}: measured peak <= "
                     f"{bound} GiB <= {usable_share:.0%} of {gpu_memory_gib:.1f} GiB ({MEASURED_ON})",
                 )
-    return MemoryPlan(True, 1, f"no measured setting fits {usable_share:.0%} of {gpu_memory_gib:.1f} GiB")
+    return MemoryPlan(True, candidates[-1], f"no measured setting fits {usable_share:.0%} of {gpu_memory_gib:.1f} GiB")
 
 
 def cuda_memory_gib(device) -> float | None:

@@ -124,7 +124,8 @@ class RunRecord:
         self._start = time.time()
         self._written = False
         self.info = {"command": command, "status": "running", "start": _now(), "end": None, "seconds": None}
-        self.info.update(provenance())
+        if self.write:  # git subprocesses and package look-ups: only where the file is written
+            self.info.update(provenance())
         self.info.update(facts)
         if eager:
             self._save()
