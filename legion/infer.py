@@ -831,43 +831,47 @@ def run_inference(
         check_analyzer_config(cfg)
     if cfg.batch_size < 1:
         raise ConfigError("batch_size must be >= 1")
+    if cfg.max_images is not None and cfg.max_images < 0:
+        raise ConfigError(f"max_images must be >= 0 or null, got {cfg.max_images}")
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
     # The folder's predictions must match these settings (perturb is checked here too).
     settings = settings_fingerprint(cfg)
+    explicit = rank is not None and world_size is not None
+    shard_rank, world = (rank, world_size) if explicit else _dist_info()
+    if not 0 <= shard_rank < world:
+        raise ConfigError(f"rank {shard_rank} is outside world size {world}")
+    listing = list_images(cfg.image_dir or None, cfg.image_list)
     replace = check_output_dir(cfg, settings)
     writer = (rank if rank is not None else _dist_info()[0]) == 0
     with RunRecord(cfg.output_dir, "infer", write=writer) as record:
-        summary = _run_inference(cfg, analyzer, rank, world_size, settings, replace)
+        summary = _run_inference(cfg, analyzer, listing, shard_rank, world, explicit, settings, replace)
         record.update(summary=summary)
     return summary
 
 
 def _run_inference(
     cfg: InferConfig,
-    analyzer: Analyzer | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
+    analyzer: Analyzer | None,
+    listing: ImageListing,
+    rank: int,
+    world: int,
+    explicit: bool,
     settings: dict | None = None,
     replace: bool = False,
 ) -> dict:
-    """Analyze every image of `cfg` and write the outputs. Returns a summary dict.
+    """Analyze the images of `listing` as `cfg` says and write the outputs. Returns a summary dict.
 
     Under torchrun (WORLD_SIZE > 1) rank r takes images r, r + N, r + 2N, ... of the full sorted
     listing (not of the remaining ones, so every rank agrees while others write), appends its
     records to its own part file, and rank 0 merges the parts into predictions.jsonl after a
     barrier: no image is lost or processed twice, also when resuming. Passing `rank` and
-    `world_size` explicitly shards without a process group (the caller runs rank 0 last).
+    `world_size` explicitly (`explicit`) shards without a process group (the caller runs rank 0 last).
     """
     from legion.data.perturb import parse_perturbation
 
     perturbation = parse_perturbation(cfg.perturb, seed=cfg.perturb_seed)  # checked by settings_fingerprint
-    explicit = rank is not None and world_size is not None
-    rank, world = (rank, world_size) if explicit else _dist_info()
-    if not 0 <= rank < world:
-        raise ConfigError(f"rank {rank} is outside world size {world}")
     output_dir = Path(cfg.output_dir)
-    listing = list_images(cfg.image_dir or None, cfg.image_list)
     items = listing.items[: cfg.max_images] if cfg.max_images is not None else listing.items
     order = [key for key, _ in items]
     mine = items[rank::world]
