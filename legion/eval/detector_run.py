@@ -81,6 +81,10 @@ def check_detector_eval_config(cfg: DetectorEvalConfig) -> None:
     except ValueError as exc:
         raise ConfigError(f"perturbation: {exc}") from None
     resolve_device(cfg.device)
+    if not cfg.detector_path:
+        raise ConfigError("detector_path is required (a checkpoint dir written by `legion cls-train`)")
+    if not cfg.data.test:
+        raise ConfigError("data.test is required (a detection folder or a JSON list)")
 
 
 def predict(detector, items, cfg: DetectorEvalConfig, progress: bool = True) -> list[dict]:
@@ -188,10 +192,6 @@ def evaluate_detector(cfg: DetectorEvalConfig, progress: bool = True) -> dict:
     from legion.utils.devices import resolve_device, resolve_dtype
 
     check_detector_eval_config(cfg)
-    if not cfg.detector_path:
-        raise ConfigError("detector_path is required (a checkpoint dir written by `legion cls-train`)")
-    if not cfg.data.test:
-        raise ConfigError("data.test is required (a detection folder or a JSON list)")
     out = Path(cfg.output_dir)
     save_resolved_config(cfg, out)
     device = resolve_device(cfg.device)
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         ("data.test", cfg.data.test),
         ("detector_backbone", cfg.detector_backbone),
     ):
-        if value:  # an empty required key is reported by evaluate_detector
+        if value:  # detector_backbone is optional
             require_path(value, key)
     summary = evaluate_detector(cfg, progress=not args.no_progress)
     print(format_table(summary["metrics"]))
