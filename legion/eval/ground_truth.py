@@ -6,7 +6,8 @@ arrays, so that a 1,000-image test set needs no more memory than its annotation 
 Matching (docs/data_formats.md §8): an image's ground truth is found by **exact file name**;
 a prediction's ``image`` (path relative to the inference image dir) matches a ground-truth
 name exactly, or else by its base name when that base name is unique. When the folder the
-predictions were made on is known (``infer_config.yaml`` next to ``predictions.jsonl``) and the
+predictions were made on is known (`prediction_image_root`: the folder `legion infer` recorded next to
+``predictions.jsonl``) and the
 ground-truth image file too, a name match must also be the same image (the same file or the same
 bytes): predictions made on other images that happen to carry the ground truth's names are refused,
 as are two records for one image (`check_matching`).
@@ -520,13 +521,22 @@ def check_record_masks(record: PredictionRecord) -> None:
 
 
 def prediction_image_root(pred_path: str | os.PathLike) -> Path | None:
-    """The folder the images of a `legion infer` output are relative to: ``image_dir`` of the
-    ``infer_config.yaml`` next to ``predictions.jsonl`` (else the folder of its ``image_list``); None when
-    there is no such file (predictions written by other tools)."""
+    """The folder the images of a `legion infer` output are relative to: the absolute ``image_dir`` that infer
+    recorded in the ``infer_fingerprint.json`` next to ``predictions.jsonl``; without one (an older version of
+    legion), ``image_dir`` of the ``infer_config.yaml`` there (else the folder of its ``image_list``), as
+    written (a relative one is taken relative to the current folder); None when there is neither (predictions
+    written by other tools)."""
     import yaml
 
     pred_path = Path(pred_path)
-    config = (pred_path if pred_path.is_dir() else pred_path.parent) / "infer_config.yaml"
+    folder = pred_path if pred_path.is_dir() else pred_path.parent
+    try:
+        settings = json.loads((folder / "infer_fingerprint.json").read_text(encoding="utf-8")).get("settings")
+        if isinstance(settings, dict) and settings.get("image_dir"):
+            return Path(str(settings["image_dir"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+        pass
+    config = folder / "infer_config.yaml"
     if not config.is_file():
         return None
     try:
