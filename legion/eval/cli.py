@@ -205,7 +205,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_inputs(args):
-    from legion.eval.ground_truth import check_matching, load_ground_truth, match_predictions, read_predictions
+    from legion.eval.ground_truth import (
+        check_matching,
+        load_ground_truth,
+        match_predictions,
+        prediction_image_root,
+        read_predictions,
+    )
 
     require_path(args.pred, "--pred")
     require_path(args.gt, "--gt")
@@ -227,16 +233,9 @@ def _load_inputs(args):
     if args.content_types:
         _apply_content_types(ground_truth, args.content_types)
     # duplicates and predictions of other images are refused before any model (CSS) is loaded
-    paths = {name: item.path for name, item in ground_truth.items()}
-    check_matching(match_predictions(predictions, list(ground_truth), _image_root(args.pred), paths))
-    return predictions, ground_truth
-
-
-def _image_root(pred) -> str | None:
-    from legion.eval.ground_truth import prediction_image_root
-
-    root = prediction_image_root(pred)
-    return None if root is None else str(root)
+    matching = match_predictions(predictions, ground_truth, prediction_image_root(args.pred))
+    check_matching(matching)
+    return predictions, ground_truth, matching
 
 
 def _apply_content_types(ground_truth, path) -> None:
@@ -297,7 +296,7 @@ def _run_localization(args) -> int:
     if bad:
         raise OptionError(f"--table-metrics: unknown {bad}; choose from {','.join(LOC_METRIC_CHOICES)}")
     start = time.perf_counter()
-    predictions, ground_truth = _load_inputs(args)
+    predictions, ground_truth, matching = _load_inputs(args)
     result = evaluate_localization(
         predictions,
         ground_truth,
@@ -306,7 +305,7 @@ def _run_localization(args) -> int:
         workers=args.workers,
         dataset=args.dataset,
         progress=True,
-        image_root=_image_root(args.pred),
+        matching=matching,
     )
     metrics = {
         "kind": "localization",
@@ -341,11 +340,9 @@ def _run_localization(args) -> int:
 def _run_explanation(args) -> int:
     from legion.eval.explanation import CssScorer, evaluate_explanations
 
-    predictions, ground_truth = _load_inputs(args)
+    predictions, ground_truth, matching = _load_inputs(args)
     css = None if args.no_css else CssScorer(args.css_model, device=args.device)
-    result = evaluate_explanations(
-        predictions, ground_truth, css=css, dataset=args.dataset, image_root=_image_root(args.pred)
-    )
+    result = evaluate_explanations(predictions, ground_truth, css=css, dataset=args.dataset, matching=matching)
     metrics = {
         "kind": "explanation",
         **result.metrics,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -439,15 +439,13 @@ def same_image(a: str | os.PathLike, b: str | os.PathLike) -> bool | None:
 
 def match_predictions(
     predictions: Iterable[PredictionRecord | dict],
-    names: Iterable[str],
+    ground_truth: Mapping[str, GroundTruthItem],
     image_root: str | os.PathLike | None = None,
-    gt_paths: dict[str, str | None] | None = None,
 ) -> Matching:
     """Pair prediction records with ground-truth names (module docstring). With `image_root` (the folder
-    the predictions' ``image`` paths are relative to) and `gt_paths` (GT name -> its image file), a record
-    whose image is a different picture than the ground truth's of that name is not matched but listed in
-    `foreign`."""
-    names = list(names)
+    the predictions' ``image`` paths are relative to), a record whose image is a different picture than the
+    ground truth's image file of that name (`GroundTruthItem.path`) is not matched but listed in `foreign`."""
+    names = list(ground_truth)
     name_set = set(names)
     by_base: dict[str, list[str]] = {}
     for n in names:
@@ -465,7 +463,7 @@ def match_predictions(
         if key is None:
             extra.append(image)
             continue
-        gt_path = (gt_paths or {}).get(key)
+        gt_path = ground_truth[key].path
         if image_root is not None and gt_path and same_image(Path(image_root) / image, gt_path) is False:
             foreign.append(image)
             continue
