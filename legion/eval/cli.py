@@ -259,21 +259,18 @@ def _apply_content_types(ground_truth, path) -> None:
 INFER_SUMMARY = "infer_summary.json"  # written by `legion infer` next to predictions.jsonl
 
 
-def _perturbations(predictions, pred_path=None) -> list:
-    """The perturbation the predictions were made under: the ``perturbation`` of ``infer_summary.json``
-    (written by `legion infer`) next to the predictions file; [] when there is none."""
-    seen: set[str] = set()
-    if pred_path is not None:
-        pred_path = Path(pred_path)
-        summary = (pred_path if pred_path.is_dir() else pred_path.parent) / INFER_SUMMARY
-        if summary.is_file():
-            try:
-                value = json.loads(summary.read_text(encoding="utf-8")).get("perturbation")
-            except (json.JSONDecodeError, AttributeError):
-                value = None
-            if value is not None:
-                seen.add(json.dumps(value, sort_keys=True))
-    return [json.loads(s) for s in sorted(seen)]
+def _perturbations(pred_path) -> list:
+    """The perturbation the predictions were made under: [the ``perturbation`` of ``infer_summary.json``
+    (written by `legion infer`) next to the predictions file, its keys sorted]; [] when there is none."""
+    pred_path = Path(pred_path)
+    summary = (pred_path if pred_path.is_dir() else pred_path.parent) / INFER_SUMMARY
+    if not summary.is_file():
+        return []
+    try:
+        value = json.loads(summary.read_text(encoding="utf-8")).get("perturbation")
+    except (json.JSONDecodeError, AttributeError):
+        return []
+    return [] if value is None else [json.loads(json.dumps(value, sort_keys=True))]
 
 
 def _finish(args, out: Path, metrics: dict, kind: str, table_metrics=None) -> None:
@@ -312,7 +309,7 @@ def _run_localization(args) -> int:
         **result.metrics,
         "predictions": str(args.pred),
         "gt": str(args.gt),
-        "perturbation": _perturbations(predictions, args.pred),
+        "perturbation": _perturbations(args.pred),
         "seconds": round(time.perf_counter() - start, 3),
     }
     out = Path(args.output_dir)
@@ -348,7 +345,7 @@ def _run_explanation(args) -> int:
         **result.metrics,
         "predictions": str(args.pred),
         "gt": str(args.gt),
-        "perturbation": _perturbations(predictions, args.pred),
+        "perturbation": _perturbations(args.pred),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,7 +382,7 @@ def _run_detection(args) -> int:
         "unscored_images": unscored[:1000],
         "predictions": str(args.pred),
         "gt": args.gt,
-        "perturbation": _perturbations(records, args.pred),
+        "perturbation": _perturbations(args.pred),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
