@@ -985,8 +985,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(InferConfig, args.config, args.overrides)
-    if cfg.detector_path:
-        require_path(cfg.detector_path, "detector_path", "dir")
     summary = run_inference(cfg)
     if summary.get("records") is not None:
         print(
