@@ -857,8 +857,8 @@ def _run_inference(
     rank: int,
     world: int,
     explicit: bool,
-    settings: dict | None = None,
-    replace: bool = False,
+    settings: dict,
+    replace: bool,
 ) -> dict:
     """Analyze the images of `listing` as `cfg` says and write the outputs. Returns a summary dict.
 
@@ -879,8 +879,9 @@ def _run_inference(
     own_group = False if explicit else _init_distributed(world)
     if rank == 0 or explicit:  # explicit ranks run one after the other: the first one prepares the folder
         output_dir.mkdir(parents=True, exist_ok=True)
-        unrecorded = not _has_records(output_dir) or not (output_dir / FINGERPRINT).is_file()
-        if settings is not None and (replace or unrecorded):
+        # check_output_dir let through only folders without records, with records of these settings, or
+        # (overwrite) records to replace: the settings are recorded in the first and the last case
+        if replace or not _has_records(output_dir):
             _start_output_dir(output_dir, settings, replace)
         save_resolved_config(cfg, output_dir, RESOLVED_CONFIG)
     if not explicit:
