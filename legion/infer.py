@@ -158,13 +158,11 @@ class InferConfig(AnalyzerConfig):
 
 def check_analyzer_config(cfg: AnalyzerConfig) -> None:
     """Setting checks that need no model (so a typo fails before minutes of loading)."""
-    from legion.model.legion import DECODING_MODES
     from legion.model.quantization import QUANTIZATION_MODES
 
     if cfg.dtype_policy not in DTYPE_POLICIES:
         raise ConfigError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {cfg.dtype_policy!r}")
-    if cfg.decoding not in DECODING_MODES:
-        raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {cfg.decoding!r}")
+    _check_decoding(cfg.decoding)
     _check_attention_backend(cfg.attention_backend)
     if cfg.quantization is not None and cfg.quantization not in QUANTIZATION_MODES:
         raise ConfigError(f"quantization: {cfg.quantization!r} is not one of 8bit, 4bit (or null)")
@@ -179,6 +177,13 @@ def check_analyzer_config(cfg: AnalyzerConfig) -> None:
     require_path(cfg.model_path, "model_path", "dir")
     if cfg.detector_path:
         require_path(cfg.detector_path, "detector_path", "dir")
+
+
+def _check_decoding(setting: str) -> None:
+    from legion.model.legion import DECODING_MODES
+
+    if setting not in DECODING_MODES:
+        raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {setting!r}")
 
 
 def _check_attention_backend(setting: str) -> None:
@@ -253,10 +258,8 @@ class Analyzer:
         attention_backend: str = "auto",
     ):
         from legion.model import conversation as conv
-        from legion.model.legion import DECODING_MODES
 
-        if decoding not in DECODING_MODES:
-            raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+        _check_decoding(decoding)
         _check_attention_backend(attention_backend)
         self.decoding = decoding
         self.attention_backend = attention_backend
