@@ -39,7 +39,7 @@ from legion.config import ConfigError, add_config_arguments, load_config, save_r
 from legion.errors import UsageError, require_path
 from legion.record import PredictionRecord
 from legion.utils.devices import resolve_device, resolve_dtype
-from legion.utils.io import append_jsonl, atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl
+from legion.utils.io import append_jsonl, atomic_write_jsonl, atomic_write_png, atomic_write_text, read_jsonl
 from legion.utils.run_info import RunRecord
 
 PREDICTIONS = "predictions.jsonl"
@@ -514,16 +514,6 @@ def output_subdir(output_dir: Path, key: str) -> Path:
 
 
 # --- writers ----------------------------------------------------------------------------------------
-def _atomic_save_png(path: Path, array: np.ndarray, mode: str) -> None:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def overlay_image(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.5) -> np.ndarray:
     """RGB uint8 [H, W, 3] with each mask tinted in its own colour (phrase order) -> uint8 [H, W, 3]."""
     out = image.astype(np.float32)
@@ -567,12 +557,12 @@ def write_image_files(
     if cfg.save_reference_layout:
         name = f"{image_dir.rstrip('/')}/{key}" if image_dir and not Path(key).is_absolute() else key
         atomic_write_text(sub / "explanation.json", json.dumps({name: record.explanation}, indent=4))
-        _atomic_save_png(sub / "mask.png", union * 255, "L")
+        atomic_write_png(sub / "mask.png", union * 255, "L")
     if cfg.save_phrase_masks:
         for i, mask in enumerate(masks):
-            _atomic_save_png(sub / f"mask_{i}.png", mask * 255, "L")
+            atomic_write_png(sub / f"mask_{i}.png", mask * 255, "L")
     if cfg.save_overlay and image is not None:
-        _atomic_save_png(sub / "overlay.png", overlay_image(image, masks), "RGB")
+        atomic_write_png(sub / "overlay.png", overlay_image(image, masks), "RGB")
 
 
 def read_records(path: Path) -> list[dict]:
