@@ -1,6 +1,7 @@
 """Command-line arguments that several commands share, defined once.
 
     add_output_dir_argument(parser, help="output directory", required=True)   # -> args.output_dir
+    check_output_dir_argument(args.output_dir)   # OptionError when it names a file
 
 Every command that writes an output folder or file takes it as `--output-dir` (the flag of the
 config key `output_dir`). The old `--out` still works for one release: it is hidden from `--help`
@@ -10,7 +11,10 @@ and prints one line on stderr, `<prog>: --out is deprecated, use --output-dir`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from legion.errors import OptionError
 
 OUTPUT_DIR_FLAG = "--output-dir"
 DEPRECATED_OUTPUT_FLAG = "--out"
@@ -50,3 +54,9 @@ def add_output_dir_argument(
     )
     action.option_strings.remove(DEPRECATED_OUTPUT_FLAG)
     return action
+
+
+def check_output_dir_argument(output_dir: str | os.PathLike) -> None:
+    """OptionError when `--output-dir` names something that exists and is not a directory."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OptionError(f"{OUTPUT_DIR_FLAG} {output_dir} exists and is not a directory")

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from legion.cli_args import add_output_dir_argument
+from legion.cli_args import add_output_dir_argument, check_output_dir_argument
 from legion.errors import LegionError, OptionError
 from legion.utils.io import atomic_write_text
 from legion.utils.run_info import recorded
@@ -105,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [item for item in args.train_override if "=" not in item]
     if bad:
         raise OptionError(f"--train-override {bad[0]!r} is not of the form key=value")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise OptionError(f"--output-dir {args.output_dir} exists and is not a directory")
+    check_output_dir_argument(args.output_dir)
     out = Path(args.output_dir).resolve()
     st = Stages(out, args.fresh)
     data, tiny, train = out / "data", out / "tiny_model", out / "train"

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from legion.record import PredictionRecord
-from legion.utils.io import atomic_path, atomic_write_text
+from legion.utils.io import atomic_path, atomic_write_png, atomic_write_text
 
 # Distinct, colour-blind friendly colours (Okabe-Ito + extras), RGB.
 PALETTE = [
@@ -190,11 +189,6 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 """
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp)
-
-
 def write_report(
     out_dir: str | os.PathLike,
     title: str,
@@ -213,11 +207,11 @@ def write_report(
     cards_html, cards_md = [], []
     for n, item in enumerate(gallery):
         stem = f"{n:03d}"
-        _save_png(item.image, assets / f"{stem}_input.png")
-        _save_png(overlay_masks(item.image, item.masks), assets / f"{stem}_pred.png")
+        atomic_write_png(assets / f"{stem}_input.png", item.image)
+        atomic_write_png(assets / f"{stem}_pred.png", overlay_masks(item.image, item.masks))
         imgs = [f"report_assets/{stem}_input.png", f"report_assets/{stem}_pred.png"]
         if item.gt_mask is not None:
-            _save_png(overlay_masks(item.image, [item.gt_mask]), assets / f"{stem}_gt.png")
+            atomic_write_png(assets / f"{stem}_gt.png", overlay_masks(item.image, [item.gt_mask]))
             imgs.append(f"report_assets/{stem}_gt.png")
         rec = item.record
         verdict = rec.verdict or "error"

@@ -39,7 +39,7 @@ from legion.config import ConfigError, add_config_arguments, load_config, save_r
 from legion.errors import UsageError, require_path
 from legion.record import PredictionRecord
 from legion.utils.devices import resolve_device, resolve_dtype
-from legion.utils.io import append_jsonl, atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl
+from legion.utils.io import append_jsonl, atomic_write_jsonl, atomic_write_png, atomic_write_text, read_jsonl
 from legion.utils.run_info import RunRecord
 
 PREDICTIONS = "predictions.jsonl"
@@ -158,13 +158,11 @@ class InferConfig(AnalyzerConfig):
 
 def check_analyzer_config(cfg: AnalyzerConfig) -> None:
     """Setting checks that need no model (so a typo fails before minutes of loading)."""
-    from legion.model.legion import DECODING_MODES
     from legion.model.quantization import QUANTIZATION_MODES
 
     if cfg.dtype_policy not in DTYPE_POLICIES:
         raise ConfigError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {cfg.dtype_policy!r}")
-    if cfg.decoding not in DECODING_MODES:
-        raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {cfg.decoding!r}")
+    _check_decoding(cfg.decoding)
     _check_attention_backend(cfg.attention_backend)
     if cfg.quantization is not None and cfg.quantization not in QUANTIZATION_MODES:
         raise ConfigError(f"quantization: {cfg.quantization!r} is not one of 8bit, 4bit (or null)")
@@ -179,6 +177,13 @@ def check_analyzer_config(cfg: AnalyzerConfig) -> None:
     require_path(cfg.model_path, "model_path", "dir")
     if cfg.detector_path:
         require_path(cfg.detector_path, "detector_path", "dir")
+
+
+def _check_decoding(setting: str) -> None:
+    from legion.model.legion import DECODING_MODES
+
+    if setting not in DECODING_MODES:
+        raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {setting!r}")
 
 
 def _check_attention_backend(setting: str) -> None:
@@ -253,10 +258,8 @@ class Analyzer:
         attention_backend: str = "auto",
     ):
         from legion.model import conversation as conv
-        from legion.model.legion import DECODING_MODES
 
-        if decoding not in DECODING_MODES:
-            raise ConfigError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+        _check_decoding(decoding)
         _check_attention_backend(attention_backend)
         self.decoding = decoding
         self.attention_backend = attention_backend
@@ -511,16 +514,6 @@ def output_subdir(output_dir: Path, key: str) -> Path:
 
 
 # --- writers ----------------------------------------------------------------------------------------
-def _atomic_save_png(path: Path, array: np.ndarray, mode: str) -> None:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def overlay_image(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.5) -> np.ndarray:
     """RGB uint8 [H, W, 3] with each mask tinted in its own colour (phrase order) -> uint8 [H, W, 3]."""
     out = image.astype(np.float32)
@@ -564,12 +557,12 @@ def write_image_files(
     if cfg.save_reference_layout:
         name = f"{image_dir.rstrip('/')}/{key}" if image_dir and not Path(key).is_absolute() else key
         atomic_write_text(sub / "explanation.json", json.dumps({name: record.explanation}, indent=4))
-        _atomic_save_png(sub / "mask.png", union * 255, "L")
+        atomic_write_png(sub / "mask.png", union * 255, "L")
     if cfg.save_phrase_masks:
         for i, mask in enumerate(masks):
-            _atomic_save_png(sub / f"mask_{i}.png", mask * 255, "L")
+            atomic_write_png(sub / f"mask_{i}.png", mask * 255, "L")
     if cfg.save_overlay and image is not None:
-        _atomic_save_png(sub / "overlay.png", overlay_image(image, masks), "RGB")
+        atomic_write_png(sub / "overlay.png", overlay_image(image, masks), "RGB")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -831,43 +824,47 @@ def run_inference(
         check_analyzer_config(cfg)
     if cfg.batch_size < 1:
         raise ConfigError("batch_size must be >= 1")
+    if cfg.max_images is not None and cfg.max_images < 0:
+        raise ConfigError(f"max_images must be >= 0 or null, got {cfg.max_images}")
     if cfg.num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
     # The folder's predictions must match these settings (perturb is checked here too).
     settings = settings_fingerprint(cfg)
+    explicit = rank is not None and world_size is not None
+    shard_rank, world = (rank, world_size) if explicit else _dist_info()
+    if not 0 <= shard_rank < world:
+        raise ConfigError(f"rank {shard_rank} is outside world size {world}")
+    listing = list_images(cfg.image_dir or None, cfg.image_list)
     replace = check_output_dir(cfg, settings)
     writer = (rank if rank is not None else _dist_info()[0]) == 0
     with RunRecord(cfg.output_dir, "infer", write=writer) as record:
-        summary = _run_inference(cfg, analyzer, rank, world_size, settings, replace)
+        summary = _run_inference(cfg, analyzer, listing, shard_rank, world, explicit, settings, replace)
         record.update(summary=summary)
     return summary
 
 
 def _run_inference(
     cfg: InferConfig,
-    analyzer: Analyzer | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    settings: dict | None = None,
-    replace: bool = False,
+    analyzer: Analyzer | None,
+    listing: ImageListing,
+    rank: int,
+    world: int,
+    explicit: bool,
+    settings: dict,
+    replace: bool,
 ) -> dict:
-    """Analyze every image of `cfg` and write the outputs. Returns a summary dict.
+    """Analyze the images of `listing` as `cfg` says and write the outputs. Returns a summary dict.
 
     Under torchrun (WORLD_SIZE > 1) rank r takes images r, r + N, r + 2N, ... of the full sorted
     listing (not of the remaining ones, so every rank agrees while others write), appends its
     records to its own part file, and rank 0 merges the parts into predictions.jsonl after a
     barrier: no image is lost or processed twice, also when resuming. Passing `rank` and
-    `world_size` explicitly shards without a process group (the caller runs rank 0 last).
+    `world_size` explicitly (`explicit`) shards without a process group (the caller runs rank 0 last).
     """
     from legion.data.perturb import parse_perturbation
 
     perturbation = parse_perturbation(cfg.perturb, seed=cfg.perturb_seed)  # checked by settings_fingerprint
-    explicit = rank is not None and world_size is not None
-    rank, world = (rank, world_size) if explicit else _dist_info()
-    if not 0 <= rank < world:
-        raise ConfigError(f"rank {rank} is outside world size {world}")
     output_dir = Path(cfg.output_dir)
-    listing = list_images(cfg.image_dir or None, cfg.image_list)
     items = listing.items[: cfg.max_images] if cfg.max_images is not None else listing.items
     order = [key for key, _ in items]
     mine = items[rank::world]
@@ -875,8 +872,9 @@ def _run_inference(
     own_group = False if explicit else _init_distributed(world)
     if rank == 0 or explicit:  # explicit ranks run one after the other: the first one prepares the folder
         output_dir.mkdir(parents=True, exist_ok=True)
-        unrecorded = not _has_records(output_dir) or not (output_dir / FINGERPRINT).is_file()
-        if settings is not None and (replace or unrecorded):
+        # check_output_dir let through only folders without records, with records of these settings, or
+        # (overwrite) records to replace: the settings are recorded in the first and the last case
+        if replace or not _has_records(output_dir):
             _start_output_dir(output_dir, settings, replace)
         save_resolved_config(cfg, output_dir, RESOLVED_CONFIG)
     if not explicit:
@@ -981,8 +979,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(InferConfig, args.config, args.overrides)
-    if cfg.detector_path:
-        require_path(cfg.detector_path, "detector_path", "dir")
     summary = run_inference(cfg)
     if summary.get("records") is not None:
         print(

@@ -5,7 +5,8 @@
 Each RUN_DIR (searched three levels deep) may hold:
 
 - a training run (`log.jsonl`): the loss curves, and validation gIoU/cIoU/loss over the steps;
-- inference outputs (`predictions.jsonl` next to `infer_config.yaml`, which names the image folder): a gallery of
+- inference outputs (`predictions.jsonl` next to `infer_config.yaml`; the image folder from
+  `legion.eval.ground_truth.prediction_image_root`): a gallery of
   images with the predicted masks, the explanation with each grounded phrase in its mask's colour, the
   verdict; with `--gt` (a SynthScars-layout root) the ground truth next to it, drawn as the paper did;
 - evaluation results (`metrics.json` of `legion eval` / `legion cls-eval`): tables shaped like the paper's.
@@ -219,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_dir_argument(parser, help="where report.html, report.md and report_assets/ go (default: the first RUN)")
     parser.add_argument("--gt", default=None, help="SynthScars-layout root: show the ground truth next to predictions")
     parser.add_argument("--split", default="test", help="split of --gt (default test)")
-    parser.add_argument("--images", default=None, help="image folder of the predictions (default: infer_config.yaml)")
+    parser.add_argument("--images", default=None, help="image folder of the predictions (default: infer's image_dir)")
     parser.add_argument("--gallery", type=int, default=12, help="gallery images per predictions file (default 12)")
     parser.add_argument("--title", default="LEGION report", help="page title")
 

@@ -40,7 +40,11 @@ CASES = [
     (["infer", "batch_sise=3"], 2, "did you mean 'batch_size'"),
     (["infer", "image_dir={tmp}/empty", "output_dir={tmp}/o", "model_path={tmp}/nope"], 2, "model_path"),
     (["infer", "image_dir={tmp}/empty", "output_dir={tmp}/o", "model_path={tmp}/empty"], 1, "no config.json"),
-    (["infer", "image_dir={tmp}/empty", "output_dir=o", "model_path=m", "detector_path={tmp}/nope"], 2, "detector"),
+    (
+        ["infer", "image_dir={tmp}/empty", "output_dir=o", "model_path={tmp}/empty", "detector_path={tmp}/nope"],
+        2,
+        "detector",
+    ),
     (
         ["eval", "localization", "--pred", "{tmp}/nope", "--gt", "{tmp}", "--dataset", "synthscars"]
         + ["--output-dir", "o"],

@@ -245,6 +245,14 @@ def test_cli_errors_are_clear(setup, tmp_path, capsys):
     assert "data.train is required" in capsys.readouterr().err
     assert legion_main(["cls-train", "epoch=3"]) == 2
     assert "epochs" in capsys.readouterr().err
+    # a missing required key is a usage error that writes nothing (no run_info.json either)
+    for argv, message in (
+        ([f"data.test={root / 'test'}"], "detector_path is required"),
+        ([f"detector_path={tmp_path}"], "data.test is required"),
+    ):
+        assert legion_main(["cls-eval", f"output_dir={tmp_path / 'u'}", *argv]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "u").exists()
     # a folder that is not a detector checkpoint: the detector fails to load (failed work, exit code 1)
     assert (
         legion_main(

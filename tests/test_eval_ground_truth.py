@@ -97,7 +97,7 @@ def test_shared_sample_annotation_loads(synthscars_sample_path, tmp_path):
 def test_match_predictions_exact_then_unique_basename():
     m = match_predictions(
         [{"image": "x/a.png"}, {"image": "a.png"}, {"image": "q/b.png"}, {"image": "c.png"}],
-        ["a.png", "b.png", "d/b.png", "e.png"],
+        {n: GroundTruthItem(n) for n in ["a.png", "b.png", "d/b.png", "e.png"]},
     )
     assert set(m.by_name) == {"a.png"} and m.duplicates == ["a.png"]
     assert "q/b.png" in m.extra and "c.png" in m.extra  # b.png is ambiguous, c.png unknown

@@ -146,6 +146,26 @@ def test_eval_refuses_predictions_made_on_other_images_with_the_same_names(tmp_p
     assert metrics["overall"]["num_images"] == 2 and metrics["overall"]["num_missing"] == 0
 
 
+def test_eval_refuses_predictions_of_other_images_from_any_working_folder(tmp_path, capsys, monkeypatch, tiny_model):
+    """`legion infer image_dir=other` (relative) and `legion eval` run from another folder: the predictions'
+    folder is the one infer resolved, not `other` under eval's working folder (where the check was skipped)."""
+    from legion.infer import Analyzer, InferConfig, run_inference
+
+    root = _synthscars(tmp_path / "SynthScars", names=("a.png", "b.png"))
+    (tmp_path / "other").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "other" / name)
+    monkeypatch.chdir(tmp_path)
+    analyzer = Analyzer(*tiny_model, sam_input_size=None, max_new_tokens=3)
+    run_inference(InferConfig(image_dir="other", output_dir="infer_other", num_workers=0, progress=False), analyzer)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    pred = tmp_path / "infer_other" / "predictions.jsonl"
+    assert main(_eval_args("localization", pred, root, tmp_path / "eval")) == 1
+    err = capsys.readouterr().err
+    assert "2 predictions are for other images" in err and str(tmp_path / "other") in err, err
+
+
 def test_eval_refuses_an_empty_predictions_file(tmp_path, capsys):
     root = _synthscars(tmp_path / "SynthScars")
     pred = tmp_path / "predictions.jsonl"

@@ -273,6 +273,29 @@ def test_cli_errors_and_config(tmp_path, capsys, tiny_model_dir):
     assert "JPEG quality" in capsys.readouterr().err
 
 
+def test_image_and_shard_usage_errors_write_nothing(tmp_path, capsys, tiny_model, tiny_model_dir):
+    """A missing or bad image source, a negative max_images and a rank outside the world size fail before
+    run_info.json (or the output folder) is written."""
+    from legion.cli import main
+
+    out = tmp_path / "out"
+    base = ["infer", f"model_path={tiny_model_dir}", f"output_dir={out}"]
+    for extra, message in (
+        ([], "give image_dir=FOLDER or image_list=FILE"),
+        ([f"image_dir={tmp_path / 'nope'}"], "image_dir is not a directory"),
+        ([f"image_list={tmp_path / 'nope.txt'}"], "image_list not found"),
+        ([f"image_dir={tmp_path}", "max_images=-1"], "max_images must be >= 0"),
+    ):
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not out.exists(), extra
+    _write_folder(tmp_path / "imgs")
+    analyzer = Analyzer(*tiny_model, sam_input_size=None, max_new_tokens=3)
+    with pytest.raises(ConfigError, match="rank 0 is outside world size 0"):
+        run_inference(_cfg(tmp_path), analyzer, rank=0, world_size=0)
+    assert not out.exists()
+
+
 def test_cli_end_to_end_with_perturbation(tiny_model_dir, tmp_path, capsys):
     from legion.cli import main
 

@@ -16,6 +16,7 @@ from legion.utils.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
+    atomic_write_png,
     atomic_write_text,
     read_jsonl,
     temp_path_for,
@@ -86,6 +87,26 @@ def test_atomic_path_keeps_the_name_writers_embed(tmp_path):
     # torch.save names its zip archive after the file: the same bytes as a direct save
     assert zipfile.ZipFile(tmp_path / "sam.pth").namelist()[0].startswith("sam/")
     assert (tmp_path / "sam.pth").read_bytes() == (tmp_path / "direct" / "sam.pth").read_bytes()
+
+
+def test_atomic_write_png_writes_what_pil_writes(tmp_path):
+    """The PNG writers of infer, the controller's cases and the report gallery: the same bytes as PIL saving
+    to a .png file (their former way), the same pixels read back, the mode given or implied."""
+    from legion.controller.cases import save_png
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    mask = (rng.random((37, 53)) < 0.3).astype(np.uint8)
+    for name, array, mode in [("rgb", rgb, None), ("rgb_mode", rgb, "RGB"), ("grey", mask * 255, "L")]:
+        Image.fromarray(array).save(tmp_path / f"{name}_pil.png")
+        atomic_write_png(tmp_path / "new" / f"{name}.png", array, mode)
+        assert (tmp_path / "new" / f"{name}.png").read_bytes() == (tmp_path / f"{name}_pil.png").read_bytes()
+        with Image.open(tmp_path / "new" / f"{name}.png") as im:
+            assert im.mode == ("RGB" if array.ndim == 3 else "L")
+            np.testing.assert_array_equal(np.asarray(im), array)
+    save_png(mask.astype(bool), tmp_path / "case_mask.png")  # a case's {0,1} mask -> 0/255 grey
+    assert (tmp_path / "case_mask.png").read_bytes() == (tmp_path / "grey_pil.png").read_bytes()
+    assert _leftovers(tmp_path) == []
 
 
 class Boom(Exception):

@@ -30,7 +30,7 @@ import numpy as np
 from legion.errors import UsageError
 from legion.infer import AnalyzerConfig
 from legion.record import PredictionRecord
-from legion.utils.io import atomic_path, atomic_write_text
+from legion.utils.io import atomic_write_png, atomic_write_text
 
 
 class CaseError(UsageError, ValueError):
@@ -185,12 +185,9 @@ def has_artifact(record: PredictionRecord, union: np.ndarray) -> bool:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     if array.ndim == 2:  # {0,1} mask -> 0/255 grey
         array = (array > 0).astype(np.uint8) * 255
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp)
+    atomic_write_png(path, array)
 
 
 class CaseWriter:

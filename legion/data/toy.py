@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from legion.cli_args import add_output_dir_argument
+from legion.cli_args import add_output_dir_argument, check_output_dir_argument
 from legion.data.synthscars import MARKER, PREFIX, rasterize_polygons
 from legion.errors import OptionError
 from legion.utils.io import atomic_write_bytes, atomic_write_text
@@ -788,8 +788,7 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("--num-train and --num-test must be >= 0")
     if args.size < 48:
         raise OptionError(f"--size {args.size} is too small (min 48)")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise OptionError(f"--output-dir {args.output_dir} exists and is not a directory")
+    check_output_dir_argument(args.output_dir)
     start = time.perf_counter()
     out = make_toy_data(
         args.output_dir,

@@ -205,7 +205,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_inputs(args):
-    from legion.eval.ground_truth import check_matching, load_ground_truth, match_predictions, read_predictions
+    from legion.eval.ground_truth import (
+        check_matching,
+        load_ground_truth,
+        match_predictions,
+        prediction_image_root,
+        read_predictions,
+    )
 
     require_path(args.pred, "--pred")
     require_path(args.gt, "--gt")
@@ -227,16 +233,9 @@ def _load_inputs(args):
     if args.content_types:
         _apply_content_types(ground_truth, args.content_types)
     # duplicates and predictions of other images are refused before any model (CSS) is loaded
-    paths = {name: item.path for name, item in ground_truth.items()}
-    check_matching(match_predictions(predictions, list(ground_truth), _image_root(args.pred), paths))
-    return predictions, ground_truth
-
-
-def _image_root(pred) -> str | None:
-    from legion.eval.ground_truth import prediction_image_root
-
-    root = prediction_image_root(pred)
-    return None if root is None else str(root)
+    matching = match_predictions(predictions, ground_truth, prediction_image_root(args.pred))
+    check_matching(matching)
+    return predictions, ground_truth, matching
 
 
 def _apply_content_types(ground_truth, path) -> None:
@@ -260,21 +259,18 @@ def _apply_content_types(ground_truth, path) -> None:
 INFER_SUMMARY = "infer_summary.json"  # written by `legion infer` next to predictions.jsonl
 
 
-def _perturbations(predictions, pred_path=None) -> list:
-    """The perturbation the predictions were made under: the ``perturbation`` of ``infer_summary.json``
-    (written by `legion infer`) next to the predictions file; [] when there is none."""
-    seen: set[str] = set()
-    if pred_path is not None:
-        pred_path = Path(pred_path)
-        summary = (pred_path if pred_path.is_dir() else pred_path.parent) / INFER_SUMMARY
-        if summary.is_file():
-            try:
-                value = json.loads(summary.read_text(encoding="utf-8")).get("perturbation")
-            except (json.JSONDecodeError, AttributeError):
-                value = None
-            if value is not None:
-                seen.add(json.dumps(value, sort_keys=True))
-    return [json.loads(s) for s in sorted(seen)]
+def _perturbations(pred_path) -> list:
+    """The perturbation the predictions were made under: [the ``perturbation`` of ``infer_summary.json``
+    (written by `legion infer`) next to the predictions file, its keys sorted]; [] when there is none."""
+    pred_path = Path(pred_path)
+    summary = (pred_path if pred_path.is_dir() else pred_path.parent) / INFER_SUMMARY
+    if not summary.is_file():
+        return []
+    try:
+        value = json.loads(summary.read_text(encoding="utf-8")).get("perturbation")
+    except (json.JSONDecodeError, AttributeError):
+        return []
+    return [] if value is None else [json.loads(json.dumps(value, sort_keys=True))]
 
 
 def _finish(args, out: Path, metrics: dict, kind: str, table_metrics=None) -> None:
@@ -297,7 +293,7 @@ def _run_localization(args) -> int:
     if bad:
         raise OptionError(f"--table-metrics: unknown {bad}; choose from {','.join(LOC_METRIC_CHOICES)}")
     start = time.perf_counter()
-    predictions, ground_truth = _load_inputs(args)
+    predictions, ground_truth, matching = _load_inputs(args)
     result = evaluate_localization(
         predictions,
         ground_truth,
@@ -306,14 +302,14 @@ def _run_localization(args) -> int:
         workers=args.workers,
         dataset=args.dataset,
         progress=True,
-        image_root=_image_root(args.pred),
+        matching=matching,
     )
     metrics = {
         "kind": "localization",
         **result.metrics,
         "predictions": str(args.pred),
         "gt": str(args.gt),
-        "perturbation": _perturbations(predictions, args.pred),
+        "perturbation": _perturbations(args.pred),
         "seconds": round(time.perf_counter() - start, 3),
     }
     out = Path(args.output_dir)
@@ -341,17 +337,15 @@ def _run_localization(args) -> int:
 def _run_explanation(args) -> int:
     from legion.eval.explanation import CssScorer, evaluate_explanations
 
-    predictions, ground_truth = _load_inputs(args)
+    predictions, ground_truth, matching = _load_inputs(args)
     css = None if args.no_css else CssScorer(args.css_model, device=args.device)
-    result = evaluate_explanations(
-        predictions, ground_truth, css=css, dataset=args.dataset, image_root=_image_root(args.pred)
-    )
+    result = evaluate_explanations(predictions, ground_truth, css=css, dataset=args.dataset, matching=matching)
     metrics = {
         "kind": "explanation",
         **result.metrics,
         "predictions": str(args.pred),
         "gt": str(args.gt),
-        "perturbation": _perturbations(predictions, args.pred),
+        "perturbation": _perturbations(args.pred),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -388,7 +382,7 @@ def _run_detection(args) -> int:
         "unscored_images": unscored[:1000],
         "predictions": str(args.pred),
         "gt": args.gt,
-        "perturbation": _perturbations(records, args.pred),
+        "perturbation": _perturbations(args.pred),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -31,6 +31,9 @@ from legion.data.detection import list_detection_images, summarize
 from legion.errors import DataError, require_path
 from legion.utils.io import atomic_write_json, atomic_write_jsonl
 from legion.utils.run_info import recorded
+
+if TYPE_CHECKING:
+    from legion.data.perturb import Perturbation
 
 
 @dataclass
@@ -81,21 +84,20 @@ def check_detector_eval_config(cfg: DetectorEvalConfig) -> None:
     except ValueError as exc:
         raise ConfigError(f"perturbation: {exc}") from None
     resolve_device(cfg.device)
+    if not cfg.detector_path:
+        raise ConfigError("detector_path is required (a checkpoint dir written by `legion cls-train`)")
+    if not cfg.data.test:
+        raise ConfigError("data.test is required (a detection folder or a JSON list)")
 
 
-def predict(detector, items, cfg: DetectorEvalConfig, progress: bool = True) -> list[dict]:
-    """One prediction record per item (unreadable images get fake_prob None and an error)."""
+def predict(
+    detector, items, cfg: DetectorEvalConfig, perturbation: Perturbation | None, progress: bool = True
+) -> list[dict]:
+    """One prediction record per item (unreadable images get fake_prob None and an error); `perturbation`
+    (None: none) is applied to each image before preprocessing."""
     from legion.train.detector import FeatureCache, extract_features
 
-    transform, signature = None, ""
-    if cfg.perturbation:
-        from legion.data.perturb import parse_perturbation
-
-        try:
-            transform = parse_perturbation(cfg.perturbation, seed=cfg.seed)
-        except ValueError as exc:
-            raise ConfigError(f"perturbation: {exc}") from None
-        signature = json.dumps(transform.describe(), sort_keys=True)
+    signature = "" if perturbation is None else json.dumps(perturbation.describe(), sort_keys=True)
     cache = FeatureCache(cfg.feature_cache_dir) if cfg.feature_cache_dir else None
     fs = extract_features(
         detector,
@@ -104,7 +106,7 @@ def predict(detector, items, cfg: DetectorEvalConfig, progress: bool = True) -> 
         cfg.batch_size,
         cfg.num_workers,
         desc="detect",
-        image_transform=transform,
+        image_transform=perturbation,
         transform_signature=signature,
         progress=progress,
     )
@@ -172,26 +174,16 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_perturbation_description(cfg: DetectorEvalConfig) -> dict | None:
-    if not cfg.perturbation:
-        return None
-    from legion.data.perturb import parse_perturbation
-
-    return parse_perturbation(cfg.perturbation, seed=cfg.seed).describe()
-
-
 @recorded("cls-eval", lambda cfg, *args, **kwargs: cfg.output_dir)
 def evaluate_detector(cfg: DetectorEvalConfig, progress: bool = True) -> dict:
     """Run the detector, write predictions.jsonl and metrics.json; return the metrics."""
+    from legion.data.perturb import parse_perturbation
     from legion.eval.detection import detection_metrics
     from legion.model.detector import load_detector
     from legion.utils.devices import resolve_device, resolve_dtype
 
     check_detector_eval_config(cfg)
-    if not cfg.detector_path:
-        raise ConfigError("detector_path is required (a checkpoint dir written by `legion cls-train`)")
-    if not cfg.data.test:
-        raise ConfigError("data.test is required (a detection folder or a JSON list)")
+    perturbation = parse_perturbation(cfg.perturbation, seed=cfg.seed) if cfg.perturbation else None
     out = Path(cfg.output_dir)
     save_resolved_config(cfg, out)
     device = resolve_device(cfg.device)
@@ -200,7 +192,7 @@ def evaluate_detector(cfg: DetectorEvalConfig, progress: bool = True) -> dict:
         cfg.detector_path, device=device, dtype=resolve_dtype(cfg.dtype, device), backbone=cfg.detector_backbone
     )
     t0 = time.time()
-    records = predict(detector, items, cfg, progress=progress)
+    records = predict(detector, items, cfg, perturbation, progress=progress)
     seconds = time.time() - t0
     atomic_write_jsonl(out / "predictions.jsonl", records)
     scored = [r for r in records if r["fake_prob"] is not None]
@@ -209,7 +201,7 @@ def evaluate_detector(cfg: DetectorEvalConfig, progress: bool = True) -> dict:
     metrics = detection_metrics(scored)
     summary = {
         "metrics": metrics,
-        "perturbation": parse_perturbation_description(cfg),
+        "perturbation": None if perturbation is None else perturbation.describe(),
         "n_images": len(records),
         "n_unreadable": len(records) - len(scored),
         "counts": summarize(items),
@@ -238,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         ("data.test", cfg.data.test),
         ("detector_backbone", cfg.detector_backbone),
     ):
-        if value:  # an empty required key is reported by evaluate_detector
+        if value:  # detector_backbone is optional
             require_path(value, key)
     summary = evaluate_detector(cfg, progress=not args.no_progress)
     print(format_table(summary["metrics"]))

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 
 from legion.errors import InputNotFoundError
-from legion.eval.ground_truth import GroundTruthItem, check_matching, match_predictions
+from legion.eval.ground_truth import GroundTruthItem, Matching, check_matching, match_predictions
 
 _TAG = re.compile(r"<[^>]*>")
 
@@ -191,17 +191,19 @@ def evaluate_explanations(
     css: CssScorer | None = None,
     dataset: str | None = None,
     image_root: str | None = None,
+    matching: Matching | None = None,
 ) -> ExplanationResult:
     """Score every ground-truth image that has a reference text. A missing prediction or a
     "real"/"error" verdict is an empty explanation (scores 0). ``css=None`` skips CSS. Two records for one
     image, or predictions of other images (`image_root`: the folder they were made on), are refused
-    (legion.eval.ground_truth.check_matching)."""
+    (legion.eval.ground_truth.check_matching). ``matching``: the predictions already matched to
+    ``ground_truth`` and checked (``predictions`` and ``image_root`` then unused)."""
     refs = {
         n: clean_ref for n, item in ground_truth.items() if (clean_ref := " ".join((item.reference_text or "").split()))
     }
-    paths = {name: item.path for name, item in ground_truth.items()}
-    matching = match_predictions(predictions, list(ground_truth), image_root, paths)
-    check_matching(matching)
+    if matching is None:
+        matching = match_predictions(predictions, ground_truth, image_root)
+        check_matching(matching)
     rows = []
     for name, reference in refs.items():
         rec = matching.by_name.get(name)

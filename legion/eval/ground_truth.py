@@ -6,7 +6,8 @@ arrays, so that a 1,000-image test set needs no more memory than its annotation 
 Matching (docs/data_formats.md §8): an image's ground truth is found by **exact file name**;
 a prediction's ``image`` (path relative to the inference image dir) matches a ground-truth
 name exactly, or else by its base name when that base name is unique. When the folder the
-predictions were made on is known (``infer_config.yaml`` next to ``predictions.jsonl``) and the
+predictions were made on is known (`prediction_image_root`: the folder `legion infer` recorded next to
+``predictions.jsonl``) and the
 ground-truth image file too, a name match must also be the same image (the same file or the same
 bytes): predictions made on other images that happen to carry the ground truth's names are refused,
 as are two records for one image (`check_matching`).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,15 +439,13 @@ def same_image(a: str | os.PathLike, b: str | os.PathLike) -> bool | None:
 
 def match_predictions(
     predictions: Iterable[PredictionRecord | dict],
-    names: Iterable[str],
+    ground_truth: Mapping[str, GroundTruthItem],
     image_root: str | os.PathLike | None = None,
-    gt_paths: dict[str, str | None] | None = None,
 ) -> Matching:
     """Pair prediction records with ground-truth names (module docstring). With `image_root` (the folder
-    the predictions' ``image`` paths are relative to) and `gt_paths` (GT name -> its image file), a record
-    whose image is a different picture than the ground truth's of that name is not matched but listed in
-    `foreign`."""
-    names = list(names)
+    the predictions' ``image`` paths are relative to), a record whose image is a different picture than the
+    ground truth's image file of that name (`GroundTruthItem.path`) is not matched but listed in `foreign`."""
+    names = list(ground_truth)
     name_set = set(names)
     by_base: dict[str, list[str]] = {}
     for n in names:
@@ -464,7 +463,7 @@ def match_predictions(
         if key is None:
             extra.append(image)
             continue
-        gt_path = (gt_paths or {}).get(key)
+        gt_path = ground_truth[key].path
         if image_root is not None and gt_path and same_image(Path(image_root) / image, gt_path) is False:
             foreign.append(image)
             continue
@@ -520,13 +519,22 @@ def check_record_masks(record: PredictionRecord) -> None:
 
 
 def prediction_image_root(pred_path: str | os.PathLike) -> Path | None:
-    """The folder the images of a `legion infer` output are relative to: ``image_dir`` of the
-    ``infer_config.yaml`` next to ``predictions.jsonl`` (else the folder of its ``image_list``); None when
-    there is no such file (predictions written by other tools)."""
+    """The folder the images of a `legion infer` output are relative to: the absolute ``image_dir`` that infer
+    recorded in the ``infer_fingerprint.json`` next to ``predictions.jsonl``; without one (an older version of
+    legion), ``image_dir`` of the ``infer_config.yaml`` there (else the folder of its ``image_list``), as
+    written (a relative one is taken relative to the current folder); None when there is neither (predictions
+    written by other tools)."""
     import yaml
 
     pred_path = Path(pred_path)
-    config = (pred_path if pred_path.is_dir() else pred_path.parent) / "infer_config.yaml"
+    folder = pred_path if pred_path.is_dir() else pred_path.parent
+    try:
+        settings = json.loads((folder / "infer_fingerprint.json").read_text(encoding="utf-8")).get("settings")
+        if isinstance(settings, dict) and settings.get("image_dir"):
+            return Path(str(settings["image_dir"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+        pass
+    config = folder / "infer_config.yaml"
     if not config.is_file():
         return None
     try:

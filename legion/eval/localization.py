@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from legion.errors import DataError
-from legion.eval.ground_truth import GroundTruthItem, check_matching, check_record_masks, match_predictions
+from legion.eval.ground_truth import (
+    GroundTruthItem,
+    Matching,
+    check_matching,
+    check_record_masks,
+    match_predictions,
+)
 from legion.record import PredictionRecord
 from legion.utils.rle import rle_area, rle_intersection_area, rle_size, rle_union
 
@@ -337,6 +343,7 @@ def evaluate_localization(
     dataset: str | None = None,
     progress: bool = False,
     image_root: str | None = None,
+    matching: Matching | None = None,
 ) -> LocalizationResult:
     """Score ``predictions`` (prediction records) against ``ground_truth`` ({name: item}).
 
@@ -344,12 +351,15 @@ def evaluate_localization(
     (``num_missing``); predictions without ground truth are listed under ``extra_predictions``.
     Refused with a DataError naming the image, before any metric: a mask that is not a well-formed RLE,
     two records for one image, predictions of other images with a ground-truth name (``image_root``: the
-    folder the predictions were made on; legion.eval.ground_truth.check_matching)."""
+    folder the predictions were made on; legion.eval.ground_truth.check_matching). ``matching``: the
+    predictions already matched to ``ground_truth`` and checked (``predictions`` and ``image_root`` then
+    unused)."""
     if both_empty not in FG_BOTH_EMPTY:
         raise ValueError(f"unknown both-empty convention {both_empty!r}; choose one of {sorted(FG_BOTH_EMPTY)}")
     names = list(ground_truth)
-    matching = match_predictions(predictions, names, image_root, {n: item.path for n, item in ground_truth.items()})
-    check_matching(matching)
+    if matching is None:
+        matching = match_predictions(predictions, ground_truth, image_root)
+        check_matching(matching)
     for record in matching.by_name.values():
         check_record_masks(record)
     jobs, unscorable = [], []

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from legion.errors import InputNotFoundError, LegionError, MissingFileError, OptionError
+from legion.errors import InputNotFoundError, LegionError, MissingFileError
 from legion.model import checkpoint_keys as ck
 from legion.model import conversation as conv
 from legion.model.configuration import CLIP_L14_336, REGION_ENCODER_GLAMM, SAM_VIT_H, LegionConfig
@@ -582,10 +582,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--output-dir {out} exists and is not a directory")
-    path = make_tiny(out, seed=args.seed)
+    from legion.cli_args import check_output_dir_argument
+
+    check_output_dir_argument(args.output_dir)
+    path = make_tiny(Path(args.output_dir), seed=args.seed)
     n_params = sum(t.numel() for t in _read_state_dict_file(path / WEIGHTS_NAME).values())
     print(f"wrote tiny LEGION checkpoint to {path} ({n_params:,} saved parameters + CLIP in {VISION_TOWER_DIRNAME}/)")
     return 0

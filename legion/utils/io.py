@@ -12,6 +12,7 @@ loss) can leave a temporary file behind; it never has the target's name.
     atomic_write_text(path, text)                          # UTF-8
     atomic_write_json(path, obj, indent=2)                 # json.dumps(...) + "\\n"
     atomic_write_jsonl(path, records)                      # one json.dumps(record) + "\\n" per record
+    atomic_write_png(path, array)                          # uint8 [H, W] or [H, W, 3] -> PNG
     with atomic_path(path) as tmp:                         # for writers that want a file name:
         save_file(state, str(tmp))                         # safetensors, torch.save, PIL, savefig, ...
     with atomic_dir(path) as tmp:                          # for outputs that are a whole folder (a model):
@@ -41,9 +42,12 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from legion.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "append_jsonl",
@@ -52,6 +56,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_jsonl",
+    "atomic_write_png",
     "atomic_write_text",
     "read_jsonl",
     "temp_path_for",
@@ -175,6 +180,18 @@ def atomic_write_json(
     as it was. (Files that have no trailing newline go through `atomic_write_text(path, json.dumps(...))`.)"""
     text = _dumps(obj, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys, default=default)
     atomic_write_text(path, text + "\n")
+
+
+def atomic_write_png(path: str | os.PathLike, array: np.ndarray, mode: str | None = None) -> None:
+    """Write `array` as a PNG to `path` atomically: `PIL.Image.fromarray(array, mode)` (mode None: the one
+    the array implies, e.g. L for uint8 [H, W], RGB for uint8 [H, W, 3]) with Pillow's default PNG settings."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_jsonl(
